@@ -1,0 +1,25 @@
+"""Data-CoT: facts about the image (a grounded description), next to measured statistics."""
+
+from __future__ import annotations
+
+from artloop.agents.base import ask
+from artloop.agents.schemas import ImageFacts
+from artloop.models.structured import Structured
+from langchain_core.language_models.chat_models import BaseChatModel
+from PIL import Image
+
+
+def data_cot(
+    model: BaseChatModel,
+    image: Image.Image,
+    prompt: str,
+    stats: dict[str, float],
+    *,
+    attempts: int = 3,
+    image_max_side: int = 768,
+) -> Structured[ImageFacts]:
+    """Describe `image` (generated from `prompt`) with grounded objects; no judgement yet."""
+    return ask(
+        model, agent="data_cot", role="Data-CoT, the fact gatherer", schema=ImageFacts,
+        image=image, attempts=attempts, image_max_side=image_max_side, prompt=prompt, stats=stats,
+    )  # fmt: skip

@@ -1,0 +1,121 @@
+"""The agents' output schemas. Every string and list is bounded, so constrained decoding always
+terminates and a real model's answer stays a sensible size.
+
+Boxes follow Qwen2-VL's convention: [x1, y1, x2, y2] normalised to 0-1000, top-left origin.
+They are clipped and ordered on the way in; a box with no area is rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from artloop.prompts import aesthetics_checklist, artifact_taxonomy
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def normalise_box(value: object) -> list[int]:
+    """Clip to 0-1000, round, and order the corners; raise on anything that is not a real box."""
+    if not isinstance(value, list | tuple) or len(value) != 4:
+        raise ValueError(f"a box is 4 numbers [x1, y1, x2, y2], got {value!r}")
+    try:
+        x1, y1, x2, y2 = (min(1000, max(0, round(float(v)))) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"box coordinates must be numbers, got {value!r}") from None
+    x1, x2 = sorted((x1, x2))
+    y1, y2 = sorted((y1, y2))
+    if x2 - x1 < 1 or y2 - y1 < 1:
+        raise ValueError(f"box {list(value)} has no area")
+    return [x1, y1, x2, y2]
+
+
+Coord = Annotated[int, Field(ge=0, le=1000)]
+Box = Annotated[list[Coord], Field(min_length=4, max_length=4), BeforeValidator(normalise_box)]
+
+
+def text(max_length: int, min_length: int = 0):
+    return Field(min_length=min_length, max_length=max_length)
+
+
+ArtifactKind = Literal[tuple(a["id"] for a in artifact_taxonomy())]  # type: ignore[valid-type]
+Aspect = Literal[tuple(a["id"] for a in aesthetics_checklist())]  # type: ignore[valid-type]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EnhancedPrompt(_Out):
+    """Prompt enhancer: a terse prompt made detailed."""
+
+    prompt: str = text(300, 1)
+    negative_prompt: str = text(160)
+
+
+class GroundedObject(_Out):
+    label: str = text(32, 1)
+    box: Box
+
+
+class ImageFacts(_Out):
+    """Data-CoT: what is in the image, before any judgement."""
+
+    description: str = text(240, 1)
+    objects: list[GroundedObject] = Field(max_length=4)
+    lighting: str = text(80)
+    palette: str = text(80)
+
+
+class ArtifactFinding(_Out):
+    kind: ArtifactKind
+    severity: int = Field(ge=1, le=3)
+    box: Box | None = None
+    note: str = text(60)
+
+
+class AestheticRating(_Out):
+    aspect: Aspect
+    rating: int = Field(ge=0, le=10)
+    note: str = text(48)
+
+
+class Critique(_Out):
+    """Concept-CoT: the facts reasoned against the prompt, the checklist and the taxonomy."""
+
+    artifacts: list[ArtifactFinding] = Field(max_length=3)
+    aesthetics: list[AestheticRating] = Field(max_length=6)
+    prompt_alignment: int = Field(ge=0, le=10)
+    missing: list[Annotated[str, text(40, 1)]] = Field(max_length=3)
+    summary: str = text(120)
+
+
+class RegionalEdit(_Out):
+    box: Box
+    prompt: str = text(80, 1)
+    strength: float = Field(ge=0.1, le=1.0)
+
+
+class ParamChanges(_Out):
+    """Generation parameters to change; null keeps the current value."""
+
+    guidance_scale: float | None = Field(None, ge=1.0, le=20.0)
+    num_inference_steps: int | None = Field(None, ge=1, le=100)
+    strength: float | None = Field(None, ge=0.0, le=1.0)  # global img2img strength; 0 = none
+
+
+class EditPlan(_Out):
+    """Thesis-CoT: the concrete edit plan."""
+
+    revised_prompt: str = text(300, 1)
+    negative_prompt: str = text(160)
+    regional_edits: list[RegionalEdit] = Field(max_length=3)
+    params: ParamChanges
+    rationale: str = text(120)
+
+
+class Verdict(_Out):
+    """Validator: the AFTER image judged against the prompt and against BEFORE."""
+
+    verdict: Literal["accept", "revise", "reject"]
+    score: float = Field(ge=0.0, le=10.0)
+    better_than_before: bool
+    reasons: list[Annotated[str, text(80, 1)]] = Field(min_length=1, max_length=3)

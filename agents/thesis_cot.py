@@ -1,0 +1,30 @@
+"""Thesis-CoT: conclude with an edit plan (revised prompt, regional box edits, parameters)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from artloop.agents.base import ask
+from artloop.agents.schemas import Critique, EditPlan
+from artloop.models.structured import Structured
+from langchain_core.language_models.chat_models import BaseChatModel
+from PIL import Image
+
+
+def thesis_cot(
+    model: BaseChatModel,
+    image: Image.Image,
+    prompt: str,
+    current_prompt: str,
+    params: dict[str, Any],
+    critique: Critique,
+    *,
+    attempts: int = 3,
+    image_max_side: int = 768,
+) -> Structured[EditPlan]:
+    """Turn `critique` into concrete edits of `image`."""
+    return ask(
+        model, agent="thesis_cot", role="Thesis-CoT, the planner", schema=EditPlan,
+        image=image, attempts=attempts, image_max_side=image_max_side, prompt=prompt,
+        current_prompt=current_prompt, params=params, critique=critique.model_dump(),
+    )  # fmt: skip

@@ -1,0 +1,40 @@
+"""Validator: compare before / after against the prompt; a verdict, a 0-10 score, reasons."""
+
+from __future__ import annotations
+
+from artloop.agents.base import ask
+from artloop.agents.schemas import EditPlan, Verdict
+from artloop.models.structured import Structured
+from langchain_core.language_models.chat_models import BaseChatModel
+from PIL import Image
+
+
+def side_by_side(before: Image.Image, after: Image.Image) -> Image.Image:
+    """BEFORE | AFTER in one image: one image per request fits every server's limits."""
+    after = after.resize(before.size) if after.size != before.size else after
+    w, h = before.size
+    canvas = Image.new("RGB", (2 * w, h))
+    canvas.paste(before, (0, 0))
+    canvas.paste(after, (w, 0))
+    return canvas
+
+
+def validate(
+    model: BaseChatModel,
+    before: Image.Image,
+    after: Image.Image,
+    prompt: str,
+    plan: EditPlan,
+    stats_before: dict[str, float],
+    stats_after: dict[str, float],
+    *,
+    attempts: int = 3,
+    image_max_side: int = 768,
+) -> Structured[Verdict]:
+    """Judge `after` (the edited image) against `prompt` and against `before`."""
+    return ask(
+        model, agent="validate", role="the validator", schema=Verdict,
+        image=side_by_side(before, after), attempts=attempts,
+        image_max_side=2 * image_max_side, prompt=prompt, plan=plan.model_dump(),
+        stats_before=stats_before, stats_after=stats_after,
+    )  # fmt: skip

@@ -1,0 +1,252 @@
+"""The `artloop` command line (Typer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Improve text-to-image models with AI feedback.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)  # fmt: skip
+models_app = typer.Typer(
+    help="The tiny offline models (the embedded default).", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+err = Console(stderr=True, highlight=False)
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Home directory (env ARTLOOP_HOME; default ~/.artloop)"),
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One clear line on stderr and a non-zero exit."""
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def _config(config: Path | None, overrides: dict[str, Any]):
+    from artloop.config import ConfigError, ensure_home, load_config
+
+    try:
+        cfg = load_config(config, overrides)
+        ensure_home(cfg.home)
+    except ConfigError as e:
+        fail(str(e))
+    return cfg
+
+
+def _summarise(name: str, update: dict) -> str:
+    step = update.get("step", {})
+    out = step.get("agents", {})
+    match name:
+        case "enhance":
+            return f"prompt: {step.get('prompt', '')[:70]!r}"
+        case "generate" | "edit":
+            digest = step.get("image" if name == "generate" else "edited_image") or ""
+            extra = f", {len(step.get('edits', []))} edit(s)" if name == "edit" else ""
+            return f"image {digest[:12]}{extra}"
+        case "data_cot":
+            return f"{len(out.get('data_cot', {}).get('objects', []))} object(s) found"
+        case "concept_cot":
+            c = out.get("concept_cot", {})
+            return (
+                f"{len(c.get('artifacts', []))} artifact(s), alignment {c.get('prompt_alignment')}"
+            )
+        case "thesis_cot":
+            return f"{len(out.get('thesis_cot', {}).get('regional_edits', []))} regional edit(s)"
+        case "validate":
+            return f"{step.get('verdict')} score {step.get('score', 0):.2f} -> {update.get('status') or 'revise'}"
+    return ""
+
+
+def _progress(name: str, update: dict) -> None:
+    step = update.get("step", {})
+    seconds = step.get("timings", {}).get(name, 0.0)
+    iteration = step.get("iteration")
+    where = f"iter {iteration + 1}" if iteration is not None and name != "record" else "done  "
+    err.print(f"[dim]\\[{where}][/] {name:<11} {seconds:6.2f}s  {_summarise(name, update)}")
+
+
+def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool) -> None:
+    """Start or resume a session and report it."""
+    from artloop.config import ConfigError
+    from artloop.graphs.context import build_context
+    from artloop.graphs.runner import run_session
+    from artloop.models.chat import check_chat_model
+    from artloop.models.structured import StructuredOutputError
+    from artloop.tools.diffusion import DiffusionError
+    from artloop.tools.report import write_report
+    from artloop.tools.store import new_run_id
+
+    quiet_libraries()
+    try:
+        check_chat_model(cfg.chat)
+        ctx = build_context(cfg)
+        ctx.models()  # resolves both models: an unknown one fails here, before anything is stored
+    except (ConfigError, DiffusionError) as e:
+        fail(str(e))
+    run_id = run_id or new_run_id()
+    progress = None if as_json and not err.is_terminal else _progress
+    try:
+        summary = run_session(ctx, prompt=prompt, run_id=run_id, config=cfg.public_dict(),
+                              on_update=progress)  # fmt: skip
+    except (StructuredOutputError, DiffusionError) as e:
+        fail(f"{e} (the run is saved; continue with: artloop resume {run_id})", code=1)
+    except ValueError as e:  # unknown run, nothing left to resume
+        fail(str(e))
+    except Exception as e:  # e.g. a server error from a client library: still one line
+        fail(f"{type(e).__name__}: {e} (continue with: artloop resume {run_id})", code=1)
+    report = write_report(ctx.store, summary.run_id)
+    if as_json:
+        print(json.dumps({**asdict(summary), "report": str(report), "home": str(cfg.home)}))
+    else:
+        err.print(f"run [bold]{summary.run_id}[/]: {summary.status} after {summary.iterations} "
+                  f"iteration(s), best score {summary.best_score}, {summary.seconds:.1f}s")  # fmt: skip
+        err.print(f"report: {report}")
+
+
+@app.command()
+def run(
+    prompt: Annotated[str, typer.Argument(help="What to draw")],
+    max_iters: Annotated[int | None, typer.Option(help="Iterations at most")] = None,
+    seed: Annotated[int | None, typer.Option(help="Diffusion seed")] = None,
+    chat_backend: Annotated[str | None, typer.Option(help="inprocess | openai | custom")] = None,
+    chat_model: Annotated[
+        str | None, typer.Option(help="Chat model id, path or served name")
+    ] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible server URL (.../v1)")
+    ] = None,
+    diffusion_model: Annotated[
+        str | None, typer.Option(help="tiny-sd, tiny-flux, id or path")
+    ] = None,
+    home: HomeOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Refine an image for PROMPT with the agent loop; prints progress, the run id and a report."""
+    from artloop.config import ConfigError, validate_prompt
+
+    try:
+        prompt = validate_prompt(prompt)
+    except ConfigError as e:
+        fail(str(e))
+    cfg = _config(config, {
+        "home": home, "loop.max_iters": max_iters, "diffusion.seed": seed,
+        "chat.backend": chat_backend, "chat.model": chat_model, "chat.base_url": base_url,
+        "diffusion.model": diffusion_model,
+    })  # fmt: skip
+    _execute(cfg, prompt=prompt, run_id=None, as_json=as_json)
+
+
+@app.command()
+def resume(
+    run_id: str, home: HomeOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Continue an interrupted or failed run from its last checkpoint."""
+    cfg = _config(config, {"home": home})
+    _execute(cfg, prompt=None, run_id=run_id, as_json=as_json)
+
+
+def _store(home: Path | None, config: Path | None):
+    from artloop.tools.store import TrajectoryStore
+
+    return TrajectoryStore(_config(config, {"home": home}).home)
+
+
+@app.command()
+def show(
+    run_id: str, home: HomeOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Print a trajectory."""
+    from artloop.tools.store import StoreError
+
+    try:
+        run = _store(home, config).get_run(run_id)
+    except StoreError as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(run, indent=2))
+        return
+    out = Console(highlight=False)
+    out.print(
+        f"[bold]{run['run_id']}[/]  {run['status']}  best {run['best_score']}  {run['prompt']!r}"
+    )
+    out.print(f"models: {json.dumps(run['models'])}")
+    for step in run["steps"]:
+        out.print(f"\n[bold]iteration {step['iteration'] + 1}[/]: {step.get('verdict')} "
+                  f"score {step.get('score')}  seed {step['params']['seed']}")  # fmt: skip
+        out.print(f"  prompt: {step['prompt']}")
+        out.print(f"  image {step['image']}  ->  edited {step.get('edited_image')}")
+        for name, answer in step.get("agents", {}).items():
+            out.print(f"  {name}: {json.dumps(answer, ensure_ascii=False)}", soft_wrap=True)
+        out.print(f"  timings: {json.dumps({k: round(v, 3) for k, v in step['timings'].items()})}")
+        out.print(f"  parse failures: {json.dumps(step.get('parse_failures', {}))}")
+    if run.get("error"):
+        out.print(f"\nerror: {run['error']}")
+
+
+@app.command("list")
+def list_runs(home: HomeOpt = None, config: ConfigOpt = None, limit: int = 20) -> None:
+    """List recent runs."""
+    table = Table("run", "status", "iterations", "best", "prompt")
+    for r in _store(home, config).list_runs(limit):
+        best = "" if r["best_score"] is None else f"{r['best_score']:.2f}"
+        table.add_row(r["run_id"], r["status"], str(r["iterations"]), best, r["prompt"][:60])
+    Console().print(table)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the tiny models and whether they are built."""
+    from artloop.models.tiny import cache_root, tiny_models
+
+    table = Table("name", "kind", "family", "built", "description")
+    for m in tiny_models().values():
+        built = any(cache_root().glob(f"{m.name}-*/.complete"))
+        table.add_row(m.name, m.kind, m.family, "yes" if built else "no", m.description)
+    Console().print(table)
+
+
+@models_app.command("build-tiny")
+def models_build_tiny(
+    names: Annotated[list[str] | None, typer.Argument(help="Default: all")] = None,
+) -> None:
+    """Build (or find cached) the tiny offline models and print their paths."""
+    from artloop.models.tiny import TINY_NAMES, tiny_models
+
+    quiet_libraries()
+    for name in names or TINY_NAMES:
+        if name not in TINY_NAMES:
+            fail(f"unknown tiny model {name!r}; choose from {', '.join(TINY_NAMES)}")
+        print(f"{name}\t{tiny_models()[name].build()}")
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="artloop")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""One typed config for models, the loop and paths.
+
+Sources, lowest to highest priority: defaults < a TOML file (`--config`) < environment variables
+(`ARTLOOP_HOME`, `ARTLOOP_CHAT__MODEL`, `ARTLOOP_LOOP__MAX_ITERS`, ...) < CLI flags.
+With nothing configured everything runs on the tiny offline models.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+MAX_PROMPT_CHARS = 2000
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatConfig(_Section):
+    backend: Literal["inprocess", "openai", "custom"] = Field(
+        "inprocess", description="inprocess: Qwen2-VL under transformers; openai: an "
+        "OpenAI-compatible server such as vLLM; custom: any langchain chat model class")  # fmt: skip
+    model: str = Field("tiny-qwen2vl", description="Model id/path (inprocess) or served name")
+    base_url: str | None = Field(None, description="Server URL for the openai backend, .../v1")
+    api_key: SecretStr = Field(SecretStr("EMPTY"), description="API key; never stored")
+    custom_class: str | None = Field(None, description="'package.module:ClassName' (custom)")
+    custom_kwargs: dict[str, Any] = Field(default_factory=dict, description="kwargs (custom)")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_new_tokens: int = Field(1024, ge=16, le=16384)
+    timeout_s: float = Field(120.0, gt=0, description="Per request, for servers")
+    max_retries: int = Field(3, ge=0, le=20, description="Transport retries, for servers")
+    structured_attempts: int = Field(3, ge=1, le=10, description="Calls per agent step when "
+                                     "the answer is invalid (repair + retry)")  # fmt: skip
+    image_max_side: int = Field(768, ge=64, le=4096, description="Images sent are resized")
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DiffusionConfig(_Section):
+    model: str = Field("tiny-sd", description="tiny-sd, tiny-flux, a hub id or a local path")
+    family: Literal["auto", "sd", "sdxl", "flux"] = "auto"
+    width: int = Field(256, ge=64, le=2048)
+    height: int = Field(256, ge=64, le=2048)
+    steps: int = Field(4, ge=1, le=200)
+    guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
+    seed: int = Field(0, ge=0, lt=2**63)
+    edit_strength: float = Field(0.5, gt=0.0, le=1.0, description="img2img strength when the "
+                                 "plan asks for a global edit without saying how much")  # fmt: skip
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class LoopConfig(_Section):
+    max_iters: int = Field(3, ge=1, le=50, description="Iterations before giving up")
+    accept_score: float = Field(7.0, ge=0.0, le=10.0, description="Validator score to accept")
+    plateau_patience: int = Field(2, ge=1, le=50, description="Stop after this many "
+                                  "iterations without a better score")  # fmt: skip
+    plateau_min_delta: float = Field(0.25, ge=0.0, le=10.0, description="What counts as better")
+
+
+def default_home() -> Path:
+    return Path.home() / ".artloop"
+
+
+_toml_file: ContextVar[Path | None] = ContextVar("artloop_toml_file", default=None)
+
+
+class ArtloopConfig(BaseSettings):
+    """Everything configurable. Build it with `load_config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ARTLOOP_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    home: Path = Field(default_factory=default_home, description="Store, checkpoints, reports")
+    chat: ChatConfig = Field(default_factory=ChatConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        if (path := _toml_file.get()) is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as JSON-able data, secrets masked: safe to store with a trajectory."""
+        data = self.model_dump(mode="json")
+        data["chat"]["api_key"] = "***"
+        return data
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field."""
+
+
+def _deep_set(d: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> ArtloopConfig:
+    """Build the config from a TOML file, the environment and dotted overrides
+    (e.g. {"loop.max_iters": 2}); None-valued overrides are ignored."""
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+    init: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _deep_set(init, key, value)
+    token = _toml_file.set(path)
+    try:
+        return ArtloopConfig(**init)
+    except ValidationError as e:
+        msgs = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("invalid config: " + "; ".join(msgs)) from None
+    except Exception as e:  # e.g. a TOML syntax error
+        raise ConfigError(f"invalid config file {path}: {e}") from None
+    finally:
+        _toml_file.reset(token)
+
+
+def ensure_home(home: Path) -> Path:
+    """Create the home directory and prove it is writable, or raise ConfigError saying so."""
+    home = home.expanduser()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=home, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"home directory {home} is not writable: {e.strerror or e}") from None
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise ConfigError(f"home directory {home} is not writable")
+    return home
+
+
+def validate_prompt(prompt: str) -> str:
+    """Reject empty and overlong prompts with a message naming the problem."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError("prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ConfigError(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    return prompt.strip()

@@ -1,0 +1,1 @@
+"""LangGraph state machines: the refine loop and its checkpointer wiring."""

@@ -1,0 +1,55 @@
+"""What the refine graph's nodes run with: the models, the tools, the store and the loop rules.
+
+Passed as LangGraph's runtime context, so graph state stays small and serialisable (hashes,
+prompts, agent outputs) and the heavy objects are built once per process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+
+from artloop.config import ArtloopConfig, ChatConfig, DiffusionConfig, LoopConfig, load_config
+from artloop.models.chat import build_chat_model, chat_identity
+from artloop.tools.diffusion import DiffusionTool
+from artloop.tools.store import TrajectoryStore
+from langchain_core.language_models.chat_models import BaseChatModel
+
+
+@dataclass
+class RefineContext:
+    chat: BaseChatModel
+    diffusion: DiffusionTool
+    store: TrajectoryStore
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    chat_config: ChatConfig = field(default_factory=ChatConfig)
+    diffusion_config: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def agent_kwargs(self, image: bool = True) -> dict:
+        kw = {"attempts": self.chat_config.structured_attempts}
+        if image:
+            kw["image_max_side"] = self.chat_config.image_max_side
+        return kw
+
+    def models(self) -> dict:
+        """Model identities, stored with every trajectory."""
+        return {"chat": chat_identity(self.chat_config), "diffusion": self.diffusion.identity}
+
+
+def build_context(config: ArtloopConfig) -> RefineContext:
+    """Construct everything the graph needs; models load lazily on first use."""
+    store = TrajectoryStore(config.home)
+    d = config.diffusion
+    diffusion = DiffusionTool(
+        model=d.model, store=store.images, family=d.family, device=d.device, dtype=d.dtype
+    )
+    return RefineContext(
+        chat=build_chat_model(config.chat), diffusion=diffusion, store=store, loop=config.loop,
+        chat_config=config.chat, diffusion_config=d,
+    )  # fmt: skip
+
+
+@cache
+def default_context() -> RefineContext:
+    """For callers that pass no context (e.g. `langgraph dev`): the config from the environment."""
+    return build_context(load_config())

@@ -1,0 +1,103 @@
+"""Run the refine graph as a session: SQLite checkpoints (one thread per run), progress per node,
+a trajectory in the store, resumable from the last checkpoint after a crash or a dead server."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from artloop.graphs.context import RefineContext
+from artloop.graphs.refine import RefineState, builder
+from artloop.prompts import PROMPTS_VERSION
+from artloop.tools.diffusion import GenParams
+from artloop.tools.store import check_run_id, new_run_id
+from langgraph.checkpoint.sqlite import SqliteSaver
+
+OnUpdate = Callable[[str, dict[str, Any]], None]  # (node name, its state update)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    status: str
+    iterations: int
+    scores: list[float]
+    best_score: float | None
+    final_image: str | None
+    seconds: float
+
+
+@contextmanager
+def open_checkpointer(home: Path) -> Iterator[SqliteSaver]:
+    conn = sqlite3.connect(Path(home) / "checkpoints.sqlite", check_same_thread=False, timeout=30)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        yield SqliteSaver(conn)
+    finally:
+        conn.close()
+
+
+def initial_state(run_id: str, prompt: str, ctx: RefineContext) -> RefineState:
+    d = ctx.diffusion_config
+    params = GenParams(width=d.width, height=d.height, num_inference_steps=d.steps,
+                       guidance_scale=d.guidance_scale, seed=d.seed)  # fmt: skip
+    return RefineState(
+        run_id=run_id, prompt=prompt, iteration=0, current_prompt=None, feedback=[],
+        params=asdict(params), step={}, scores=[], best_image=None, best_score=None, status=None,
+    )  # fmt: skip
+
+
+def run_session(
+    ctx: RefineContext,
+    *,
+    prompt: str | None = None,
+    run_id: str | None = None,
+    config: dict | None = None,
+    on_update: OnUpdate | None = None,
+    interrupt_before: list[str] | None = None,
+) -> RunSummary:
+    """Start a run (`prompt` given; `run_id` optional) or resume one (`run_id` alone).
+
+    A failing node (a dead server, invalid output after every retry) marks the run `failed`
+    with the error and re-raises; resuming it later continues from the last checkpoint.
+    """
+    resume = prompt is None
+    if resume and run_id is None:
+        raise ValueError("resuming needs a run id")
+    run_id = check_run_id(run_id) if run_id else new_run_id()
+    if not resume:
+        ctx.store.create_run(run_id, prompt, config or {}, ctx.models(), PROMPTS_VERSION)
+    else:
+        ctx.store.get_run(run_id)  # raises StoreError for an unknown run
+    start = time.perf_counter()
+    thread = {"configurable": {"thread_id": run_id}}
+    with open_checkpointer(ctx.store.home) as saver:
+        graph = builder.compile(checkpointer=saver, interrupt_before=interrupt_before)
+        if resume and not graph.get_state(thread).next:
+            raise ValueError(f"run {run_id} has nothing left to resume")
+        inputs = None if resume else initial_state(run_id, prompt, ctx)
+        try:
+            ctx.store.finish_run(run_id, "running")
+            for chunk in graph.stream(inputs, thread, context=ctx, stream_mode="updates"):
+                for name, update in chunk.items():
+                    if on_update is not None and isinstance(update, dict):
+                        on_update(name, update)
+        except BaseException as e:
+            ctx.store.finish_run(run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+            raise
+        state = graph.get_state(thread)
+    values = state.values
+    status = values.get("status") or "running"
+    if state.next:  # stopped at an interrupt: not finished
+        status = "interrupted"
+        ctx.store.finish_run(run_id, "interrupted")
+    return RunSummary(
+        run_id=run_id, status=status, iterations=len(values.get("scores", [])),
+        scores=values.get("scores", []), best_score=values.get("best_score"),
+        final_image=values.get("best_image"), seconds=time.perf_counter() - start,
+    )  # fmt: skip

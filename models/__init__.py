@@ -1,0 +1,1 @@
+"""Model loading: the tiny offline model factory and the chat-model backends."""

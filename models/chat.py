@@ -1,0 +1,77 @@
+"""Chat models from config: the in-process Qwen2-VL, an OpenAI-compatible server (vLLM first),
+or any langchain chat model class."""
+
+from __future__ import annotations
+
+import importlib
+import urllib.error
+import urllib.request
+
+from artloop.config import ChatConfig, ConfigError
+from langchain_core.language_models.chat_models import BaseChatModel
+
+
+def build_chat_model(cfg: ChatConfig) -> BaseChatModel:
+    """Construct (not load) the configured chat model."""
+    if cfg.backend == "inprocess":
+        from artloop.models.inprocess import ChatQwen2VLLocal
+
+        return ChatQwen2VLLocal(
+            model=cfg.model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            device=cfg.device, dtype=cfg.dtype,
+        )  # fmt: skip
+    if cfg.backend == "openai":
+        from langchain_openai import ChatOpenAI
+
+        if not cfg.base_url:
+            raise ConfigError("chat.base_url: required for the openai backend")
+        return ChatOpenAI(
+            base_url=cfg.base_url, api_key=cfg.api_key, model=cfg.model,
+            temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, timeout=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+        )  # fmt: skip
+    if not cfg.custom_class or ":" not in cfg.custom_class:
+        raise ConfigError("chat.custom_class: expected 'package.module:ClassName'")
+    module, _, name = cfg.custom_class.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"chat.custom_class: cannot import {cfg.custom_class}: {e}") from None
+    return cls(**cfg.custom_kwargs)
+
+
+def chat_identity(cfg: ChatConfig) -> dict:
+    """What is stored with a trajectory about the chat model (never the API key)."""
+    ident = {"backend": cfg.backend, "model": cfg.model, "temperature": cfg.temperature}
+    if cfg.backend == "openai":
+        ident["base_url"] = cfg.base_url
+    if cfg.backend == "custom":
+        ident["class"] = cfg.custom_class
+    return ident
+
+
+def check_chat_model(cfg: ChatConfig, timeout_s: float = 5.0) -> None:
+    """Fail fast, with a one-line reason, when the configured chat model cannot be reached."""
+    if cfg.backend == "inprocess":
+        from artloop.models.tiny import resolve_model
+
+        try:
+            resolve_model(cfg.model)
+        except ValueError as e:
+            raise ConfigError(f"chat.model: {e}") from None
+    elif cfg.backend == "openai":
+        if not cfg.base_url:
+            raise ConfigError("chat.base_url: required for the openai backend")
+        url = cfg.base_url.rstrip("/") + "/models"
+        req = urllib.request.Request(
+            url, headers={"Authorization": f"Bearer {cfg.api_key.get_secret_value()}"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError as e:
+            if e.code >= 500:
+                raise ConfigError(f"chat server at {cfg.base_url} answered {e.code}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigError(f"cannot reach chat server at {cfg.base_url}: {reason}") from None

@@ -1,0 +1,128 @@
+"""Tiny random-weight models of the real architectures, built offline on first use and cached.
+
+They are the embedded default when no model is configured: the real loading code
+(`from_pretrained` on a directory) runs against them, so a real model id is a config change away.
+The cache key is a hash of the builder's config, so changing a config builds a new model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """Where tiny models are cached: $ARTLOOP_CACHE, else ~/.cache/artloop."""
+    return Path(os.environ.get("ARTLOOP_CACHE", Path.home() / ".cache" / "artloop")) / "tiny"
+
+
+def config_key(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_cached(name: str, config: dict, build: Callable[[dict, Path], None]) -> Path:
+    """Return the cached directory for (name, config), building it atomically on first use."""
+    target = cache_root() / f"{name}-{config_key(config)}"
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        build(config, tmp)
+        (tmp / "artloop_tiny.json").write_text(json.dumps({"name": name, "config": config}))
+        (tmp / ".complete").touch()
+        try:
+            tmp.rename(target)
+        except OSError:  # another process built it first
+            if not (target / ".complete").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    name: str
+    kind: str  # "vlm" | "diffusion"
+    family: str  # "qwen2vl" | "sd" | "flux"
+    description: str
+    build: Callable[[], Path]
+
+
+def _registry() -> dict[str, TinyModel]:
+    # Imported lazily: the builders import torch / transformers / diffusers.
+    from artloop.models import tiny_diffusion, tiny_vlm
+
+    return {
+        "tiny-qwen2vl": TinyModel(
+            "tiny-qwen2vl",
+            "vlm",
+            "qwen2vl",
+            "Qwen2VLForConditionalGeneration, 2 layers, hidden 128, byte-level BPE tokenizer",
+            tiny_vlm.build_tiny_qwen2vl,
+        ),
+        "tiny-sd": TinyModel(
+            "tiny-sd",
+            "diffusion",
+            "sd",
+            "StableDiffusionPipeline: UNet (32, 64), CLIP text 32, 4-block VAE, DDIM",
+            tiny_diffusion.build_tiny_sd,
+        ),
+        "tiny-flux": TinyModel(
+            "tiny-flux",
+            "diffusion",
+            "flux",
+            "FluxPipeline: 1+1 transformer blocks, tiny T5 + CLIP, flow-match Euler",
+            tiny_diffusion.build_tiny_flux,
+        ),
+    }
+
+
+TINY_NAMES = ("tiny-qwen2vl", "tiny-sd", "tiny-flux")
+
+
+def tiny_models() -> dict[str, TinyModel]:
+    return _registry()
+
+
+def is_tiny(name: str) -> bool:
+    return name in TINY_NAMES
+
+
+def resolve_model(name: str) -> str:
+    """Map a model name to something `from_pretrained` loads offline.
+
+    "tiny-*" -> the cached tiny model (built on first use); an existing directory -> itself;
+    anything else is a hub id, which must already be in the local Hugging Face cache when
+    HF_HUB_OFFLINE is set. Raises ValueError naming the model when none of these holds.
+    """
+    if is_tiny(name):
+        return str(tiny_models()[name].build())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model path {name!r} is a file; expected a model directory")
+        return str(path)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:  # a hub id is fine when it is already cached; nothing is downloaded here
+            return snapshot_download(name, local_files_only=True)
+        except Exception as e:
+            if os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true", "True"):
+                raise ValueError(
+                    f"unknown model {name!r}: not a local directory, and not in the Hugging Face "
+                    f"cache (offline mode)"
+                ) from e
+            return name  # online: from_pretrained downloads it
+    raise ValueError(
+        f"unknown model {name!r}: not one of {', '.join(TINY_NAMES)}, not a local directory, "
+        f"and not a hub id (owner/name)"
+    )

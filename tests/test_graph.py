@@ -1,0 +1,148 @@
+"""The refine graph on the tiny SD pipeline with a scripted chat model: stop rules, state,
+the stored trajectory, and resuming after a fault mid-run."""
+
+from __future__ import annotations
+
+import pytest
+from artloop.config import ChatConfig, DiffusionConfig, LoopConfig
+from artloop.graphs.context import RefineContext
+from artloop.graphs.runner import open_checkpointer, run_session
+from artloop.tools.store import TrajectoryStore
+
+from tests.fakes import DEFAULTS, ScriptedChat
+
+AGENTS = {"enhance", "data_cot", "concept_cot", "thesis_cot", "validate"}
+
+
+def verdict(v: str, score: float) -> dict:
+    return {**DEFAULTS["Verdict"], "verdict": v, "score": score}
+
+
+def make_ctx(store: TrajectoryStore, sd_tool, chat, **loop) -> RefineContext:
+    sd_tool.store = store.images
+    return RefineContext(
+        chat=chat, diffusion=sd_tool, store=store,
+        loop=LoopConfig(**{"max_iters": 3, **loop}), chat_config=ChatConfig(),
+        diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
+    )  # fmt: skip
+
+
+def test_accept_stops_after_one_iteration(store, sd_tool):
+    chat = ScriptedChat(scripts={"Verdict": [verdict("accept", 9.0)]})
+    summary = run_session(make_ctx(store, sd_tool, chat), prompt="a red fox")
+    assert (summary.status, summary.iterations, summary.scores) == ("accepted", 1, [9.0])
+    run = store.get_run(summary.run_id)
+    assert run["status"] == "accepted" and run["best_score"] == 9.0
+    assert run["final_image"] == run["steps"][0]["edited_image"] in store.images
+
+
+def test_accept_needs_the_threshold(store, sd_tool):
+    """An 'accept' below accept_score is not an acceptance: the loop goes on."""
+    chat = ScriptedChat(scripts={"Verdict": [verdict("accept", 6.0), verdict("accept", 8.0)]})
+    summary = run_session(make_ctx(store, sd_tool, chat, accept_score=7.0), prompt="a fox")
+    assert (summary.status, summary.scores) == ("accepted", [6.0, 8.0])
+
+
+def test_max_iters_gives_up_with_the_best_image(store, sd_tool):
+    chat = ScriptedChat(scripts={"Verdict": [verdict("revise", 4.0), verdict("revise", 6.0),
+                                             verdict("revise", 5.0)]})  # fmt: skip
+    summary = run_session(make_ctx(store, sd_tool, chat, max_iters=3, plateau_patience=5),
+                          prompt="a fox")  # fmt: skip
+    assert (summary.status, summary.scores, summary.best_score) == ("max_iters", [4, 6, 5], 6.0)
+    run = store.get_run(summary.run_id)
+    assert [s["iteration"] for s in run["steps"]] == [0, 1, 2]
+    assert run["final_image"] == run["steps"][1]["edited_image"]
+
+
+def test_plateau_stops_early(store, sd_tool):
+    chat = ScriptedChat(scripts={"Verdict": [verdict("revise", 5.0), verdict("revise", 5.1),
+                                             verdict("revise", 5.2)]})  # fmt: skip
+    ctx = make_ctx(store, sd_tool, chat, max_iters=10, plateau_patience=2, plateau_min_delta=0.25)
+    summary = run_session(ctx, prompt="a fox")
+    assert (summary.status, summary.iterations) == ("plateau", 3)
+
+
+def test_trajectory_records_every_step(store, sd_tool):
+    chat = ScriptedChat(scripts={"Verdict": [verdict("revise", 5.0), verdict("accept", 9.0)]})
+    summary = run_session(make_ctx(store, sd_tool, chat), prompt="a fox", config={"k": 1})
+    run = store.get_run(summary.run_id)
+    assert run["config"] == {"k": 1} and run["models"]["diffusion"]["family"] == "sd"
+    first, second = run["steps"]
+    for step in (first, second):
+        assert set(step["agents"]) == AGENTS
+        assert step["image"] in store.images and step["edited_image"] in store.images
+        assert set(step["timings"]) == AGENTS | {"generate", "edit"}
+        assert set(step["parse_failures"]) == AGENTS
+        assert step["params"]["seed"] == 0 and {"brightness", "sharpness"} <= set(
+            step["stats"]["image"]
+        )
+    # The regional edit was applied by inpainting its box; the plan's params carried forward.
+    assert [op["op"] for op in first["edits"]] == ["inpaint"]
+    assert first["edits"][0]["box"] == [100, 200, 600, 900]
+    assert second["params"]["guidance_scale"] == 6.0
+    # The second enhance saw the first verdict's reasons and the plan's revised prompt.
+    assert second["agents"]["enhance"] == DEFAULTS["EnhancedPrompt"]
+
+
+def test_state_holds_hashes_not_pixels(store, sd_tool):
+    chat = ScriptedChat(scripts={"Verdict": [verdict("accept", 9.0)]})
+    summary = run_session(make_ctx(store, sd_tool, chat), prompt="a fox")
+    from artloop.graphs.refine import builder
+
+    with open_checkpointer(store.home) as saver:
+        graph = builder.compile(checkpointer=saver)
+        values = graph.get_state({"configurable": {"thread_id": summary.run_id}}).values
+    assert len(values["best_image"]) == 64 and len(str(values)) < 20_000
+
+
+def test_invalid_output_is_repaired_and_counted(store, sd_tool):
+    chat = ScriptedChat(scripts={"Critique": ["not json", {"summary": "wrong shape"},
+                                              DEFAULTS["Critique"]],
+                                 "Verdict": [verdict("accept", 9.0)]})  # fmt: skip
+    summary = run_session(make_ctx(store, sd_tool, chat), prompt="a fox")
+    step = store.get_run(summary.run_id)["steps"][0]
+    assert step["parse_failures"]["concept_cot"] == {"ScriptedChat": 2}
+    assert step["parse_failures"]["validate"] == {"ScriptedChat": 0}
+
+
+@pytest.mark.parametrize("fail_at", ["ImageFacts", "EditPlan", "Verdict"])
+def test_resume_after_a_fault_mid_run(store, sd_tool, fail_at):
+    """A dead server mid-run fails the run visibly; resuming finishes it from the checkpoint,
+    without re-running what was done and without duplicate steps."""
+    scripts = {"Verdict": [verdict("revise", 5.0), verdict("accept", 9.0)]}
+    # Iteration 2 hits a connection error at `fail_at` (the first call of it succeeds).
+    scripts[fail_at] = [DEFAULTS[fail_at] if fail_at != "Verdict" else verdict("revise", 5.0),
+                        ConnectionError("server went away")]  # fmt: skip
+    broken = ScriptedChat(scripts=scripts)
+    with pytest.raises(ConnectionError):
+        run_session(make_ctx(store, sd_tool, broken), prompt="a fox", run_id="00000000000000aa")
+    run = store.get_run("00000000000000aa")
+    assert run["status"] == "failed" and "server went away" in run["error"]
+    assert len(run["steps"]) == 1  # iteration 1 was stored before the fault
+
+    healthy = ScriptedChat(scripts={"Verdict": [verdict("accept", 9.0)]})
+    summary = run_session(make_ctx(store, sd_tool, healthy), run_id="00000000000000aa")
+    assert summary.status == "accepted" and summary.scores == [5.0, 9.0]
+    # Only the unfinished node onwards ran again: no enhance/data_cot before a later fault.
+    assert healthy.calls[0] == fail_at
+    run = store.get_run("00000000000000aa")
+    assert run["status"] == "accepted" and [s["iteration"] for s in run["steps"]] == [0, 1]
+
+
+def test_resume_after_an_interrupt_before_any_node(store, sd_tool):
+    chat = ScriptedChat(scripts={"Verdict": [verdict("accept", 9.0)]})
+    ctx = make_ctx(store, sd_tool, chat)
+    first = run_session(ctx, prompt="a fox", interrupt_before=["edit"])
+    assert first.status == "interrupted" and store.get_run(first.run_id)["steps"] == []
+    done = run_session(ctx, run_id=first.run_id)
+    assert done.status == "accepted" and len(store.get_run(first.run_id)["steps"]) == 1
+    with pytest.raises(ValueError, match="nothing left to resume"):
+        run_session(ctx, run_id=first.run_id)
+
+
+def test_same_seed_replays_the_same_images(store, sd_tool):
+    chat = ScriptedChat(scripts={"Verdict": [verdict("accept", 9.0)]})
+    a = run_session(make_ctx(store, sd_tool, chat), prompt="a fox")
+    b = run_session(make_ctx(store, sd_tool, ScriptedChat(scripts=chat.scripts)), prompt="a fox")
+    step_a, step_b = (store.get_run(s.run_id)["steps"][0] for s in (a, b))
+    assert (step_a["image"], step_a["edited_image"]) == (step_b["image"], step_b["edited_image"])

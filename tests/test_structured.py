@@ -1,0 +1,128 @@
+"""Structured output: parsing, validation, repair with the error shown to the model, counting,
+and a visible failure after the last attempt. Boxes are clipped and ordered on the way in."""
+
+from __future__ import annotations
+
+import pytest
+from artloop.agents.schemas import Critique, EditPlan, RegionalEdit, Verdict, normalise_box
+from artloop.models.structured import (
+    InvalidOutput,
+    StructuredOutputError,
+    invoke_structured,
+    parse_output,
+    schema_instructions,
+)
+from langchain_core.messages import HumanMessage
+from pydantic import ValidationError
+
+from tests.fakes import DEFAULTS, ScriptedChat
+
+GOOD = DEFAULTS["Verdict"]
+
+
+def ask_verdict(chat, attempts=3):
+    msgs = [HumanMessage(content="judge\n" + schema_instructions(Verdict))]
+    return invoke_structured(chat, msgs, Verdict, agent="validate", max_attempts=attempts)
+
+
+def test_valid_first_time():
+    result = ask_verdict(ScriptedChat(scripts={"Verdict": [GOOD]}))
+    assert result.output == Verdict(**GOOD) and result.failures == 0
+    assert result.backend == "ScriptedChat"
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "{not json", '{"verdict": "maybe"}', "[]",
+                                 '{"verdict":"accept","score":11,"better_than_before":true,"reasons":["x"]}',
+                                 '{"verdict":"accept","score":5,"better_than_before":true,"reasons":[]}'])  # fmt: skip
+def test_invalid_then_repaired(bad):
+    chat = ScriptedChat(scripts={"Verdict": [bad, GOOD]})
+    result = ask_verdict(chat)
+    assert result.output.score == GOOD["score"] and result.failures == 1
+    assert len(chat.calls) == 2
+
+
+def test_repair_shows_the_model_its_error():
+    seen = []
+
+    class Recording(ScriptedChat):
+        def _generate(self, messages, **kw):
+            seen.append(messages)
+            return super()._generate(messages, **kw)
+
+    ask_verdict(Recording(scripts={"Verdict": ['{"verdict":"accept"}', GOOD]}))
+    retry = seen[1]
+    assert retry[-2].content == '{"verdict":"accept"}'
+    assert "score: Field required" in retry[-1].content
+
+
+def test_gives_up_visibly_after_the_last_attempt():
+    chat = ScriptedChat(scripts={"Verdict": ["nope"]})
+    with pytest.raises(StructuredOutputError, match=r"validate: no valid Verdict from the "
+                       r"ScriptedChat backend after 2 attempts; last error: invalid Verdict"):  # fmt: skip
+        ask_verdict(chat, attempts=2)
+    assert len(chat.calls) == 2
+
+
+def test_markdown_fenced_json_is_accepted():
+    fenced = (
+        '```json\n{"verdict":"revise","score":3,"better_than_before":false,"reasons":["dark"]}\n```'
+    )
+    assert parse_output(fenced, Verdict).score == 3
+
+
+def test_invalid_output_names_the_field():
+    with pytest.raises(
+        InvalidOutput, match=r"invalid Verdict: score: Input should be less than or equal to 10"
+    ):
+        parse_output(
+            '{"verdict":"accept","score":12,"better_than_before":true,"reasons":["x"]}', Verdict
+        )
+
+
+def test_every_string_and_list_is_bounded():
+    def walk(schema, defs, path):
+        if "$ref" in schema:
+            return walk(defs[schema["$ref"].split("/")[-1]], defs, path)
+        for option in schema.get("anyOf", []):
+            walk(option, defs, path)
+        if schema.get("type") == "string" and "enum" not in schema and "const" not in schema:
+            assert "maxLength" in schema, path
+        if schema.get("type") == "array":
+            assert "maxItems" in schema, path
+            walk(schema["items"], defs, path + "[]")
+        for name, sub in schema.get("properties", {}).items():
+            walk(sub, defs, f"{path}.{name}")
+
+    from artloop.agents import schemas
+
+    for cls in (schemas.EnhancedPrompt, schemas.ImageFacts, Critique, EditPlan, Verdict):
+        s = cls.model_json_schema()
+        walk(s, s.get("$defs", {}), cls.__name__)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ([10, 20, 300, 400], [10, 20, 300, 400]),
+    ([300, 400, 10, 20], [10, 20, 300, 400]),       # inverted corners are ordered
+    ([-50, 20, 1500, 400.4], [0, 20, 1000, 400]),   # out of range is clipped
+    ((1, 2, 3, 4), [1, 2, 3, 4]),
+])  # fmt: skip
+def test_boxes_are_clipped_and_ordered(raw, expected):
+    assert normalise_box(raw) == expected
+    assert RegionalEdit(box=raw, prompt="x", strength=0.5).box == expected
+
+
+@pytest.mark.parametrize(
+    "raw", [[1, 2, 3], [5, 5, 5, 100], [1200, 0, 1500, 10], ["a", 1, 2, 3], "box"]
+)
+def test_bad_boxes_are_rejected(raw):
+    with pytest.raises(ValidationError, match="box"):
+        RegionalEdit(box=raw, prompt="x", strength=0.5)
+
+
+def test_taxonomy_and_checklist_are_enforced():
+    crit = dict(DEFAULTS["Critique"])
+    Critique(**crit)
+    with pytest.raises(ValidationError):
+        Critique(**{**crit, "artifacts": [{**crit["artifacts"][0], "kind": "ugly"}]})
+    with pytest.raises(ValidationError):
+        Critique(**{**crit, "aesthetics": [{"aspect": "vibes", "rating": 5, "note": ""}]})

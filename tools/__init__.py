@@ -1,0 +1,1 @@
+"""Tools the graph drives: the diffusion model, image measurements, the stores, the report."""

@@ -1,0 +1,323 @@
+"""The diffusion tool: text-to-image, image-to-image and box inpainting with diffusers.
+
+Images go in and come out as hashes of the ImageStore. One set of weights serves all three
+tasks (`from_pipe` shares the components). Loading is lazy (smolagents-style `setup()`), so
+building the tool is free and the graph can be assembled without touching torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from artloop.tools.images import ImageStore, ImageStoreError
+from PIL import Image, ImageDraw, ImageFilter
+
+FAMILIES = ("sd", "sdxl", "flux")
+MIN_SIDE, MAX_SIDE = 64, 2048
+# Latents are 8x smaller than pixels; FLUX also packs 2x2 latent patches.
+SIZE_MULTIPLE = {"sd": 8, "sdxl": 8, "flux": 16}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class GenParams:
+    """Generation parameters (all JSON-serialisable)."""
+
+    width: int = 256
+    height: int = 256
+    num_inference_steps: int = 4
+    guidance_scale: float = 5.0  # CFG for SD/SDXL; the distilled guidance for FLUX-dev
+    seed: int = 0
+    true_cfg_scale: float = 1.0  # FLUX only: > 1 applies the negative prompt (twice the cost)
+
+
+class DiffusionError(RuntimeError):
+    """A generation could not be done; the message names the model, input or parameter."""
+
+
+def box_mask(box: tuple[int, int, int, int], width: int, height: int) -> Image.Image:
+    """An L-mode mask, white inside `box` (x1, y1, x2, y2 normalised to 0-1000, as Qwen2-VL)."""
+    x1, y1, x2, y2 = _check_box(box)
+    mask = Image.new("L", (width, height), 0)
+    left, top = round(x1 * width / 1000), round(y1 * height / 1000)
+    right, bottom = round(x2 * width / 1000), round(y2 * height / 1000)
+    # At least one pixel, so that a thin box still masks something.
+    right, bottom = max(right, left + 1), max(bottom, top + 1)
+    ImageDraw.Draw(mask).rectangle((left, top, right - 1, bottom - 1), fill=255)
+    return mask
+
+
+def _check_box(box: Any) -> tuple[int, int, int, int]:
+    try:
+        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    except (TypeError, ValueError) as e:
+        raise DiffusionError(f"box {box!r} is not four numbers (x1, y1, x2, y2)") from e
+    if not all(0 <= v <= 1000 for v in (x1, y1, x2, y2)):
+        raise DiffusionError(f"box {box!r} is outside 0-1000 (coordinates normalised to 1000)")
+    if not (x1 < x2 and y1 < y2):
+        raise DiffusionError(f"box {box!r} is empty: need x1 < x2 and y1 < y2")
+    return x1, y1, x2, y2
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:500]
+
+
+def detect_family(model_index: dict) -> str:
+    """sd / sdxl / flux from a diffusers model_index.json's `_class_name`."""
+    name = str(model_index.get("_class_name", ""))
+    if name.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if name.startswith("Flux"):
+        return "flux"
+    if name.startswith("StableDiffusion") and not name.startswith("StableDiffusion3"):
+        return "sd"  # SD 1.x / 2.x; SD3 is a transformer model with other pipelines
+    raise DiffusionError(
+        f"unsupported pipeline class {name or '(none)'!r}: expected SD, SDXL or FLUX"
+    )
+
+
+class DiffusionTool:
+    """Runs one diffusers model for text-to-image, image-to-image and inpainting."""
+
+    def __init__(
+        self,
+        model: str = "tiny-sd",
+        store: ImageStore | None = None,
+        family: str = "auto",
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_sequence_length: int | None = None,
+    ) -> None:
+        if store is None:
+            raise TypeError("DiffusionTool needs an ImageStore (store=...)")
+        if family != "auto" and family not in FAMILIES:
+            raise DiffusionError(f"unknown family {family!r}: expected auto or one of {FAMILIES}")
+        if dtype not in DTYPES:
+            raise DiffusionError(f"unknown dtype {dtype!r}: expected one of {DTYPES}")
+        self.model = model
+        self.store = store
+        self.device = device
+        self.dtype = dtype
+        self.max_sequence_length = max_sequence_length
+        self._family = None if family == "auto" else family
+        self._resolved: str | None = None
+        self._pipe: Any = None  # the text-to-image pipeline; the others are made from it
+        self._pipes: dict[str, Any] = {}
+        # One generation at a time: the pipelines share one scheduler, which holds call state.
+        self._lock = threading.RLock()
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def _resolve(self) -> str:
+        if self._resolved is None:
+            from artloop.models.tiny import resolve_model
+
+            try:
+                self._resolved = resolve_model(self.model)
+            except Exception as e:
+                raise DiffusionError(
+                    f"cannot load diffusion model {self.model!r}: {_one_line(e)}"
+                ) from e
+        return self._resolved
+
+    def _model_index(self) -> dict:
+        resolved = self._resolve()
+        try:
+            if Path(resolved).is_dir():
+                return json.loads((Path(resolved) / "model_index.json").read_text())
+            from diffusers import DiffusionPipeline
+
+            return DiffusionPipeline.load_config(resolved)  # model_index.json only
+        except Exception as e:
+            raise DiffusionError(
+                f"cannot load diffusion model {self.model!r}: no readable model_index.json "
+                f"({_one_line(e)})"
+            ) from e
+
+    @property
+    def family(self) -> str:
+        if self._family is None:
+            self._family = detect_family(self._model_index())
+        return self._family
+
+    @property
+    def identity(self) -> dict:
+        """What produced the images (for trajectories); needs no weights."""
+        return {
+            "model": self.model,
+            "family": self.family,
+            "resolved": self._resolve(),
+            "dtype": self.dtype,
+        }
+
+    def _default_max_sequence_length(self) -> int | None:
+        # Tiny models record their build config beside the weights (artloop.models.tiny).
+        meta = Path(self._resolve()) / "artloop_tiny.json"
+        if meta.is_file():
+            return json.loads(meta.read_text()).get("config", {}).get("max_sequence_length")
+        return None
+
+    def setup(self) -> None:
+        """Load the weights once; later calls do nothing."""
+        with self._lock:
+            if self._pipe is not None:
+                return
+            import torch
+            from diffusers import AutoPipelineForText2Image
+
+            resolved, family = self._resolve(), self.family
+            if self.max_sequence_length is None:
+                self.max_sequence_length = self._default_max_sequence_length()
+            try:
+                pipe = AutoPipelineForText2Image.from_pretrained(
+                    resolved,
+                    dtype=getattr(torch, self.dtype),  # `torch_dtype` is deprecated
+                )
+                pipe = pipe.to(self.device)
+            except Exception as e:
+                where = f"{self.model!r} ({family}, {resolved})"
+                raise DiffusionError(f"cannot load diffusion model {where}: {_one_line(e)}") from e
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe = pipe
+            self._pipes = {"t2i": pipe}
+
+    def _pipeline(self, task: str) -> Any:
+        self.setup()
+        with self._lock:
+            return self._pipes.get(task) or self._derive(task)
+
+    def _derive(self, task: str) -> Any:
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+        auto = {"i2i": AutoPipelineForImage2Image, "inpaint": AutoPipelineForInpainting}[task]
+        try:
+            pipe = auto.from_pipe(self._pipe)  # shares the loaded modules: no new weights
+        except Exception as e:
+            raise DiffusionError(
+                f"model {self.model!r} has no {task} pipeline: {_one_line(e)}"
+            ) from e
+        pipe.set_progress_bar_config(disable=True)
+        self._pipes[task] = pipe
+        return pipe
+
+    # ---- inputs --------------------------------------------------------------------------
+
+    def _size(self, params: GenParams) -> tuple[int, int]:
+        multiple = SIZE_MULTIPLE[self.family]
+        sides = []
+        for name, value in (("width", params.width), ("height", params.height)):
+            if not isinstance(value, int | float) or not MIN_SIDE <= value <= MAX_SIDE:
+                raise DiffusionError(f"{name} {value!r} is outside {MIN_SIDE}-{MAX_SIDE} pixels")
+            sides.append(int(value / multiple + 0.5) * multiple)  # nearest, halves up
+        return sides[0], sides[1]
+
+    def _check_params(self, params: GenParams, strength: float | None = None) -> None:
+        steps = params.num_inference_steps
+        if not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise DiffusionError(f"num_inference_steps {steps!r} is outside 1-1000")
+        if strength is not None:
+            if not 0.0 < strength <= 1.0:
+                raise DiffusionError(f"strength {strength!r} is outside (0, 1]")
+            # The pipelines run int(steps * strength) steps and fail on zero.
+            if int(steps * strength) < 1:
+                raise DiffusionError(
+                    f"strength {strength} x {steps} steps leaves no denoising step: "
+                    f"raise strength or num_inference_steps"
+                )
+
+    def _image(self, digest: str, size: tuple[int, int]) -> Image.Image:
+        try:
+            image = self.store.get(digest)
+        except ImageStoreError as e:
+            raise DiffusionError(f"input image {str(digest)[:16]!r}: {e}") from e
+        return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+    # ---- generation ----------------------------------------------------------------------
+
+    def _run(
+        self, task: str, prompt: str, negative_prompt: str, params: GenParams, **extra
+    ) -> Image.Image:
+        import torch
+
+        pipe = self._pipeline(task)
+        kwargs: dict[str, Any] = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt or None,
+            "num_inference_steps": params.num_inference_steps,
+            "guidance_scale": params.guidance_scale,
+            "true_cfg_scale": params.true_cfg_scale,
+            "max_sequence_length": self.max_sequence_length,
+            "generator": torch.Generator(self.device).manual_seed(int(params.seed)),
+            "output_type": "np",
+            **extra,
+        }
+        # Families differ (FLUX: true_cfg_scale, max_sequence_length; SD img2img: no size):
+        # pass what this pipeline names; unset options keep the pipeline's defaults.
+        accepted = inspect.signature(pipe.__call__).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+        with self._lock:
+            try:
+                out = pipe(**kwargs).images[0]
+            except Exception as e:
+                raise DiffusionError(f"{task} with {self.model!r} failed: {_one_line(e)}") from e
+        arr = np.asarray(out, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise DiffusionError(
+                f"{task} with {self.model!r} produced NaN/inf pixels (fp16 overflow? try float32)"
+            )
+        if arr.max() <= 1.0 / 255:
+            raise DiffusionError(
+                f"{task} with {self.model!r} produced an all-black image (NaNs or a safety checker)"
+            )
+        return Image.fromarray((arr.clip(0, 1) * 255).round().astype(np.uint8))
+
+    def text_to_image(self, prompt: str, negative_prompt: str, params: GenParams) -> str:
+        """Generate from text; returns the stored image's hash."""
+        self._check_params(params)
+        width, height = self._size(params)
+        image = self._run("t2i", prompt, negative_prompt, params, width=width, height=height)
+        return self.store.put(image)
+
+    def image_to_image(
+        self, image: str, prompt: str, negative_prompt: str, params: GenParams, strength: float
+    ) -> str:
+        """Re-generate a stored image (resized to the params' size); strength 1 ignores it."""
+        self._check_params(params, strength)
+        width, height = self._size(params)
+        init = self._image(image, (width, height))
+        result = self._run(
+            "i2i", prompt, negative_prompt, params,
+            image=init, strength=strength, width=width, height=height,
+        )  # fmt: skip
+        return self.store.put(result)
+
+    def inpaint(
+        self,
+        image: str,
+        box: tuple[int, int, int, int],
+        prompt: str,
+        negative_prompt: str,
+        params: GenParams,
+        strength: float,
+    ) -> str:
+        """Repaint the box (0-1000 normalised) of a stored image; pixels away from it are kept."""
+        _check_box(box)
+        self._check_params(params, strength)
+        width, height = self._size(params)
+        init = self._image(image, (width, height))
+        mask = box_mask(box, width, height)
+        result = self._run(
+            "inpaint", prompt, negative_prompt, params,
+            image=init, mask_image=mask, strength=strength, width=width, height=height,
+        )  # fmt: skip
+        # The VAE round trip alters every pixel a little (and all of them with a non-inpainting
+        # UNet): paste back the original outside the box, with a soft edge against seams.
+        feather = mask.filter(ImageFilter.GaussianBlur(radius=max(1, min(width, height) // 128)))
+        return self.store.put(Image.composite(result, init, feather))

@@ -1,0 +1,39 @@
+"""An HTML report of one trajectory: every iteration's images next to each agent's output."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from artloop.tools.images import atomic_write
+from artloop.tools.store import TrajectoryStore
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+_env = Environment(
+    loader=PackageLoader("artloop.tools", "."),
+    autoescape=select_autoescape(["html", "jinja"]),  # prompts and model output are untrusted
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_env.filters["pretty"] = lambda v: json.dumps(v, indent=2, ensure_ascii=False)
+_env.filters["when"] = lambda t: datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+AGENT_ORDER = ("enhance", "data_cot", "concept_cot", "thesis_cot", "validate")
+
+
+def write_report(store: TrajectoryStore, run_id: str) -> Path:
+    """Render home/reports/<run_id>.html (images linked relatively from the store)."""
+    run = store.get_run(run_id)
+    out = store.home / "reports" / f"{run_id}.html"
+
+    def src(digest: str | None) -> str | None:
+        return os.path.relpath(store.images.path(digest), out.parent) if digest else None
+
+    html = _env.get_template("report.html.jinja").render(
+        run=run, steps=run["steps"], src=src, agent_order=AGENT_ORDER
+    )
+    atomic_write(out, html.encode("utf-8"))
+    return out

@@ -1,0 +1,153 @@
+"""The trajectory store: SQLite + content-addressed images under one home directory.
+
+A trajectory is a run row (prompt, config, model identities, final verdict) and one step row per
+iteration (prompts, parameters, seed, image hashes, every agent's output, scores, timings, parse
+failures): enough to replay the session and to export any training format. Writes are upserts,
+so a graph node that re-runs after a resume writes the same row again instead of a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from artloop.tools.images import ImageStore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    prompt TEXT NOT NULL,
+    status TEXT NOT NULL,          -- running | accepted | max_iters | plateau | failed
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    config TEXT NOT NULL,          -- JSON, secrets masked
+    models TEXT NOT NULL,          -- JSON: chat and diffusion model identities
+    prompts_version TEXT NOT NULL,
+    final_image TEXT,              -- sha256 of the best image
+    best_score REAL,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS steps (
+    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    iteration INTEGER NOT NULL,
+    record TEXT NOT NULL,          -- JSON, see RefineState's `step`
+    created_at REAL NOT NULL,
+    PRIMARY KEY (run_id, iteration)
+);
+"""
+
+RUN_ID = re.compile(r"^[0-9a-f]{16}$")
+FINAL_STATUSES = ("accepted", "max_iters", "plateau")
+
+
+class StoreError(ValueError):
+    """A run is unknown or a run id is malformed."""
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def check_run_id(run_id: str) -> str:
+    """Run ids are 16 hex characters: nothing else reaches SQL or a file path."""
+    if not RUN_ID.match(run_id or ""):
+        raise StoreError(f"not a run id: {run_id!r} (expected 16 hex characters)")
+    return run_id
+
+
+class TrajectoryStore:
+    """`home/artloop.sqlite` for trajectories, `home/images/` for the images they reference."""
+
+    def __init__(self, home: str | Path) -> None:
+        self.home = Path(home)
+        self.db_path = self.home / "artloop.sqlite"
+        self.images = ImageStore(self.home / "images")
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # A short-lived connection per operation: safe from any thread, nothing held open.
+        db = sqlite3.connect(self.db_path, timeout=30.0)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA foreign_keys=ON")
+        try:
+            with db:  # one transaction: committed on success, rolled back on error
+                yield db
+        finally:
+            db.close()
+
+    def create_run(
+        self, run_id: str, prompt: str, config: dict, models: dict, prompts_version: str
+    ) -> None:
+        now = time.time()
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO runs (run_id, prompt, status, created_at, updated_at, "
+                "config, models, prompts_version) VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
+                (check_run_id(run_id), prompt, now, now, json.dumps(config), json.dumps(models),
+                 prompts_version),
+            )  # fmt: skip
+
+    def put_step(self, run_id: str, iteration: int, record: dict[str, Any]) -> None:
+        """Insert or replace the record of one iteration."""
+        now = time.time()
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO steps (run_id, iteration, record, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (run_id, iteration) DO UPDATE SET record = excluded.record",
+                (check_run_id(run_id), iteration, json.dumps(record), now),
+            )
+            db.execute("UPDATE runs SET updated_at = ? WHERE run_id = ?", (now, run_id))
+
+    def finish_run(
+        self,
+        run_id: str,
+        status: str,
+        *,
+        final_image: str | None = None,
+        best_score: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        with self._connect() as db:
+            db.execute(
+                "UPDATE runs SET status = ?, final_image = ?, best_score = ?, error = ?, "
+                "updated_at = ? WHERE run_id = ?",
+                (status, final_image, best_score, error, time.time(), check_run_id(run_id)),
+            )
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """The whole trajectory: the run's fields plus `steps`, ordered by iteration."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM runs WHERE run_id = ?", (check_run_id(run_id),)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no run {run_id} in {self.home}")
+            steps = db.execute(
+                "SELECT record FROM steps WHERE run_id = ? ORDER BY iteration", (run_id,)
+            ).fetchall()
+        run = dict(row)
+        for key in ("config", "models"):
+            run[key] = json.loads(run[key])
+        run["steps"] = [json.loads(s["record"]) for s in steps]
+        return run
+
+    def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT r.run_id, r.prompt, r.status, r.created_at, r.best_score, "
+                "(SELECT COUNT(*) FROM steps s WHERE s.run_id = r.run_id) AS iterations "
+                "FROM runs r ORDER BY r.created_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [dict(r) for r in rows]
