@@ -27,6 +27,7 @@ HomeOpt = Annotated[
 ]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -89,7 +90,7 @@ def _progress(name: str, update: dict) -> None:
     err.print(f"[dim]\\[{where}][/] {name:<11} {seconds:6.2f}s  {_summarise(name, update)}")
 
 
-def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool) -> None:
+def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quiet: bool) -> None:
     """Start or resume a session and report it."""
     from artloop.config import ConfigError
     from artloop.graphs.context import build_context
@@ -100,15 +101,15 @@ def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool) -> N
     from artloop.tools.report import write_report
     from artloop.tools.store import new_run_id
 
-    quiet_libraries()
     try:
         check_chat_model(cfg.chat)
+        quiet_libraries()
         ctx = build_context(cfg)
         ctx.models()  # resolves both models: an unknown one fails here, before anything is stored
     except (ConfigError, DiffusionError) as e:
         fail(str(e))
     run_id = run_id or new_run_id()
-    progress = None if as_json and not err.is_terminal else _progress
+    progress = None if quiet else _progress
     try:
         summary = run_session(ctx, prompt=prompt, run_id=run_id, config=cfg.public_dict(),
                               on_update=progress)  # fmt: skip
@@ -145,6 +146,7 @@ def run(
     home: HomeOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Refine an image for PROMPT with the agent loop; prints progress, the run id and a report."""
     from artloop.config import ConfigError, validate_prompt
@@ -158,16 +160,20 @@ def run(
         "chat.backend": chat_backend, "chat.model": chat_model, "chat.base_url": base_url,
         "diffusion.model": diffusion_model,
     })  # fmt: skip
-    _execute(cfg, prompt=prompt, run_id=None, as_json=as_json)
+    _execute(cfg, prompt=prompt, run_id=None, as_json=as_json, quiet=quiet)
 
 
 @app.command()
 def resume(
-    run_id: str, home: HomeOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False
+    run_id: str,
+    home: HomeOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Continue an interrupted or failed run from its last checkpoint."""
     cfg = _config(config, {"home": home})
-    _execute(cfg, prompt=None, run_id=run_id, as_json=as_json)
+    _execute(cfg, prompt=None, run_id=run_id, as_json=as_json, quiet=quiet)
 
 
 def _store(home: Path | None, config: Path | None):

@@ -111,18 +111,34 @@ def resolve_model(name: str) -> str:
             raise ValueError(f"model path {name!r} is a file; expected a model directory")
         return str(path)
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-
-        try:  # a hub id is fine when it is already cached; nothing is downloaded here
-            return snapshot_download(name, local_files_only=True)
-        except Exception as e:
-            if os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true", "True"):
-                raise ValueError(
-                    f"unknown model {name!r}: not a local directory, and not in the Hugging Face "
-                    f"cache (offline mode)"
-                ) from e
-            return name  # online: from_pretrained downloads it
+        return _resolve_hub_id(name)
     raise ValueError(
         f"unknown model {name!r}: not one of {', '.join(TINY_NAMES)}, not a local directory, "
         f"and not a hub id (owner/name)"
     )
+
+
+def _resolve_hub_id(name: str) -> str:
+    """A hub id: its cached snapshot if there is one; else, online, the id itself once the hub
+    confirms the repository exists (one quick request, so that a typo fails fast)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ValueError(f"unknown model {name!r}: not in the Hugging Face cache (offline mode)")
+    try:
+        HfApi().model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise ValueError(
+            f"unknown model {name!r}: no such repository on the Hugging Face hub"
+        ) from None
+    except Exception as e:
+        raise ValueError(
+            f"model {name!r} is not in the Hugging Face cache and the hub is unreachable "
+            f"({type(e).__name__})"
+        ) from None
+    return name  # from_pretrained downloads it

@@ -62,3 +62,19 @@ class ScriptedChat(BaseChatModel):
             raise answer
         content = answer if isinstance(answer, str) else json.dumps(answer)
         return ChatResult(generations=[ChatGeneration(message=AIMessage(content=content))])
+
+
+class FlakyChat(ScriptedChat):
+    """Raises ConnectionError on its `fail_on`-th call while `marker` exists, removing the
+    marker: a server that dies once mid-run (for the CLI, which builds models from config)."""
+
+    marker: str
+    fail_on: int = 5
+
+    def _generate(self, messages, stop=None, run_manager=None, **kw) -> ChatResult:
+        import os
+
+        if len(self.calls) + 1 >= self.fail_on and os.path.exists(self.marker):
+            os.remove(self.marker)
+            raise ConnectionError("connection refused by the chat server")
+        return super()._generate(messages, stop, run_manager, **kw)

@@ -12,9 +12,8 @@ from artloop import agents
 from artloop.agents.schemas import Critique, EditPlan, EnhancedPrompt, ImageFacts, Verdict
 from artloop.models.inprocess import ChatQwen2VLLocal
 from artloop.tools.image_facts import measure
+from fakes import DEFAULTS
 from PIL import Image
-
-from tests.fakes import DEFAULTS
 
 CALLS = 20
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "portrait of an old sailor",

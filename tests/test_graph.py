@@ -8,8 +8,7 @@ from artloop.config import ChatConfig, DiffusionConfig, LoopConfig
 from artloop.graphs.context import RefineContext
 from artloop.graphs.runner import open_checkpointer, run_session
 from artloop.tools.store import TrajectoryStore
-
-from tests.fakes import DEFAULTS, ScriptedChat
+from fakes import DEFAULTS, ScriptedChat
 
 AGENTS = {"enhance", "data_cot", "concept_cot", "thesis_cot", "validate"}
 

@@ -12,10 +12,9 @@ from artloop.models.structured import (
     parse_output,
     schema_instructions,
 )
+from fakes import DEFAULTS, ScriptedChat
 from langchain_core.messages import HumanMessage
 from pydantic import ValidationError
-
-from tests.fakes import DEFAULTS, ScriptedChat
 
 GOOD = DEFAULTS["Verdict"]
 
