@@ -174,8 +174,11 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
         **ctx.agent_kwargs(),
     )
     verdict: Verdict = result.output
-    step = _agent(step, "validate", result)["step"] | {"score": verdict.score,
-                                                     "verdict": verdict.verdict}  # fmt: skip
+    # A rejected edit made things worse: the iteration's result is the image before it.
+    result_image = step["image"] if verdict.verdict == "reject" else step["edited_image"]
+    step = _agent(step, "validate", result)["step"] | {
+        "score": verdict.score, "verdict": verdict.verdict, "result_image": result_image,
+    }  # fmt: skip
     i, scores = step["iteration"], [*state.get("scores", []), verdict.score]
     best_score = state.get("best_score")
     improved = best_score is None or verdict.score > best_score
@@ -198,7 +201,7 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
         "step": step, "scores": scores, "status": status, "iteration": i + 1,
         "current_prompt": plan.revised_prompt, "feedback": verdict.reasons,
         "params": {**state["params"], **changes},
-        "best_image": step["edited_image"] if improved else state.get("best_image"),
+        "best_image": result_image if improved else state.get("best_image"),
         "best_score": verdict.score if improved else best_score,
     }  # fmt: skip
 

@@ -53,6 +53,15 @@ def test_max_iters_gives_up_with_the_best_image(store, sd_tool):
     assert run["final_image"] == run["steps"][1]["edited_image"]
 
 
+def test_a_rejected_edit_keeps_the_image_before_it(store, sd_tool):
+    chat = ScriptedChat(scripts={"Verdict": [verdict("reject", 3.0), verdict("revise", 2.0)]})
+    summary = run_session(make_ctx(store, sd_tool, chat, max_iters=2), prompt="a fox")
+    run = store.get_run(summary.run_id)
+    first = run["steps"][0]
+    assert first["result_image"] == first["image"] != first["edited_image"]
+    assert run["final_image"] == first["image"] and run["best_score"] == 3.0
+
+
 def test_plateau_stops_early(store, sd_tool):
     chat = ScriptedChat(scripts={"Verdict": [verdict("revise", 5.0), verdict("revise", 5.1),
                                              verdict("revise", 5.2)]})  # fmt: skip
