@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -15,10 +16,12 @@ from rich.table import Table
 
 app = typer.Typer(help="Improve text-to-image models with AI feedback.", no_args_is_help=True,
                   pretty_exceptions_enable=False)  # fmt: skip
+serve_app = typer.Typer(help="Servers: the vLLM server for the agents' VLM.", no_args_is_help=True)
 models_app = typer.Typer(
     help="The tiny offline models (the embedded default).", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
+app.add_typer(serve_app, name="serve")
 err = Console(stderr=True, highlight=False)
 
 HomeOpt = Annotated[
@@ -96,7 +99,7 @@ def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quie
     from artloop.graphs.context import build_context
     from artloop.graphs.runner import run_session
     from artloop.models.chat import check_chat_model
-    from artloop.models.structured import StructuredOutputError
+    from artloop.models.structured import ChatServerError, StructuredOutputError
     from artloop.tools.diffusion import DiffusionError
     from artloop.tools.report import write_report
     from artloop.tools.store import new_run_id
@@ -113,7 +116,7 @@ def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quie
     try:
         summary = run_session(ctx, prompt=prompt, run_id=run_id, config=cfg.public_dict(),
                               on_update=progress)  # fmt: skip
-    except (StructuredOutputError, DiffusionError) as e:
+    except (StructuredOutputError, ChatServerError, DiffusionError) as e:
         fail(f"{e} (the run is saved; continue with: artloop resume {run_id})", code=1)
     except ValueError as e:  # unknown run, nothing left to resume
         fail(str(e))
@@ -222,6 +225,64 @@ def list_runs(home: HomeOpt = None, config: ConfigOpt = None, limit: int = 20) -
         best = "" if r["best_score"] is None else f"{r['best_score']:.2f}"
         table.add_row(r["run_id"], r["status"], str(r["iterations"]), best, r["prompt"][:60])
     Console().print(table)
+
+
+@serve_app.command(
+    "vlm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def serve_vlm(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None, typer.Option(help="Model id or path; tiny-qwen2vl for CPU")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length")] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="GPUs per model")] = None,
+    max_image_pixels: Annotated[int | None, typer.Option(help="Cap image tokens")] = None,
+    enforce_eager: Annotated[
+        bool | None, typer.Option(help="No CUDA graphs (CPU needs it)")
+    ] = None,
+    vllm: Annotated[str | None, typer.Option(help="The vllm executable")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a vLLM server for the agents until Ctrl-C. Flags after `--` go to `vllm serve`."""
+    from artloop.serve.vlm import ServerError, VLMServer
+
+    cfg = _config(config, {
+        "serve.model": model, "serve.host": host, "serve.port": port, "serve.dtype": dtype,
+        "serve.max_model_len": max_model_len, "serve.tensor_parallel_size": tensor_parallel_size,
+        "serve.max_image_pixels": max_image_pixels, "serve.enforce_eager": enforce_eager,
+        "serve.vllm": vllm,
+    }).serve  # fmt: skip
+    if ctx.args:
+        cfg = cfg.model_copy(update={"extra_args": [*cfg.extra_args, *ctx.args]})
+    server = VLMServer(cfg)
+    # Ctrl-C and SIGTERM both stop the server cleanly (SIGINT may arrive ignored when started
+    # in the background by a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    err.print(f"starting vLLM for {cfg.model} (log: {server.log_path})")
+    try:
+        server.start()
+    except (ServerError, ValueError) as e:
+        fail(str(e), code=1)
+    except KeyboardInterrupt:
+        server.stop()
+        fail("interrupted while vLLM was starting", code=130)
+    name = cfg.served_model_name or cfg.model
+    err.print(f"vLLM is serving [bold]{name}[/] at [bold]{server.base_url}[/]")
+    err.print(f"  agents use it with: --chat-backend openai --base-url {server.base_url} "
+              f"--chat-model {name}   (Ctrl-C stops it)")  # fmt: skip
+    try:
+        status = server.wait()
+    except KeyboardInterrupt:
+        err.print("stopping vLLM ...")
+        server.stop()
+        err.print("stopped")
+        return
+    fail(f"vLLM exited with status {status}; last log lines:\n{server.tail()}", code=1)
 
 
 @models_app.command("list")

@@ -40,10 +40,13 @@ class ChatConfig(_Section):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_new_tokens: int = Field(1024, ge=16, le=16384)
     timeout_s: float = Field(120.0, gt=0, description="Per request, for servers")
-    max_retries: int = Field(3, ge=0, le=20, description="Transport retries, for servers")
+    max_retries: int = Field(3, ge=0, le=20, description="Retries after a connection error, "
+                             "a 5xx or a timeout")  # fmt: skip
+    retry_backoff_s: float = Field(1.0, ge=0.0, le=60.0, description="First retry wait; doubles")
     structured_attempts: int = Field(3, ge=1, le=10, description="Calls per agent step when "
                                      "the answer is invalid (repair + retry)")  # fmt: skip
     image_max_side: int = Field(768, ge=64, le=4096, description="Images sent are resized")
+    image_format: Literal["png", "jpeg"] = Field("png", description="How images are sent")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -70,6 +73,36 @@ class LoopConfig(_Section):
     plateau_min_delta: float = Field(0.25, ge=0.0, le=10.0, description="What counts as better")
 
 
+class ServeConfig(_Section):
+    """`artloop serve vlm`: a vLLM server for Qwen2-VL (vLLM lives in its own environment)."""
+
+    model: str = Field(
+        "Qwen/Qwen2-VL-7B-Instruct", description="Model id or path (or tiny-qwen2vl)"
+    )
+    served_model_name: str | None = Field(None, description="Name clients use; default: model")
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise")
+    port: int = Field(8000, ge=1, le=65535)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = Field(8192, ge=256, le=1_048_576)
+    max_images_per_prompt: int = Field(1, ge=0, le=16, description="--limit-mm-per-prompt image")
+    max_image_pixels: int | None = Field(
+        None, ge=3136, description="Cap image tokens (mm_processor_kwargs max_pixels)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    structured_outputs_backend: Literal["auto", "guidance", "xgrammar", "outlines"] = Field(
+        "guidance", description="guidance: xgrammar lets control characters into bounded strings"
+    )
+    compact_json: bool = Field(True, description="No whitespace between JSON tokens: a model "
+                               "(a random one surely) can otherwise emit it without end")  # fmt: skip
+    enforce_eager: bool = Field(False, description="No CUDA graphs / compilation (needed on CPU)")
+    api_key: SecretStr | None = Field(None, description="Clients must send it; required for "
+                                      "a non-loopback host (env ARTLOOP_SERVE__API_KEY)")  # fmt: skip
+    vllm: str = Field("vllm", description="The vllm executable: a path, or a name on PATH")
+    extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables")
+    startup_timeout_s: float = Field(900.0, gt=0, description="Wait this long for /health")
+
+
 def default_home() -> Path:
     return Path.home() / ".artloop"
 
@@ -88,6 +121,7 @@ class ArtloopConfig(BaseSettings):
     chat: ChatConfig = Field(default_factory=ChatConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import TypeVar
 
 from artloop.models.images import image_part
-from artloop.models.structured import Structured, invoke_structured, schema_instructions
+from artloop.models.structured import (
+    CallPolicy,
+    Structured,
+    invoke_structured,
+    schema_instructions,
+)
 from artloop.prompts import render
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import HumanMessage, SystemMessage
@@ -22,14 +27,13 @@ def ask(
     role: str,
     schema: type[T],
     image: Image.Image | None = None,
-    attempts: int = 3,
-    image_max_side: int = 768,
+    policy: CallPolicy = CallPolicy(),
     **variables,
 ) -> Structured[T]:
     """Render prompts/<agent>.jinja, attach the image, and get a validated `schema` answer."""
     user_text = render(agent, **variables) + "\n\n" + schema_instructions(schema)
     content: list = [{"type": "text", "text": user_text}]
     if image is not None:
-        content.insert(0, image_part(image, max_side=image_max_side))
+        content.insert(0, image_part(image, policy.image_max_side, policy.image_format))
     messages = [SystemMessage(content=render("system", role=role)), HumanMessage(content=content)]
-    return invoke_structured(model, messages, schema, agent=agent, max_attempts=attempts)
+    return invoke_structured(model, messages, schema, agent=agent, policy=policy)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from artloop.agents.base import ask
 from artloop.agents.schemas import Critique, ImageFacts
-from artloop.models.structured import Structured
+from artloop.models.structured import CallPolicy, Structured
 from artloop.prompts import aesthetics_checklist, artifact_taxonomy
 from langchain_core.language_models.chat_models import BaseChatModel
 from PIL import Image
@@ -18,13 +18,12 @@ def concept_cot(
     facts: ImageFacts,
     stats: dict[str, float],
     *,
-    attempts: int = 3,
-    image_max_side: int = 768,
+    policy: CallPolicy = CallPolicy(),
 ) -> Structured[Critique]:
     """What is wrong with `image`, how badly and where."""
     return ask(
         model, agent="concept_cot", role="Concept-CoT, the critic", schema=Critique,
-        image=image, attempts=attempts, image_max_side=image_max_side, prompt=prompt,
+        image=image, policy=policy, prompt=prompt,
         facts=facts.model_dump(), stats=stats, checklist=aesthetics_checklist(),
         taxonomy=artifact_taxonomy(),
     )  # fmt: skip

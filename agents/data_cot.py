@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from artloop.agents.base import ask
 from artloop.agents.schemas import ImageFacts
-from artloop.models.structured import Structured
+from artloop.models.structured import CallPolicy, Structured
 from langchain_core.language_models.chat_models import BaseChatModel
 from PIL import Image
 
@@ -15,11 +15,10 @@ def data_cot(
     prompt: str,
     stats: dict[str, float],
     *,
-    attempts: int = 3,
-    image_max_side: int = 768,
+    policy: CallPolicy = CallPolicy(),
 ) -> Structured[ImageFacts]:
     """Describe `image` (generated from `prompt`) with grounded objects; no judgement yet."""
     return ask(
         model, agent="data_cot", role="Data-CoT, the fact gatherer", schema=ImageFacts,
-        image=image, attempts=attempts, image_max_side=image_max_side, prompt=prompt, stats=stats,
+        image=image, policy=policy, prompt=prompt, stats=stats,
     )  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from artloop.agents.base import ask
 from artloop.agents.schemas import EnhancedPrompt
-from artloop.models.structured import Structured
+from artloop.models.structured import CallPolicy, Structured
 from langchain_core.language_models.chat_models import BaseChatModel
 
 
@@ -14,12 +14,12 @@ def enhance(
     *,
     previous_prompt: str | None = None,
     feedback: list[str] | None = None,
-    attempts: int = 3,
+    policy: CallPolicy = CallPolicy(),
 ) -> Structured[EnhancedPrompt]:
     """First iteration: expand `prompt`. Later ones: rework `previous_prompt` (the last edit
     plan's revised prompt) so that it addresses the validator's `feedback`."""
     return ask(
         model, agent="enhance", role="the prompt enhancer", schema=EnhancedPrompt,
-        attempts=attempts, prompt=prompt, previous_prompt=previous_prompt,
+        policy=policy, prompt=prompt, previous_prompt=previous_prompt,
         feedback=feedback or [],
     )  # fmt: skip

@@ -6,7 +6,7 @@ from typing import Any
 
 from artloop.agents.base import ask
 from artloop.agents.schemas import Critique, EditPlan
-from artloop.models.structured import Structured
+from artloop.models.structured import CallPolicy, Structured
 from langchain_core.language_models.chat_models import BaseChatModel
 from PIL import Image
 
@@ -19,12 +19,11 @@ def thesis_cot(
     params: dict[str, Any],
     critique: Critique,
     *,
-    attempts: int = 3,
-    image_max_side: int = 768,
+    policy: CallPolicy = CallPolicy(),
 ) -> Structured[EditPlan]:
     """Turn `critique` into concrete edits of `image`."""
     return ask(
         model, agent="thesis_cot", role="Thesis-CoT, the planner", schema=EditPlan,
-        image=image, attempts=attempts, image_max_side=image_max_side, prompt=prompt,
+        image=image, policy=policy, prompt=prompt,
         current_prompt=current_prompt, params=params, critique=critique.model_dump(),
     )  # fmt: skip

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from artloop.agents.base import ask
 from artloop.agents.schemas import EditPlan, Verdict
-from artloop.models.structured import Structured
+from artloop.models.structured import CallPolicy, Structured
 from langchain_core.language_models.chat_models import BaseChatModel
 from PIL import Image
 
@@ -28,13 +30,13 @@ def validate(
     stats_before: dict[str, float],
     stats_after: dict[str, float],
     *,
-    attempts: int = 3,
-    image_max_side: int = 768,
+    policy: CallPolicy = CallPolicy(),
 ) -> Structured[Verdict]:
     """Judge `after` (the edited image) against `prompt` and against `before`."""
     return ask(
         model, agent="validate", role="the validator", schema=Verdict,
-        image=side_by_side(before, after), attempts=attempts,
-        image_max_side=2 * image_max_side, prompt=prompt, plan=plan.model_dump(),
+        image=side_by_side(before, after), prompt=prompt, plan=plan.model_dump(),
+        # Two images side by side: twice the width keeps each at the usual resolution.
+        policy=replace(policy, image_max_side=2 * policy.image_max_side),
         stats_before=stats_before, stats_after=stats_after,
     )  # fmt: skip

@@ -11,6 +11,7 @@ from functools import cache
 
 from artloop.config import ArtloopConfig, ChatConfig, DiffusionConfig, LoopConfig, load_config
 from artloop.models.chat import build_chat_model, chat_identity
+from artloop.models.structured import CallPolicy
 from artloop.tools.diffusion import DiffusionTool
 from artloop.tools.store import TrajectoryStore
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -25,11 +26,15 @@ class RefineContext:
     chat_config: ChatConfig = field(default_factory=ChatConfig)
     diffusion_config: DiffusionConfig = field(default_factory=DiffusionConfig)
 
-    def agent_kwargs(self, image: bool = True) -> dict:
-        kw = {"attempts": self.chat_config.structured_attempts}
-        if image:
-            kw["image_max_side"] = self.chat_config.image_max_side
-        return kw
+    @property
+    def policy(self) -> CallPolicy:
+        """How agent calls are made (repair attempts, transport retries, image encoding)."""
+        c = self.chat_config
+        return CallPolicy(
+            attempts=c.structured_attempts, transport_retries=c.max_retries,
+            backoff_s=c.retry_backoff_s, image_max_side=c.image_max_side,
+            image_format=c.image_format,
+        )  # fmt: skip
 
     def models(self) -> dict:
         """Model identities, stored with every trajectory."""

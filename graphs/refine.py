@@ -79,7 +79,7 @@ def enhance(state: RefineState, ctx: RefineContext) -> dict:
     first = state.get("iteration", 0) == 0
     result = agents.enhance(
         ctx.chat, state["prompt"], previous_prompt=None if first else state.get("current_prompt"),
-        feedback=None if first else state.get("feedback"), **ctx.agent_kwargs(image=False),
+        feedback=None if first else state.get("feedback"), policy=ctx.policy,
     )  # fmt: skip
     fresh = {"iteration": state.get("iteration", 0), "prompt": result.output.prompt,
              "negative_prompt": result.output.negative_prompt, "decided_by": "agent"}  # fmt: skip
@@ -100,7 +100,7 @@ def data_cot(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
     image = ctx.store.images.get(step["image"])
     result = agents.data_cot(ctx.chat, image, step["prompt"], step["stats"]["image"],
-                             **ctx.agent_kwargs())  # fmt: skip
+                             policy=ctx.policy)  # fmt: skip
     return _agent(step, "data_cot", result)
 
 
@@ -110,7 +110,7 @@ def concept_cot(state: RefineState, ctx: RefineContext) -> dict:
     image = ctx.store.images.get(step["image"])
     facts = ImageFacts.model_validate(step["agents"]["data_cot"])
     result = agents.concept_cot(ctx.chat, image, state["prompt"], facts, step["stats"]["image"],
-                                **ctx.agent_kwargs())  # fmt: skip
+                                policy=ctx.policy)  # fmt: skip
     return _agent(step, "concept_cot", result)
 
 
@@ -120,7 +120,7 @@ def thesis_cot(state: RefineState, ctx: RefineContext) -> dict:
     image = ctx.store.images.get(step["image"])
     critique = Critique.model_validate(step["agents"]["concept_cot"])
     result = agents.thesis_cot(ctx.chat, image, state["prompt"], step["prompt"], state["params"],
-                               critique, **ctx.agent_kwargs())  # fmt: skip
+                               critique, policy=ctx.policy)  # fmt: skip
     return _agent(step, "thesis_cot", result)
 
 
@@ -171,7 +171,7 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
         plan,
         step["stats"]["image"],
         step["stats"]["edited"],
-        **ctx.agent_kwargs(),
+        policy=ctx.policy,
     )
     verdict: Verdict = result.output
     # A rejected edit made things worse: the iteration's result is the image before it.

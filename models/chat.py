@@ -28,7 +28,7 @@ def build_chat_model(cfg: ChatConfig) -> BaseChatModel:
         return ChatOpenAI(
             base_url=cfg.base_url, api_key=cfg.api_key, model=cfg.model,
             temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, timeout=cfg.timeout_s,
-            max_retries=cfg.max_retries,
+            max_retries=0,  # retries are artloop's (tenacity, CallPolicy), with one clear error
         )  # fmt: skip
     if not cfg.custom_class or ":" not in cfg.custom_class:
         raise ConfigError("chat.custom_class: expected 'package.module:ClassName'")

@@ -15,7 +15,13 @@ from typing import Generic, TypeVar
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from pydantic import BaseModel, ValidationError
-from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -30,6 +36,70 @@ class InvalidOutput(ValueError):
 
 class StructuredOutputError(RuntimeError):
     """Every attempt gave invalid output: the step fails visibly, naming agent and backend."""
+
+
+class ChatServerError(ConnectionError):
+    """The chat server stayed unreachable (or kept failing) through every retry."""
+
+
+@dataclass(frozen=True)
+class CallPolicy:
+    """How an agent call is made: repair attempts, transport retries, image encoding."""
+
+    attempts: int = 3  # calls in all when answers are invalid (repair + retry)
+    transport_retries: int = 3  # more tries after a connection error, a 5xx or a timeout
+    backoff_s: float = 1.0  # the first wait before a transport retry; doubles, at most 30 s
+    image_max_side: int = 768  # images are downscaled to this before they are sent
+    image_format: str = "png"
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors worth retrying: the server may be back (or less busy) in a moment."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import httpx
+        import openai
+
+        errors += [openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError,
+                   httpx.TransportError]  # fmt: skip
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _length_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import openai
+
+        return (openai.LengthFinishReasonError,)  # langchain-openai's json_schema mode raises it
+    except ImportError:
+        return ()
+
+
+def endpoint(model: BaseChatModel) -> str:
+    """Where a chat model's requests go, for error messages."""
+    return str(getattr(model, "openai_api_base", None) or backend_name(model))
+
+
+def call_with_retries(runnable, messages: list[BaseMessage], model: BaseChatModel,
+                      policy: CallPolicy):  # fmt: skip
+    """`runnable.invoke(messages)`, retried with exponential backoff on transient errors;
+    then ChatServerError naming the server and the cause."""
+    try:
+        for try_ in Retrying(
+            stop=stop_after_attempt(1 + policy.transport_retries),
+            wait=wait_exponential(multiplier=policy.backoff_s, max=30),
+            retry=retry_if_exception_type(transient_errors()),
+            reraise=False,
+        ):
+            with try_:
+                return runnable.invoke(messages)
+    except RetryError as e:
+        cause = e.last_attempt.exception()
+        raise ChatServerError(
+            f"chat server {endpoint(model)} failed {1 + policy.transport_retries} times; "
+            f"last error: {type(cause).__name__}: {cause}"
+        ) from cause
 
 
 @dataclass
@@ -95,10 +165,11 @@ def invoke_structured(
     schema_cls: type[T],
     *,
     agent: str,
-    max_attempts: int = 3,
+    policy: CallPolicy = CallPolicy(),
 ) -> Structured[T]:
     """Call `model` for a `schema_cls` answer; on invalid output, show the model its error and
-    retry (at most `max_attempts` calls in all). Raises StructuredOutputError after the last."""
+    retry (at most `policy.attempts` calls in all). Raises StructuredOutputError after the
+    last, ChatServerError when the server stays unreachable."""
     runnable = bind_schema(model, schema_cls)
     backend = backend_name(model)
     history = list(messages)
@@ -107,15 +178,18 @@ def invoke_structured(
 
     def attempt() -> T:
         nonlocal failures
-        raw = runnable.invoke(history).content
-        raw = raw if isinstance(raw, str) else json.dumps(raw)
         try:
+            try:
+                raw = call_with_retries(runnable, history, model, policy).content
+            except _length_errors() as e:  # the answer ran into max_tokens
+                raise InvalidOutput("answer cut off at the token limit", "") from e
+            raw = raw if isinstance(raw, str) else json.dumps(raw)
             return parse_output(raw, schema_cls)
         except InvalidOutput as e:
             failures += 1
             # Repair: the next attempt sees its own answer and what was wrong with it.
             history.extend([
-                AIMessage(content=raw[:2000]),
+                AIMessage(content=e.raw[:2000] or "(no answer)"),
                 HumanMessage(content=f"That answer is invalid ({e}). Reply again with only a "
                                      f"JSON object that matches the schema."),
             ])  # fmt: skip
@@ -123,7 +197,7 @@ def invoke_structured(
 
     try:
         for try_ in Retrying(
-            stop=stop_after_attempt(max_attempts),
+            stop=stop_after_attempt(policy.attempts),
             retry=retry_if_exception_type(InvalidOutput),
             reraise=False,
         ):
@@ -133,6 +207,6 @@ def invoke_structured(
         last = e.last_attempt.exception()
         raise StructuredOutputError(
             f"{agent}: no valid {schema_cls.__name__} from the {backend} backend after "
-            f"{max_attempts} attempts; last error: {last}"
+            f"{policy.attempts} attempts; last error: {last}"
         ) from last
     return Structured(output, backend, failures, time.perf_counter() - start)

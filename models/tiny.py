@@ -51,7 +51,7 @@ def build_cached(name: str, config: dict, build: Callable[[dict, Path], None]) -
 class TinyModel:
     name: str
     kind: str  # "vlm" | "diffusion"
-    family: str  # "qwen2vl" | "sd" | "flux"
+    family: str  # "qwen2vl" | "sd" | "sdxl" | "flux"
     description: str
     build: Callable[[], Path]
 
@@ -75,6 +75,13 @@ def _registry() -> dict[str, TinyModel]:
             "StableDiffusionPipeline: UNet (32, 64), CLIP text 32, 4-block VAE, DDIM",
             tiny_diffusion.build_tiny_sd,
         ),
+        "tiny-sdxl": TinyModel(
+            "tiny-sdxl",
+            "diffusion",
+            "sdxl",
+            "StableDiffusionXLPipeline: UNet (32, 64) text_time, 2 CLIP texts 32, 4-block VAE, Euler",
+            tiny_diffusion.build_tiny_sdxl,
+        ),
         "tiny-flux": TinyModel(
             "tiny-flux",
             "diffusion",
@@ -85,7 +92,7 @@ def _registry() -> dict[str, TinyModel]:
     }
 
 
-TINY_NAMES = ("tiny-qwen2vl", "tiny-sd", "tiny-flux")
+TINY_NAMES = ("tiny-qwen2vl", "tiny-sd", "tiny-sdxl", "tiny-flux")
 
 
 def tiny_models() -> dict[str, TinyModel]:

@@ -1,4 +1,4 @@
-"""Tiny random-weight Stable Diffusion 1.5 and FLUX.1 pipelines, built offline from configs.
+"""Tiny random-weight Stable Diffusion 1.5, SDXL and FLUX.1 pipelines, built offline from configs.
 
 Same classes as the real models (so `from_pretrained` and the pipelines' code paths are the real
 ones), a few MB each, fast on a CPU. Tokenizers are trained here on an embedded corpus: nothing
@@ -117,14 +117,32 @@ def _t5_tokenizer(vocab_size: int, model_max_length: int):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
-def _clip_text_encoder(cfg: dict):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip_text_encoder(cfg: dict, projection: bool = False):
+    """CLIPTextModel, or with `projection` CLIPTextModelWithProjection (SDXL's second encoder,
+    whose projected pooled output conditions the UNet)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel(CLIPTextConfig(**cfg))
+    model = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return model(CLIPTextConfig(**cfg))
 
 
 # The cache key hashes these configs only: bump "builder" when the code here changes what it
 # builds (the tokenizer corpus, say), so that stale cached models are not reused.
+
+# Four blocks: an 8x downscale like the real SD VAE (a 2-block one is ~10x slower at 512px).
+_SD_VAE: dict = {
+    "sample_size": 256,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [16, 32, 32, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "scaling_factor": 0.18215,
+}
+
 SD_CONFIG: dict = {
     "builder": 1,
     "seed": 0,
@@ -154,19 +172,7 @@ SD_CONFIG: dict = {
         "attention_head_dim": 8,
         "norm_num_groups": 32,
     },
-    # Four blocks: an 8x downscale like the real SD VAE (a 2-block one is ~10x slower at 512px).
-    "vae": {
-        "sample_size": 256,
-        "in_channels": 3,
-        "out_channels": 3,
-        "latent_channels": 4,
-        "block_out_channels": [16, 32, 32, 32],
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "layers_per_block": 1,
-        "norm_num_groups": 16,
-        "scaling_factor": 0.18215,
-    },
+    "vae": _SD_VAE,
     "scheduler": {  # Stable Diffusion 1.5's DDIM settings
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,
@@ -177,6 +183,43 @@ SD_CONFIG: dict = {
         "steps_offset": 1,
         "prediction_type": "epsilon",
     },
+}
+
+# SDXL: two CLIP encoders whose penultimate hidden states are concatenated for cross-attention,
+# and the UNet's "text_time" added conditioning: text_encoder_2's projected pooled embedding
+# plus six Fourier-embedded size numbers (original size, crop corner, target size).
+_SDXL_TEXT_2 = {**SD_CONFIG["text_encoder"], "hidden_act": "gelu", "projection_dim": 32}
+_SDXL_TIME_DIM = 8
+SDXL_CONFIG: dict = {
+    "builder": 1,
+    "seed": 0,
+    "tokenizer": SD_CONFIG["tokenizer"],
+    "tokenizer_2": SD_CONFIG["tokenizer"],
+    "text_encoder": SD_CONFIG["text_encoder"],
+    "text_encoder_2": _SDXL_TEXT_2,
+    "unet": {
+        **SD_CONFIG["unet"],
+        "cross_attention_dim": SD_CONFIG["text_encoder"]["hidden_size"]
+        + _SDXL_TEXT_2["hidden_size"],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": _SDXL_TIME_DIM,
+        "projection_class_embeddings_input_dim": _SDXL_TEXT_2["projection_dim"]
+        + 6 * _SDXL_TIME_DIM,
+    },
+    "vae": {**_SD_VAE, "scaling_factor": 0.13025},  # SDXL's VAE scaling
+    "scheduler": {  # SDXL base 1.0's Euler settings
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+    },
+    "force_zeros_for_empty_prompt": True,  # as SDXL base: no negative prompt -> zero embeddings
 }
 
 FLUX_CONFIG: dict = {
@@ -238,25 +281,44 @@ FLUX_CONFIG: dict = {
 }
 
 
-def _build_sd(config: dict, out_dir: Path) -> None:
+def _sd_components(config: dict) -> dict:
+    """The seeded VAE, first CLIP encoder + tokenizer and UNet shared by SD and SDXL (made in
+    this order, so that SD's weights stay those it always had)."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(config["seed"])
+    return {
+        "vae": AutoencoderKL(**config["vae"]),
+        "text_encoder": _clip_text_encoder(config["text_encoder"]),
+        "tokenizer": _clip_tokenizer(**config["tokenizer"]),
+        "unet": UNet2DConditionModel(**config["unet"]),
+    }
+
+
+def _build_sd(config: dict, out_dir: Path) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**config["vae"]),
-        text_encoder=_clip_text_encoder(config["text_encoder"]),
-        tokenizer=_clip_tokenizer(**config["tokenizer"]),
-        unet=UNet2DConditionModel(**config["unet"]),
+        **_sd_components(config),
         scheduler=DDIMScheduler(**config["scheduler"]),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+def _build_sdxl(config: dict, out_dir: Path) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        **_sd_components(config),
+        text_encoder_2=_clip_text_encoder(config["text_encoder_2"], projection=True),
+        tokenizer_2=_clip_tokenizer(**config["tokenizer_2"]),
+        scheduler=EulerDiscreteScheduler(**config["scheduler"]),
+        force_zeros_for_empty_prompt=config["force_zeros_for_empty_prompt"],
+        add_watermarker=False,  # not saved: loading decides, as for the real model
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
 
@@ -287,6 +349,11 @@ def _build_flux(config: dict, out_dir: Path) -> None:
 def build_tiny_sd() -> Path:
     """The tiny SD 1.5 pipeline directory (built on first use, then cached)."""
     return build_cached("tiny-sd", SD_CONFIG, _build_sd)
+
+
+def build_tiny_sdxl() -> Path:
+    """The tiny SDXL pipeline directory (built on first use, then cached)."""
+    return build_cached("tiny-sdxl", SDXL_CONFIG, _build_sdxl)
 
 
 def build_tiny_flux() -> Path:

@@ -47,6 +47,7 @@ CONFIG = {
     "min_pixels": 56 * 56,
     "max_pixels": 28 * 28 * 64,
     "seed": 0,
+    "builder": 2,  # bump when the builder's output changes: the cache key is this dict's hash
 }  # fmt: skip
 
 
@@ -152,6 +153,10 @@ def _build(config: dict, out: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg["processor_class"] = "Qwen2VLProcessor"
     cfg_path.write_text(json.dumps(cfg, indent=2))
+    # A real checkpoint also configures the video processor; vLLM's loader requires it.
+    video = {**cfg["image_processor"], "video_processor_type": "Qwen2VLVideoProcessor"}
+    video.pop("image_processor_type", None)
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
 
 
 def build_tiny_qwen2vl() -> Path:

@@ -65,16 +65,21 @@ class ScriptedChat(BaseChatModel):
 
 
 class FlakyChat(ScriptedChat):
-    """Raises ConnectionError on its `fail_on`-th call while `marker` exists, removing the
-    marker: a server that dies once mid-run (for the CLI, which builds models from config)."""
+    """From its `fail_on`-th call, raises ConnectionError `failures` times in a row while
+    `marker` exists, then removes the marker: a server that is down for a while mid-run (for
+    the CLI, which builds its chat model from config)."""
 
     marker: str
     fail_on: int = 5
+    failures: int = 2
+    _failed: int = PrivateAttr(default=0)
 
     def _generate(self, messages, stop=None, run_manager=None, **kw) -> ChatResult:
         import os
 
-        if len(self.calls) + 1 >= self.fail_on and os.path.exists(self.marker):
-            os.remove(self.marker)
+        if len(self.calls) + self._failed + 1 >= self.fail_on and os.path.exists(self.marker):
+            self._failed += 1
+            if self._failed >= self.failures:
+                os.remove(self.marker)
             raise ConnectionError("connection refused by the chat server")
         return super()._generate(messages, stop, run_manager, **kw)

@@ -159,13 +159,15 @@ def test_failed_run_resumes_from_the_cli(tmp_path):
     config = tmp_path / "flaky.toml"
     config.write_text(
         f'home = "{tmp_path / "home"}"\n[chat]\nbackend = "custom"\ncustom_class = "fakes:FlakyChat"\n'
-        f'[chat.custom_kwargs]\nmarker = "{marker}"\nfail_on = 7\n'
+        "max_retries = 1\nretry_backoff_s = 0\n"
+        f'[chat.custom_kwargs]\nmarker = "{marker}"\nfail_on = 7\nfailures = 2\n'
         '[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 2\nplateau_patience = 5\n'
     )  # fmt: skip
     runner = CliRunner()
     failed = runner.invoke(app, ["run", "a fox", "--config", str(config)])
     assert failed.exit_code == 1, failed.output
     err = " ".join(failed.stderr.split())
+    assert "chat server FlakyChat failed 2 times" in err
     assert "connection refused by the chat server" in err
     run_id = re.search(r"artloop resume ([0-9a-f]{16})", err).group(1)
     store = TrajectoryStore(tmp_path / "home")

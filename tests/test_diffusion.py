@@ -1,4 +1,4 @@
-"""The diffusion tool against the real tiny SD and FLUX pipelines (random weights, CPU)."""
+"""The diffusion tool against the real tiny SD, SDXL and FLUX pipelines (random weights, CPU)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from artloop.tools.diffusion import DiffusionError, DiffusionTool, GenParams, bo
 from artloop.tools.images import ImageStore
 
 SMALL = GenParams(width=128, height=128, num_inference_steps=4, seed=1)
+BASE = ("a red cat on a sofa", "blurry", SMALL)  # prompt, negative prompt, params
+UNET_MODELS = {"tiny-sd": "sd", "tiny-sdxl": "sdxl"}  # model -> its tool fixture and family
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,24 +38,37 @@ def sd(store) -> DiffusionTool:
 
 
 @pytest.fixture(scope="module")
+def sdxl(store) -> DiffusionTool:
+    return DiffusionTool("tiny-sdxl", store)
+
+
+@pytest.fixture(scope="module")
 def flux(store) -> DiffusionTool:
     return DiffusionTool("tiny-flux", store)
 
 
 @pytest.fixture(scope="module")
 def base(sd) -> str:
-    return sd.text_to_image("a red cat on a sofa", "blurry", SMALL)
+    return sd.text_to_image(*BASE)
+
+
+@pytest.fixture(scope="module", params=list(UNET_MODELS))
+def unet(request) -> tuple[DiffusionTool, str]:
+    """Each UNet family's tool (the `sd` / `sdxl` fixture) and its image of BASE."""
+    tool = request.getfixturevalue(UNET_MODELS[request.param])
+    return tool, tool.text_to_image(*BASE)
 
 
 def pixels(store: ImageStore, digest: str) -> np.ndarray:
     return np.asarray(store.get(digest), dtype=np.int16)
 
 
-def test_construction_loads_nothing(store):
-    tool = DiffusionTool("tiny-sd", store)
+@pytest.mark.parametrize(("model", "family"), UNET_MODELS.items())
+def test_construction_loads_nothing(store, model, family):
+    tool = DiffusionTool(model, store)
     assert tool._pipe is None
     ident = tool.identity  # reads model_index.json only
-    assert ident["model"] == "tiny-sd" and ident["family"] == "sd" and ident["dtype"] == "float32"
+    assert ident["model"] == model and ident["family"] == family and ident["dtype"] == "float32"
     assert tool._pipe is None
     json.dumps(ident)
 
@@ -62,13 +77,14 @@ def test_params_are_json_serialisable():
     assert json.loads(json.dumps(asdict(SMALL)))["width"] == 128
 
 
-def test_text_to_image_size_and_determinism(sd, store, base):
+def test_text_to_image_size_and_determinism(unet, store):
+    tool, base = unet
     assert len(base) == 64 and base in store
     assert store.get(base).size == (128, 128)
-    assert sd._pipe is not None
-    again = sd.text_to_image("a red cat on a sofa", "blurry", SMALL)
+    assert tool._pipe is not None
+    again = tool.text_to_image(*BASE)
     assert again == base
-    other_seed = sd.text_to_image("a red cat on a sofa", "blurry", GenParams(128, 128, seed=2))
+    other_seed = tool.text_to_image("a red cat on a sofa", "blurry", GenParams(128, 128, seed=2))
     assert other_seed != base
     image = store.get(base)
     assert np.asarray(image).std() > 0
@@ -81,19 +97,23 @@ def test_size_is_rounded_to_the_latent_grid(sd, flux, store):
     assert store.get(h).size == (96, 96)
 
 
-def test_image_to_image_changes_the_image(sd, store, base):
+def test_image_to_image_changes_the_image(unet, store):
+    tool, base = unet
     params = GenParams(width=128, height=128, seed=3)
-    out = sd.image_to_image(base, "a blue dog", "", params, strength=0.75)
+    out = tool.image_to_image(base, "a blue dog", "", params, strength=0.75)
     assert out != base
     assert store.get(out).size == (128, 128)
-    assert sd.image_to_image(base, "a blue dog", "", params, strength=0.75) == out
-    # img2img and inpaint reuse the text-to-image weights
-    assert sd._pipes["i2i"].unet is sd._pipe.unet
+    assert tool.image_to_image(base, "a blue dog", "", params, strength=0.75) == out
+    # img2img and inpaint reuse the text-to-image weights, in the family's own pipelines
+    assert tool._pipes["i2i"].unet is tool._pipe.unet
+    xl = tool.family == "sdxl"
+    assert type(tool._pipes["i2i"]).__name__.startswith("StableDiffusionXL") == xl
 
 
-def test_inpaint_changes_only_the_box(sd, store, base):
+def test_inpaint_changes_only_the_box(unet, store):
+    tool, base = unet
     box = (250, 250, 750, 750)  # the central 64x64 of 128x128
-    out = sd.inpaint(base, box, "a green bird", "", GenParams(128, 128, seed=4), strength=1.0)
+    out = tool.inpaint(base, box, "a green bird", "", GenParams(128, 128, seed=4), strength=1.0)
     assert out != base and store.get(out).size == (128, 128)
     before, after = pixels(store, base), pixels(store, out)
     changed = np.abs(before - after).sum(axis=2) > 0

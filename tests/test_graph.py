@@ -7,6 +7,7 @@ import pytest
 from artloop.config import ChatConfig, DiffusionConfig, LoopConfig
 from artloop.graphs.context import RefineContext
 from artloop.graphs.runner import open_checkpointer, run_session
+from artloop.models.structured import ChatServerError
 from artloop.tools.store import TrajectoryStore
 from fakes import DEFAULTS, ScriptedChat
 
@@ -21,7 +22,7 @@ def make_ctx(store: TrajectoryStore, sd_tool, chat, **loop) -> RefineContext:
     sd_tool.store = store.images
     return RefineContext(
         chat=chat, diffusion=sd_tool, store=store,
-        loop=LoopConfig(**{"max_iters": 3, **loop}), chat_config=ChatConfig(),
+        loop=LoopConfig(**{"max_iters": 3, **loop}), chat_config=ChatConfig(retry_backoff_s=0),
         diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
     )  # fmt: skip
 
@@ -122,7 +123,7 @@ def test_resume_after_a_fault_mid_run(store, sd_tool, fail_at):
     scripts[fail_at] = [DEFAULTS[fail_at] if fail_at != "Verdict" else verdict("revise", 5.0),
                         ConnectionError("server went away")]  # fmt: skip
     broken = ScriptedChat(scripts=scripts)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(ChatServerError, match="server went away"):
         run_session(make_ctx(store, sd_tool, broken), prompt="a fox", run_id="00000000000000aa")
     run = store.get_run("00000000000000aa")
     assert run["status"] == "failed" and "server went away" in run["error"]

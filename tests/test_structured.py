@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from artloop.agents.schemas import Critique, EditPlan, RegionalEdit, Verdict, normalise_box
 from artloop.models.structured import (
+    CallPolicy,
+    ChatServerError,
     InvalidOutput,
     StructuredOutputError,
     invoke_structured,
@@ -21,7 +23,8 @@ GOOD = DEFAULTS["Verdict"]
 
 def ask_verdict(chat, attempts=3):
     msgs = [HumanMessage(content="judge\n" + schema_instructions(Verdict))]
-    return invoke_structured(chat, msgs, Verdict, agent="validate", max_attempts=attempts)
+    policy = CallPolicy(attempts=attempts, transport_retries=2, backoff_s=0.0)
+    return invoke_structured(chat, msgs, Verdict, agent="validate", policy=policy)
 
 
 def test_valid_first_time():
@@ -60,6 +63,29 @@ def test_gives_up_visibly_after_the_last_attempt():
                        r"ScriptedChat backend after 2 attempts; last error: invalid Verdict"):  # fmt: skip
         ask_verdict(chat, attempts=2)
     assert len(chat.calls) == 2
+
+
+def test_transient_errors_are_retried():
+    chat = ScriptedChat(
+        scripts={"Verdict": [ConnectionError("refused"), TimeoutError("slow"), GOOD]}
+    )
+    result = ask_verdict(chat)
+    assert result.output.score == GOOD["score"] and result.failures == 0 and len(chat.calls) == 3
+
+
+def test_a_dead_server_fails_naming_it_and_the_cause():
+    chat = ScriptedChat(scripts={"Verdict": [ConnectionError("connection refused")]})
+    with pytest.raises(ChatServerError, match=r"chat server ScriptedChat failed 3 times; "
+                       r"last error: ConnectionError: connection refused"):  # fmt: skip
+        ask_verdict(chat)
+    assert len(chat.calls) == 3
+
+
+def test_other_errors_are_not_retried():
+    chat = ScriptedChat(scripts={"Verdict": [KeyError("bug")]})
+    with pytest.raises(KeyError):
+        ask_verdict(chat)
+    assert len(chat.calls) == 1
 
 
 def test_markdown_fenced_json_is_accepted():
