@@ -1,5 +1,5 @@
-"""The agents' output schemas. Every string and list is bounded, so constrained decoding always
-terminates and a real model's answer stays a sensible size.
+"""The agents' output schemas. Every string, list and number is bounded (numbers on a grid:
+`multiple_of`), so constrained decoding always terminates and an answer stays a sensible size.
 
 Boxes follow Qwen2-VL's convention: [x1, y1, x2, y2] normalised to 0-1000, top-left origin.
 They are clipped and ordered on the way in; a box with no area is rejected.
@@ -91,15 +91,16 @@ class Critique(_Out):
 class RegionalEdit(_Out):
     box: Box
     prompt: str = text(80, 1)
-    strength: float = Field(ge=0.1, le=1.0)
+    strength: float = Field(ge=0.1, le=1.0, multiple_of=0.05)
 
 
 class ParamChanges(_Out):
     """Generation parameters to change; null keeps the current value."""
 
-    guidance_scale: float | None = Field(None, ge=1.0, le=20.0)
+    guidance_scale: float | None = Field(None, ge=1.0, le=20.0, multiple_of=0.5)
     num_inference_steps: int | None = Field(None, ge=1, le=100)
-    strength: float | None = Field(None, ge=0.0, le=1.0)  # global img2img strength; 0 = none
+    # global img2img strength; 0 = none
+    strength: float | None = Field(None, ge=0.0, le=1.0, multiple_of=0.05)
 
 
 class EditPlan(_Out):
@@ -116,6 +117,6 @@ class Verdict(_Out):
     """Validator: the AFTER image judged against the prompt and against BEFORE."""
 
     verdict: Literal["accept", "revise", "reject"]
-    score: float = Field(ge=0.0, le=10.0)
+    score: float = Field(ge=0.0, le=10.0, multiple_of=0.1)
     better_than_before: bool
     reasons: list[Annotated[str, text(80, 1)]] = Field(min_length=1, max_length=3)

