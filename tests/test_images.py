@@ -6,9 +6,8 @@ import base64
 import io
 
 import pytest
-from PIL import Image
-
 from artloop.models.images import from_data_url, image_part, to_data_url
+from PIL import Image
 
 
 def decoded(url: str) -> Image.Image:
