@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from artloop.trainers.cli import train_app
 from rich.console import Console
 from rich.table import Table
 
@@ -22,6 +23,7 @@ models_app = typer.Typer(
 )
 app.add_typer(models_app, name="models")
 app.add_typer(serve_app, name="serve")
+app.add_typer(train_app, name="train")
 err = Console(stderr=True, highlight=False)
 
 HomeOpt = Annotated[
@@ -215,6 +217,42 @@ def show(
         out.print(f"  parse failures: {json.dumps(step.get('parse_failures', {}))}")
     if run.get("error"):
         out.print(f"\nerror: {run['error']}")
+
+
+@app.command()
+def export(
+    out_dir: Annotated[Path, typer.Argument(help="Output directory (outside the home)")],
+    fmt: Annotated[str, typer.Option("--format", help="sft | dpo | prompts | raw")],
+    accepted_only: Annotated[bool, typer.Option(help="Only runs the validator accepted")] = False,
+    min_gain: Annotated[
+        float | None, typer.Option(help="Best score minus first score, at least")
+    ] = None,
+    top_fraction: Annotated[
+        float | None, typer.Option(help="Keep this fraction of runs by gain (0-1]")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="Created at or after (ISO date)")] = None,
+    until: Annotated[str | None, typer.Option(help="Created before (ISO date)")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="Only this run (repeat)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT_DIR")] = False,
+    home: HomeOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export finished runs as a training dataset (Hugging Face parquet, imagefolder, jsonl)."""
+    from artloop.tools.export import ExportError, ExportFilters, export_dataset, parse_when
+
+    try:
+        filters = ExportFilters(
+            accepted_only=accepted_only, min_gain=min_gain, top_fraction=top_fraction,
+            since=parse_when(since), until=parse_when(until), run_ids=tuple(run or ()),
+        )  # fmt: skip
+        result = export_dataset(_store(home, config), out_dir, fmt, filters, overwrite=overwrite)
+    except ExportError as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"exported {result.rows} {fmt} row(s) from {result.runs_kept} run(s): {result.path}")
 
 
 @app.command("list")

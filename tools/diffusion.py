@@ -164,6 +164,12 @@ class DiffusionTool:
             return json.loads(meta.read_text()).get("config", {}).get("max_sequence_length")
         return None
 
+    @property
+    def pipeline(self) -> Any:
+        """The loaded text-to-image pipeline (loaded on first use); trainers start from it."""
+        self.setup()
+        return self._pipe
+
     def setup(self) -> None:
         """Load the weights once; later calls do nothing."""
         with self._lock:
