@@ -1,0 +1,397 @@
+"""Export finished trajectories as training datasets in the layouts outside tools read.
+
+- `sft`: (original prompt, best image) pairs, as a Hugging Face parquet dataset and as an
+  imagefolder (diffusers' `train_text_to_image_lora.py` reads either).
+- `dpo`: preference pairs in the Pick-a-Pic schema (diffusers' `diffusion_dpo` reads it).
+- `prompts`: the prompts alone (DDPO).
+- `raw`: every step record with the images it references.
+
+An export is built in a temporary directory beside OUT and renamed into place: a failure leaves
+neither OUT nor the temporary directory. Every export writes a dataset card (`README.md`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from artloop import __version__
+from artloop.tools.store import FINAL_STATUSES, StoreError, TrajectoryStore, check_run_id
+
+Format = Literal["sft", "dpo", "prompts", "raw"]
+FORMATS: tuple[str, ...] = get_args(Format)
+PARQUET = "data/train-00000-of-00001.parquet"  # the Hub's shard naming
+ROW_GROUP = 100  # rows per parquet row group: small groups for image rows, as the Hub does
+
+
+class ExportError(ValueError):
+    """An export cannot be made as asked (bad filter, bad target, nothing to export)."""
+
+
+@dataclass(frozen=True)
+class ExportFilters:
+    """Which finished runs to export. `since` is inclusive, `until` exclusive (naive = local)."""
+
+    accepted_only: bool = False
+    min_gain: float | None = None  # gain = best score - score of the first step
+    top_fraction: float | None = None  # keep this fraction of runs by gain (at least one)
+    since: datetime | None = None
+    until: datetime | None = None
+    run_ids: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        if self.min_gain is not None and not math.isfinite(self.min_gain):
+            raise ExportError(f"min_gain must be a finite number, not {self.min_gain}")
+        if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
+            raise ExportError(f"top_fraction must be in (0, 1], not {self.top_fraction}")
+        if self.since and self.until and _ts(self.since) >= _ts(self.until):
+            raise ExportError(f"since ({self.since}) is not before until ({self.until})")
+        for run_id in self.run_ids:
+            try:
+                check_run_id(run_id)
+            except StoreError as e:
+                raise ExportError(str(e)) from e
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self) | {"run_ids": list(self.run_ids)}
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in d.items()}
+
+    def describe(self) -> str:
+        parts = [
+            "status accepted" if self.accepted_only else f"status in {'|'.join(FINAL_STATUSES)}"
+        ]
+        if self.min_gain is not None:
+            parts.append(f"gain >= {self.min_gain:g}")
+        if self.top_fraction is not None:
+            parts.append(f"top {self.top_fraction:.4g} by gain")
+        if self.since:
+            parts.append(f"created since {self.since.isoformat()}")
+        if self.until:
+            parts.append(f"created before {self.until.isoformat()}")
+        if self.run_ids:
+            parts.append(f"run ids {', '.join(self.run_ids)}")
+        return ", ".join(parts)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    rows: int
+    runs_considered: int  # every run in the store
+    runs_kept: int  # the runs that matched the filters
+    filters: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"path": str(self.path)}
+
+
+def parse_when(text: str | None) -> datetime | None:
+    """An ISO date or date-time (`2025-01-31`, `2025-01-31T12:00:00+00:00`), or None."""
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise ExportError(
+            f"not an ISO date: {text!r} (e.g. 2025-01-31 or 2025-01-31T12:00)"
+        ) from None
+
+
+def _ts(when: datetime) -> float:
+    return when.timestamp()  # naive datetimes are local time, like time.time()
+
+
+def gain(run: dict[str, Any]) -> float:
+    """How much the loop improved on its first image (0 when unknown)."""
+    first = run["steps"][0].get("score") if run["steps"] else None
+    best = run.get("best_score")
+    return 0.0 if first is None or best is None else best - first
+
+
+# --- which runs -------------------------------------------------------------------------------
+def select_runs(store: TrajectoryStore, filters: ExportFilters) -> tuple[list[dict], int]:
+    """The matching runs (whole trajectories, oldest first) and how many runs the store holds."""
+    listed = store.list_runs(limit=-1)  # SQLite: a negative LIMIT means no limit
+    known = {r["run_id"] for r in listed}
+    if unknown := [i for i in filters.run_ids if i not in known]:
+        raise ExportError(f"no run {unknown[0]} in {store.home}")
+    statuses = ("accepted",) if filters.accepted_only else FINAL_STATUSES
+    since = _ts(filters.since) if filters.since else -math.inf
+    until = _ts(filters.until) if filters.until else math.inf
+    chosen = [
+        r for r in listed
+        if r["status"] in statuses and since <= r["created_at"] < until
+        and (not filters.run_ids or r["run_id"] in filters.run_ids)
+    ]  # fmt: skip
+    runs = [store.get_run(r["run_id"]) for r in sorted(chosen, key=lambda r: r["created_at"])]
+    runs = [r | {"gain": gain(r)} for r in runs if r["steps"]]
+    if filters.min_gain is not None:
+        runs = [r for r in runs if r["gain"] >= filters.min_gain]
+    if filters.top_fraction is not None and runs:
+        keep = max(1, int(len(runs) * filters.top_fraction))
+        top = {r["run_id"] for r in sorted(runs, key=lambda r: -r["gain"])[:keep]}
+        runs = [r for r in runs if r["run_id"] in top]
+    return runs, len(listed)
+
+
+# --- shared writing ---------------------------------------------------------------------------
+def _png(store: TrajectoryStore, digest: str) -> bytes:
+    path = store.images.path(digest)
+    if not path.is_file():
+        raise ExportError(f"image {digest[:12]} is missing from {store.images.root}")
+    return path.read_bytes()
+
+
+def _write_parquet(path: Path, features: Any, rows: Iterable[dict[str, Any]]) -> int:
+    """Stream rows into one parquet file whose schema carries the `datasets` features."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema, count, batch = features.arrow_schema, 0, []
+    with pq.ParquetWriter(path, schema) as writer:
+        for row in rows:
+            batch.append(row)
+            if len(batch) == ROW_GROUP:
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                count, batch = count + len(batch), []
+        if batch:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+    return count + len(batch)
+
+
+def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    count = 0
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+# --- one writer per format: (store, runs, directory) -> rows ---------------------------------
+def _write_sft(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
+    from datasets import Features, Image, Value
+
+    folder = out / "imagefolder" / "train"
+    folder.mkdir(parents=True)
+    kept = [r for r in runs if r.get("final_image")]
+    for run in kept:
+        (folder / f"{run['run_id']}.png").write_bytes(_png(store, run["final_image"]))
+    metadata = ({"file_name": f"{r['run_id']}.png", "text": r["prompt"]} for r in kept)
+    _write_jsonl(folder / "metadata.jsonl", metadata)
+    features = Features({"image": Image(), "text": Value("string"), "run_id": Value("string"),
+                         "score": Value("float64"), "gain": Value("float64")})  # fmt: skip
+
+    def row(run: dict[str, Any]) -> dict[str, Any]:
+        name = f"{run['run_id']}.png"
+        return {"image": {"bytes": (folder / name).read_bytes(), "path": name},
+                "text": run["prompt"], "run_id": run["run_id"], "score": run["best_score"],
+                "gain": run["gain"]}  # fmt: skip
+
+    return _write_parquet(out / PARQUET, features, map(row, kept))
+
+
+def dpo_pairs(run: dict[str, Any]) -> Iterator[tuple[str, str, float, str]]:
+    """(image 0, image 1, label_0, source): each step's before vs after (after preferred unless
+    the validator rejected it), then the run's best vs worst step result."""
+    for step in run["steps"]:
+        before, after = step.get("image"), step.get("edited_image")
+        if before and after and before != after:
+            yield before, after, 1.0 if step.get("verdict") == "reject" else 0.0, "edit"
+    scored = [s for s in run["steps"] if s.get("score") is not None and s.get("result_image")]
+    if len(scored) >= 2:
+        best = max(scored, key=lambda s: s["score"])
+        worst = min(scored, key=lambda s: s["score"])
+        if best["score"] > worst["score"] and best["result_image"] != worst["result_image"]:
+            yield best["result_image"], worst["result_image"], 1.0, "best_worst"
+
+
+def _write_dpo(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
+    from datasets import Features, Value
+    from PIL import Image
+
+    @lru_cache(maxsize=64)  # the best result is usually also an edit pair's image
+    def jpeg(digest: str) -> bytes:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(_png(store, digest))).convert("RGB").save(
+            buf, "JPEG", quality=95, subsampling=0
+        )
+        return buf.getvalue()
+
+    features = Features({"caption": Value("string"), "jpg_0": Value("binary"),
+                         "jpg_1": Value("binary"), "label_0": Value("float64"),
+                         "label_1": Value("float64"), "run_id": Value("string"),
+                         "source": Value("string")})  # fmt: skip
+    rows = (
+        {"caption": run["prompt"], "jpg_0": jpeg(a), "jpg_1": jpeg(b), "label_0": label,
+         "label_1": 1.0 - label, "run_id": run["run_id"], "source": source}
+        for run in runs for a, b, label, source in dpo_pairs(run)
+    )  # fmt: skip
+    return _write_parquet(out / PARQUET, features, rows)
+
+
+def _write_prompts(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
+    unique = list(dict.fromkeys(r["prompt"] for r in runs))
+    (out / "prompts.txt").write_text("".join(p.replace("\n", " ") + "\n" for p in unique))
+    records = ({"prompt": r["prompt"], "run_id": r["run_id"]} for r in runs)
+    return _write_jsonl(out / "prompts.jsonl", records)
+
+
+def step_images(step: dict[str, Any]) -> list[str]:
+    """Every image hash a step record references (generated, edited, result, each edit's)."""
+    found = [step.get(k) for k in ("image", "edited_image", "result_image")]
+    found += [op.get("image") for op in step.get("edits", [])]
+    return list(dict.fromkeys(d for d in found if d))
+
+
+def _write_raw(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
+    (out / "images").mkdir()
+    run_keys = ("run_id", "prompt", "status", "models", "prompts_version", "created_at",
+                "best_score", "final_image")  # fmt: skip
+    for digest in {d for r in runs for s in r["steps"] for d in step_images(s)}:
+        (out / "images" / f"{digest}.png").write_bytes(_png(store, digest))
+    records = (
+        {**{k: r[k] for k in run_keys}, "models": _public(r["models"]), "step": s}
+        for r in runs
+        for s in r["steps"]
+    )
+    return _write_jsonl(out / "steps.jsonl", records)
+
+
+WRITERS: dict[str, Callable[[TrajectoryStore, list[dict], Path], int]] = {
+    "sft": _write_sft, "dpo": _write_dpo, "prompts": _write_prompts, "raw": _write_raw,
+}  # fmt: skip
+
+
+# --- the card ---------------------------------------------------------------------------------
+_SECRET_KEY = re.compile(r"key|token|secret|password", re.I)
+_URL_USER = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def _public(value: Any) -> Any:
+    """Model identities without anything secret-looking (credential keys, URL user info)."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items() if not _SECRET_KEY.search(k)}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    return _URL_USER.sub("***@", value) if isinstance(value, str) else value
+
+
+ABOUT = {
+    "sft": "One row per run: the user's original prompt (`text`) and the run's best image "
+    "(`image`), with `run_id`, `score` and `gain`. Also as an imagefolder under "
+    "`imagefolder/train/` (`metadata.jsonl` with `file_name` and `text`). For diffusers' "
+    "`train_text_to_image_lora.py`: `--dataset_name <this dir>` or "
+    "`--train_data_dir <this dir>/imagefolder`.",
+    "dpo": "Preference pairs in the Pick-a-Pic schema: `caption`, `jpg_0`/`jpg_1` (JPEG bytes), "
+    "`label_0` (1.0 when `jpg_0` is preferred), `label_1`, `run_id`, `source` (`edit`: a step's "
+    "image before vs after its edit; `best_worst`: a run's best vs worst step result). For "
+    "diffusers' `diffusion_dpo` scripts: `--dataset_name <this dir>`.",
+    "prompts": "The runs' original prompts: `prompts.jsonl` (`prompt`, `run_id`) and "
+    "`prompts.txt` (one per line, deduplicated).",
+    "raw": "`steps.jsonl`: one line per step, the run's fields plus the whole step record "
+    "(`step`); `images/<sha256>.png`: every image a step references.",
+}
+
+
+def _write_card(out: Path, result: ExportResult, runs: list[dict]) -> None:
+    models = {json.dumps(_public(r["models"]), sort_keys=True) for r in runs}
+    provenance = {
+        "artloop_version": __version__,
+        "prompts_versions": sorted({r["prompts_version"] for r in runs}),
+        "models": [json.loads(m) for m in sorted(models)],
+        "filters": result.filters,
+        "runs_considered": result.runs_considered,
+        "runs_kept": result.runs_kept,
+        "rows": result.rows,
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    front = ["---"]
+    if result.format in ("sft", "dpo"):
+        front += ["configs:", "- config_name: default", "  data_files:", "  - split: train",
+                  "    path: data/train-*"]  # fmt: skip
+    front += ["task_categories:", "- text-to-image", "tags:", "- artloop", "- synthetic", "---"]
+    body = [
+        f"# artloop trajectories: {result.format}", "", ABOUT[result.format], "",
+        f"Exported by artloop {__version__} from {result.runs_kept} of "
+        f"{result.runs_considered} runs ({result.rows} rows).", "", "## Provenance", "",
+        "```json", json.dumps(provenance, indent=2, ensure_ascii=False), "```", "",
+    ]  # fmt: skip
+    (out / "README.md").write_text("\n".join(front + body), encoding="utf-8")
+
+
+# --- the export -------------------------------------------------------------------------------
+def _target(store: TrajectoryStore, out_dir: Path, overwrite: bool) -> Path:
+    out, home = Path(out_dir).expanduser().resolve(), store.home.expanduser().resolve()
+    if out.is_relative_to(home):
+        raise ExportError(f"{out} is inside the artloop home {home}; export somewhere else")
+    if home.is_relative_to(out):
+        raise ExportError(f"{out} contains the artloop home {home}; export somewhere else")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished export into place; an existing OUT is replaced, never merged."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_dataset(
+    store: TrajectoryStore,
+    out_dir: str | Path,
+    fmt: Format,
+    filters: ExportFilters | None = None,
+    *,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export the finished runs that match `filters` to `out_dir` in format `fmt`."""
+    if fmt not in WRITERS:
+        raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    filters = filters or ExportFilters()
+    filters.check()
+    out = _target(store, Path(out_dir), overwrite)
+    runs, considered = select_runs(store, filters)
+    if not runs:
+        raise ExportError(f"no runs match: {filters.describe()} ({considered} run(s) in store)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.export-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # beside OUT (one filesystem, so the final rename is atomic), umask applies
+    try:
+        rows = WRITERS[fmt](store, runs, tmp)
+        if rows == 0:
+            matching = f"the {len(runs)} run(s) matching: {filters.describe()}"
+            raise ExportError(f"no {fmt} rows from {matching}")
+        result = ExportResult(path=out, format=fmt, rows=rows, runs_considered=considered,
+                              runs_kept=len(runs), filters=filters.as_dict())  # fmt: skip
+        _write_card(tmp, result, runs)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
