@@ -3,26 +3,45 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import typer
 from artloop.trainers.common import TrainerConfigError, typer_command
+from artloop.trainers.dpo import DPOConfig
 from artloop.trainers.sft import SFTConfig
 
 train_app = typer.Typer(help="LoRA trainers on exported trajectories.", no_args_is_help=True)
 
 
-def _run_sft(cfg: SFTConfig) -> Any:
-    from artloop.cli import fail, quiet_libraries
-    from artloop.tools.diffusion import DiffusionError
+def _runner(train: Callable[[Any], dict]) -> Callable[[Any], None]:
+    """Run a trainer; its errors become one `error:` line and exit 2; print its summary."""
+
+    def run(cfg: Any) -> None:
+        from artloop.cli import fail, quiet_libraries
+        from artloop.tools.diffusion import DiffusionError
+
+        quiet_libraries()
+        try:
+            summary = train(cfg)
+        except (TrainerConfigError, DiffusionError) as e:
+            fail(str(e))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "losses")}))
+
+    return run
+
+
+def _sft(cfg: SFTConfig) -> dict:
     from artloop.trainers.sft import train_sft
 
-    quiet_libraries()
-    try:
-        summary = train_sft(cfg)
-    except (TrainerConfigError, DiffusionError) as e:
-        fail(str(e))
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    return train_sft(cfg)
 
 
-train_app.command("sft")(typer_command(SFTConfig, _run_sft))
+def _dpo(cfg: DPOConfig) -> dict:
+    from artloop.trainers.dpo import train_dpo
+
+    return train_dpo(cfg)
+
+
+train_app.command("sft")(typer_command(SFTConfig, _runner(_sft)))
+train_app.command("dpo")(typer_command(DPOConfig, _runner(_dpo)))

@@ -103,6 +103,132 @@ def fuse_preset_lora(pipe: Any, preset: str) -> None:
     pipe.unload_lora_weights()
 
 
+# --- the shared config and training loop -----------------------------------------------------
+@dataclasses.dataclass
+class LoRATrainConfig:
+    """Fields every LoRA trainer has (each trainer's config adds its own)."""
+
+    data: str = help_field("", help="Dataset: an `artloop export` directory or a parquet file")
+    output_dir: str = help_field("artloop-lora", help="Where the LoRA and checkpoints go")
+    model: str = help_field("tiny-sd", help="Base model: tiny-sd, an SD1.5-family id or path")
+    resolution: int = help_field(256, help="Training resolution (images are resized + cropped)")
+    rank: int = help_field(8, help="LoRA rank")
+    lora_alpha: float = help_field(8.0, help="LoRA alpha (scale = alpha / rank)")
+    learning_rate: float = help_field(1e-4, help="AdamW learning rate")
+    train_steps: int = help_field(200, help="Optimizer steps")
+    batch_size: int = help_field(4, help="Examples per step (per device)")
+    gradient_accumulation_steps: int = help_field(1, help="Micro-batches per optimizer step")
+    seed: int = help_field(0, help="Seed for the LoRA's init, batches, noise and timesteps")
+    checkpoint_every: int = help_field(100, help="Save a resumable checkpoint every N steps")
+    resume: bool = help_field(True, help="Continue from output_dir/checkpoint when it exists")
+    preset_lora: str | None = help_field(None, help="ArtAug differential mode: a LoRA fused "
+                                         "into the base first; the new LoRA learns the rest")  # fmt: skip
+    mixed_precision: str = help_field("no", help="no | fp16 | bf16 (accelerate)")
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not self.data:
+            raise TrainerConfigError(f"{name}.data: required (an export directory or a parquet)")
+        checks = {"resolution": self.resolution >= 64, "rank": self.rank >= 1,
+                  "learning_rate": self.learning_rate > 0, "train_steps": self.train_steps >= 1,
+                  "batch_size": self.batch_size >= 1, "checkpoint_every": self.checkpoint_every >= 1,
+                  "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
+                  "mixed_precision": self.mixed_precision in ("no", "fp16", "bf16")}  # fmt: skip
+        for field, ok in checks.items():
+            if not ok:
+                raise TrainerConfigError(f"{name}.{field}: invalid value {getattr(self, field)!r}")
+
+
+def parquet_rows(data: str, columns: set[str], owner: str) -> Any:
+    """The `datasets` rows of an export directory (its data/*.parquet) or of a parquet file."""
+    import datasets
+
+    path = Path(data)
+    files = sorted((path / "data").glob("*.parquet")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise TrainerConfigError(f"{owner}.data: no parquet data at {data}")
+    ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    if missing := columns - set(ds.column_names):
+        raise TrainerConfigError(f"{owner}.data: {data} lacks column(s) {sorted(missing)}")
+    return ds
+
+
+def load_base(cfg: LoRATrainConfig) -> Any:
+    """The base pipeline (SD1.5 family), with the preset LoRA fused in when one is given."""
+    from artloop.tools.diffusion import DiffusionTool
+    from artloop.tools.images import ImageStore
+
+    tool = DiffusionTool(model=cfg.model, store=ImageStore(Path(cfg.output_dir) / ".unused"))
+    if tool.family != "sd":
+        raise TrainerConfigError(f"{type(cfg).__name__}.model: {cfg.model} is {tool.family}; "
+                                 f"the LoRA trainers support the SD1.5 family so far")  # fmt: skip
+    pipe = tool.pipeline
+    if cfg.preset_lora:
+        fuse_preset_lora(pipe, cfg.preset_lora)
+    return pipe
+
+
+def train_lora(cfg: LoRATrainConfig, pipe: Any, examples: int,
+               loss_at: Callable[[Any, torch.Tensor, torch.Generator], torch.Tensor],
+               name: str, progress: bool = True, extra: dict | None = None) -> dict[str, Any]:  # fmt: skip
+    """The loop every trainer shares: a LoRA on the UNet, AdamW, accelerate, checkpoints.
+
+    `loss_at(unet, idx, g)` is the trainer's loss on the examples `idx`; `g` supplies all its
+    randomness. Batches and generators come from (seed, step, micro-batch), so a run resumed
+    from a checkpoint matches an unbroken one exactly.
+    """
+    import math
+    import time
+
+    import torch
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionPipeline
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision=cfg.mixed_precision)  # fmt: skip
+    pipe.to(accelerator.device)
+    unet = pipe.unet
+    torch.manual_seed(cfg.seed)  # the LoRA's initial weights
+    optimizer = torch.optim.AdamW(add_lora(unet, cfg.rank, cfg.lora_alpha), lr=cfg.learning_rate)
+    ckpt, step = out / "checkpoint", 0
+    if cfg.resume and (ckpt / "state.json").exists():
+        step = load_checkpoint(ckpt, unet, optimizer)["step"]
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet.train()
+
+    first_step, losses = step, []
+    bar = tqdm(total=cfg.train_steps, initial=step, desc=name, disable=not progress)
+    started = time.perf_counter()
+    while step < cfg.train_steps:
+        for micro in range(cfg.gradient_accumulation_steps):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)
+            idx = torch.randint(0, examples, (min(cfg.batch_size, examples),), generator=g)
+            with accelerator.accumulate(unet):
+                loss = loss_at(unet, idx, g)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
+            save_checkpoint(ckpt, step, accelerator.unwrap_model(unet), optimizer)
+    bar.close()
+    loop_s = time.perf_counter() - started
+    lora = save_lora(StableDiffusionPipeline, accelerator.unwrap_model(unet), out)
+    summary = {"steps": step, "trained_steps": step - first_step, "examples": examples,
+               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+               "losses": losses, "loop_s": loop_s,
+               "steps_per_s": (step - first_step) / loop_s if loop_s > 0 else math.nan,
+               "lora": str(lora), **(extra or {}), "config": dataclasses.asdict(cfg)}  # fmt: skip
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 # --- checkpoints (safetensors + JSON) -------------------------------------------------------------
 def save_checkpoint(ckpt: Path, step: int, unet: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     extra: dict | None = None) -> None:  # fmt: skip
