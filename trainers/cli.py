@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 from artloop.trainers.common import TrainerConfigError, typer_command
+from artloop.trainers.ddpo import DDPOConfig
 from artloop.trainers.dpo import DPOConfig
 from artloop.trainers.sft import SFTConfig
 
@@ -43,5 +44,12 @@ def _dpo(cfg: DPOConfig) -> dict:
     return train_dpo(cfg)
 
 
+def _ddpo(cfg: DDPOConfig) -> dict:
+    from artloop.trainers.ddpo import train_ddpo
+
+    return train_ddpo(cfg)
+
+
 train_app.command("sft")(typer_command(SFTConfig, _runner(_sft)))
 train_app.command("dpo")(typer_command(DPOConfig, _runner(_dpo)))
+train_app.command("ddpo")(typer_command(DDPOConfig, _runner(_ddpo)))

@@ -169,12 +169,12 @@ def load_base(cfg: LoRATrainConfig) -> Any:
 
 
 def train_lora(cfg: LoRATrainConfig, pipe: Any, examples: int,
-               loss_at: Callable[[Any, torch.Tensor, torch.Generator], torch.Tensor],
+               loss_at: Callable[[Any, torch.Tensor, torch.Generator, int], torch.Tensor],
                name: str, progress: bool = True, extra: dict | None = None) -> dict[str, Any]:  # fmt: skip
     """The loop every trainer shares: a LoRA on the UNet, AdamW, accelerate, checkpoints.
 
-    `loss_at(unet, idx, g)` is the trainer's loss on the examples `idx`; `g` supplies all its
-    randomness. Batches and generators come from (seed, step, micro-batch), so a run resumed
+    `loss_at(unet, idx, g, step)` is the trainer's loss on the examples `idx`; `g` supplies all
+    its randomness. Batches and generators come from (seed, step, micro-batch), so a run resumed
     from a checkpoint matches an unbroken one exactly.
     """
     import math
@@ -207,7 +207,7 @@ def train_lora(cfg: LoRATrainConfig, pipe: Any, examples: int,
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)
             idx = torch.randint(0, examples, (min(cfg.batch_size, examples),), generator=g)
             with accelerator.accumulate(unet):
-                loss = loss_at(unet, idx, g)
+                loss = loss_at(unet, idx, g, step)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()

@@ -92,7 +92,7 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict[str, Any]:
     embeddings = encode_texts(pipe, [c for _, _, c in pairs])
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    def loss_at(unet, idx, g):
+    def loss_at(unet, idx, g, step):
         d = unet.device
         return dpo_loss(unet, scheduler, chosen[idx].to(d), rejected[idx].to(d),
                         embeddings[idx].to(d), g, cfg.beta)  # fmt: skip

@@ -104,7 +104,7 @@ def train_sft(cfg: SFTConfig, progress: bool = True) -> dict[str, Any]:
     encode_s = time.perf_counter() - started
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    def loss_at(unet, idx, g):
+    def loss_at(unet, idx, g, step):
         device = unet.device
         return diffusion_loss(
             unet, scheduler, latents[idx].to(device), embeddings[idx].to(device), g
