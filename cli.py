@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from artloop.trainers.cli import train_app
+from artloop.trainers.cli import eval_command, train_app
 from rich.console import Console
 from rich.table import Table
 
@@ -24,6 +24,7 @@ models_app = typer.Typer(
 app.add_typer(models_app, name="models")
 app.add_typer(serve_app, name="serve")
 app.add_typer(train_app, name="train")
+app.command("eval")(eval_command)
 err = Console(stderr=True, highlight=False)
 
 HomeOpt = Annotated[

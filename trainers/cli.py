@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
 from artloop.trainers.common import TrainerConfigError, typer_command
 from artloop.trainers.ddpo import DDPOConfig
 from artloop.trainers.dpo import DPOConfig
+from artloop.trainers.evaluate import EvalConfig
 from artloop.trainers.sft import SFTConfig
 
 train_app = typer.Typer(help="LoRA trainers on exported trajectories.", no_args_is_help=True)
@@ -50,6 +53,15 @@ def _ddpo(cfg: DDPOConfig) -> dict:
     return train_ddpo(cfg)
 
 
+def _eval(cfg: EvalConfig) -> dict:
+    from artloop.trainers.evaluate import evaluate
+
+    summary = evaluate(cfg)
+    print((Path(cfg.output_dir) / "results.md").read_text(), file=sys.stderr)
+    return {"output_dir": cfg.output_dir, "models": list(summary["results"])}
+
+
+eval_command = typer_command(EvalConfig, _runner(_eval))
 train_app.command("sft")(typer_command(SFTConfig, _runner(_sft)))
 train_app.command("dpo")(typer_command(DPOConfig, _runner(_dpo)))
 train_app.command("ddpo")(typer_command(DDPOConfig, _runner(_ddpo)))
