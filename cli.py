@@ -149,6 +149,12 @@ def run(
     diffusion_model: Annotated[
         str | None, typer.Option(help="tiny-sd, tiny-flux, id or path")
     ] = None,
+    judge: Annotated[
+        str | None, typer.Option(help="vlm, or a reward name (e.g. darkness) that scores")
+    ] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="A label stored with the run (repeat)")
+    ] = None,
     home: HomeOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -164,7 +170,7 @@ def run(
     cfg = _config(config, {
         "home": home, "loop.max_iters": max_iters, "diffusion.seed": seed,
         "chat.backend": chat_backend, "chat.model": chat_model, "chat.base_url": base_url,
-        "diffusion.model": diffusion_model,
+        "diffusion.model": diffusion_model, "loop.judge": judge, "tags": tag or None,
     })  # fmt: skip
     _execute(cfg, prompt=prompt, run_id=None, as_json=as_json, quiet=quiet)
 
@@ -234,6 +240,9 @@ def export(
     since: Annotated[str | None, typer.Option(help="Created at or after (ISO date)")] = None,
     until: Annotated[str | None, typer.Option(help="Created before (ISO date)")] = None,
     run: Annotated[list[str] | None, typer.Option("--run", help="Only this run (repeat)")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Only runs with this tag (repeat: all)")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT_DIR")] = False,
     home: HomeOpt = None,
     config: ConfigOpt = None,
@@ -246,6 +255,7 @@ def export(
         filters = ExportFilters(
             accepted_only=accepted_only, min_gain=min_gain, top_fraction=top_fraction,
             since=parse_when(since), until=parse_when(until), run_ids=tuple(run or ()),
+            tags=tuple(tag or ()),
         )  # fmt: skip
         result = export_dataset(_store(home, config), out_dir, fmt, filters, overwrite=overwrite)
     except ExportError as e:

@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -71,6 +71,17 @@ class LoopConfig(_Section):
     plateau_patience: int = Field(2, ge=1, le=50, description="Stop after this many "
                                   "iterations without a better score")  # fmt: skip
     plateau_min_delta: float = Field(0.25, ge=0.0, le=10.0, description="What counts as better")
+    judge: str = Field("vlm", description="Who validates: vlm (the validator agent) or a "
+                       "reward name, e.g. darkness: score = 10 x that measured reward")  # fmt: skip
+
+    @field_validator("judge")
+    @classmethod
+    def _known_judge(cls, value: str) -> str:
+        from artloop.tools.rewards import REWARDS
+
+        if value != "vlm" and value not in REWARDS:
+            raise ValueError(f"unknown judge {value!r}: vlm or one of {', '.join(sorted(REWARDS))}")
+        return value
 
 
 class ServeConfig(_Section):
@@ -122,6 +133,8 @@ class ArtloopConfig(BaseSettings):
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    tags: list[str] = Field(default_factory=list, description="Labels stored with each run "
+                            "(`artloop export --tag` selects by them)")  # fmt: skip
 
     @classmethod
     def settings_customise_sources(

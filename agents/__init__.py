@@ -1,4 +1,5 @@
-"""The five agents. Each: a prompt template in prompts/, a pydantic schema, one function.
+"""The five loop agents, and two single-image judges used as rewards (rate, spot_artifacts).
+Each: a prompt template in prompts/, a pydantic schema, one function.
 
 Pure: inputs in, a validated `Structured[Schema]` out; no I/O besides the model call.
 """
@@ -6,7 +7,17 @@ Pure: inputs in, a validated `Structured[Schema]` out; no I/O besides the model 
 from artloop.agents.concept_cot import concept_cot
 from artloop.agents.data_cot import data_cot
 from artloop.agents.enhancer import enhance
+from artloop.agents.rater import rate, spot_artifacts
 from artloop.agents.thesis_cot import thesis_cot
-from artloop.agents.validator import validate
+from artloop.agents.validator import judge_by_reward, validate
 
-__all__ = ["concept_cot", "data_cot", "enhance", "thesis_cot", "validate"]
+__all__ = [
+    "concept_cot",
+    "data_cot",
+    "enhance",
+    "judge_by_reward",
+    "rate",
+    "spot_artifacts",
+    "thesis_cot",
+    "validate",
+]

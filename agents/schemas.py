@@ -101,6 +101,10 @@ class ParamChanges(_Out):
     num_inference_steps: int | None = Field(None, ge=1, le=100)
     # global img2img strength; 0 = none
     strength: float | None = Field(None, ge=0.0, le=1.0, multiple_of=0.05)
+    # global tone factors applied after the other edits; 1 = unchanged
+    exposure: float | None = Field(None, ge=0.5, le=1.5, multiple_of=0.05)
+    contrast: float | None = Field(None, ge=0.5, le=1.5, multiple_of=0.05)
+    saturation: float | None = Field(None, ge=0.0, le=2.0, multiple_of=0.05)
 
 
 class EditPlan(_Out):
@@ -120,3 +124,16 @@ class Verdict(_Out):
     score: float = Field(ge=0.0, le=10.0, multiple_of=0.1)
     better_than_before: bool
     reasons: list[Annotated[str, text(80, 1)]] = Field(min_length=1, max_length=3)
+
+
+class Rating(_Out):
+    """Rater: one image scored against its prompt (a reward for DDPO with AI feedback)."""
+
+    score: float = Field(ge=0.0, le=10.0, multiple_of=0.1)
+    reasons: list[Annotated[str, text(80, 1)]] = Field(min_length=1, max_length=3)
+
+
+class ArtifactAnswer(_Out):
+    """SynArtifact's question: which artifacts does the image show ("No artifacts" if none)."""
+
+    answer: str = text(200, 1)

@@ -40,3 +40,25 @@ def validate(
         policy=replace(policy, image_max_side=2 * policy.image_max_side),
         stats_before=stats_before, stats_after=stats_after,
     )  # fmt: skip
+
+
+def judge_by_reward(
+    before: Image.Image, after: Image.Image, prompt: str, reward: str, accept_score: float
+) -> Structured[Verdict]:
+    """A measured judge in the validator's place: the score is 10 x `reward` (a name from
+    tools/rewards.py, expected in [0, 1]) of the edited image; it accepts a better image that
+    reaches `accept_score` and rejects a worse one. For preferences a metric states exactly,
+    e.g. "dark, subdued images" = darkness, and for loops that must not depend on a VLM's taste."""
+    import time
+
+    from artloop.tools.rewards import get_reward
+
+    start = time.perf_counter()
+    (b, a), _ = get_reward(reward)([before, after], [prompt, prompt], [{}, {}])
+    score = round(min(10.0, max(0.0, 10.0 * float(a))), 1)
+    better = float(a) > float(b)
+    verdict = ("accept" if score >= accept_score else "revise") if better else "reject"
+    reason = f"{reward} {float(b):.3f} -> {float(a):.3f} ({'better' if better else 'not better'})"
+    out = Verdict(verdict=verdict, score=score, better_than_before=better, reasons=[reason])
+    return Structured(output=out, backend=f"reward:{reward}", failures=0,
+                      seconds=time.perf_counter() - start)  # fmt: skip

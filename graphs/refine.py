@@ -24,6 +24,7 @@ from artloop.graphs.context import RefineContext, default_context
 from artloop.models.structured import Structured
 from artloop.tools.diffusion import GenParams
 from artloop.tools.image_facts import measure
+from artloop.tools.images import adjust_tone
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
@@ -133,7 +134,7 @@ def enough_steps(params: GenParams, strength: float) -> GenParams:
 @node
 def edit(state: RefineState, ctx: RefineContext) -> dict:
     """Apply the plan: a global img2img pass (when asked for, or when there is nothing regional),
-    then one inpainting pass per regional box edit."""
+    one inpainting pass per regional box edit, then the global tone factors."""
     step = state["step"]
     plan = EditPlan.model_validate(step["agents"]["thesis_cot"])
     params = GenParams(**state["params"])
@@ -154,6 +155,11 @@ def edit(state: RefineState, ctx: RefineContext) -> dict:
         ops.append({"op": "inpaint", "box": region.box, "prompt": region.prompt,
                     "strength": region.strength, "steps": p.num_inference_steps,
                     "image": image})  # fmt: skip
+    tone = plan.params.model_dump(include={"exposure", "contrast", "saturation"},
+                                  exclude_none=True)  # fmt: skip
+    if any(v != 1.0 for v in tone.values()):
+        image = ctx.store.images.put(adjust_tone(ctx.store.images.get(image), **tone))
+        ops.append({"op": "tone", **tone, "image": image})
     stats = {**step["stats"], "edited": measure(ctx.store.images.get(image))}
     return {"step": {**step, "edited_image": image, "edits": ops, "stats": stats}}
 
@@ -163,16 +169,13 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
     step, loop = state["step"], ctx.loop
     before, after = (ctx.store.images.get(step[k]) for k in ("image", "edited_image"))
     plan = EditPlan.model_validate(step["agents"]["thesis_cot"])
-    result = agents.validate(
-        ctx.chat,
-        before,
-        after,
-        state["prompt"],
-        plan,
-        step["stats"]["image"],
-        step["stats"]["edited"],
-        policy=ctx.policy,
-    )
+    if loop.judge == "vlm":
+        result = agents.validate(ctx.chat, before, after, state["prompt"], plan,
+                                 step["stats"]["image"], step["stats"]["edited"],
+                                 policy=ctx.policy)  # fmt: skip
+    else:  # a measured preference judges instead of the VLM
+        result = agents.judge_by_reward(before, after, state["prompt"], loop.judge,
+                                        loop.accept_score)  # fmt: skip
     verdict: Verdict = result.output
     # A rejected edit made things worse: the iteration's result is the image before it.
     result_image = step["image"] if verdict.verdict == "reject" else step["edited_image"]

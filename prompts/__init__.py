@@ -13,7 +13,7 @@ from typing import Any
 
 from jinja2 import Environment, FunctionLoader, StrictUndefined
 
-PROMPTS_VERSION = "1"  # bump when a template changes meaning; stored with every trajectory
+PROMPTS_VERSION = "2"  # bump when a template changes meaning; stored with every trajectory
 
 
 def _source(name: str) -> str:

@@ -56,7 +56,7 @@ class ScriptedChat(BaseChatModel):
         schema = _TITLE.search(text).group(1)
         seen = sum(1 for c in self._calls if c == schema)
         self._calls.append(schema)
-        script = self.scripts.get(schema, [DEFAULTS[schema]])
+        script = self.scripts[schema] if schema in self.scripts else [DEFAULTS[schema]]
         answer = script[min(seen, len(script) - 1)]
         if isinstance(answer, Exception):
             raise answer

@@ -10,9 +10,9 @@ import pytest
 import torch
 from artloop.cli import app
 from artloop.models.tiny import resolve_model
+from artloop.tools.rewards import REWARDS, get_reward, reward
 from artloop.trainers.common import TrainerConfigError
 from artloop.trainers.ddpo import DDPOConfig, ddim_step_with_logprob, ppo_loss, train_ddpo
-from artloop.trainers.rewards import REWARDS, get_reward, reward
 from diffusers import DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file

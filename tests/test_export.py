@@ -14,6 +14,7 @@ from artloop.cli import app
 from artloop.config import ChatConfig
 from artloop.graphs.runner import run_session
 from artloop.models.structured import ChatServerError
+from artloop.prompts import PROMPTS_VERSION
 from artloop.tools import export as export_mod
 from artloop.tools.export import ExportError, ExportFilters, export_dataset
 from artloop.tools.store import TrajectoryStore
@@ -153,7 +154,7 @@ def test_card_has_provenance_and_no_secrets(runs, tmp_path):
     export_dataset(store, tmp_path / "raw", "raw", ExportFilters(accepted_only=True))
     card = (tmp_path / "raw/README.md").read_text()
     provenance = json.loads(re.search(r"```json\n(.*?)\n```", card, re.S).group(1))
-    assert provenance["artloop_version"] and provenance["prompts_versions"] == ["1"]
+    assert provenance["artloop_version"] and provenance["prompts_versions"] == [PROMPTS_VERSION]
     assert (provenance["runs_considered"], provenance["runs_kept"], provenance["rows"]) == (5, 2, 3)
     assert provenance["filters"]["accepted_only"] is True
     chats = sorted(m["chat"]["backend"] for m in provenance["models"])

@@ -49,6 +49,7 @@ class ExportFilters:
     since: datetime | None = None
     until: datetime | None = None
     run_ids: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()  # a run must carry all of them (`artloop run --tag`)
 
     def check(self) -> None:
         if self.min_gain is not None and not math.isfinite(self.min_gain):
@@ -64,7 +65,7 @@ class ExportFilters:
                 raise ExportError(str(e)) from e
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self) | {"run_ids": list(self.run_ids)}
+        d = asdict(self) | {"run_ids": list(self.run_ids), "tags": list(self.tags)}
         return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in d.items()}
 
     def describe(self) -> str:
@@ -81,6 +82,8 @@ class ExportFilters:
             parts.append(f"created before {self.until.isoformat()}")
         if self.run_ids:
             parts.append(f"run ids {', '.join(self.run_ids)}")
+        if self.tags:
+            parts.append(f"tags {', '.join(self.tags)}")
         return ", ".join(parts)
 
 
@@ -137,6 +140,7 @@ def select_runs(store: TrajectoryStore, filters: ExportFilters) -> tuple[list[di
     ]  # fmt: skip
     runs = [store.get_run(r["run_id"]) for r in sorted(chosen, key=lambda r: r["created_at"])]
     runs = [r | {"gain": gain(r)} for r in runs if r["steps"]]
+    runs = [r for r in runs if set(filters.tags) <= set(r["config"].get("tags", []))]
     if filters.min_gain is not None:
         runs = [r for r in runs if r["gain"] >= filters.min_gain]
     if filters.top_fraction is not None and runs:

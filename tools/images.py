@@ -87,3 +87,22 @@ class ImageStore:
 
     def __contains__(self, digest: str) -> bool:
         return self.path(digest).exists()
+
+
+def adjust_tone(
+    image: Image.Image,
+    exposure: float | None = None,
+    contrast: float | None = None,
+    saturation: float | None = None,
+) -> Image.Image:
+    """Global tone factors (1 = unchanged, None = skip), in the order a photo editor applies
+    them: exposure (brightness), then contrast, then saturation."""
+    from PIL import ImageEnhance
+
+    image = image.convert("RGB")
+    for factor, enhancer in ((exposure, ImageEnhance.Brightness),
+                             (contrast, ImageEnhance.Contrast),
+                             (saturation, ImageEnhance.Color)):  # fmt: skip
+        if factor is not None and factor != 1.0:
+            image = enhancer(image).enhance(factor)
+    return image

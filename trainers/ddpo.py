@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from artloop.tools.rewards import REWARDS, get_reward
 from artloop.trainers.common import (
     LoRATrainConfig,
     TrainerConfigError,
@@ -22,7 +23,6 @@ from artloop.trainers.common import (
     load_base,
     train_lora,
 )
-from artloop.trainers.rewards import REWARDS, get_reward
 from artloop.trainers.sft import encode_texts
 
 if TYPE_CHECKING:  # torch is imported where it runs: the CLI starts without it

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from artloop.tools.rewards import get_reward
 from artloop.trainers.common import TrainerConfigError, help_field
-from artloop.trainers.rewards import get_reward
 from PIL import Image
 
 

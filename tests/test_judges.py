@@ -1,0 +1,108 @@
+"""Measured judges and VLM rewards: the reward judge in the validator's place, the tone edit it
+rewards, the rater ("vlm") and SynArtifact rewards, and run tags for export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from artloop.agents import judge_by_reward
+from artloop.config import ConfigError, load_config
+from artloop.graphs.runner import run_session
+from artloop.tools.export import ExportFilters, select_runs
+from artloop.tools.image_facts import measure
+from artloop.tools.images import adjust_tone
+from artloop.tools.rewards import clip_text_embedder, synartifact_reward, vlm_reward
+from fakes import DEFAULTS, ScriptedChat
+from PIL import Image
+from test_graph import make_ctx
+
+GREY = Image.new("RGB", (64, 64), (128, 128, 128))
+DARKER = Image.new("RGB", (64, 64), (64, 64, 64))
+
+
+def test_adjust_tone_scales_brightness_and_leaves_none_alone():
+    assert measure(adjust_tone(GREY, exposure=0.5))["brightness"] == pytest.approx(0.25, abs=0.01)
+    assert np.array_equal(np.asarray(adjust_tone(GREY)), np.asarray(GREY))
+    flat = adjust_tone(Image.radial_gradient("L").convert("RGB"), contrast=0.5)
+    assert measure(flat)["contrast"] < measure(Image.radial_gradient("L").convert("RGB"))["contrast"]
+
+
+def test_reward_judge_scores_accepts_and_rejects():
+    darker = judge_by_reward(GREY, DARKER, "a fox", "darkness", accept_score=7.0).output
+    assert darker.score == pytest.approx(10 * (1 - 64 / 255), abs=0.05)
+    assert (darker.verdict, darker.better_than_before) == ("accept", True)
+    not_enough = judge_by_reward(GREY, DARKER, "a fox", "darkness", accept_score=8.0).output
+    assert not_enough.verdict == "revise"
+    brighter = judge_by_reward(DARKER, GREY, "a fox", "darkness", accept_score=0.0).output
+    assert (brighter.verdict, brighter.better_than_before) == ("reject", False)
+    assert "darkness 0.749 -> 0.498" in brighter.reasons[0]
+
+
+def test_unknown_judge_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match="judge.*unknown judge 'darknes'"):
+        load_config(overrides={"loop.judge": "darknes"})
+
+
+def test_loop_with_a_darkness_judge_keeps_the_darkened_image(store, sd_tool):
+    """The plan asks for exposure 0.6: the edit applies it, the judge measures it and accepts."""
+    plan = {**DEFAULTS["EditPlan"], "regional_edits": [],
+            "params": {"strength": 0.0, "exposure": 0.6}}  # fmt: skip
+    chat = ScriptedChat(scripts={"EditPlan": [plan]})
+    ctx = make_ctx(store, sd_tool, chat, judge="darkness", accept_score=6.0)
+    summary = run_session(ctx, prompt="a fox at night")
+    run = store.get_run(summary.run_id)
+    step = run["steps"][0]
+    assert [e["op"] for e in step["edits"]] == ["tone"] and step["edits"][0]["exposure"] == 0.6
+    before, after = step["stats"]["image"]["brightness"], step["stats"]["edited"]["brightness"]
+    assert after == pytest.approx(0.6 * before, abs=0.02)
+    assert step["score"] == pytest.approx(10 * (1 - after), abs=0.06)
+    assert summary.status == "accepted" and run["final_image"] == step["edited_image"]
+    assert "Verdict" not in chat.calls  # the judge, not the VLM, validated
+    assert step["parse_failures"]["validate"] == {"reward:darkness": 0}
+
+
+def test_vlm_reward_scales_the_raters_score():
+    chat = ScriptedChat(scripts={"Rating": [{"score": 7.5, "reasons": ["ok"]},
+                                            {"score": 2.0, "reasons": ["blurry"]}]})  # fmt: skip
+    scores, info = vlm_reward(chat)([GREY, DARKER], ["a", "b"], [{}, {}])
+    assert scores.tolist() == pytest.approx([0.75, 0.2]) and info["reasons"][1] == ["blurry"]
+
+
+def test_vlm_reward_with_the_tiny_vlm(tiny_chat):
+    scores, info = vlm_reward(tiny_chat)([GREY, DARKER], ["a fox", "a fox"], [{}, {}])
+    assert scores.shape == (2,) and ((scores >= 0) & (scores <= 1)).all()
+    assert all(1 <= len(r) <= 3 for r in info["reasons"])
+
+
+def bag_of_words(texts: list[str]) -> np.ndarray:
+    """A transparent embedder: unit-norm word counts over the texts' vocabulary."""
+    words = sorted({w for t in texts for w in t.lower().replace(",", " ").split()})
+    v = np.array([[t.lower().replace(",", " ").split().count(w) for w in words] for t in texts])
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_synartifact_reward_follows_its_formula():
+    answers = ["No artifacts", "human distortion, duplication"]
+    chat = ScriptedChat(scripts={"ArtifactAnswer": [{"answer": a} for a in answers]})
+    fn = synartifact_reward(chat, embed=bag_of_words, alpha=0.5, beta=0.25)
+    scores, info = fn([GREY, GREY], ["a", "a"], [{}, {}])
+    assert info["answers"] == answers
+    assert scores[0] == pytest.approx(1.25)  # sim 1 to "No artifacts", 0 to every class
+    assert scores[0] > scores[1]  # the answer naming artifacts is penalised
+    # with the tiny pipeline's CLIP text encoder: an answer equal to "No artifacts" has sim 1
+    clip = clip_text_embedder("tiny-sd")
+    classes = ["No artifacts", "human distortion"]
+    sims = clip(classes) @ clip(classes).T
+    assert np.diag(sims) == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_export_selects_runs_by_tag(store, sd_tool):
+    accept = {"Verdict": [{**DEFAULTS["Verdict"], "verdict": "accept", "score": 9.0}]}
+    tagged = run_session(make_ctx(store, sd_tool, ScriptedChat(scripts=accept)),
+                         prompt="a fox", config={"tags": ["night", "study-1"]}).run_id  # fmt: skip
+    run_session(make_ctx(store, sd_tool, ScriptedChat(scripts=accept)), prompt="a cat",
+                config={"tags": ["study-2"]})  # fmt: skip
+    runs, considered = select_runs(store, ExportFilters(tags=("study-1",)))
+    assert considered == 2 and [r["run_id"] for r in runs] == [tagged]
+    assert select_runs(store, ExportFilters(tags=("study-1", "study-2")))[0] == []
+    assert "tags study-1" in ExportFilters(tags=("study-1",)).describe()

@@ -1,0 +1,132 @@
+"""Rewards by name, one signature (ddpo-pytorch's): fn(images, prompts, metadata) -> (scores, info).
+
+Measured image statistics are rewards out of the box ("brightness", "darkness", "contrast",
+"saturation", "sharpness", "colourfulness"), and so are two VLM judges: "vlm" (the rater's 0-10
+score / 10) and "synartifact" (SynArtifact's artifact reward). The VLM rewards use the chat model
+of the environment's config (ARTLOOP_CHAT__...) unless built with one. Register more with
+`@reward("name")`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from artloop.tools.image_facts import measure
+from PIL import Image
+
+RewardFn = Callable[[list[Image.Image], list[str], list[dict]], tuple[np.ndarray, dict[str, Any]]]
+REWARDS: dict[str, RewardFn] = {}
+
+
+def reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Register a reward function under `name`."""
+
+    def register(fn: RewardFn) -> RewardFn:
+        REWARDS[name] = fn
+        return fn
+
+    return register
+
+
+def get_reward(name: str) -> RewardFn:
+    if name not in REWARDS:
+        raise KeyError(f"unknown reward {name!r}; choose from {', '.join(sorted(REWARDS))}")
+    return REWARDS[name]
+
+
+def _statistic(key: str, sign: float = 1.0, offset: float = 0.0) -> RewardFn:
+    def fn(images, prompts, metadata):
+        values = np.array([measure(im)[key] for im in images], dtype=np.float64)
+        return offset + sign * values, {key: values.tolist()}
+
+    fn.__doc__ = (
+        f"Reward the measured {key} of each image ({'higher' if sign > 0 else 'lower'} is better)."
+    )
+    return fn
+
+
+for _key in ("brightness", "contrast", "saturation", "sharpness", "colourfulness"):
+    reward(_key)(_statistic(_key))
+reward("darkness")(_statistic("brightness", sign=-1.0, offset=1.0))
+
+
+# --- VLM judges ---------------------------------------------------------------------------------
+@functools.cache
+def _config_chat() -> Any:
+    from artloop.config import load_config
+    from artloop.models.chat import build_chat_model
+
+    return build_chat_model(load_config().chat)
+
+
+def vlm_reward(chat: Any = None, policy: Any = None) -> RewardFn:
+    """The rater's 0-10 score of each image against its prompt, scaled to [0, 1]."""
+    from artloop.agents import rate
+    from artloop.models.structured import CallPolicy
+
+    def fn(images, prompts, metadata):
+        model = chat if chat is not None else _config_chat()
+        ratings = [rate(model, im, p, policy=policy or CallPolicy()).output
+                   for im, p in zip(images, prompts, strict=True)]  # fmt: skip
+        return np.array([r.score / 10 for r in ratings]), {"reasons": [r.reasons for r in ratings]}
+
+    return fn
+
+
+def clip_text_embedder(model: str) -> Callable[[list[str]], np.ndarray]:
+    """Unit-norm pooled CLIP text embeddings from a diffusion model's (first) text encoder:
+    `model` is a pipeline directory, a hub id or a tiny-* name."""
+    import torch
+    from artloop.models.tiny import resolve_model
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = resolve_model(model)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()
+
+    def embed(texts: list[str]) -> np.ndarray:
+        with torch.no_grad():
+            ids = tokenizer(texts, padding="max_length", truncation=True,
+                            max_length=tokenizer.model_max_length, return_tensors="pt")  # fmt: skip
+            pooled = encoder(ids.input_ids).pooler_output.float()  # (N, D)
+        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+    return embed
+
+
+@functools.cache
+def _config_embedder() -> Callable[[list[str]], np.ndarray]:
+    from artloop.config import load_config
+
+    return clip_text_embedder(load_config().diffusion.model)
+
+
+def synartifact_reward(chat: Any = None, embed: Any = None, alpha: float = 0.1,
+                       beta: float = 0.0, policy: Any = None) -> RewardFn:  # fmt: skip
+    """SynArtifact (arXiv 2402.18068): ask the VLM which artifacts the image shows, then
+    r = sim("No artifacts", answer) - alpha * sum_k sim(class_k, answer) + beta,
+    with sim the cosine similarity of text embeddings (CLIP's text encoder by default)."""
+    from artloop.agents import spot_artifacts
+    from artloop.models.structured import CallPolicy
+    from artloop.prompts import artifact_taxonomy
+
+    classes = [a["id"].replace("_", " ") for a in artifact_taxonomy()]
+
+    def fn(images, prompts, metadata):
+        model = chat if chat is not None else _config_chat()
+        answers = [spot_artifacts(model, im, p, policy=policy or CallPolicy()).output.answer
+                   for im, p in zip(images, prompts, strict=True)]  # fmt: skip
+        vectors = (embed or _config_embedder())(["No artifacts", *classes, *answers])
+        refs, ans = vectors[: 1 + len(classes)], vectors[1 + len(classes) :]
+        sims = ans @ refs.T  # (N, 1 + K): cosine similarities
+        scores = sims[:, 0] - alpha * sims[:, 1:].sum(axis=1) + beta
+        return scores, {"answers": answers}
+
+    return fn
+
+
+reward("vlm")(vlm_reward())
+reward("synartifact")(synartifact_reward())
