@@ -24,7 +24,9 @@ def test_adjust_tone_scales_brightness_and_leaves_none_alone():
     assert measure(adjust_tone(GREY, exposure=0.5))["brightness"] == pytest.approx(0.25, abs=0.01)
     assert np.array_equal(np.asarray(adjust_tone(GREY)), np.asarray(GREY))
     flat = adjust_tone(Image.radial_gradient("L").convert("RGB"), contrast=0.5)
-    assert measure(flat)["contrast"] < measure(Image.radial_gradient("L").convert("RGB"))["contrast"]
+    assert (
+        measure(flat)["contrast"] < measure(Image.radial_gradient("L").convert("RGB"))["contrast"]
+    )
 
 
 def test_reward_judge_scores_accepts_and_rejects():
