@@ -28,7 +28,8 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def finished(tmp_path_factory):
     """One real run on the embedded default: tiny Qwen2-VL in-process + tiny SD."""
     home = tmp_path_factory.mktemp("home")
-    proc = cli("run", "a red fox in the snow", "--max-iters", "3", "--home", str(home), "--json")
+    proc = cli("run", "a red fox in the snow", "--max-iters", "3", "--home", str(home), "--json",
+               "--tag", "demo")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return home, json.loads(proc.stdout), proc.stderr
 
@@ -44,6 +45,7 @@ def test_run_end_to_end(finished):
         assert step["image"] in TrajectoryStore(home).images
         assert step["edited_image"] in TrajectoryStore(home).images
         assert isinstance(step["score"], float) and step["params"]["seed"] == 0
+    assert run["config"]["tags"] == ["demo"] and run["config"]["loop"]["judge"] == "vlm"
     assert run["models"]["chat"] == {
         "backend": "inprocess",
         "model": "tiny-qwen2vl",
@@ -124,6 +126,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "openai without url": (["run", "a fox", "--chat-backend", "openai"], "chat.base_url: required"),
         "bad backend": (["run", "a fox", "--chat-backend", "magic"], "chat.backend"),
         "bad max iters": (["run", "a fox", "--max-iters", "0"], "loop.max_iters"),
+        "unknown judge": (["run", "a fox", "--judge", "darknes"], "loop.judge"),
         "bad config file": (["run", "a fox", "--config", str(bad_toml)], "loop.max_iters"),
         "missing config file": (["run", "a fox", "--config", str(tmp_path / "nope.toml")], "config file not found"),
         "home not writable": (["run", "a fox", "--home", str(blocker / "home")], "is not writable"),
