@@ -46,7 +46,7 @@ def judge_by_reward(
     before: Image.Image, after: Image.Image, prompt: str, reward: str, accept_score: float
 ) -> Structured[Verdict]:
     """A measured judge in the validator's place: the score is 10 x `reward` (a name from
-    tools/rewards.py, expected in [0, 1]) of the edited image; it accepts a better image that
+    tools/rewards.py, expected in [0, 1]) of the image kept; it accepts a better image that
     reaches `accept_score` and rejects a worse one. For preferences a metric states exactly,
     e.g. "dark, subdued images" = darkness, and for loops that must not depend on a VLM's taste."""
     import time
@@ -55,8 +55,9 @@ def judge_by_reward(
 
     start = time.perf_counter()
     (b, a), _ = get_reward(reward)([before, after], [prompt, prompt], [{}, {}])
-    score = round(min(10.0, max(0.0, 10.0 * float(a))), 1)
     better = float(a) > float(b)
+    # The score is that of the image the iteration keeps: a rejected edit keeps the one before.
+    score = round(min(10.0, max(0.0, 10.0 * float(a if better else b))), 1)
     verdict = ("accept" if score >= accept_score else "revise") if better else "reject"
     reason = f"{reward} {float(b):.3f} -> {float(a):.3f} ({'better' if better else 'not better'})"
     out = Verdict(verdict=verdict, score=score, better_than_before=better, reasons=[reason])

@@ -37,6 +37,7 @@ def test_reward_judge_scores_accepts_and_rejects():
     assert not_enough.verdict == "revise"
     brighter = judge_by_reward(DARKER, GREY, "a fox", "darkness", accept_score=0.0).output
     assert (brighter.verdict, brighter.better_than_before) == ("reject", False)
+    assert brighter.score == pytest.approx(7.5, abs=0.05)  # the kept image's: the one before
     assert "darkness 0.749 -> 0.498" in brighter.reasons[0]
 
 
