@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from artloop.agents.base import ask
@@ -49,8 +50,6 @@ def judge_by_reward(
     tools/rewards.py, expected in [0, 1]) of the image kept; it accepts a better image that
     reaches `accept_score` and rejects a worse one. For preferences a metric states exactly,
     e.g. "dark, subdued images" = darkness, and for loops that must not depend on a VLM's taste."""
-    import time
-
     from artloop.tools.rewards import get_reward
 
     start = time.perf_counter()

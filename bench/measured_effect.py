@@ -21,6 +21,7 @@ from artloop.config import ArtloopConfig
 from artloop.graphs.context import build_context
 from artloop.graphs.runner import run_session
 from artloop.tools.export import ExportFilters, export_dataset
+from artloop.tools.store import TrajectoryStore
 from artloop.trainers.ddpo import DDPOConfig, train_ddpo
 from artloop.trainers.dpo import DPOConfig, train_dpo
 from artloop.trainers.evaluate import EvalConfig, evaluate
@@ -55,10 +56,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="artloop-effect-"))
     started = time.perf_counter()
     gains = collect(work / "home", args.sessions, args.size)
-    store = build_context(ArtloopConfig(home=work / "home")).store
+    store = TrajectoryStore(work / "home")
     for fmt in ("sft", "dpo", "prompts"):
         export_dataset(store, work / fmt, fmt, ExportFilters())
-    common = {"output_dir": "", "resolution": args.size, "batch_size": 4, "seed": 0}
+    common = {"resolution": args.size, "batch_size": 4, "seed": 0}
     loras = {
         "sft": train_sft(SFTConfig(**{**common, "data": str(work / "sft"), "output_dir": str(work / "l-sft"),
                                       "train_steps": args.steps, "learning_rate": 1e-3}), progress=False),

@@ -8,6 +8,7 @@ import pytest
 from artloop.agents import judge_by_reward
 from artloop.config import ConfigError, load_config
 from artloop.graphs.runner import run_session
+from artloop.prompts import artifact_taxonomy
 from artloop.tools.export import ExportFilters, select_runs
 from artloop.tools.image_facts import measure
 from artloop.tools.images import adjust_tone
@@ -77,21 +78,35 @@ def test_vlm_reward_with_the_tiny_vlm(tiny_chat):
     assert all(1 <= len(r) <= 3 for r in info["reasons"])
 
 
+VOCABULARY = sorted(
+    {w for a in artifact_taxonomy() for w in a["id"].split("_")} | {"no", "artifacts"}
+)
+
+
 def bag_of_words(texts: list[str]) -> np.ndarray:
-    """A transparent embedder: unit-norm word counts over the texts' vocabulary."""
-    words = sorted({w for t in texts for w in t.lower().replace(",", " ").split()})
-    v = np.array([[t.lower().replace(",", " ").split().count(w) for w in words] for t in texts])
+    """A transparent embedder: unit-norm word counts over a fixed vocabulary (the words of
+    "No artifacts" and of the class names), like any embedder a fixed space."""
+    words = [t.lower().replace(",", " ").split() for t in texts]
+    v = np.array([[ws.count(w) for w in VOCABULARY] for ws in words], dtype=float)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def test_synartifact_reward_follows_its_formula():
     answers = ["No artifacts", "human distortion, duplication"]
     chat = ScriptedChat(scripts={"ArtifactAnswer": [{"answer": a} for a in answers]})
-    fn = synartifact_reward(chat, embed=bag_of_words, alpha=0.5, beta=0.25)
+    calls: list[int] = []
+
+    def embed(texts):
+        calls.append(len(texts))
+        return bag_of_words(texts)
+
+    fn = synartifact_reward(chat, embed=embed, alpha=0.5, beta=0.25)
     scores, info = fn([GREY, GREY], ["a", "a"], [{}, {}])
     assert info["answers"] == answers
     assert scores[0] == pytest.approx(1.25)  # sim 1 to "No artifacts", 0 to every class
     assert scores[0] > scores[1]  # the answer naming artifacts is penalised
+    fn([GREY], ["a"], [{}])
+    assert calls == [14, 2, 1]  # "No artifacts" + 13 classes once, then the answers of each call
     # with the tiny pipeline's CLIP text encoder: an answer equal to "No artifacts" has sim 1
     clip = clip_text_embedder("tiny-sd")
     classes = ["No artifacts", "human distortion"]

@@ -64,10 +64,12 @@ def _config_chat() -> Any:
 
 def vlm_reward(chat: Any = None, policy: Any = None) -> RewardFn:
     """The rater's 0-10 score of each image against its prompt, scaled to [0, 1]."""
-    from artloop.agents import rate
-    from artloop.models.structured import CallPolicy
 
     def fn(images, prompts, metadata):
+        # Imported on first use: registering the reward must not load the agent stack.
+        from artloop.agents import rate
+        from artloop.models.structured import CallPolicy
+
         model = chat if chat is not None else _config_chat()
         ratings = [rate(model, im, p, policy=policy or CallPolicy()).output
                    for im, p in zip(images, prompts, strict=True)]  # fmt: skip
@@ -109,19 +111,22 @@ def synartifact_reward(chat: Any = None, embed: Any = None, alpha: float = 0.1,
     """SynArtifact (arXiv 2402.18068): ask the VLM which artifacts the image shows, then
     r = sim("No artifacts", answer) - alpha * sum_k sim(class_k, answer) + beta,
     with sim the cosine similarity of text embeddings (CLIP's text encoder by default)."""
-    from artloop.agents import spot_artifacts
-    from artloop.models.structured import CallPolicy
-    from artloop.prompts import artifact_taxonomy
-
-    classes = [a["id"].replace("_", " ") for a in artifact_taxonomy()]
+    refs: list[np.ndarray] = []  # "No artifacts" + the classes, embedded on the first call
 
     def fn(images, prompts, metadata):
+        # Imported on first use: registering the reward must not load the agent stack.
+        from artloop.agents import spot_artifacts
+        from artloop.models.structured import CallPolicy
+        from artloop.prompts import artifact_taxonomy
+
         model = chat if chat is not None else _config_chat()
         answers = [spot_artifacts(model, im, p, policy=policy or CallPolicy()).output.answer
                    for im, p in zip(images, prompts, strict=True)]  # fmt: skip
-        vectors = (embed or _config_embedder())(["No artifacts", *classes, *answers])
-        refs, ans = vectors[: 1 + len(classes)], vectors[1 + len(classes) :]
-        sims = ans @ refs.T  # (N, 1 + K): cosine similarities
+        embedder = embed or _config_embedder()  # the same one on every call
+        if not refs:
+            classes = [a["id"].replace("_", " ") for a in artifact_taxonomy()]
+            refs.append(embedder(["No artifacts", *classes]))
+        sims = embedder(answers) @ refs[0].T  # (N, 1 + K): cosine similarities
         scores = sims[:, 0] - alpha * sims[:, 1:].sum(axis=1) + beta
         return scores, {"answers": answers}
 

@@ -153,6 +153,19 @@ def parquet_rows(data: str, columns: set[str], owner: str) -> Any:
     return ds
 
 
+def load_prompts(data: str, field: str) -> list[str]:
+    """The prompts of a prompts export (its prompts.txt) or of a text file, one per line;
+    errors name the config `field` that gave `data`."""
+    path = Path(data)
+    path = path / "prompts.txt" if path.is_dir() else path
+    if not path.is_file():
+        raise TrainerConfigError(f"{field}: no prompts at {data} (a prompts export or .txt)")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise TrainerConfigError(f"{field}: {path} holds no prompts")
+    return prompts
+
+
 def load_base(cfg: LoRATrainConfig) -> Any:
     """The base pipeline (SD1.5 family), with the preset LoRA fused in when one is given."""
     from artloop.tools.diffusion import DiffusionTool

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from artloop.tools.rewards import REWARDS, get_reward
@@ -21,6 +20,7 @@ from artloop.trainers.common import (
     TrainerConfigError,
     help_field,
     load_base,
+    load_prompts,
     train_lora,
 )
 from artloop.trainers.sft import encode_texts
@@ -54,19 +54,6 @@ class DDPOConfig(LoRATrainConfig):
                 raise TrainerConfigError(
                     f"DDPOConfig.{name}: invalid value {getattr(self, name)!r}"
                 )
-
-
-def load_prompts(data: str) -> list[str]:
-    path = Path(data)
-    path = path / "prompts.txt" if path.is_dir() else path
-    if not path.is_file():
-        raise TrainerConfigError(
-            f"DDPOConfig.data: no prompts at {data} (a prompts export or .txt)"
-        )
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise TrainerConfigError(f"DDPOConfig.data: {path} holds no prompts")
-    return prompts
 
 
 def ddim_step_with_logprob(scheduler, eps: torch.Tensor, t: int, sample: torch.Tensor, eta: float,
@@ -141,7 +128,7 @@ def train_ddpo(cfg: DDPOConfig, progress: bool = True) -> dict[str, Any]:
     from diffusers import DDIMScheduler
 
     pipe = load_base(cfg)
-    prompts = load_prompts(cfg.data)
+    prompts = load_prompts(cfg.data, "DDPOConfig.data")
     text = encode_texts(pipe, prompts)
     uncond = encode_texts(pipe, [""])
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

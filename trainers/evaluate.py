@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from artloop.tools.rewards import get_reward
-from artloop.trainers.common import TrainerConfigError, help_field
+from artloop.trainers.common import TrainerConfigError, help_field, load_prompts
 from PIL import Image
 
 
@@ -35,18 +35,14 @@ class EvalConfig:
     guidance_scale: float = help_field(5.0, help="Classifier-free guidance")
 
     def __post_init__(self) -> None:
-        from artloop.trainers.ddpo import load_prompts
-
         if not self.prompts:
             raise TrainerConfigError("EvalConfig.prompts: required")
-        try:
-            load_prompts(self.prompts)
-            for name in self.scorers:
+        load_prompts(self.prompts, "EvalConfig.prompts")
+        for name in self.scorers:
+            try:
                 get_reward(name)
-        except (KeyError, TrainerConfigError) as e:
-            raise TrainerConfigError(
-                f"EvalConfig: {str(e.args[0]).removeprefix('DDPOConfig.')}"
-            ) from None
+            except KeyError as e:
+                raise TrainerConfigError(f"EvalConfig.scorers: {e.args[0]}") from None
         for lora in self.lora:
             if not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
                 raise TrainerConfigError(
@@ -60,10 +56,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Generate every (model, prompt, seed), score, and write the table and the grid."""
     from artloop.tools.diffusion import DiffusionTool, GenParams
     from artloop.tools.images import ImageStore
-    from artloop.trainers.ddpo import load_prompts
 
     out = Path(cfg.output_dir)
-    prompts = load_prompts(cfg.prompts)
+    prompts = load_prompts(cfg.prompts, "EvalConfig.prompts")
     tool = DiffusionTool(model=cfg.model, store=ImageStore(out / "images"))
     pipe = tool.pipeline
     variants = ["base", *cfg.lora]
