@@ -58,7 +58,7 @@ class TinyModel:
 
 def _registry() -> dict[str, TinyModel]:
     # Imported lazily: the builders import torch / transformers / diffusers.
-    from artloop.models import tiny_diffusion, tiny_vlm
+    from artloop.models import tiny_diffusion, tiny_fit, tiny_vlm
 
     return {
         "tiny-qwen2vl": TinyModel(
@@ -74,6 +74,13 @@ def _registry() -> dict[str, TinyModel]:
             "sd",
             "StableDiffusionPipeline: UNet (32, 64), CLIP text 32, 4-block VAE, DDIM",
             tiny_diffusion.build_tiny_sd,
+        ),
+        "tiny-sd-fit": TinyModel(
+            "tiny-sd-fit",
+            "diffusion",
+            "sd",
+            "tiny-sd with its UNet fitted to smooth colour fields (built in ~1-2 min)",
+            tiny_fit.build_tiny_sd_fit,
         ),
         "tiny-sdxl": TinyModel(
             "tiny-sdxl",
@@ -92,7 +99,7 @@ def _registry() -> dict[str, TinyModel]:
     }
 
 
-TINY_NAMES = ("tiny-qwen2vl", "tiny-sd", "tiny-sdxl", "tiny-flux")
+TINY_NAMES = ("tiny-qwen2vl", "tiny-sd", "tiny-sd-fit", "tiny-sdxl", "tiny-flux")
 
 
 def tiny_models() -> dict[str, TinyModel]:

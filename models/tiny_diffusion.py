@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from artloop.models.tiny import build_cached
+from artloop.models.tiny_vae import faithful_tiny_vae
 
 # The tokenizers' training text: prompt-like words, so that prompts split into few tokens.
 _PROMPT_TEXT = """
@@ -130,6 +131,7 @@ def _clip_text_encoder(cfg: dict, projection: bool = False):
 # builds (the tokenizer corpus, say), so that stale cached models are not reused.
 
 # Four blocks: an 8x downscale like the real SD VAE (a 2-block one is ~10x slower at 512px).
+# Weights set by hand (models/tiny_vae.py) so that decoded images carry the latents' colours.
 _SD_VAE: dict = {
     "sample_size": 256,
     "in_channels": 3,
@@ -139,12 +141,12 @@ _SD_VAE: dict = {
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
     "layers_per_block": 1,
-    "norm_num_groups": 16,
+    "norm_num_groups": 1,
     "scaling_factor": 0.18215,
 }
 
 SD_CONFIG: dict = {
-    "builder": 1,
+    "builder": 2,
     "seed": 0,
     "tokenizer": {"vocab_size": 1000, "model_max_length": 77},
     "text_encoder": {
@@ -191,7 +193,7 @@ SD_CONFIG: dict = {
 _SDXL_TEXT_2 = {**SD_CONFIG["text_encoder"], "hidden_act": "gelu", "projection_dim": 32}
 _SDXL_TIME_DIM = 8
 SDXL_CONFIG: dict = {
-    "builder": 1,
+    "builder": 2,
     "seed": 0,
     "tokenizer": SD_CONFIG["tokenizer"],
     "tokenizer_2": SD_CONFIG["tokenizer"],
@@ -223,7 +225,7 @@ SDXL_CONFIG: dict = {
 }
 
 FLUX_CONFIG: dict = {
-    "builder": 1,
+    "builder": 2,
     "seed": 0,
     "max_sequence_length": 32,  # read by DiffusionTool: T5's padded length at call time
     "tokenizer": {"vocab_size": 1000, "model_max_length": 77},
@@ -262,7 +264,7 @@ FLUX_CONFIG: dict = {
         "down_block_types": ["DownEncoderBlock2D"] * 4,
         "up_block_types": ["UpDecoderBlock2D"] * 4,
         "layers_per_block": 1,
-        "norm_num_groups": 16,
+        "norm_num_groups": 1,
         "use_quant_conv": False,
         "use_post_quant_conv": False,
         # FluxPipeline adds shift_factor when decoding: the default None would fail there.
@@ -285,11 +287,11 @@ def _sd_components(config: dict) -> dict:
     """The seeded VAE, first CLIP encoder + tokenizer and UNet shared by SD and SDXL (made in
     this order, so that SD's weights stay those it always had)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(config["seed"])
     return {
-        "vae": AutoencoderKL(**config["vae"]),
+        "vae": faithful_tiny_vae(config["vae"]),
         "text_encoder": _clip_text_encoder(config["text_encoder"]),
         "tokenizer": _clip_tokenizer(**config["tokenizer"]),
         "unet": UNet2DConditionModel(**config["unet"]),
@@ -326,7 +328,6 @@ def _build_sdxl(config: dict, out_dir: Path) -> None:
 def _build_flux(config: dict, out_dir: Path) -> None:
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
         FluxTransformer2DModel,
@@ -336,7 +337,7 @@ def _build_flux(config: dict, out_dir: Path) -> None:
     torch.manual_seed(config["seed"])
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
-        vae=AutoencoderKL(**config["vae"]),
+        vae=faithful_tiny_vae(config["vae"]),
         text_encoder=_clip_text_encoder(config["text_encoder"]),
         tokenizer=_clip_tokenizer(**config["tokenizer"]),
         text_encoder_2=T5EncoderModel(T5Config(**config["text_encoder_2"])),

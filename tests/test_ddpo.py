@@ -19,9 +19,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 
-@pytest.fixture(scope="module")
-def scheduler():
-    s = DDIMScheduler.from_pretrained(resolve_model("tiny-sd"), subfolder="scheduler")
+@pytest.fixture(scope="module", params=["tiny-sd", "tiny-sd-fit"])
+def scheduler(request):
+    """SD 1.5's epsilon / leading-steps DDIM, and tiny-sd-fit's v-prediction at zero terminal
+    SNR with trailing steps (its first step is pure noise: alphas_cumprod[999] = 0)."""
+    s = DDIMScheduler.from_pretrained(resolve_model(request.param), subfolder="scheduler")
     s.set_timesteps(10)
     return s
 

@@ -139,6 +139,32 @@ class LoRATrainConfig:
                 raise TrainerConfigError(f"{name}.{field}: invalid value {getattr(self, field)!r}")
 
 
+@dataclasses.dataclass
+class DenoisingTrainConfig(LoRATrainConfig):
+    """A trainer on the denoising loss (sft, dpo)."""
+
+    caption_dropout: float = help_field(0.1, help="Share of examples trained with the empty "
+                                        "prompt, so that the unconditional prediction, which "
+                                        "guidance subtracts, learns the change too (diffusers' "
+                                        "--proportion_empty_prompts)")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise TrainerConfigError(
+                f"{type(self).__name__}.caption_dropout: {self.caption_dropout} is not in [0, 1)"
+            )
+
+
+def drop_captions(text: torch.Tensor, empty: torch.Tensor, p: float, g: torch.Generator):
+    """Replace each example's (77, D) text embedding by the empty prompt's `empty` (1, 77, D)
+    with probability p: (B, 77, D)."""
+    import torch
+
+    dropped = torch.rand(text.shape[0], generator=g) < p  # (B,)
+    return torch.where(dropped[:, None, None], empty, text)
+
+
 def parquet_rows(data: str, columns: set[str], owner: str) -> Any:
     """The `datasets` rows of an export directory (its data/*.parquet) or of a parquet file."""
     import datasets
@@ -218,7 +244,7 @@ def train_lora(cfg: LoRATrainConfig, pipe: Any, examples: int,
     while step < cfg.train_steps:
         for micro in range(cfg.gradient_accumulation_steps):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)
-            idx = torch.randint(0, examples, (min(cfg.batch_size, examples),), generator=g)
+            idx = torch.randint(0, examples, (cfg.batch_size,), generator=g)  # with replacement
             with accelerator.accumulate(unet):
                 loss = loss_at(unet, idx, g, step)
                 accelerator.backward(loss)

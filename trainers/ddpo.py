@@ -56,17 +56,22 @@ class DDPOConfig(LoRATrainConfig):
                 )
 
 
-def ddim_step_with_logprob(scheduler, eps: torch.Tensor, t: int, sample: torch.Tensor, eta: float,
-                           generator: torch.Generator | None = None,
+def ddim_step_with_logprob(scheduler, pred: torch.Tensor, t: int, sample: torch.Tensor,
+                           eta: float, generator: torch.Generator | None = None,
                            prev_sample: torch.Tensor | None = None):  # fmt: skip
-    """One DDIM step (epsilon prediction) that also returns log p(prev_sample | sample): (B,).
-    Given `prev_sample`, scores it instead of sampling (the PPO re-evaluation)."""
+    """One DDIM step that also returns log p(prev_sample | sample): (B,). `pred` is the UNet's
+    output: noise, or velocity for a v-prediction scheduler. Given `prev_sample`, scores it
+    instead of sampling (the PPO re-evaluation)."""
     import torch
 
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     a_t = scheduler.alphas_cumprod[t]
     a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
-    x0 = (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    if scheduler.config.prediction_type == "v_prediction":  # also at zero terminal SNR (a_t = 0)
+        x0 = a_t.sqrt() * sample - (1 - a_t).sqrt() * pred
+        eps = a_t.sqrt() * pred + (1 - a_t).sqrt() * sample
+    else:
+        x0, eps = (sample - (1 - a_t).sqrt() * pred) / a_t.sqrt(), pred
     std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
     if prev_sample is None:
@@ -80,8 +85,8 @@ def ddim_step_with_logprob(scheduler, eps: torch.Tensor, t: int, sample: torch.T
     return prev_sample, log_prob.mean(dim=tuple(range(1, sample.ndim)))
 
 
-def guided_eps(unet, latents, t, text, uncond, guidance: float):
-    """Classifier-free guided noise prediction."""
+def guided_prediction(unet, latents, t, text, uncond, guidance: float):
+    """Classifier-free guided UNet output (noise or velocity)."""
     import torch
 
     eps = unet(
@@ -102,8 +107,8 @@ def sample_with_logprobs(pipe, unet, scheduler, text, uncond, cfg: DDPOConfig, g
     chain, log_probs = [latents], []
     with torch.no_grad():
         for t in scheduler.timesteps:
-            eps = guided_eps(unet, latents, t, text, uncond, cfg.guidance_scale)
-            latents, lp = ddim_step_with_logprob(scheduler, eps, int(t), latents, cfg.eta, g)
+            pred = guided_prediction(unet, latents, t, text, uncond, cfg.guidance_scale)
+            latents, lp = ddim_step_with_logprob(scheduler, pred, int(t), latents, cfg.eta, g)
             chain.append(latents)
             log_probs.append(lp)
         pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
@@ -153,9 +158,9 @@ def train_ddpo(cfg: DDPOConfig, progress: bool = True) -> dict[str, Any]:
         cond, unc = text[idx].to(d), uncond.to(d).expand(len(idx), -1, -1)
         losses = []
         for j, t in enumerate(scheduler.timesteps):  # every denoising step of the chain
-            eps = guided_eps(unet, chain[j], t, cond, unc, cfg.guidance_scale)
+            pred = guided_prediction(unet, chain[j], t, cond, unc, cfg.guidance_scale)
             _, new_lp = ddim_step_with_logprob(
-                scheduler, eps, int(t), chain[j], cfg.eta, prev_sample=chain[j + 1]
+                scheduler, pred, int(t), chain[j], cfg.eta, prev_sample=chain[j + 1]
             )
             losses.append(ppo_loss(new_lp, old_lp[j], adv.to(d), cfg.clip_range))
         return torch.stack(losses).mean()

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from artloop.trainers.common import (
-    LoRATrainConfig,
+    DenoisingTrainConfig,
     TrainerConfigError,
+    drop_captions,
     help_field,
     load_base,
     parquet_rows,
@@ -28,7 +29,7 @@ from PIL import Image
 
 
 @dataclass
-class DPOConfig(LoRATrainConfig):
+class DPOConfig(DenoisingTrainConfig):
     """Train a LoRA with Diffusion-DPO on preference pairs (AGFSync)."""
 
     beta: float = help_field(5000.0, help="KL strength: how far the policy may move from the "
@@ -89,12 +90,14 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict[str, Any]:
     pairs = load_pairs(cfg.data)
     chosen = encode_images(pipe, [w for w, _, _ in pairs], cfg.resolution)
     rejected = encode_images(pipe, [lo for _, lo, _ in pairs], cfg.resolution)
-    embeddings = encode_texts(pipe, [c for _, _, c in pairs])
+    embeddings = encode_texts(pipe, [c for _, _, c in pairs])  # (N, 77, D)
+    empty = encode_texts(pipe, [""])  # (1, 77, D)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def loss_at(unet, idx, g, step):
         d = unet.device
+        text = drop_captions(embeddings[idx], empty, cfg.caption_dropout, g)
         return dpo_loss(unet, scheduler, chosen[idx].to(d), rejected[idx].to(d),
-                        embeddings[idx].to(d), g, cfg.beta)  # fmt: skip
+                        text.to(d), g, cfg.beta)  # fmt: skip
 
     return train_lora(cfg, pipe, len(pairs), loss_at, "dpo", progress)

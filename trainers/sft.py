@@ -13,7 +13,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from artloop.trainers.common import LoRATrainConfig, load_base, parquet_rows, train_lora
+from artloop.trainers.common import (
+    DenoisingTrainConfig,
+    drop_captions,
+    load_base,
+    parquet_rows,
+    train_lora,
+)
 from PIL import Image
 
 if TYPE_CHECKING:  # torch is imported where it runs: the CLI starts without it
@@ -21,7 +27,7 @@ if TYPE_CHECKING:  # torch is imported where it runs: the CLI starts without it
 
 
 @dataclass
-class SFTConfig(LoRATrainConfig):
+class SFTConfig(DenoisingTrainConfig):
     """Train a LoRA on accepted images with their original prompts (ArtAug's SFT)."""
 
 
@@ -100,14 +106,14 @@ def train_sft(cfg: SFTConfig, progress: bool = True) -> dict[str, Any]:
     rows = load_rows(cfg.data)
     started = time.perf_counter()
     latents = encode_images(pipe, [img for img, _ in rows], cfg.resolution)
-    embeddings = encode_texts(pipe, [text for _, text in rows])
+    embeddings = encode_texts(pipe, [text for _, text in rows])  # (N, 77, D)
+    empty = encode_texts(pipe, [""])  # (1, 77, D)
     encode_s = time.perf_counter() - started
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def loss_at(unet, idx, g, step):
-        device = unet.device
-        return diffusion_loss(
-            unet, scheduler, latents[idx].to(device), embeddings[idx].to(device), g
-        )
+        text = drop_captions(embeddings[idx], empty, cfg.caption_dropout, g)
+        return diffusion_loss(unet, scheduler, latents[idx].to(unet.device),
+                              text.to(unet.device), g)  # fmt: skip
 
     return train_lora(cfg, pipe, len(rows), loss_at, "sft", progress, {"encode_s": encode_s})

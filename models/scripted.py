@@ -1,0 +1,73 @@
+"""A scripted chat model: it answers each agent by the output schema named in its prompt, from
+per-schema scripts. For runs whose model content must be fixed: tests of stop rules and faults,
+reproducible demos, and studies where a known plan drives the loop (bench/measured_effect.py).
+Configure it as `chat.backend = "custom"`, `chat.custom_class =
+"artloop.models.scripted:ScriptedChat"`, `chat.custom_kwargs = {scripts = {...}}`."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+from pydantic import PrivateAttr
+
+DEFAULTS: dict[str, Any] = {
+    "EnhancedPrompt": {"prompt": "a red fox in fresh snow, golden hour", "negative_prompt": "blur"},
+    "ImageFacts": {"description": "a fox", "objects": [{"label": "fox", "box": [100, 200, 600, 900]}],
+                   "lighting": "soft", "palette": "white and orange"},
+    "Critique": {"artifacts": [{"kind": "blur", "severity": 2, "box": [100, 200, 600, 900], "note": "soft fur"}],
+                 "aesthetics": [{"aspect": "exposure", "rating": 6, "note": "a bit dark"}],
+                 "prompt_alignment": 7, "missing": [], "summary": "blurry fox"},
+    "EditPlan": {"revised_prompt": "a sharp red fox in fresh snow", "negative_prompt": "blur",
+                 "regional_edits": [{"box": [100, 200, 600, 900], "prompt": "sharp fur", "strength": 0.5}],
+                 "params": {"guidance_scale": 6.0, "num_inference_steps": None, "strength": None},
+                 "rationale": "sharpen the fox"},
+    "Verdict": {"verdict": "revise", "score": 5.0, "better_than_before": True, "reasons": ["still soft"]},
+}  # fmt: skip
+
+_TITLE = re.compile(r'"title":"(\w+)","type":"object"\}\s*$')  # the top-level schema
+
+
+class ScriptedChat(BaseChatModel):
+    """Answers each schema from `scripts[schema]` in turn (the last answer repeats), else from
+    DEFAULTS. An answer that is an Exception is raised instead (a fault on demand); a string is
+    sent as is (malformed output on demand)."""
+
+    scripts: dict[str, list[Any]] = {}
+    _calls: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def _llm_type(self) -> str:
+        return "scripted"
+
+    @property
+    def calls(self) -> list[str]:
+        return self._calls
+
+    def _generate(
+        self, messages: list[BaseMessage], stop=None, run_manager=None, **kw
+    ) -> ChatResult:
+        text = next(m for m in messages if m.type == "human").content
+        text = (
+            text
+            if isinstance(text, str)
+            else " ".join(p.get("text", "") for p in text if isinstance(p, dict))
+        )
+        found = _TITLE.search(text)
+        if found is None:
+            raise ValueError("ScriptedChat: the prompt names no output schema to answer by")
+        schema = found.group(1)
+        seen = sum(1 for c in self._calls if c == schema)
+        self._calls.append(schema)
+        script = self.scripts.get(schema) or ([DEFAULTS[schema]] if schema in DEFAULTS else None)
+        if not script:
+            raise ValueError(f"ScriptedChat: no script and no default answer for {schema}")
+        answer = script[min(seen, len(script) - 1)]
+        if isinstance(answer, Exception):
+            raise answer
+        content = answer if isinstance(answer, str) else json.dumps(answer)
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=content))])
