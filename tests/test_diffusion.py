@@ -214,7 +214,7 @@ def test_tiny_vae_keeps_colours(model, store):
     input to ~0.46 brightness, so no image statistic could be learnt)."""
     import torch
 
-    vae = DiffusionTool(model, store=store.images).pipeline.vae
+    vae = DiffusionTool(model, store=store).pipeline.vae
     blocks = torch.rand((2, 3, 8, 8), generator=torch.Generator().manual_seed(0)) * 2 - 1
     image = torch.nn.functional.interpolate(blocks, scale_factor=8)  # (2, 3, 64, 64)
     with torch.no_grad():

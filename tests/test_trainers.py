@@ -53,9 +53,10 @@ def generate(pipe) -> np.ndarray:
 
 
 def test_trains_a_lora_that_diffusers_loads(sft_data, tmp_path):
-    summary = train_sft(config(sft_data, tmp_path / "lora", train_steps=30), progress=False)
+    summary = train_sft(config(sft_data, tmp_path / "lora", train_steps=30, learning_rate=1e-2),
+                        progress=False)  # fmt: skip
     assert summary["steps"] == 30 and summary["examples"] == 8
-    assert summary["last_loss"] < summary["first_loss"]
+    assert np.mean(summary["losses"][-5:]) < np.mean(summary["losses"][:5])  # steps are noisy
     weights = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
     assert weights and all(k.startswith("unet.") and "lora" in k for k in weights)
     assert json.loads((tmp_path / "lora" / "train_summary.json").read_text())["steps"] == 30

@@ -239,11 +239,14 @@ def train_lora(cfg: LoRATrainConfig, pipe: Any, examples: int,
     unet.train()
 
     first_step, losses = step, []
-    bar = tqdm(total=cfg.train_steps, initial=step, desc=name, disable=not progress)
+    main = accelerator.is_main_process  # with `accelerate launch`, only it writes files
+    bar = tqdm(total=cfg.train_steps, initial=step, desc=name, disable=not (progress and main))
     started = time.perf_counter()
     while step < cfg.train_steps:
         for micro in range(cfg.gradient_accumulation_steps):
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)
+            # Each process draws its own batch (data parallel); one process matches earlier runs.
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro
+                                              + accelerator.process_index * 7_919)  # fmt: skip
             idx = torch.randint(0, examples, (cfg.batch_size,), generator=g)  # with replacement
             with accelerator.accumulate(unet):
                 loss = loss_at(unet, idx, g, step)
@@ -254,17 +257,22 @@ def train_lora(cfg: LoRATrainConfig, pipe: Any, examples: int,
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
+        if (step % cfg.checkpoint_every == 0 or step == cfg.train_steps) and main:
             save_checkpoint(ckpt, step, accelerator.unwrap_model(unet), optimizer)
     bar.close()
     loop_s = time.perf_counter() - started
-    lora = save_lora(StableDiffusionPipeline, accelerator.unwrap_model(unet), out)
+    accelerator.wait_for_everyone()
+    lora = out / "pytorch_lora_weights.safetensors"
+    if main:
+        save_lora(StableDiffusionPipeline, accelerator.unwrap_model(unet), out)
     summary = {"steps": step, "trained_steps": step - first_step, "examples": examples,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "losses": losses, "loop_s": loop_s,
                "steps_per_s": (step - first_step) / loop_s if loop_s > 0 else math.nan,
-               "lora": str(lora), **(extra or {}), "config": dataclasses.asdict(cfg)}  # fmt: skip
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+               "lora": str(lora), "processes": accelerator.num_processes, **(extra or {}),
+               "config": dataclasses.asdict(cfg)}  # fmt: skip
+    if main:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -90,8 +90,9 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict[str, Any]:
     pairs = load_pairs(cfg.data)
     chosen = encode_images(pipe, [w for w, _, _ in pairs], cfg.resolution)
     rejected = encode_images(pipe, [lo for _, lo, _ in pairs], cfg.resolution)
-    embeddings = encode_texts(pipe, [c for _, _, c in pairs])  # (N, 77, D)
-    empty = encode_texts(pipe, [""])  # (1, 77, D)
+    # One encoder pass for the captions and the empty prompt (caption dropout's stand-in).
+    embeddings = encode_texts(pipe, [*[c for _, _, c in pairs], ""])  # (N + 1, 77, D)
+    embeddings, empty = embeddings[:-1], embeddings[-1:]
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def loss_at(unet, idx, g, step):

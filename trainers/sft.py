@@ -106,8 +106,9 @@ def train_sft(cfg: SFTConfig, progress: bool = True) -> dict[str, Any]:
     rows = load_rows(cfg.data)
     started = time.perf_counter()
     latents = encode_images(pipe, [img for img, _ in rows], cfg.resolution)
-    embeddings = encode_texts(pipe, [text for _, text in rows])  # (N, 77, D)
-    empty = encode_texts(pipe, [""])  # (1, 77, D)
+    # One encoder pass for the captions and the empty prompt (caption dropout's stand-in).
+    embeddings = encode_texts(pipe, [*[text for _, text in rows], ""])  # (N + 1, 77, D)
+    embeddings, empty = embeddings[:-1], embeddings[-1:]
     encode_s = time.perf_counter() - started
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
