@@ -12,9 +12,13 @@ everything else uses the faster random tiny-sd.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from artloop.models.tiny import build_cached
 from artloop.models.tiny_diffusion import SD_CONFIG, _build_sd
+
+if TYPE_CHECKING:
+    import torch
 
 FIT_CONFIG: dict = {
     **SD_CONFIG,
@@ -34,7 +38,7 @@ FIT_CONFIG: dict = {
 _SUBJECTS = ["fox", "castle", "lighthouse", "forest", "street", "lake", "cat", "garden", "harbour", "desert", "robot", "violin", "bridge", "owl", "ship", "tower", "dragon", "flower", "mountain", "river"]  # fmt: skip
 
 
-def colour_fields(n: int, size: int, grid: int, generator) -> torch.Tensor:  # noqa: F821
+def colour_fields(n: int, size: int, grid: int, generator: torch.Generator) -> torch.Tensor:
     """n smooth random images (B, 3, size, size) in [-1, 1]: a grid x grid field of uniform
     random colours, bilinearly upsampled."""
     import torch
@@ -45,7 +49,8 @@ def colour_fields(n: int, size: int, grid: int, generator) -> torch.Tensor:  # n
 
 
 def _fit_unet(pipe, fit: dict) -> list[float]:
-    """Plain full-UNet denoising training on colour fields; returns the losses."""
+    """Plain full-UNet denoising training on colour fields; returns the losses. (Written out
+    rather than reusing trainers/: models are built below the trainers, which import them.)"""
     import torch
     import torch.nn.functional as F
 

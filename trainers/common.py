@@ -85,6 +85,9 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float) -> list[torch.nn.Pa
     return [p for p in unet.parameters() if p.requires_grad]
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers saves and loads
+
+
 def save_lora(pipeline_cls: type, unet: torch.nn.Module, out_dir: Path) -> Path:
     """Save the adapter in diffusers' format: `pipe.load_lora_weights(out_dir)` loads it."""
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -92,7 +95,7 @@ def save_lora(pipeline_cls: type, unet: torch.nn.Module, out_dir: Path) -> Path:
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
-    return out_dir / "pytorch_lora_weights.safetensors"
+    return out_dir / LORA_FILE
 
 
 def fuse_preset_lora(pipe: Any, preset: str) -> None:
@@ -262,7 +265,7 @@ def train_lora(cfg: LoRATrainConfig, pipe: Any, examples: int,
     bar.close()
     loop_s = time.perf_counter() - started
     accelerator.wait_for_everyone()
-    lora = out / "pytorch_lora_weights.safetensors"
+    lora = out / LORA_FILE
     if main:
         save_lora(StableDiffusionPipeline, accelerator.unwrap_model(unet), out)
     summary = {"steps": step, "trained_steps": step - first_step, "examples": examples,

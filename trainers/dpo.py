@@ -24,7 +24,7 @@ from artloop.trainers.common import (
     parquet_rows,
     train_lora,
 )
-from artloop.trainers.sft import encode_images, encode_texts, noised, sample_noise
+from artloop.trainers.sft import encode_captions, encode_images, noised, sample_noise
 from PIL import Image
 
 
@@ -90,9 +90,7 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict[str, Any]:
     pairs = load_pairs(cfg.data)
     chosen = encode_images(pipe, [w for w, _, _ in pairs], cfg.resolution)
     rejected = encode_images(pipe, [lo for _, lo, _ in pairs], cfg.resolution)
-    # One encoder pass for the captions and the empty prompt (caption dropout's stand-in).
-    embeddings = encode_texts(pipe, [*[c for _, _, c in pairs], ""])  # (N + 1, 77, D)
-    embeddings, empty = embeddings[:-1], embeddings[-1:]
+    embeddings, empty = encode_captions(pipe, [c for _, _, c in pairs])
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def loss_at(unet, idx, g, step):

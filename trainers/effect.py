@@ -47,6 +47,10 @@ class EffectStudy:
     eval_seeds: tuple[int, ...] = (7, 8, 9)
     held_out: int = 6
 
+    def __post_init__(self) -> None:
+        if self.agents not in ("scripted", "tiny-vlm"):
+            raise ValueError(f"EffectStudy.agents: {self.agents!r} is not scripted or tiny-vlm")
+
 
 def collect(study: EffectStudy) -> list[float]:
     """Loop sessions judged by darkness; returns each one's gain over its first image."""

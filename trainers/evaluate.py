@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from artloop.tools.rewards import get_reward
-from artloop.trainers.common import TrainerConfigError, help_field, load_prompts
+from artloop.trainers.common import LORA_FILE, TrainerConfigError, help_field, load_prompts
 from PIL import Image
 
 
@@ -44,10 +44,8 @@ class EvalConfig:
             except KeyError as e:
                 raise TrainerConfigError(f"EvalConfig.scorers: {e.args[0]}") from None
         for lora in self.lora:
-            if not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
-                raise TrainerConfigError(
-                    f"EvalConfig.lora: no pytorch_lora_weights.safetensors in {lora}"
-                )
+            if not (Path(lora) / LORA_FILE).is_file():
+                raise TrainerConfigError(f"EvalConfig.lora: no {LORA_FILE} in {lora}")
         if not self.seeds:
             raise TrainerConfigError("EvalConfig.seeds: at least one seed")
 

@@ -87,6 +87,13 @@ def noised(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tenso
     return scheduler.add_noise(latents, noise, t), target
 
 
+def encode_captions(pipe: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The captions' embeddings (N, 77, D) and the empty prompt's (1, 77, D), caption dropout's
+    stand-in, in one encoder pass."""
+    embeddings = encode_texts(pipe, [*texts, ""])
+    return embeddings[:-1], embeddings[-1:]
+
+
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, embeddings: torch.Tensor,
                    generator: torch.Generator) -> torch.Tensor:  # fmt: skip
     """The denoising loss on one batch: noise, a random timestep, predict noise (or velocity)."""
@@ -106,9 +113,7 @@ def train_sft(cfg: SFTConfig, progress: bool = True) -> dict[str, Any]:
     rows = load_rows(cfg.data)
     started = time.perf_counter()
     latents = encode_images(pipe, [img for img, _ in rows], cfg.resolution)
-    # One encoder pass for the captions and the empty prompt (caption dropout's stand-in).
-    embeddings = encode_texts(pipe, [*[text for _, text in rows], ""])  # (N + 1, 77, D)
-    embeddings, empty = embeddings[:-1], embeddings[-1:]
+    embeddings, empty = encode_captions(pipe, [text for _, text in rows])
     encode_s = time.perf_counter() - started
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
