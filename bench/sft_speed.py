@@ -19,7 +19,8 @@ import torch
 from artloop.tools.diffusion import DiffusionTool
 from artloop.tools.images import ImageStore
 from artloop.trainers.common import add_lora
-from artloop.trainers.sft import SFTConfig, diffusion_loss, load_rows, to_pixels, train_sft
+from artloop.trainers.families import SDFamily, to_pixels
+from artloop.trainers.sft import SFTConfig, diffusion_loss, load_rows, train_sft
 from PIL import Image
 
 
@@ -40,14 +41,12 @@ def make_data(root: Path, n: int, size: int) -> Path:
 
 def reference_loop(data: Path, cfg: SFTConfig, root: Path) -> float:
     """steps/s of the re-encoding loop."""
-    from diffusers import DDPMScheduler
-
     pipe = DiffusionTool(cfg.model, store=ImageStore(root / "img")).pipeline
     rows = load_rows(str(data))
     torch.manual_seed(cfg.seed)
     params = add_lora(pipe.unet, cfg.rank, cfg.lora_alpha)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    family = SDFamily(pipe)  # its DDPM noising and UNet call
     pipe.unet.train()
     start = time.perf_counter()
     for step in range(cfg.train_steps):
@@ -59,7 +58,7 @@ def reference_loop(data: Path, cfg: SFTConfig, root: Path) -> float:
             ids = pipe.tokenizer([rows[i][1] for i in idx], padding="max_length", truncation=True,
                                  max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
             embeddings = pipe.text_encoder(ids)[0]
-        loss = diffusion_loss(pipe.unet, scheduler, latents, embeddings, g)
+        loss = diffusion_loss(family, pipe.unet, latents, {"text": embeddings}, g)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

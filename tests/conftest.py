@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
 # Nothing may be fetched from a model hub, here or in CI.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,3 +85,48 @@ def vllm_server(tmp_path_factory):
     server = VLMServer(cfg, log_path=tmp_path_factory.mktemp("vllm") / "vllm.log").start()
     yield server
     server.stop()
+
+
+# --- training data (trainer tests) ---
+@pytest.fixture(scope="session")
+def sft_data(tmp_path_factory):
+    """An sft export's layout: data/*.parquet with `image` (dark images) and `text`."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("sft-data")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 60).astype(np.uint8)) for _ in range(8)]
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "text": [f"a red fox, take {i}" for i in range(8)]}
+    )
+    (root / "data").mkdir()
+    ds.cast_column("image", datasets.Image()).to_parquet(
+        root / "data" / "train-00000-of-00001.parquet"
+    )
+    return root
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def dpo_data(tmp_path_factory):
+    """Pick-a-Pic pairs preferring the dark image, on either side (label_0 says which), + a tie."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("dpo-data")
+    rng = np.random.default_rng(0)
+    rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
+    for i in range(9):
+        dark, bright = jpeg(rng.random((64, 64, 3)) * 60), jpeg(195 + rng.random((64, 64, 3)) * 60)
+        dark_first = i % 2 == 0
+        rows["caption"].append(f"a red fox, take {i}")
+        rows["jpg_0"].append(dark if dark_first else bright)
+        rows["jpg_1"].append(bright if dark_first else dark)
+        rows["label_0"].append(0.5 if i == 8 else 1.0 if dark_first else 0.0)
+    (root / "data").mkdir()
+    datasets.Dataset.from_dict(rows).to_parquet(root / "data" / "train-00000-of-00001.parquet")
+    return root

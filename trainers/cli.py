@@ -30,7 +30,8 @@ def _runner(train: Callable[[Any], dict]) -> Callable[[Any], None]:
             summary = train(cfg)
         except (TrainerConfigError, DiffusionError) as e:
             fail(str(e))
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "losses")}))
+        if summary.get("main_process", True):  # under torchrun / accelerate: one line, not N
+            print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "losses")}))
 
     return run
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 if TYPE_CHECKING:  # torch is imported where it runs: the CLI starts without it
     import torch
+    from artloop.trainers.families import Cond, Family
 
 
 C = TypeVar("C")
@@ -76,7 +77,8 @@ def typer_command(cls: type[C], run: Callable[[C], Any]) -> Callable[..., Any]:
 
 # --- LoRA ---------------------------------------------------------------------------------------
 def add_lora(unet: torch.nn.Module, rank: int, alpha: float) -> list[torch.nn.Parameter]:
-    """Freeze `unet`, add a trainable LoRA to its attention projections; its parameters."""
+    """Freeze the denoiser `unet` (a UNet or a FLUX transformer), add a trainable LoRA to its
+    attention projections; its parameters."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
@@ -86,16 +88,6 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float) -> list[torch.nn.Pa
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers saves and loads
-
-
-def save_lora(pipeline_cls: type, unet: torch.nn.Module, out_dir: Path) -> Path:
-    """Save the adapter in diffusers' format: `pipe.load_lora_weights(out_dir)` loads it."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import get_peft_model_state_dict
-
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
-    return out_dir / LORA_FILE
 
 
 def fuse_preset_lora(pipe: Any, preset: str) -> None:
@@ -113,7 +105,8 @@ class LoRATrainConfig:
 
     data: str = help_field("", help="Dataset: an `artloop export` directory or a parquet file")
     output_dir: str = help_field("artloop-lora", help="Where the LoRA and checkpoints go")
-    model: str = help_field("tiny-sd", help="Base model: tiny-sd, an SD1.5-family id or path")
+    model: str = help_field("tiny-sd", help="Base model: a tiny name (tiny-sd, tiny-sdxl, "
+                            "tiny-flux), or an SD 1.5 / SDXL / FLUX id or path")  # fmt: skip
     resolution: int = help_field(256, help="Training resolution (images are resized + cropped)")
     rank: int = help_field(8, help="LoRA rank")
     lora_alpha: float = help_field(8.0, help="LoRA alpha (scale = alpha / rank)")
@@ -159,13 +152,14 @@ class DenoisingTrainConfig(LoRATrainConfig):
             )
 
 
-def drop_captions(text: torch.Tensor, empty: torch.Tensor, p: float, g: torch.Generator):
-    """Replace each example's (77, D) text embedding by the empty prompt's `empty` (1, 77, D)
-    with probability p: (B, 77, D)."""
+def drop_captions(cond: Cond, empty: Cond, p: float, g: torch.Generator) -> Cond:
+    """Replace each example's prompt encoding (every tensor of `cond`, batch first) by the empty
+    prompt's `empty` (batch 1) with probability p."""
     import torch
 
-    dropped = torch.rand(text.shape[0], generator=g) < p  # (B,)
-    return torch.where(dropped[:, None, None], empty, text)
+    dropped = torch.rand(next(iter(cond.values())).shape[0], generator=g) < p  # (B,)
+    return {k: torch.where(dropped.view(-1, *[1] * (v.ndim - 1)).to(v.device), empty[k].to(v), v)
+            for k, v in cond.items()}  # fmt: skip
 
 
 def parquet_rows(data: str, columns: set[str], owner: str) -> Any:
@@ -195,27 +189,35 @@ def load_prompts(data: str, field: str) -> list[str]:
     return prompts
 
 
-def load_base(cfg: LoRATrainConfig) -> Any:
-    """The base pipeline (SD1.5 family), with the preset LoRA fused in when one is given."""
-    from artloop.tools.diffusion import DiffusionTool
+def load_base(cfg: LoRATrainConfig) -> Family:
+    """The base model (SD 1.5, SDXL or FLUX) as its training family, with the preset LoRA fused
+    in when one is given."""
+    from artloop.tools.diffusion import SIZE_MULTIPLE, DiffusionError, DiffusionTool
     from artloop.tools.images import ImageStore
+    from artloop.trainers.families import FAMILIES
 
+    name = type(cfg).__name__
     tool = DiffusionTool(model=cfg.model, store=ImageStore(Path(cfg.output_dir) / ".unused"))
-    if tool.family != "sd":
-        raise TrainerConfigError(f"{type(cfg).__name__}.model: {cfg.model} is {tool.family}; "
-                                 f"the LoRA trainers support the SD1.5 family so far")  # fmt: skip
+    try:
+        family = tool.family
+    except DiffusionError as e:
+        raise TrainerConfigError(f"{name}.model: {e}") from None
+    if cfg.resolution % SIZE_MULTIPLE[family]:
+        raise TrainerConfigError(f"{name}.resolution: {cfg.resolution} is not a multiple of "
+                                 f"{SIZE_MULTIPLE[family]} ({family} latents)")  # fmt: skip
     pipe = tool.pipeline
     if cfg.preset_lora:
         fuse_preset_lora(pipe, cfg.preset_lora)
-    return pipe
+    return FAMILIES[family](pipe, tool.max_sequence_length)
 
 
-def train_lora(cfg: LoRATrainConfig, pipe: Any, examples: int,
+def train_lora(cfg: LoRATrainConfig, family: Family, examples: int,
                loss_at: Callable[[Any, torch.Tensor, torch.Generator, int], torch.Tensor],
                name: str, progress: bool = True, extra: dict | None = None) -> dict[str, Any]:  # fmt: skip
-    """The loop every trainer shares: a LoRA on the UNet, AdamW, accelerate, checkpoints.
+    """The loop every trainer shares: a LoRA on the denoiser (UNet or transformer), AdamW,
+    accelerate, checkpoints.
 
-    `loss_at(unet, idx, g, step)` is the trainer's loss on the examples `idx`; `g` supplies all
+    `loss_at(denoiser, idx, g, step)` is the trainer's loss on the examples `idx`; `g` supplies all
     its randomness. Batches and generators come from (seed, step, micro-batch), so a run resumed
     from a checkpoint matches an unbroken one exactly.
     """
@@ -224,15 +226,17 @@ def train_lora(cfg: LoRATrainConfig, pipe: Any, examples: int,
 
     import torch
     from accelerate import Accelerator
-    from diffusers import StableDiffusionPipeline
     from tqdm.auto import tqdm
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # cpu=True where there is no GPU: only then does accelerate read torchrun's environment as
+    # several CPU processes (gloo) instead of one.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=cfg.mixed_precision)  # fmt: skip
-    pipe.to(accelerator.device)
-    unet = pipe.unet
+                              mixed_precision=cfg.mixed_precision,
+                              cpu=not torch.cuda.is_available())  # fmt: skip
+    family.pipe.to(accelerator.device)
+    unet = family.denoiser
     torch.manual_seed(cfg.seed)  # the LoRA's initial weights
     optimizer = torch.optim.AdamW(add_lora(unet, cfg.rank, cfg.lora_alpha), lr=cfg.learning_rate)
     ckpt, step = out / "checkpoint", 0
@@ -264,15 +268,21 @@ def train_lora(cfg: LoRATrainConfig, pipe: Any, examples: int,
             save_checkpoint(ckpt, step, accelerator.unwrap_model(unet), optimizer)
     bar.close()
     loop_s = time.perf_counter() - started
+    # Each process's LoRA norm, gathered: equal in all processes iff gradients were synced.
+    lora_norm = torch.stack(
+        [p.detach().float().norm() for p in unet.parameters() if p.requires_grad]
+    )
+    norms = accelerator.gather(lora_norm.norm()[None].to(accelerator.device)).tolist()
     accelerator.wait_for_everyone()
     lora = out / LORA_FILE
     if main:
-        save_lora(StableDiffusionPipeline, accelerator.unwrap_model(unet), out)
+        family.save_lora(accelerator.unwrap_model(unet), out)
     summary = {"steps": step, "trained_steps": step - first_step, "examples": examples,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "losses": losses, "loop_s": loop_s,
                "steps_per_s": (step - first_step) / loop_s if loop_s > 0 else math.nan,
-               "lora": str(lora), "processes": accelerator.num_processes, **(extra or {}),
+               "lora": str(lora), "family": family.name, "lora_norm_per_process": norms,
+               "processes": accelerator.num_processes, "main_process": main, **(extra or {}),
                "config": dataclasses.asdict(cfg)}  # fmt: skip
     if main:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))

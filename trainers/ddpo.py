@@ -1,7 +1,8 @@
 """DDPO (Black et al. 2023; kvablack/ddpo-pytorch): reinforcement learning on the denoising
 chain. Sample images with DDIM (eta > 0) while recording each step's log-probability, score them
 with a reward, then push up the log-probability of high-advantage steps with PPO's clipped,
-importance-sampled objective.
+importance-sampled objective. FLUX samples by flow matching, a deterministic ODE; there the chain
+is Flow-GRPO's SDE with the same marginals, whose steps are Gaussian with known log-probability.
 
     artloop train ddpo --data PROMPTS_EXPORT --output-dir LORA_DIR --reward darkness [...]
 
@@ -23,7 +24,7 @@ from artloop.trainers.common import (
     load_prompts,
     train_lora,
 )
-from artloop.trainers.sft import encode_texts
+from artloop.trainers.families import Cond, Family, concat, device_of, take
 
 if TYPE_CHECKING:  # torch is imported where it runs: the CLI starts without it
     import torch
@@ -35,8 +36,11 @@ class DDPOConfig(LoRATrainConfig):
 
     reward: str = help_field("darkness", help="Reward name: " + ", ".join(sorted(REWARDS)))
     sample_steps: int = help_field(10, help="DDIM steps per sampled image")
-    eta: float = help_field(1.0, help="DDIM eta (> 0: a stochastic policy with log-probs)")
-    guidance_scale: float = help_field(5.0, help="Classifier-free guidance while sampling")
+    eta: float = help_field(1.0, help="Sampling noise (> 0: a stochastic policy with "
+                            "log-probs): DDIM's eta, or the flow SDE's noise level for FLUX "
+                            "(Flow-GRPO used 0.7)")  # fmt: skip
+    guidance_scale: float = help_field(5.0, help="Classifier-free guidance while sampling "
+                                       "(not FLUX: it is guidance-distilled)")  # fmt: skip
     inner_epochs: int = help_field(2, help="Optimizer steps on each sampled batch (PPO)")
     clip_range: float = help_field(0.2, help="PPO clip range of the importance ratio")
     learning_rate: float = help_field(3e-4, help="AdamW learning rate")
@@ -85,35 +89,88 @@ def ddim_step_with_logprob(scheduler, pred: torch.Tensor, t: int, sample: torch.
     return prev_sample, log_prob.mean(dim=tuple(range(1, sample.ndim)))
 
 
-def guided_prediction(unet, latents, t, text, uncond, guidance: float):
-    """Classifier-free guided UNet output (noise or velocity)."""
+def flow_sde_step_with_logprob(pred: torch.Tensor, sigma: float, sigma_next: float,
+                               sigma_max: float, sample: torch.Tensor, noise_level: float,
+                               generator: torch.Generator | None = None,
+                               prev_sample: torch.Tensor | None = None):  # fmt: skip
+    """One step of the SDE that has rectified flow's marginals (Flow-GRPO, Liu et al. 2025), with
+    log p(prev_sample | sample): (B,). `pred` is the velocity n - x0 at flow time `sigma`; the
+    step goes to `sigma_next` < sigma. noise_level -> 0 gives the plain Euler (ODE) step."""
     import torch
 
-    eps = unet(
-        torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, text])
-    ).sample
-    e_uncond, e_text = eps.chunk(2)
+    dt = sigma_next - sigma  # < 0: from noise (1) towards data (0)
+    # sigma_t = a * sqrt(s / (1 - s)); at s = 1 it is infinite, so the first step uses s_max.
+    std_t = noise_level * math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma)))
+    mean = (sample * (1 + std_t**2 / (2 * sigma) * dt)
+            + pred * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt)  # fmt: skip
+    std = std_t * math.sqrt(-dt)
+    if prev_sample is None:
+        prev_sample = mean + std * torch.randn(sample.shape, generator=generator).to(sample)
+    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * std**2)
+                - math.log(std) - math.log(math.sqrt(2 * math.pi)))  # fmt: skip
+    return prev_sample, log_prob.mean(dim=tuple(range(1, sample.ndim)))
+
+
+class Chain:
+    """The stochastic sampling chain DDPO scores: DDIM for SD / SDXL, the flow SDE for FLUX.
+    `timesteps[i]` is what the denoiser reads at step i; `step(i, ...)` is that step."""
+
+    def __init__(self, family: Family, steps: int, eta: float) -> None:
+        import torch
+        from diffusers import DDIMScheduler
+
+        self.eta, self.flow = eta, family.name == "flux"
+        if self.flow:  # flow time from 1 (noise) to 0, evenly spaced
+            self.sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+            self.timesteps = [torch.tensor(s) for s in self.sigmas[:-1]]
+        else:
+            # set_alpha_to_one=False (SD 1.5's own setting): with True (the default that SDXL's
+            # Euler config falls back to), the last step is deterministic and has no log-prob.
+            self.scheduler = DDIMScheduler.from_config(family.pipe.scheduler.config,
+                                                       set_alpha_to_one=False)  # fmt: skip
+            self.scheduler.set_timesteps(steps)
+            self.timesteps = list(self.scheduler.timesteps)
+
+    def step(self, i: int, pred, sample, g=None, prev_sample=None):
+        if self.flow:
+            s = self.sigmas
+            return flow_sde_step_with_logprob(pred, s[i], s[i + 1], s[1], sample, self.eta,
+                                              g, prev_sample)  # fmt: skip
+        return ddim_step_with_logprob(self.scheduler, pred, int(self.timesteps[i]), sample,
+                                      self.eta, g, prev_sample)  # fmt: skip
+
+
+def guided_prediction(family: Family, denoiser, latents, t, cond: Cond, uncond: Cond,
+                      guidance: float):  # fmt: skip
+    """The denoiser's output with classifier-free guidance (FLUX: guidance-distilled, one pass)."""
+    import torch
+
+    if family.name == "flux":
+        return family.predict(denoiser, latents, t, cond)
+    pred = family.predict(denoiser, torch.cat([latents, latents]), t, concat(uncond, cond))
+    e_uncond, e_text = pred.chunk(2)
     return e_uncond + guidance * (e_text - e_uncond)
 
 
-def sample_with_logprobs(pipe, unet, scheduler, text, uncond, cfg: DDPOConfig, g):
-    """Sample a batch: the latents chain (T+1, B, ...), log-probs (T, B), timesteps, images."""
+def sample_with_logprobs(family: Family, denoiser, chain: Chain, cond: Cond, uncond: Cond,
+                         cfg: DDPOConfig, g):  # fmt: skip
+    """Sample a batch: the latents chain (T+1, B, ...), log-probs (T, B), images."""
     import torch
 
-    size = cfg.resolution // pipe.vae_scale_factor
-    latents = torch.randn((text.shape[0], unet.config.in_channels, size, size), generator=g).to(
-        text
-    )
-    chain, log_probs = [latents], []
+    size = cfg.resolution // family.pipe.vae_scale_factor
+    channels = family.pipe.vae.config.latent_channels
+    batch = next(iter(cond.values())).shape[0]
+    latents = torch.randn((batch, channels, size, size), generator=g).to(cond["text"])
+    states, log_probs = [latents], []
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            pred = guided_prediction(unet, latents, t, text, uncond, cfg.guidance_scale)
-            latents, lp = ddim_step_with_logprob(scheduler, pred, int(t), latents, cfg.eta, g)
-            chain.append(latents)
+        for i, t in enumerate(chain.timesteps):
+            pred = guided_prediction(family, denoiser, latents, t.to(latents.device), cond,
+                                     uncond, cfg.guidance_scale)  # fmt: skip
+            latents, lp = chain.step(i, pred, latents, g)
+            states.append(latents)
             log_probs.append(lp)
-        pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    images = pipe.image_processor.postprocess(pixels, output_type="pil")
-    return torch.stack(chain), torch.stack(log_probs), images
+        images = family.decode(latents)
+    return torch.stack(states), torch.stack(log_probs), images
 
 
 def ppo_loss(new_lp, old_lp, advantages, clip: float):
@@ -130,41 +187,38 @@ def train_ddpo(cfg: DDPOConfig, progress: bool = True) -> dict[str, Any]:
     """Train; returns a summary (steps, losses and mean rewards, the LoRA file)."""
     import numpy as np
     import torch
-    from diffusers import DDIMScheduler
 
-    pipe = load_base(cfg)
-    prompts = load_prompts(cfg.data, "DDPOConfig.data")
-    text = encode_texts(pipe, prompts)
-    uncond = encode_texts(pipe, [""])
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(cfg.sample_steps)
+    prompts = load_prompts(cfg.data, "DDPOConfig.data")  # bad data fails before the model loads
+    family = load_base(cfg)
+    text, uncond = family.encode_captions(prompts)
+    chain = Chain(family, cfg.sample_steps, cfg.eta)
     score = get_reward(cfg.reward)
     batches: dict[int, tuple] = {}  # sampled batch per PPO round, reused for its inner epochs
     rewards: list[float] = []
 
-    def loss_at(unet, idx, g, step):
+    def loss_at(denoiser, idx, g, step):
+        d = device_of(denoiser)
         round_ = step // cfg.inner_epochs  # PPO: each sampled batch serves inner_epochs steps
         if round_ not in batches:  # sample fresh with the current policy (no gradients)
             batches.clear()
-            d = unet.device
-            chain, old_lp, images = sample_with_logprobs(pipe, unet, scheduler, text[idx].to(d),
-                                                         uncond.to(d).expand(len(idx), -1, -1), cfg, g)  # fmt: skip
+            cond = take(text, idx, d)
+            unc = {k: v.to(d).expand(len(idx), *v.shape[1:]) for k, v in uncond.items()}
+            states, old_lp, images = sample_with_logprobs(
+                family, denoiser, chain, cond, unc, cfg, g
+            )
             r, _ = score(images, [prompts[i] for i in idx], [{} for _ in idx])
             rewards.append(float(np.mean(r)))
             adv = torch.as_tensor((r - r.mean()) / (r.std() + 1e-6), dtype=torch.float32)
-            batches[round_] = (idx, chain, old_lp, adv)
-        idx, chain, old_lp, adv = batches[round_]
-        d = unet.device
-        cond, unc = text[idx].to(d), uncond.to(d).expand(len(idx), -1, -1)
+            batches[round_] = (cond, unc, states, old_lp, adv)
+        cond, unc, states, old_lp, adv = batches[round_]  # with the prompts it was sampled for
         losses = []
-        for j, t in enumerate(scheduler.timesteps):  # every denoising step of the chain
-            pred = guided_prediction(unet, chain[j], t, cond, unc, cfg.guidance_scale)
-            _, new_lp = ddim_step_with_logprob(
-                scheduler, pred, int(t), chain[j], cfg.eta, prev_sample=chain[j + 1]
-            )
+        for j, t in enumerate(chain.timesteps):  # every denoising step of the chain
+            pred = guided_prediction(family, denoiser, states[j], t.to(d), cond, unc,
+                                     cfg.guidance_scale)  # fmt: skip
+            _, new_lp = chain.step(j, pred, states[j], prev_sample=states[j + 1])
             losses.append(ppo_loss(new_lp, old_lp[j], adv.to(d), cfg.clip_range))
         return torch.stack(losses).mean()
 
-    summary = train_lora(cfg, pipe, len(prompts), loss_at, "ddpo", progress)
+    summary = train_lora(cfg, family, len(prompts), loss_at, "ddpo", progress)
     summary["mean_rewards"] = rewards
     return summary

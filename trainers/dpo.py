@@ -6,7 +6,7 @@ chosen image of each pair over the rejected one, relative to the frozen base as 
 Reads `artloop export --format dpo` (Pick-a-Pic: caption, jpg_0, jpg_1, label_0). For a pair
 (w, l) with the same noise and timestep, with e = ||target - prediction||^2 per example:
     loss = -log sigmoid(-beta/2 * ((e_w - e_l)_policy - (e_w - e_l)_reference))
-The reference is the same UNet with the LoRA switched off, so no second copy is held.
+The reference is the same denoiser with the LoRA switched off, so no second copy is held.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from artloop.trainers.common import (
     parquet_rows,
     train_lora,
 )
-from artloop.trainers.sft import encode_captions, encode_images, noised, sample_noise
+from artloop.trainers.families import Cond, Family, concat, device_of, take
 from PIL import Image
 
 
@@ -56,24 +56,24 @@ def load_pairs(data: str) -> list[tuple[Image.Image, Image.Image, str]]:
     return pairs
 
 
-def dpo_loss(unet, scheduler, chosen, rejected, embeddings, generator, beta: float):
+def dpo_loss(family: Family, denoiser, chosen, rejected, cond: Cond, generator, beta: float):
     """The Diffusion-DPO loss on a batch of pairs (B chosen, B rejected latents)."""
     import torch
     import torch.nn.functional as F
 
-    noise, t = sample_noise(scheduler, chosen, generator)  # shared by both images of a pair
+    noise, t = family.sample_noise(chosen, generator)  # shared by both images of a pair
     latents, noise, t = torch.cat([chosen, rejected]), torch.cat([noise, noise]), torch.cat([t, t])
-    noisy, target = noised(scheduler, latents, noise, t)  # (2B, 4, h, w)
-    context = torch.cat([embeddings, embeddings])
+    noisy, target = family.noised(latents, noise, t)  # (2B, C, h, w)
+    both = concat(cond, cond)
 
     def errors() -> torch.Tensor:  # per-example squared error: (2B,)
-        pred = unet(noisy, t, encoder_hidden_states=context).sample
+        pred = family.predict(denoiser, noisy, t, both)
         return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
     policy = errors()
-    model = getattr(unet, "module", unet)  # accelerate may wrap it
+    model = getattr(denoiser, "module", denoiser)  # accelerate may wrap it
     with torch.no_grad():
-        model.disable_adapters()  # the reference: the same UNet without the LoRA
+        model.disable_adapters()  # the reference: the same denoiser without the LoRA
         try:
             reference = errors()
         finally:
@@ -84,19 +84,15 @@ def dpo_loss(unet, scheduler, chosen, rejected, embeddings, generator, beta: flo
 
 def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict[str, Any]:
     """Train; returns a summary (steps, losses, timing, the LoRA file)."""
-    from diffusers import DDPMScheduler
+    pairs = load_pairs(cfg.data)  # bad data fails before the model loads
+    family = load_base(cfg)
+    chosen = family.encode_images([w for w, _, _ in pairs], cfg.resolution)
+    rejected = family.encode_images([lo for _, lo, _ in pairs], cfg.resolution)
+    captions, empty = family.encode_captions([c for _, _, c in pairs])
 
-    pipe = load_base(cfg)
-    pairs = load_pairs(cfg.data)
-    chosen = encode_images(pipe, [w for w, _, _ in pairs], cfg.resolution)
-    rejected = encode_images(pipe, [lo for _, lo, _ in pairs], cfg.resolution)
-    embeddings, empty = encode_captions(pipe, [c for _, _, c in pairs])
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    def loss_at(denoiser, idx, g, step):
+        d = device_of(denoiser)
+        cond = drop_captions(take(captions, idx, d), empty, cfg.caption_dropout, g)
+        return dpo_loss(family, denoiser, chosen[idx].to(d), rejected[idx].to(d), cond, g, cfg.beta)
 
-    def loss_at(unet, idx, g, step):
-        d = unet.device
-        text = drop_captions(embeddings[idx], empty, cfg.caption_dropout, g)
-        return dpo_loss(unet, scheduler, chosen[idx].to(d), rejected[idx].to(d),
-                        text.to(d), g, cfg.beta)  # fmt: skip
-
-    return train_lora(cfg, pipe, len(pairs), loss_at, "dpo", progress)
+    return train_lora(cfg, family, len(pairs), loss_at, "dpo", progress)
