@@ -84,7 +84,11 @@ def _summarise(name: str, update: dict) -> str:
         case "thesis_cot":
             return f"{len(out.get('thesis_cot', {}).get('regional_edits', []))} regional edit(s)"
         case "validate":
-            return f"{step.get('verdict')} score {step.get('score', 0):.2f} -> {update.get('status') or 'revise'}"
+            v = out.get("validate", {})
+            return f"{v.get('verdict')} score {v.get('score', 0):.2f}"
+        case "decide":
+            who = step.get("decided_by", {}).get("verdict", "agent")
+            return f"{step.get('verdict')} ({who}) -> {update.get('status') or 'revise'}"
     return ""
 
 

@@ -1,13 +1,15 @@
-"""The refine loop (DESIGN.md):
+"""The refine loop (DESIGN.md), with a person able to take over at three pauses (*):
 
-    prompt -> enhance -> generate -> data_cot -> concept_cot -> thesis_cot -> edit -> validate
-                ^                                                                  |
-                +------------------- revise (not accepted, budget left) <---------+
-                                                         accept / give up -> record
+    prompt -> enhance -> *prompt -> generate -> data_cot -> concept_cot -> thesis_cot -> *plan
+                ^                                                                         |
+                |        decide (*verdict) <- validate <- edit <--------------------------+
+                +--- revise (not accepted, budget left) --+-- accept / give up -> record
 
 Each iteration re-enhances the prompt (with the validator's feedback and the last plan's revised
 prompt), generates with the same seed, critiques, edits and validates. The best image so far is
 kept. State holds image hashes, never pixels; each finished iteration is written to the store.
+A session lists its pauses in `pause_at` (graphs/human.py); a pause is LangGraph's `interrupt()`,
+and every node is safe to re-run from its top when a session resumes.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ from dataclasses import replace
 from typing import Any, Literal, TypedDict
 
 from artloop import agents
-from artloop.agents.schemas import Critique, EditPlan, ImageFacts, Verdict
+from artloop.agents.schemas import Critique, ImageFacts, Verdict
+from artloop.graphs import human
 from artloop.graphs.context import RefineContext, default_context
+from artloop.graphs.human import Plan
 from artloop.models.structured import Structured
 from artloop.tools.diffusion import GenParams
 from artloop.tools.image_facts import measure
 from artloop.tools.images import adjust_tone
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
+from langgraph.types import interrupt
 
 
 # --- state ------------------------------------------------------------------------------------
@@ -42,6 +47,7 @@ class RefineState(TypedDict, total=False):
     best_image: str | None
     best_score: float | None
     status: str | None  # None while revising; then accepted | max_iters | plateau
+    pause_at: list[str]  # where a person reviews: prompt, plan, verdict, or all
 
 
 # --- nodes ------------------------------------------------------------------------------------
@@ -83,8 +89,30 @@ def enhance(state: RefineState, ctx: RefineContext) -> dict:
         feedback=None if first else state.get("feedback"), policy=ctx.policy,
     )  # fmt: skip
     fresh = {"iteration": state.get("iteration", 0), "prompt": result.output.prompt,
-             "negative_prompt": result.output.negative_prompt, "decided_by": "agent"}  # fmt: skip
+             "negative_prompt": result.output.negative_prompt}  # fmt: skip
     return _agent(fresh, "enhance", result)
+
+
+def review(state: RefineState, point: str, proposal: dict) -> human.HumanAction:
+    """Pause for a person at `point` when the session asks for it; their checked answer (or the
+    agent's turn when there is no pause). Called first in its node: re-running it is free."""
+    if not human.pauses_at(state, point):
+        return human.HumanAction()
+    step = state["step"]
+    answer = interrupt({"pause": point, "run_id": state["run_id"], "iteration": step["iteration"],
+                        "image": step.get("image"), "edited_image": step.get("edited_image"),
+                        "proposal": proposal, "actions": list(human.ACTIONS[point])})  # fmt: skip
+    return human.check_action(point, answer)
+
+
+@node
+def review_prompt(state: RefineState, ctx: RefineContext) -> dict:
+    step = state["step"]
+    proposal = {"prompt": step["prompt"], "negative_prompt": step["negative_prompt"],
+                "params": state["params"]}  # fmt: skip
+    action = review(state, "prompt", proposal)
+    step, params = human.apply_to_prompt(step, state["params"], action)
+    return {"step": human.record(step, "prompt", action), "params": params}
 
 
 @node
@@ -125,6 +153,14 @@ def thesis_cot(state: RefineState, ctx: RefineContext) -> dict:
     return _agent(step, "thesis_cot", result)
 
 
+@node
+def review_plan(state: RefineState, ctx: RefineContext) -> dict:
+    step = state["step"]
+    action = review(state, "plan", step["agents"]["thesis_cot"])
+    plan = human.apply_to_plan(step["agents"]["thesis_cot"], action)
+    return {"step": human.record({**step, "plan": plan}, "plan", action)}
+
+
 def enough_steps(params: GenParams, strength: float) -> GenParams:
     """Partial denoising runs int(steps * strength) steps: keep at least one."""
     return replace(params, num_inference_steps=max(params.num_inference_steps,
@@ -136,7 +172,7 @@ def edit(state: RefineState, ctx: RefineContext) -> dict:
     """Apply the plan: a global img2img pass (when asked for, or when there is nothing regional),
     one inpainting pass per regional box edit, then the global tone factors."""
     step = state["step"]
-    plan = EditPlan.model_validate(step["agents"]["thesis_cot"])
+    plan = Plan.model_validate(step["plan"])
     params = GenParams(**state["params"])
     strength = plan.params.strength
     if strength is None:
@@ -164,31 +200,43 @@ def edit(state: RefineState, ctx: RefineContext) -> dict:
     return {"step": {**step, "edited_image": image, "edits": ops, "stats": stats}}
 
 
-@node(persist=True)
+@node
 def validate(state: RefineState, ctx: RefineContext) -> dict:
     step, loop = state["step"], ctx.loop
     before, after = (ctx.store.images.get(step[k]) for k in ("image", "edited_image"))
-    plan = EditPlan.model_validate(step["agents"]["thesis_cot"])
     if loop.judge == "vlm":
-        result = agents.validate(ctx.chat, before, after, state["prompt"], plan,
-                                 step["stats"]["image"], step["stats"]["edited"],
-                                 policy=ctx.policy)  # fmt: skip
+        result = agents.validate(ctx.chat, before, after, state["prompt"],
+                                 Plan.model_validate(step["plan"]), step["stats"]["image"],
+                                 step["stats"]["edited"], policy=ctx.policy)  # fmt: skip
     else:  # a measured preference judges instead of the VLM
         result = agents.judge_by_reward(before, after, state["prompt"], loop.judge,
                                         loop.accept_score)  # fmt: skip
-    verdict: Verdict = result.output
+    return _agent(step, "validate", result)
+
+
+@node(persist=True)
+def decide(state: RefineState, ctx: RefineContext) -> dict:
+    """The verdict (the validator's, or a person's overruling it), then the loop's bookkeeping:
+    the iteration's result, the best so far, and whether to stop."""
+    step, loop = state["step"], ctx.loop
+    agent_verdict = Verdict.model_validate(step["agents"]["validate"])
+    action = review(state, "verdict", agent_verdict.model_dump())
+    verdict = {"agent": agent_verdict.verdict, "accept": "accept", "reject": "reject"}[
+        action.action
+    ]
+    score = agent_verdict.score
     # A rejected edit made things worse: the iteration's result is the image before it.
-    result_image = step["image"] if verdict.verdict == "reject" else step["edited_image"]
-    step = _agent(step, "validate", result)["step"] | {
-        "score": verdict.score, "verdict": verdict.verdict, "result_image": result_image,
+    result_image = step["image"] if verdict == "reject" else step["edited_image"]
+    step = human.record(step, "verdict", action) | {
+        "score": score, "verdict": verdict, "result_image": result_image,
     }  # fmt: skip
-    i, scores = step["iteration"], [*state.get("scores", []), verdict.score]
+    i, scores = step["iteration"], [*state.get("scores", []), score]
     best_score = state.get("best_score")
-    improved = best_score is None or verdict.score > best_score
+    improved = best_score is None or score > best_score or action.action == "accept"
 
     status = None
     patience = loop.plateau_patience
-    if verdict.verdict == "accept" and verdict.score >= loop.accept_score:
+    if action.action == "accept" or (verdict == "accept" and score >= loop.accept_score):
         status = "accepted"
     elif i + 1 >= loop.max_iters:
         status = "max_iters"
@@ -197,15 +245,16 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
         and max(scores[-patience:]) < max(scores[:-patience]) + loop.plateau_min_delta
     ):
         status = "plateau"
+    plan = Plan.model_validate(step["plan"])
     changes = plan.params.model_dump(
         include={"guidance_scale", "num_inference_steps"}, exclude_none=True
     )
     return {
         "step": step, "scores": scores, "status": status, "iteration": i + 1,
-        "current_prompt": plan.revised_prompt, "feedback": verdict.reasons,
+        "current_prompt": plan.revised_prompt, "feedback": agent_verdict.reasons,
         "params": {**state["params"], **changes},
         "best_image": result_image if improved else state.get("best_image"),
-        "best_score": verdict.score if improved else best_score,
+        "best_score": score if improved else best_score,
     }  # fmt: skip
 
 
@@ -221,7 +270,7 @@ def record(state: RefineState, ctx: RefineContext) -> dict:
 
 
 # --- routers ----------------------------------------------------------------------------------
-def after_validate(state: RefineState) -> Literal["revise", "accept", "give_up"]:
+def after_decide(state: RefineState) -> Literal["revise", "accept", "give_up"]:
     if state.get("status") is None:
         return "revise"
     return "accept" if state["status"] == "accepted" else "give_up"
@@ -229,17 +278,15 @@ def after_validate(state: RefineState) -> Literal["revise", "accept", "give_up"]
 
 # --- builder ----------------------------------------------------------------------------------
 builder = StateGraph(RefineState, context_schema=RefineContext)
-for fn in (enhance, generate, data_cot, concept_cot, thesis_cot, edit, validate, record):
+NODES = (enhance, review_prompt, generate, data_cot, concept_cot, thesis_cot, review_plan, edit,
+         validate, decide, record)  # fmt: skip
+for fn in NODES:
     builder.add_node(fn.__name__, fn)
 builder.add_edge(START, "enhance")
-builder.add_edge("enhance", "generate")
-builder.add_edge("generate", "data_cot")
-builder.add_edge("data_cot", "concept_cot")
-builder.add_edge("concept_cot", "thesis_cot")
-builder.add_edge("thesis_cot", "edit")
-builder.add_edge("edit", "validate")
+for a, b in zip(NODES[:-2], NODES[1:-1], strict=True):  # enhance -> ... -> decide, in order
+    builder.add_edge(a.__name__, b.__name__)
 builder.add_conditional_edges(
-    "validate", after_validate, {"revise": "enhance", "accept": "record", "give_up": "record"}
+    "decide", after_decide, {"revise": "enhance", "accept": "record", "give_up": "record"}
 )
 builder.add_edge("record", END)
 

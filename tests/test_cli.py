@@ -61,6 +61,7 @@ def test_run_end_to_end(finished):
         "thesis_cot",
         "edit",
         "validate",
+        "decide",
     ):
         assert re.search(rf"\[iter 1\] {name}\s+\d+\.\d\ds", progress), name
 

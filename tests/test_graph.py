@@ -80,7 +80,10 @@ def test_trajectory_records_every_step(store, sd_tool):
     for step in (first, second):
         assert set(step["agents"]) == AGENTS
         assert step["image"] in store.images and step["edited_image"] in store.images
-        assert set(step["timings"]) == AGENTS | {"generate", "edit"}
+        assert set(step["timings"]) == AGENTS | {"generate", "edit", "review_prompt",
+                                                  "review_plan", "decide"}  # fmt: skip
+        # No pauses asked for: the agents decided everything.
+        assert step["decided_by"] == {"prompt": "agent", "plan": "agent", "verdict": "agent"}
         assert set(step["parse_failures"]) == AGENTS
         assert step["params"]["seed"] == 0 and {"brightness", "sharpness"} <= set(
             step["stats"]["image"]
