@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from artloop.graphs.cli import session_app
 from artloop.trainers.cli import eval_command, train_app
 from rich.console import Console
 from rich.table import Table
@@ -24,6 +25,7 @@ models_app = typer.Typer(
 app.add_typer(models_app, name="models")
 app.add_typer(serve_app, name="serve")
 app.add_typer(train_app, name="train")
+app.add_typer(session_app, name="session")
 app.command("eval")(eval_command)
 err = Console(stderr=True, highlight=False)
 
@@ -100,10 +102,30 @@ def _progress(name: str, update: dict) -> None:
     err.print(f"[dim]\\[{where}][/] {name:<11} {seconds:6.2f}s  {_summarise(name, update)}")
 
 
-def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quiet: bool) -> None:
-    """Start or resume a session and report it."""
+def _stored_loop(cfg, run_id: str | None):
+    """`cfg` with the loop settings stored with run `run_id`."""
+    from artloop.config import LoopConfig
+    from artloop.tools.store import StoreError, TrajectoryStore
+
+    try:
+        stored = TrajectoryStore(cfg.home).get_run(run_id or "")["config"].get("loop")
+    except StoreError as e:
+        fail(str(e))
+    return cfg.model_copy(update={"loop": LoopConfig(**stored)}) if stored else cfg
+
+
+Ask = Any  # (pause payload, store) -> an answer dict, None (the agent decides) or QUIT
+QUIT = object()
+
+
+def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quiet: bool,
+             pause_at: list[str] | None = None, answer: dict | None = None,
+             ask: Ask | None = None) -> None:  # fmt: skip
+    """Start or resume a session and report it. A session that pauses for a person is handed
+    to `ask` at each pause (or left paused when there is none)."""
     from artloop.config import ConfigError
     from artloop.graphs.context import build_context
+    from artloop.graphs.human import HumanActionError
     from artloop.graphs.runner import run_session
     from artloop.models.chat import check_chat_model
     from artloop.models.structured import ChatServerError, StructuredOutputError
@@ -112,6 +134,8 @@ def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quie
     from artloop.tools.store import new_run_id
 
     try:
+        if prompt is None:  # a resumed run keeps the loop rules it started with
+            cfg = _stored_loop(cfg, run_id)
         check_chat_model(cfg.chat)
         quiet_libraries()
         ctx = build_context(cfg)
@@ -122,7 +146,17 @@ def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quie
     progress = None if quiet else _progress
     try:
         summary = run_session(ctx, prompt=prompt, run_id=run_id, config=cfg.public_dict(),
-                              on_update=progress)  # fmt: skip
+                              on_update=progress, pause_at=pause_at, answer=answer)  # fmt: skip
+        while summary.status == "paused" and ask is not None:
+            reply = ask(summary.pause, ctx.store)
+            if reply is QUIT:
+                break
+            try:
+                summary = run_session(ctx, run_id=run_id, on_update=progress, answer=reply)
+            except HumanActionError as e:  # the session stays paused: ask again
+                err.print(f"[bold red]error:[/] {e}")
+    except HumanActionError as e:
+        fail(str(e))
     except (StructuredOutputError, ChatServerError, DiffusionError) as e:
         fail(f"{e} (the run is saved; continue with: artloop resume {run_id})", code=1)
     except ValueError as e:  # unknown run, nothing left to resume
@@ -130,6 +164,9 @@ def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quie
     except Exception as e:  # e.g. a server error from a client library: still one line
         fail(f"{type(e).__name__}: {e} (continue with: artloop resume {run_id})", code=1)
     report = write_report(ctx.store, summary.run_id)
+    if summary.status == "paused":
+        err.print(f"run [bold]{summary.run_id}[/] is paused at {summary.pause['pause']}; "
+                  f"continue with: artloop session resume {summary.run_id}")  # fmt: skip
     if as_json:
         print(json.dumps({**asdict(summary), "report": str(report), "home": str(cfg.home)}))
     else:

@@ -1,5 +1,6 @@
 """Run the refine graph as a session: SQLite checkpoints (one thread per run), progress per node,
-a trajectory in the store, resumable from the last checkpoint after a crash or a dead server."""
+a trajectory in the store, resumable from the last checkpoint after a crash or a dead server.
+A session paused for a person (graphs/human.py) resumes with their answer."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from artloop.graphs.context import RefineContext
+from artloop.graphs.human import check_action, check_pause_at
 from artloop.graphs.refine import RefineState, builder
 from artloop.prompts import PROMPTS_VERSION
 from artloop.tools.diffusion import GenParams
 from artloop.tools.store import check_run_id, new_run_id
 from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.types import Command, StateSnapshot
 
 OnUpdate = Callable[[str, dict[str, Any]], None]  # (node name, its state update)
 
@@ -30,6 +33,7 @@ class RunSummary:
     best_score: float | None
     final_image: str | None
     seconds: float
+    pause: dict | None = None  # where a paused session waits: the interrupt's payload
 
 
 @contextmanager
@@ -42,13 +46,20 @@ def open_checkpointer(home: Path) -> Iterator[SqliteSaver]:
         conn.close()
 
 
-def initial_state(run_id: str, prompt: str, ctx: RefineContext) -> RefineState:
+def pending_pause(snapshot: StateSnapshot) -> dict | None:
+    """The pause a session waits at (the payload the graph's interrupt() sent), if any."""
+    return snapshot.interrupts[0].value if snapshot.interrupts else None
+
+
+def initial_state(run_id: str, prompt: str, ctx: RefineContext,
+                  pause_at: list[str] | None = None) -> RefineState:  # fmt: skip
     d = ctx.diffusion_config
     params = GenParams(width=d.width, height=d.height, num_inference_steps=d.steps,
                        guidance_scale=d.guidance_scale, seed=d.seed)  # fmt: skip
     return RefineState(
         run_id=run_id, prompt=prompt, iteration=0, current_prompt=None, feedback=[],
         params=asdict(params), step={}, scores=[], best_image=None, best_score=None, status=None,
+        pause_at=check_pause_at(pause_at or []),
     )  # fmt: skip
 
 
@@ -60,8 +71,14 @@ def run_session(
     config: dict | None = None,
     on_update: OnUpdate | None = None,
     interrupt_before: list[str] | None = None,
+    pause_at: list[str] | None = None,
+    answer: dict | None = None,
 ) -> RunSummary:
     """Start a run (`prompt` given; `run_id` optional) or resume one (`run_id` alone).
+
+    `pause_at` lists where a new session waits for a person; a paused session resumes with
+    their `answer` (a HumanAction's fields; None lets the agent decide), checked before anything
+    changes.
 
     A failing node (a dead server, invalid output after every retry) marks the run `failed`
     with the error and re-raises; resuming it later continues from the last checkpoint.
@@ -71,6 +88,7 @@ def run_session(
         raise ValueError("resuming needs a run id")
     run_id = check_run_id(run_id) if run_id else new_run_id()
     if not resume:
+        check_pause_at(pause_at or [])
         ctx.store.create_run(run_id, prompt, config or {}, ctx.models(), PROMPTS_VERSION)
     else:
         ctx.store.get_run(run_id)  # raises StoreError for an unknown run
@@ -78,9 +96,17 @@ def run_session(
     thread = {"configurable": {"thread_id": run_id}}
     with open_checkpointer(ctx.store.home) as saver:
         graph = builder.compile(checkpointer=saver, interrupt_before=interrupt_before)
-        if resume and not graph.get_state(thread).next:
-            raise ValueError(f"run {run_id} has nothing left to resume")
-        inputs = None if resume else initial_state(run_id, prompt, ctx)
+        inputs: Any = None if resume else initial_state(run_id, prompt, ctx, pause_at)
+        if resume:
+            snapshot = graph.get_state(thread)
+            if not snapshot.next:
+                raise ValueError(f"run {run_id} has nothing left to resume")
+            pause = pending_pause(snapshot)
+            if pause is not None:
+                action = check_action(pause["pause"], answer)  # a bad answer changes nothing
+                inputs = Command(resume=action.model_dump(exclude_none=True))
+            elif answer is not None:
+                raise ValueError(f"run {run_id} is not paused: there is nothing to answer")
         try:
             ctx.store.finish_run(run_id, "running")
             for chunk in graph.stream(inputs, thread, context=ctx, stream_mode="updates"):
@@ -91,13 +117,13 @@ def run_session(
             ctx.store.finish_run(run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
             raise
         state = graph.get_state(thread)
-    values = state.values
+    values, pause = state.values, pending_pause(state)
     status = values.get("status") or "running"
-    if state.next:  # stopped at an interrupt: not finished
-        status = "interrupted"
-        ctx.store.finish_run(run_id, "interrupted")
+    if state.next:  # waiting for a person, or stopped by interrupt_before: not finished
+        status = "paused" if pause else "interrupted"
+        ctx.store.finish_run(run_id, status)
     return RunSummary(
         run_id=run_id, status=status, iterations=len(values.get("scores", [])),
         scores=values.get("scores", []), best_score=values.get("best_score"),
-        final_image=values.get("best_image"), seconds=time.perf_counter() - start,
+        final_image=values.get("best_image"), seconds=time.perf_counter() - start, pause=pause,
     )  # fmt: skip

@@ -130,3 +130,23 @@ def dpo_data(tmp_path_factory):
     (root / "data").mkdir()
     datasets.Dataset.from_dict(rows).to_parquet(root / "data" / "train-00000-of-00001.parquet")
     return root
+
+
+# --- refine sessions (graph tests) ---
+def verdict(v: str, score: float) -> dict:
+    from fakes import DEFAULTS
+
+    return {**DEFAULTS["Verdict"], "verdict": v, "score": score}
+
+
+def make_ctx(store, sd_tool, chat, **loop):
+    """A refine context on the tiny SD tool at 64 px, 2 steps, with `chat` as every agent."""
+    from artloop.config import ChatConfig, DiffusionConfig, LoopConfig
+    from artloop.graphs.context import RefineContext
+
+    sd_tool.store = store.images
+    return RefineContext(
+        chat=chat, diffusion=sd_tool, store=store,
+        loop=LoopConfig(**{"max_iters": 3, **loop}), chat_config=ChatConfig(retry_backoff_s=0),
+        diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
+    )  # fmt: skip

@@ -4,27 +4,12 @@ the stored trajectory, and resuming after a fault mid-run."""
 from __future__ import annotations
 
 import pytest
-from artloop.config import ChatConfig, DiffusionConfig, LoopConfig
-from artloop.graphs.context import RefineContext
 from artloop.graphs.runner import open_checkpointer, run_session
 from artloop.models.structured import ChatServerError
-from artloop.tools.store import TrajectoryStore
+from conftest import make_ctx, verdict
 from fakes import DEFAULTS, ScriptedChat
 
 AGENTS = {"enhance", "data_cot", "concept_cot", "thesis_cot", "validate"}
-
-
-def verdict(v: str, score: float) -> dict:
-    return {**DEFAULTS["Verdict"], "verdict": v, "score": score}
-
-
-def make_ctx(store: TrajectoryStore, sd_tool, chat, **loop) -> RefineContext:
-    sd_tool.store = store.images
-    return RefineContext(
-        chat=chat, diffusion=sd_tool, store=store,
-        loop=LoopConfig(**{"max_iters": 3, **loop}), chat_config=ChatConfig(retry_backoff_s=0),
-        diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
-    )  # fmt: skip
 
 
 def test_accept_stops_after_one_iteration(store, sd_tool):

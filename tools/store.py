@@ -24,7 +24,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     prompt TEXT NOT NULL,
-    status TEXT NOT NULL,          -- running | accepted | max_iters | plateau | failed
+    status TEXT NOT NULL,          -- running | paused | interrupted | failed | accepted | max_iters | plateau
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     config TEXT NOT NULL,          -- JSON, secrets masked
@@ -141,6 +141,14 @@ class TrajectoryStore:
             run[key] = json.loads(run[key])
         run["steps"] = [json.loads(s["record"]) for s in steps]
         return run
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove a run and its steps (images stay: they are shared by content hash)."""
+        with self._connect() as db:
+            if not db.execute(
+                "DELETE FROM runs WHERE run_id = ?", (check_run_id(run_id),)
+            ).rowcount:
+                raise StoreError(f"no run {run_id} in {self.home}")
 
     def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
         with self._connect() as db:

@@ -1,0 +1,107 @@
+"""Sessions beyond start and resume (graphs/runner.py): where one stands, its checkpoint history,
+forking a new session from any earlier checkpoint (time travel), and deleting one.
+
+None of these load a model: they read the store and the SQLite checkpointer only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from artloop.graphs.refine import builder
+from artloop.graphs.runner import open_checkpointer, pending_pause
+from artloop.tools.store import StoreError, TrajectoryStore, check_run_id, new_run_id
+from langgraph.graph import START
+
+# The node whose update leads to each node (to re-enter the graph at a forked checkpoint).
+_EDGES = [(s, e) for s, e in builder.edges if e != "__end__"]
+PREDECESSOR = {end: start for start, end in _EDGES if end != "enhance"}
+
+
+@dataclass
+class SessionView:
+    """Where a session stands: its stored run, what runs next, and the pending pause."""
+
+    run_id: str
+    status: str
+    prompt: str
+    iteration: int
+    next: list[str]
+    pause: dict | None
+    steps: list[dict]
+    best_image: str | None
+    best_score: float | None
+
+
+def _graph(saver: Any) -> Any:
+    return builder.compile(checkpointer=saver)
+
+
+def _thread(run_id: str, checkpoint_id: str | None = None) -> dict:
+    configurable = {"thread_id": check_run_id(run_id)}
+    if checkpoint_id is not None:
+        configurable["checkpoint_id"] = checkpoint_id
+    return {"configurable": configurable}
+
+
+def view(store: TrajectoryStore, run_id: str) -> SessionView:
+    """The session `run_id` as it stands (StoreError if unknown)."""
+    run = store.get_run(run_id)
+    with open_checkpointer(store.home) as saver:
+        snapshot = _graph(saver).get_state(_thread(run_id))
+    values = snapshot.values or {}
+    return SessionView(
+        run_id=run_id, status=run["status"], prompt=run["prompt"],
+        iteration=values.get("iteration", 0), next=list(snapshot.next),
+        pause=pending_pause(snapshot) if snapshot.next else None, steps=run["steps"],
+        best_image=values.get("best_image", run["final_image"]),
+        best_score=values.get("best_score", run["best_score"]),
+    )  # fmt: skip
+
+
+def history(store: TrajectoryStore, run_id: str) -> list[dict]:
+    """The session's checkpoints, oldest first: id, iteration, the node that runs next."""
+    store.get_run(run_id)
+    with open_checkpointer(store.home) as saver:
+        snapshots = list(_graph(saver).get_state_history(_thread(run_id)))
+    return [
+        {"checkpoint_id": s.config["configurable"]["checkpoint_id"], "index": i,
+         "iteration": (s.values or {}).get("iteration", 0), "next": list(s.next),
+         "created_at": s.created_at}
+        for i, s in enumerate(reversed(snapshots))
+    ]  # fmt: skip
+
+
+def fork(store: TrajectoryStore, run_id: str, checkpoint_id: str) -> str:
+    """A new session that starts from `run_id` at `checkpoint_id`: its state then, and the
+    iterations finished by then. The original is left as it is. Returns the new run id."""
+    run = store.get_run(run_id)
+    with open_checkpointer(store.home) as saver:
+        graph = _graph(saver)
+        snapshot = graph.get_state(_thread(run_id, checkpoint_id))
+        if snapshot.values is None or not snapshot.next:
+            raise StoreError(f"run {run_id} has no checkpoint {checkpoint_id} to fork from "
+                             f"(see `artloop session history {run_id}`)")  # fmt: skip
+        new_id = new_run_id()
+        config = {
+            **run["config"],
+            "forked_from": {"run_id": run_id, "checkpoint_id": checkpoint_id},
+        }
+        store.create_run(new_id, run["prompt"], config, run["models"], run["prompts_version"])
+        done = snapshot.values.get("iteration", 0)
+        for step in run["steps"][:done]:  # the iterations finished before the fork point
+            store.put_step(new_id, step["iteration"], step)
+        # Re-enter the graph as if the node before the forked one had just written this state.
+        node = snapshot.next[0]
+        as_node = PREDECESSOR.get(node) or ("decide" if done else START)
+        graph.update_state(_thread(new_id), {**snapshot.values, "run_id": new_id}, as_node=as_node)
+    store.finish_run(new_id, "interrupted")
+    return new_id
+
+
+def delete(store: TrajectoryStore, run_id: str) -> None:
+    """Remove a session: its stored trajectory and its checkpoints."""
+    store.delete_run(run_id)
+    with open_checkpointer(store.home) as saver:
+        saver.delete_thread(check_run_id(run_id))

@@ -1,0 +1,199 @@
+"""Interactive sessions on the tiny SD pipeline with a scripted chat model: pauses and answers,
+bad answers, forking from an earlier checkpoint, deleting."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from artloop.graphs import sessions
+from artloop.graphs.human import HumanActionError
+from artloop.graphs.runner import run_session
+from artloop.tools.store import StoreError, TrajectoryStore
+from conftest import make_ctx, verdict
+from fakes import ScriptedChat
+
+
+def test_a_person_takes_every_decision(store, sd_tool):
+    chat = ScriptedChat(scripts={"Verdict": [verdict("revise", 4.0)]})
+    ctx = make_ctx(store, sd_tool, chat, max_iters=2)
+    s = run_session(ctx, prompt="a red fox", pause_at=["all"])
+    assert s.status == "paused" and s.pause["pause"] == "prompt"
+    assert s.pause["proposal"]["prompt"] and s.pause["actions"] == ["agent", "edit"]
+    assert store.get_run(s.run_id)["status"] == "paused"
+
+    s = run_session(ctx, run_id=s.run_id, answer={"action": "edit", "prompt": "a blue fox at dusk",
+                                                  "params": {"seed": 7}})  # fmt: skip
+    assert s.pause["pause"] == "plan" and s.pause["image"] in store.images
+    s = run_session(ctx, run_id=s.run_id, answer={
+        "action": "edit", "prompt": "a blue fox wearing a red hat",
+        "regions": [{"box": [0, 0, 500, 400], "prompt": "a red woollen hat", "strength": 0.5}],
+    })  # fmt: skip
+    assert s.pause["pause"] == "verdict" and s.pause["proposal"]["verdict"] == "revise"
+    assert s.pause["edited_image"] in store.images
+    s = run_session(ctx, run_id=s.run_id, answer={"action": "accept", "note": "lovely"})
+    assert (s.status, s.iterations) == ("accepted", 1)  # the person overruled "revise"
+
+    step = store.get_run(s.run_id)["steps"][0]
+    assert step["decided_by"] == {"prompt": "human", "plan": "human", "verdict": "human"}
+    assert step["prompt"] == "a blue fox at dusk" and step["params"]["seed"] == 7
+    inpaint = [op for op in step["edits"] if op["op"] == "inpaint"]
+    assert [(op["box"], op["prompt"]) for op in inpaint] == [
+        ([0, 0, 500, 400], "a red woollen hat")
+    ]
+    assert step["plan"]["revised_prompt"] == "a blue fox wearing a red hat"
+    assert step["human"]["verdict"] == {"action": "accept", "note": "lovely"}
+    assert step["verdict"] == "accept" and step["agents"]["validate"]["verdict"] == "revise"
+
+
+def test_letting_the_agent_decide(store, sd_tool):
+    chat = ScriptedChat(scripts={"Verdict": [verdict("accept", 9.0)]})
+    ctx = make_ctx(store, sd_tool, chat)
+    s = run_session(ctx, prompt="a red fox", pause_at=["plan"])
+    assert s.pause["pause"] == "plan"
+    s = run_session(ctx, run_id=s.run_id, answer=None)  # no answer: the agent's plan stands
+    assert s.status == "accepted"
+    step = store.get_run(s.run_id)["steps"][0]
+    assert step["decided_by"] == {"prompt": "agent", "plan": "agent", "verdict": "agent"}
+    assert step["plan"]["revised_prompt"] == step["agents"]["thesis_cot"]["revised_prompt"]
+
+
+@pytest.mark.parametrize(("answer", "message"), [
+    ({"action": "edit", "regions": [{"box": [600, 0, 500, 500], "prompt": "x"}]}, "inverted"),
+    ({"action": "edit", "regions": [{"box": [0, 0, 1200, 500], "prompt": "x"}]}, "outside 0-1000"),
+    ({"action": "accept"}, "'accept' is not an action at the plan pause"),
+    ({"action": "edit", "params": {"seed": 1}}, "params cannot be set at the plan pause"),
+    ({"action": "edit", "prompt": ""}, "prompt"),
+    ({"action": "edit", "colour": "red"}, "colour"),
+])  # fmt: skip
+def test_a_bad_answer_is_a_clear_error_and_changes_nothing(store, sd_tool, answer, message):
+    ctx = make_ctx(store, sd_tool, ScriptedChat())
+    s = run_session(ctx, prompt="a red fox", pause_at=["plan"])
+    with pytest.raises(HumanActionError, match=message):
+        run_session(ctx, run_id=s.run_id, answer=answer)
+    still = sessions.view(store, s.run_id)
+    assert still.pause["pause"] == "plan" and still.next == ["review_plan"]
+    with pytest.raises(HumanActionError, match="unknown pause point"):
+        run_session(ctx, prompt="a fox", pause_at=["sometimes"])
+
+
+def test_fork_from_an_earlier_checkpoint(store, sd_tool):
+    chat = ScriptedChat(scripts={"Verdict": [verdict("revise", 4.0), verdict("revise", 5.0)]})
+    ctx = make_ctx(store, sd_tool, chat, max_iters=2, plateau_patience=5)
+    parent = run_session(ctx, prompt="a red fox")
+    before = store.get_run(parent.run_id)
+    points = sessions.history(store, parent.run_id)
+    # Forked where the second iteration's plan is about to be applied.
+    at = next(p for p in points if p["iteration"] == 1 and p["next"] == ["edit"])
+    child_id = sessions.fork(store, parent.run_id, at["checkpoint_id"])
+    child = store.get_run(child_id)
+    assert child["config"]["forked_from"] == {"run_id": parent.run_id,
+                                              "checkpoint_id": at["checkpoint_id"]}  # fmt: skip
+    assert child["steps"] == before["steps"][:1]  # the iteration finished before the fork
+    assert sessions.view(store, child_id).next == ["edit"]
+
+    chat.scripts["Verdict"] = [verdict("accept", 9.5)]  # the fork goes another way
+    done = run_session(ctx, run_id=child_id)
+    assert (done.status, done.scores) == ("accepted", [4.0, 9.5])
+    assert store.get_run(parent.run_id) == before  # the original is untouched
+    # The fork re-ran only from the checkpoint: its second image is the parent's.
+    assert store.get_run(child_id)["steps"][1]["image"] == before["steps"][1]["image"]
+    with pytest.raises(StoreError, match="no checkpoint"):
+        sessions.fork(store, parent.run_id, points[-1]["checkpoint_id"])  # the finished state
+
+
+def test_delete_removes_the_session_and_its_checkpoints(store, sd_tool):
+    ctx = make_ctx(store, sd_tool, ScriptedChat())
+    s = run_session(ctx, prompt="a red fox", pause_at=["prompt"])
+    keep = run_session(ctx, prompt="a lighthouse", pause_at=["prompt"])
+    sessions.delete(store, s.run_id)
+    with pytest.raises(StoreError, match="no run"):
+        sessions.view(store, s.run_id)
+    assert [r["run_id"] for r in store.list_runs()] == [keep.run_id]
+    assert sessions.view(store, keep.run_id).pause["pause"] == "prompt"
+    with pytest.raises(StoreError, match="no run"):
+        sessions.delete(store, s.run_id)
+
+
+# --- the terminal flow (the installed CLI, in fresh processes) ----------------------------------
+ARTLOOP = str(Path(sys.executable).with_name("artloop"))
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "500"}
+
+
+def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([ARTLOOP, *args], input=stdin, capture_output=True, text=True,
+                          timeout=600, env=ENV)  # fmt: skip
+
+
+def test_terminal_session_asks_at_each_pause(tmp_path):
+    home = str(tmp_path / "home")
+    # prompt pause: edit -> prompt, negative (kept), seed 7, steps and guidance (kept);
+    # plan pause: the agent's plan; verdict pause: accept.
+    done = cli("session", "new", "a red fox", "--home", home, "--max-iters", "2",
+               stdin="e\na blue fox\n\n7\n\n\na\ny\n")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for point in ("prompt", "plan", "verdict"):
+        assert f"paused at {point}" in done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "accepted"
+    step = TrajectoryStore(home).get_run(summary["run_id"])["steps"][0]
+    assert (step["prompt"], step["params"]["seed"]) == ("a blue fox", 7)
+    assert step["decided_by"] == {"prompt": "human", "plan": "agent", "verdict": "human"}
+    shown = json.loads(cli("session", "show", summary["run_id"], "--home", home).stdout)
+    assert shown["steps"][0]["human"]["verdict"] == {"action": "accept"}
+
+
+def test_a_killed_session_resumes_at_its_pause(tmp_path):
+    home = str(tmp_path / "home")
+    proc = subprocess.Popen([ARTLOOP, "session", "new", "a red fox", "--home", home,
+                             "--pause-at", "plan", "--max-iters", "1"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)  # fmt: skip
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    seen = []
+    for line in proc.stdout:  # until the session shows its pause and waits for an answer
+        seen.append(line)
+        if "image:" in line and any("paused at plan" in s for s in seen):
+            break
+    proc.kill()  # SIGKILL while a person is deciding
+    proc.wait()
+    watchdog.cancel()
+    text = "".join(seen)
+    assert "paused at plan" in text, text[-2000:]
+    run_id = re.search(r"paused at plan \(run ([0-9a-f]{16})", text).group(1)
+    image = re.search(r"image: \S*/([0-9a-f]{64})\.png", text).group(1)
+    listed = [
+        json.loads(line) for line in cli("session", "list", "--home", home).stdout.splitlines()
+    ]
+    assert [(r["run_id"], r["status"]) for r in listed] == [(run_id, "paused")]
+
+    answer = {"action": "edit", "regions": [{"box": [100, 100, 600, 600], "prompt": "a red hat"}]}
+    bad = cli("session", "resume", run_id, "--home", home, "--no-wait",
+              "--answer", '{"action": "edit", "regions": [{"box": [600, 0, 100, 50], "prompt": "x"}]}')  # fmt: skip
+    assert bad.returncode == 2 and "inverted" in bad.stderr
+    done = cli(
+        "session", "resume", run_id, "--home", home, "--no-wait", "--answer", json.dumps(answer)
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["status"] in ("accepted", "max_iters")
+    step = TrajectoryStore(home).get_run(run_id)["steps"][0]
+    assert step["image"] == image  # nothing before the pause was redone
+    assert step["decided_by"]["plan"] == "human"
+    assert [op["box"] for op in step["edits"] if op["op"] == "inpaint"] == [[100, 100, 600, 600]]
+    # History and fork from the CLI: fork where the plan pause was, then delete the fork.
+    points = [
+        json.loads(p) for p in cli("session", "history", run_id, "--home", home).stdout.splitlines()
+    ]
+    index = next(p["index"] for p in points if p["next"] == ["review_plan"])
+    forked = json.loads(cli("session", "fork", run_id, str(index), "--home", home).stdout)["run_id"]
+    shown = json.loads(cli("session", "show", forked, "--home", home).stdout)
+    assert shown["next"] == ["review_plan"] and shown["status"] == "interrupted"
+    assert json.loads(cli("session", "delete", forked, "--home", home).stdout) == {
+        "deleted": forked
+    }
