@@ -19,12 +19,23 @@ from langchain_core.language_models.chat_models import BaseChatModel
 
 @dataclass
 class RefineContext:
-    chat: BaseChatModel
-    diffusion: DiffusionTool
-    store: TrajectoryStore
+    """Built by artloop's runner with every part; a server (`langgraph dev`) builds it from a
+    run's JSON context, usually empty: then the parts come from the configured defaults."""
+
+    chat: BaseChatModel = None  # type: ignore[assignment]
+    diffusion: DiffusionTool = None  # type: ignore[assignment]
+    store: TrajectoryStore = None  # type: ignore[assignment]
     loop: LoopConfig = field(default_factory=LoopConfig)
     chat_config: ChatConfig = field(default_factory=ChatConfig)
     diffusion_config: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def __post_init__(self) -> None:
+        if self.chat is None or self.diffusion is None or self.store is None:
+            base = default_context()
+            for name in ("chat", "diffusion", "store"):
+                setattr(self, name, getattr(self, name) or getattr(base, name))
+            self.loop, self.chat_config = base.loop, base.chat_config
+            self.diffusion_config = base.diffusion_config
 
     @property
     def policy(self) -> CallPolicy:

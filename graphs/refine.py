@@ -1,6 +1,6 @@
 """The refine loop (DESIGN.md), with a person able to take over at three pauses (*):
 
-    prompt -> enhance -> *prompt -> generate -> data_cot -> concept_cot -> thesis_cot -> *plan
+    begin -> enhance -> *prompt -> generate -> data_cot -> concept_cot -> thesis_cot -> *plan
                 ^                                                                         |
                 |        decide (*verdict) <- validate <- edit <--------------------------+
                 +--- revise (not accepted, budget left) --+-- accept / give up -> record
@@ -17,18 +17,21 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, Literal, TypedDict
 
 from artloop import agents
 from artloop.agents.schemas import Critique, ImageFacts, Verdict
+from artloop.config import validate_prompt
 from artloop.graphs import human
 from artloop.graphs.context import RefineContext, default_context
 from artloop.graphs.human import Plan
 from artloop.models.structured import Structured
+from artloop.prompts import PROMPTS_VERSION
 from artloop.tools.diffusion import GenParams
 from artloop.tools.image_facts import measure
 from artloop.tools.images import adjust_tone
+from artloop.tools.store import check_run_id, new_run_id
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
@@ -79,6 +82,23 @@ def _agent(step: dict, name: str, result: Structured) -> dict:
     seconds = {**step.get("agent_seconds", {}), name: result.seconds}
     return {"step": {**step, "agents": agents_out, "parse_failures": failures,
                      "agent_seconds": seconds}}  # fmt: skip
+
+
+@node
+def begin(state: RefineState, ctx: RefineContext) -> dict:
+    """Complete a bare input ({"prompt": ...}, as `langgraph dev` clients send) with the
+    configured defaults, and register the run in the store (a no-op when the runner did)."""
+    prompt = validate_prompt(state.get("prompt", ""))
+    run_id = check_run_id(state["run_id"]) if state.get("run_id") else new_run_id()
+    ctx.store.create_run(run_id, prompt, {"loop": ctx.loop.model_dump()}, ctx.models(),
+                         PROMPTS_VERSION)  # fmt: skip
+    d = ctx.diffusion_config
+    params = GenParams(width=d.width, height=d.height, num_inference_steps=d.steps,
+                       guidance_scale=d.guidance_scale, seed=d.seed)  # fmt: skip
+    defaults = {"iteration": 0, "current_prompt": None, "feedback": [], "params": asdict(params),
+                "step": {}, "scores": [], "best_image": None, "best_score": None, "status": None}  # fmt: skip
+    pause_at = human.check_pause_at(state.get("pause_at") or [])
+    return {**defaults, **state, "run_id": run_id, "prompt": prompt, "pause_at": pause_at}
 
 
 @node
@@ -278,11 +298,11 @@ def after_decide(state: RefineState) -> Literal["revise", "accept", "give_up"]:
 
 # --- builder ----------------------------------------------------------------------------------
 builder = StateGraph(RefineState, context_schema=RefineContext)
-NODES = (enhance, review_prompt, generate, data_cot, concept_cot, thesis_cot, review_plan, edit,
+NODES = (begin, enhance, review_prompt, generate, data_cot, concept_cot, thesis_cot, review_plan, edit,
          validate, decide, record)  # fmt: skip
 for fn in NODES:
     builder.add_node(fn.__name__, fn)
-builder.add_edge(START, "enhance")
+builder.add_edge(START, "begin")
 for a, b in zip(NODES[:-2], NODES[1:-1], strict=True):  # enhance -> ... -> decide, in order
     builder.add_edge(a.__name__, b.__name__)
 builder.add_conditional_edges(

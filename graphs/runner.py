@@ -8,15 +8,14 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from artloop.graphs.context import RefineContext
 from artloop.graphs.human import check_action, check_pause_at
-from artloop.graphs.refine import RefineState, builder
+from artloop.graphs.refine import builder
 from artloop.prompts import PROMPTS_VERSION
-from artloop.tools.diffusion import GenParams
 from artloop.tools.store import check_run_id, new_run_id
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command, StateSnapshot
@@ -49,18 +48,6 @@ def open_checkpointer(home: Path) -> Iterator[SqliteSaver]:
 def pending_pause(snapshot: StateSnapshot) -> dict | None:
     """The pause a session waits at (the payload the graph's interrupt() sent), if any."""
     return snapshot.interrupts[0].value if snapshot.interrupts else None
-
-
-def initial_state(run_id: str, prompt: str, ctx: RefineContext,
-                  pause_at: list[str] | None = None) -> RefineState:  # fmt: skip
-    d = ctx.diffusion_config
-    params = GenParams(width=d.width, height=d.height, num_inference_steps=d.steps,
-                       guidance_scale=d.guidance_scale, seed=d.seed)  # fmt: skip
-    return RefineState(
-        run_id=run_id, prompt=prompt, iteration=0, current_prompt=None, feedback=[],
-        params=asdict(params), step={}, scores=[], best_image=None, best_score=None, status=None,
-        pause_at=check_pause_at(pause_at or []),
-    )  # fmt: skip
 
 
 def run_session(
@@ -96,7 +83,9 @@ def run_session(
     thread = {"configurable": {"thread_id": run_id}}
     with open_checkpointer(ctx.store.home) as saver:
         graph = builder.compile(checkpointer=saver, interrupt_before=interrupt_before)
-        inputs: Any = None if resume else initial_state(run_id, prompt, ctx, pause_at)
+        # The `begin` node completes a new run's state from the context's settings.
+        inputs: Any = None if resume else {"run_id": run_id, "prompt": prompt,
+                                           "pause_at": pause_at or []}  # fmt: skip
         if resume:
             snapshot = graph.get_state(thread)
             if not snapshot.next:

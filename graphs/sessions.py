@@ -14,9 +14,9 @@ from artloop.graphs.runner import open_checkpointer, pending_pause
 from artloop.tools.store import StoreError, TrajectoryStore, check_run_id, new_run_id
 from langgraph.graph import START
 
-# The node whose update leads to each node (to re-enter the graph at a forked checkpoint).
-_EDGES = [(s, e) for s, e in builder.edges if e != "__end__"]
-PREDECESSOR = {end: start for start, end in _EDGES if end != "enhance"}
+# The node whose update leads to each node (to re-enter the graph at a forked checkpoint);
+# enhance and record are also reached from decide, which a later iteration comes from.
+PREDECESSOR = {end: start for start, end in builder.edges if end != "__end__"}
 
 
 @dataclass
@@ -94,7 +94,9 @@ def fork(store: TrajectoryStore, run_id: str, checkpoint_id: str) -> str:
             store.put_step(new_id, step["iteration"], step)
         # Re-enter the graph as if the node before the forked one had just written this state.
         node = snapshot.next[0]
-        as_node = PREDECESSOR.get(node) or ("decide" if done else START)
+        as_node = (
+            "decide" if done and node in ("enhance", "record") else PREDECESSOR.get(node, START)
+        )
         graph.update_state(_thread(new_id), {**snapshot.values, "run_id": new_id}, as_node=as_node)
     store.finish_run(new_id, "interrupted")
     return new_id
