@@ -105,10 +105,11 @@ def _progress(name: str, update: dict) -> None:
 def _stored_loop(cfg, run_id: str | None):
     """`cfg` with the loop settings stored with run `run_id`."""
     from artloop.config import LoopConfig
-    from artloop.tools.store import StoreError, TrajectoryStore
+    from artloop.graphs.context import open_store
+    from artloop.tools.store import StoreError
 
     try:
-        stored = TrajectoryStore(cfg.home).get_run(run_id or "")["config"].get("loop")
+        stored = open_store(cfg).get_run(run_id or "")["config"].get("loop")
     except StoreError as e:
         fail(str(e))
     return cfg.model_copy(update={"loop": LoopConfig(**stored)}) if stored else cfg
@@ -230,9 +231,9 @@ def resume(
 
 
 def _store(home: Path | None, config: Path | None):
-    from artloop.tools.store import TrajectoryStore
+    from artloop.graphs.context import open_store
 
-    return TrajectoryStore(_config(config, {"home": home}).home)
+    return open_store(_config(config, {"home": home}))
 
 
 @app.command()

@@ -135,6 +135,9 @@ class ArtloopConfig(BaseSettings):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     tags: list[str] = Field(default_factory=list, description="Labels stored with each run "
                             "(`artloop export --tag` selects by them)")  # fmt: skip
+    checkpointer: SecretStr | None = Field(None, description="Where sessions' checkpoints live: "
+                                           "unset = SQLite in the home; a postgresql:// URL for "
+                                           "a shared server (env ARTLOOP_CHECKPOINTER)")  # fmt: skip
 
     @classmethod
     def settings_customise_sources(
@@ -154,6 +157,7 @@ class ArtloopConfig(BaseSettings):
         """The config as JSON-able data, secrets masked: safe to store with a trajectory."""
         data = self.model_dump(mode="json")
         data["chat"]["api_key"] = "***"
+        data["checkpointer"] = "***" if self.checkpointer else None
         return data
 
 

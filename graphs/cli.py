@@ -130,10 +130,11 @@ def resume(
         fail(f"--answer is not JSON: {e}")
     cfg = _config(config, {"home": home})
     if reply is None and wait:  # ask about the pending pause first, if there is one
+        from artloop.graphs.context import open_store
         from artloop.graphs.sessions import view
-        from artloop.tools.store import StoreError, TrajectoryStore
+        from artloop.tools.store import StoreError
 
-        store = TrajectoryStore(cfg.home)
+        store = open_store(cfg)
         try:
             pause = view(store, run_id).pause
         except StoreError as e:
@@ -150,9 +151,9 @@ def resume(
 
 def _store(home: Path | None, config: Path | None):
     from artloop.cli import _config
-    from artloop.tools.store import TrajectoryStore
+    from artloop.graphs.context import open_store
 
-    return TrajectoryStore(_config(config, {"home": home}).home)
+    return open_store(_config(config, {"home": home}))
 
 
 def _or_fail(fn, *args):

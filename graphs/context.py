@@ -54,7 +54,7 @@ class RefineContext:
 
 def build_context(config: ArtloopConfig) -> RefineContext:
     """Construct everything the graph needs; models load lazily on first use."""
-    store = TrajectoryStore(config.home)
+    store = open_store(config)
     d = config.diffusion
     diffusion = DiffusionTool(
         model=d.model, store=store.images, family=d.family, device=d.device, dtype=d.dtype
@@ -63,6 +63,12 @@ def build_context(config: ArtloopConfig) -> RefineContext:
         chat=build_chat_model(config.chat), diffusion=diffusion, store=store, loop=config.loop,
         chat_config=config.chat, diffusion_config=d,
     )  # fmt: skip
+
+
+def open_store(config: ArtloopConfig) -> TrajectoryStore:
+    """The configured store (its home, and where the sessions' checkpoints live)."""
+    url = config.checkpointer.get_secret_value() if config.checkpointer else None
+    return TrajectoryStore(config.home, checkpointer=url)
 
 
 @cache

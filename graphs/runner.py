@@ -4,19 +4,20 @@ A session paused for a person (graphs/human.py) resumes with their answer."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from artloop.graphs.context import RefineContext
 from artloop.graphs.human import check_action, check_pause_at
 from artloop.graphs.refine import builder
 from artloop.prompts import PROMPTS_VERSION
-from artloop.tools.store import check_run_id, new_run_id
+from artloop.tools.store import TrajectoryStore, check_run_id, new_run_id
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command, StateSnapshot
 
@@ -35,14 +36,36 @@ class RunSummary:
     pause: dict | None = None  # where a paused session waits: the interrupt's payload
 
 
+class CheckpointerError(RuntimeError):
+    """The checkpointer cannot be reached; the message names it (password masked)."""
+
+
 @contextmanager
-def open_checkpointer(home: Path) -> Iterator[SqliteSaver]:
-    conn = sqlite3.connect(Path(home) / "checkpoints.sqlite", check_same_thread=False, timeout=30)
+def open_checkpointer(store: TrajectoryStore) -> Iterator[BaseCheckpointSaver]:
+    """The sessions' checkpointer: SQLite in the store's home, or the Postgres database its
+    `checkpointer` URL names (a shared server: several UIs or runners see the same sessions)."""
+    if store.checkpointer:
+        yield from _postgres(store.checkpointer)
+        return
+    conn = sqlite3.connect(store.home / "checkpoints.sqlite", check_same_thread=False, timeout=30)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         yield SqliteSaver(conn)
     finally:
         conn.close()
+
+
+def _postgres(url: str) -> Iterator[BaseCheckpointSaver]:
+    import psycopg
+    from langgraph.checkpoint.postgres import PostgresSaver
+
+    try:
+        with PostgresSaver.from_conn_string(url) as saver:
+            saver.setup()  # creates or migrates its tables; a no-op when they are current
+            yield saver
+    except psycopg.OperationalError as e:
+        shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+        raise CheckpointerError(f"cannot use the checkpointer at {shown}: {e}".strip()) from None
 
 
 def pending_pause(snapshot: StateSnapshot) -> dict | None:
@@ -81,7 +104,7 @@ def run_session(
         ctx.store.get_run(run_id)  # raises StoreError for an unknown run
     start = time.perf_counter()
     thread = {"configurable": {"thread_id": run_id}}
-    with open_checkpointer(ctx.store.home) as saver:
+    with open_checkpointer(ctx.store) as saver:
         graph = builder.compile(checkpointer=saver, interrupt_before=interrupt_before)
         # The `begin` node completes a new run's state from the context's settings.
         inputs: Any = None if resume else {"run_id": run_id, "prompt": prompt,

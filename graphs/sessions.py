@@ -48,7 +48,7 @@ def _thread(run_id: str, checkpoint_id: str | None = None) -> dict:
 def view(store: TrajectoryStore, run_id: str) -> SessionView:
     """The session `run_id` as it stands (StoreError if unknown)."""
     run = store.get_run(run_id)
-    with open_checkpointer(store.home) as saver:
+    with open_checkpointer(store) as saver:
         snapshot = _graph(saver).get_state(_thread(run_id))
     values = snapshot.values or {}
     return SessionView(
@@ -63,7 +63,7 @@ def view(store: TrajectoryStore, run_id: str) -> SessionView:
 def history(store: TrajectoryStore, run_id: str) -> list[dict]:
     """The session's checkpoints, oldest first: id, iteration, the node that runs next."""
     store.get_run(run_id)
-    with open_checkpointer(store.home) as saver:
+    with open_checkpointer(store) as saver:
         snapshots = list(_graph(saver).get_state_history(_thread(run_id)))
     return [
         {"checkpoint_id": s.config["configurable"]["checkpoint_id"], "index": i,
@@ -77,7 +77,7 @@ def fork(store: TrajectoryStore, run_id: str, checkpoint_id: str) -> str:
     """A new session that starts from `run_id` at `checkpoint_id`: its state then, and the
     iterations finished by then. The original is left as it is. Returns the new run id."""
     run = store.get_run(run_id)
-    with open_checkpointer(store.home) as saver:
+    with open_checkpointer(store) as saver:
         graph = _graph(saver)
         snapshot = graph.get_state(_thread(run_id, checkpoint_id))
         if snapshot.values is None or not snapshot.next:
@@ -105,5 +105,5 @@ def fork(store: TrajectoryStore, run_id: str, checkpoint_id: str) -> str:
 def delete(store: TrajectoryStore, run_id: str) -> None:
     """Remove a session: its stored trajectory and its checkpoints."""
     store.delete_run(run_id)
-    with open_checkpointer(store.home) as saver:
+    with open_checkpointer(store) as saver:
         saver.delete_thread(check_run_id(run_id))

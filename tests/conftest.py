@@ -150,3 +150,47 @@ def make_ctx(store, sd_tool, chat, **loop):
         loop=LoopConfig(**{"max_iters": 3, **loop}), chat_config=ChatConfig(retry_backoff_s=0),
         diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
     )  # fmt: skip
+
+
+# --- a throwaway PostgreSQL server (the Postgres checkpointer's tests) --------------------------
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server on loopback (Debian's binaries: scripts/apt-ensure.sh postgresql),
+    trust auth, its data in a temporary directory; the URL of its `postgres` database."""
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    bin_dir = os.environ.get("ARTLOOP_PG_BIN") or (found[-1] if found else "")
+    if not os.path.exists(os.path.join(bin_dir, "initdb")):
+        pytest.fail("no PostgreSQL server binaries: run scripts/apt-ensure.sh postgresql")
+    data = tempfile.mkdtemp(prefix="artloop-pg-")
+    # PostgreSQL refuses to run as root: as root, run it as the package's `postgres` user.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(data, "postgres", "postgres")
+    subprocess.run([*as_user, f"{bin_dir}/initdb", "-D", f"{data}/db", "-A", "trust",
+                    "-U", "postgres"], check=True, capture_output=True)  # fmt: skip
+    port = free_port()
+    server = subprocess.Popen([*as_user, f"{bin_dir}/postgres", "-D", f"{data}/db", "-p", str(port),
+                               "-h", "127.0.0.1", "-k", data], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    import psycopg
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            psycopg.connect(url, connect_timeout=2).close()
+            break
+        except psycopg.OperationalError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the PostgreSQL server did not start")
+            time.sleep(0.2)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+    shutil.rmtree(data, ignore_errors=True)

@@ -86,7 +86,7 @@ def test_state_holds_hashes_not_pixels(store, sd_tool):
     summary = run_session(make_ctx(store, sd_tool, chat), prompt="a fox")
     from artloop.graphs.refine import builder
 
-    with open_checkpointer(store.home) as saver:
+    with open_checkpointer(store) as saver:
         graph = builder.compile(checkpointer=saver)
         values = graph.get_state({"configurable": {"thread_id": summary.run_id}}).values
     assert len(values["best_image"]) == 64 and len(str(values)) < 20_000

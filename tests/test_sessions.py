@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from artloop.graphs import sessions
 from artloop.graphs.human import HumanActionError
-from artloop.graphs.runner import run_session
+from artloop.graphs.runner import open_checkpointer, run_session
 from artloop.tools.store import StoreError, TrajectoryStore
 from conftest import make_ctx, verdict
 from fakes import ScriptedChat
@@ -197,3 +197,40 @@ def test_a_killed_session_resumes_at_its_pause(tmp_path):
     assert json.loads(cli("session", "delete", forked, "--home", home).stdout) == {
         "deleted": forked
     }
+
+
+# --- sessions on a shared server: the Postgres checkpointer -------------------------------------
+def test_sessions_in_postgres(postgres_url, tmp_path, sd_tool):
+    home = tmp_path / "home"
+    ctx = make_ctx(TrajectoryStore(home, checkpointer=postgres_url), sd_tool,
+                   ScriptedChat(scripts={"Verdict": [verdict("revise", 4.0)]}), max_iters=1)  # fmt: skip
+    s = run_session(ctx, prompt="a red fox", pause_at=["plan"])
+    assert s.status == "paused"
+    # Another process (another UI on the shared server) sees the same pause ...
+    other = TrajectoryStore(home, checkpointer=postgres_url)
+    assert sessions.view(other, s.run_id).pause["pause"] == "plan"
+    assert not (home / "checkpoints.sqlite").exists()  # ... from Postgres, not the home
+    done = run_session(ctx, run_id=s.run_id, answer={"action": "edit", "prompt": "a blue fox"})
+    assert done.status == "max_iters"
+    points = sessions.history(other, s.run_id)
+    at = next(p for p in points if p["next"] == ["review_plan"])
+    child = sessions.fork(other, s.run_id, at["checkpoint_id"])
+    assert sessions.view(other, child).next == ["review_plan"]
+    thread = {"configurable": {"thread_id": child, "checkpoint_ns": ""}}
+    with open_checkpointer(other) as saver:
+        assert saver.get_tuple(thread) is not None
+    sessions.delete(other, child)
+    with open_checkpointer(other) as saver:
+        assert saver.get_tuple(thread) is None  # its checkpoints are gone from Postgres
+
+
+def test_an_unreachable_postgres_is_a_clear_error(tmp_path, store):
+    from artloop.graphs.runner import CheckpointerError
+
+    bad = TrajectoryStore(tmp_path / "h", checkpointer="postgresql://me:s3cret@127.0.0.1:1/db")
+    with pytest.raises(
+        CheckpointerError, match=r"cannot use the checkpointer at postgresql://me:\*\*\*@"
+    ) as e:
+        bad.create_run("0123456789abcdef", "a fox", {}, {}, "v")
+        sessions.view(bad, "0123456789abcdef")
+    assert "s3cret" not in str(e.value)

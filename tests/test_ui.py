@@ -27,7 +27,7 @@ SHOTS = ROOT / "test-artefacts" / "ui"
 def chromium() -> str:
     path = os.environ.get("ARTLOOP_CHROMIUM") or shutil.which("chromium")
     if not path:
-        pytest.fail("no chromium: run scripts/install-chromium.sh (Debian's chromium package)")
+        pytest.fail("no chromium: run scripts/apt-ensure.sh chromium (Debian's package)")
     return path
 
 

@@ -63,10 +63,13 @@ def check_run_id(run_id: str) -> str:
 
 
 class TrajectoryStore:
-    """`home/artloop.sqlite` for trajectories, `home/images/` for the images they reference."""
+    """`home/artloop.sqlite` for trajectories, `home/images/` for the images they reference.
+    `checkpointer` names where the sessions' LangGraph checkpoints live (None: SQLite in the
+    home; or a postgresql:// URL): see graphs/runner.py."""
 
-    def __init__(self, home: str | Path) -> None:
+    def __init__(self, home: str | Path, checkpointer: str | None = None) -> None:
         self.home = Path(home)
+        self.checkpointer = checkpointer
         self.db_path = self.home / "artloop.sqlite"
         self.images = ImageStore(self.home / "images")
         self.home.mkdir(parents=True, exist_ok=True)
