@@ -51,6 +51,13 @@ def test_a_person_takes_every_decision(store, sd_tool):
     assert step["human"]["verdict"] == {"action": "accept", "note": "lovely"}
     assert step["verdict"] == "accept" and step["agents"]["validate"]["verdict"] == "revise"
 
+    # A finished session exports like any other, with the person's decisions in each step.
+    from artloop.tools.export import ExportFilters, export_dataset
+
+    export_dataset(store, store.home.parent / "raw", "raw", ExportFilters(run_ids=(s.run_id,)))
+    lines = (store.home.parent / "raw" / "steps.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"]["decided_by"]["plan"] for line in lines] == ["human"]
+
 
 def test_letting_the_agent_decide(store, sd_tool):
     chat = ScriptedChat(scripts={"Verdict": [verdict("accept", 9.0)]})
