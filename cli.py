@@ -218,6 +218,71 @@ def run(
 
 
 @app.command()
+def batch(
+    prompts_file: Annotated[
+        Path,
+        typer.Argument(help="One prompt per line, or JSONL with prompt, seed, max_iters, tags"),
+    ],  # fmt: skip
+    concurrency: Annotated[int, typer.Option(min=1, max=1024, help="Sessions at once")] = 4,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Batch name (default: the file's stem); runs are tagged batch:NAME"),
+    ] = None,  # fmt: skip
+    batch_window_ms: Annotated[
+        float | None, typer.Option(help="Gather diffusion requests this long into one call")
+    ] = None,
+    max_iters: Annotated[int | None, typer.Option(help="Iterations at most")] = None,
+    judge: Annotated[str | None, typer.Option(help="vlm, or a reward name")] = None,
+    home: HomeOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Collect trajectories: many sessions at once, resumable (a re-run skips finished ones)."""
+    import asyncio
+
+    from artloop.config import ConfigError
+    from artloop.graphs.batch import BatchError, batch_summary, read_prompts, run_batch
+    from artloop.graphs.context import build_context
+    from artloop.models.chat import check_chat_model
+    from artloop.tools.diffusion import DiffusionError
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    cfg = _config(config, {"home": home, "loop.max_iters": max_iters, "loop.judge": judge,
+                           "diffusion.batch_window_ms": batch_window_ms})  # fmt: skip
+    try:
+        items = read_prompts(prompts_file)
+        check_chat_model(cfg.chat)
+        quiet_libraries()
+        ctx = build_context(cfg)
+        ctx.models()
+    except (BatchError, ConfigError, DiffusionError) as e:
+        fail(str(e))
+    columns = [TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+               TimeRemainingColumn()]  # fmt: skip
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task("batch", total=len(items), stats="")
+
+        def show(r) -> None:
+            rate = r.done / r.seconds * 60 if r.seconds else 0.0
+            bar.update(task, completed=r.done + r.failed + r.skipped,
+                       stats=f"accepted {r.accepted} failed {r.failed} skipped {r.skipped} "
+                             f"{rate:.1f}/min")  # fmt: skip
+
+        result = asyncio.run(run_batch(ctx, items, name=name or prompts_file.stem,
+                                       concurrency=concurrency, config=cfg.public_dict(),
+                                       on_progress=show))  # fmt: skip
+    print(json.dumps(batch_summary(result)))
+    if result.failed:
+        err.print(f"{result.failed} session(s) failed (stored with their errors); "
+                  f"run the same command again to retry them")  # fmt: skip
+
+
+@app.command()
 def resume(
     run_id: str,
     home: HomeOpt = None,
@@ -241,6 +306,7 @@ def show(
     run_id: str, home: HomeOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Print a trajectory."""
+    from artloop.tools.report import spent
     from artloop.tools.store import StoreError
 
     try:
@@ -263,6 +329,9 @@ def show(
         for name, answer in step.get("agents", {}).items():
             out.print(f"  {name}: {json.dumps(answer, ensure_ascii=False)}", soft_wrap=True)
         out.print(f"  timings: {json.dumps({k: round(v, 3) for k, v in step['timings'].items()})}")
+        t = spent(step)
+        out.print(f"  time spent: diffusion {t['diffusion']:.2f}s, VLM {t['vlm']:.2f}s, waiting "
+                  f"{t['wait']:.2f}s, framework {t['framework']:.2f}s")  # fmt: skip
         out.print(f"  parse failures: {json.dumps(step.get('parse_failures', {}))}")
     if run.get("error"):
         out.print(f"\nerror: {run['error']}")

@@ -47,6 +47,8 @@ class ChatConfig(_Section):
                                      "the answer is invalid (repair + retry)")  # fmt: skip
     image_max_side: int = Field(768, ge=64, le=4096, description="Images sent are resized")
     image_format: Literal["png", "jpeg"] = Field("png", description="How images are sent")
+    max_concurrent_calls: int = Field(16, ge=1, le=1024, description="Agent calls in flight at "
+                                      "once from concurrent sessions (a server batches them)")  # fmt: skip
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -61,6 +63,10 @@ class DiffusionConfig(_Section):
     seed: int = Field(0, ge=0, lt=2**63)
     edit_strength: float = Field(0.5, gt=0.0, le=1.0, description="img2img strength when the "
                                  "plan asks for a global edit without saying how much")  # fmt: skip
+    batch_window_ms: float = Field(0.0, ge=0.0, le=10_000.0, description="Gather diffusion "
+                                   "requests from concurrent sessions this long and run those "
+                                   "that agree in shape as one batch; 0: no batching")  # fmt: skip
+    max_batch: int = Field(16, ge=1, le=1024, description="Images per batched pipeline call")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

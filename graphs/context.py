@@ -6,6 +6,7 @@ prompts, agent outputs) and the heavy objects are built once per process.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -28,6 +29,8 @@ class RefineContext:
     loop: LoopConfig = field(default_factory=LoopConfig)
     chat_config: ChatConfig = field(default_factory=ChatConfig)
     diffusion_config: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # Shared by every session on this context: bounds the agent calls in flight to the server.
+    vlm_slots: threading.BoundedSemaphore | None = None
 
     def __post_init__(self) -> None:
         if self.chat is None or self.diffusion is None or self.store is None:
@@ -44,7 +47,7 @@ class RefineContext:
         return CallPolicy(
             attempts=c.structured_attempts, transport_retries=c.max_retries,
             backoff_s=c.retry_backoff_s, image_max_side=c.image_max_side,
-            image_format=c.image_format,
+            image_format=c.image_format, slots=self.vlm_slots,
         )  # fmt: skip
 
     def models(self) -> dict:
@@ -56,12 +59,12 @@ def build_context(config: ArtloopConfig) -> RefineContext:
     """Construct everything the graph needs; models load lazily on first use."""
     store = open_store(config)
     d = config.diffusion
-    diffusion = DiffusionTool(
-        model=d.model, store=store.images, family=d.family, device=d.device, dtype=d.dtype
-    )
+    diffusion = DiffusionTool(model=d.model, store=store.images, family=d.family, device=d.device,
+                              dtype=d.dtype, batch_window_ms=d.batch_window_ms, max_batch=d.max_batch)  # fmt: skip
     return RefineContext(
         chat=build_chat_model(config.chat), diffusion=diffusion, store=store, loop=config.loop,
         chat_config=config.chat, diffusion_config=d,
+        vlm_slots=threading.BoundedSemaphore(config.chat.max_concurrent_calls),
     )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from artloop.graphs.context import RefineContext, default_context
 from artloop.graphs.human import Plan
 from artloop.models.structured import Structured
 from artloop.prompts import PROMPTS_VERSION
+from artloop.tools.accounting import breakdown, ledger
 from artloop.tools.diffusion import GenParams
 from artloop.tools.image_facts import measure
 from artloop.tools.images import adjust_tone
@@ -62,10 +63,14 @@ def node(fn=None, *, persist: bool = False):
 
     def wrapper(state: RefineState, runtime: Runtime[RefineContext]) -> dict:
         ctx = runtime.context or default_context()
-        start = time.perf_counter()
-        update = fn(state, ctx)
+        with ledger() as spent:  # what the node spends in diffusion, VLM calls, waiting
+            start = time.perf_counter()
+            update = fn(state, ctx)
+            seconds = time.perf_counter() - start
         step = update.setdefault("step", dict(state.get("step", {})))
-        step["timings"] = {**step.get("timings", {}), fn.__name__: time.perf_counter() - start}
+        step["timings"] = {**step.get("timings", {}), fn.__name__: seconds}
+        step["accounting"] = {**step.get("accounting", {}),
+                              fn.__name__: breakdown(spent, seconds)}  # fmt: skip
         if persist:
             ctx.store.put_step(state["run_id"], step["iteration"], step)
         return update

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 from artloop.models.images import from_data_url
+from artloop.tools.accounting import charge
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
@@ -139,7 +141,9 @@ class ChatQwen2VLLocal(BaseChatModel):
                 # which breaks JSON parsing; JSON output never needs them, so mask them.
                 _BanTokens(control_ids),
             ]
+        start = time.perf_counter()
         with self._lock, torch.inference_mode():  # one generate at a time on this model
+            charge("vlm_wait", time.perf_counter() - start)  # concurrent sessions queue here
             out = model.generate(**inputs, **gen)
         new = out[0, inputs["input_ids"].shape[1] :]
         content = processor.tokenizer.decode(new, skip_special_tokens=True)

@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from artloop.tools.accounting import charge, timed
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from pydantic import BaseModel, ValidationError
@@ -52,6 +56,19 @@ class CallPolicy:
     backoff_s: float = 1.0  # the first wait before a transport retry; doubles, at most 30 s
     image_max_side: int = 768  # images are downscaled to this before they are sent
     image_format: str = "png"
+    # Shared by concurrent sessions: at most this many calls in flight to the server.
+    slots: threading.BoundedSemaphore | None = None
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of the shared call slots (the wait is charged as vlm_wait)."""
+        if self.slots is None:
+            yield
+            return
+        start = time.perf_counter()
+        with self.slots:
+            charge("vlm_wait", time.perf_counter() - start)
+            yield
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
@@ -206,7 +223,8 @@ def invoke_structured(
         nonlocal failures
         try:
             try:
-                raw = call_with_retries(runnable, history, model, policy).content
+                with timed("vlm"), policy.slot():
+                    raw = call_with_retries(runnable, history, model, policy).content
             except _length_errors() as e:  # the answer ran into max_tokens
                 raise InvalidOutput("answer cut off at the token limit", "") from e
             raw = raw if isinstance(raw, str) else json.dumps(raw)

@@ -9,7 +9,7 @@ from artloop.models.scripted import DEFAULTS, ScriptedChat
 from langchain_core.outputs import ChatResult
 from pydantic import PrivateAttr
 
-__all__ = ["DEFAULTS", "FlakyChat", "ScriptedChat"]
+__all__ = ["DEFAULTS", "FlakyChat", "PoisonedChat", "ScriptedChat"]
 
 
 class FlakyChat(ScriptedChat):
@@ -27,5 +27,19 @@ class FlakyChat(ScriptedChat):
             self._failed += 1
             if self._failed >= self.failures:
                 os.remove(self.marker)
+            raise ConnectionError("connection refused by the chat server")
+        return super()._generate(messages, stop, run_manager, **kw)
+
+
+class PoisonedChat(ScriptedChat):
+    """Raises ConnectionError for requests that mention `poison` while `marker` exists: one
+    session's server trouble among concurrent ones (a fault the real server cannot target)."""
+
+    poison: str
+    marker: str
+
+    def _generate(self, messages, stop=None, run_manager=None, **kw) -> ChatResult:
+        text = " ".join(str(m.content) for m in messages)
+        if self.poison in text and os.path.exists(self.marker):
             raise ConnectionError("connection refused by the chat server")
         return super()._generate(messages, stop, run_manager, **kw)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import inspect
 import json
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from artloop.tools.accounting import charge, timed
+from artloop.tools.batching import Batcher
 from artloop.tools.images import ImageStore, ImageStoreError
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -94,6 +97,8 @@ class DiffusionTool:
         device: str = "cpu",
         dtype: str = "float32",
         max_sequence_length: int | None = None,
+        batch_window_ms: float = 0.0,
+        max_batch: int = 16,
     ) -> None:
         if store is None:
             raise TypeError("DiffusionTool needs an ImageStore (store=...)")
@@ -112,6 +117,19 @@ class DiffusionTool:
         self._pipes: dict[str, Any] = {}
         # One generation at a time: the pipelines share one scheduler, which holds call state.
         self._lock = threading.RLock()
+        self._batcher: Batcher | None = None
+        self.set_batching(batch_window_ms, max_batch)
+
+    def set_batching(self, window_ms: float, max_batch: int = 16) -> None:
+        """Gather concurrent requests for `window_ms` into shared pipeline calls (0: off)."""
+        self._batcher = (
+            Batcher(self._run_batch, window_ms / 1000, max_batch) if window_ms > 0 else None
+        )
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The size of every batched call so far (empty without batching)."""
+        return self._batcher.sizes if self._batcher else []
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -247,32 +265,65 @@ class DiffusionTool:
 
     # ---- generation ----------------------------------------------------------------------
 
-    def _run(
-        self, task: str, prompt: str, negative_prompt: str, params: GenParams, **extra
-    ) -> Image.Image:
+    @dataclass(frozen=True)
+    class _Sample:
+        """One image to make: what differs between the images of a batched call."""
+
+        prompt: str
+        negative_prompt: str | None
+        seed: int
+        inputs: tuple[tuple[str, Any], ...] = ()  # per-image pipeline inputs (image, mask_image)
+
+    def _run(self, task: str, prompt: str, negative_prompt: str, params: GenParams,
+             inputs: dict[str, Any] | None = None, **shared: Any) -> Image.Image:  # fmt: skip
+        """One image; with batching on, it shares a pipeline call with concurrent requests that
+        agree on everything but prompts, seeds and input images (same seeds: same images)."""
+        sample = self._Sample(prompt, negative_prompt or None, int(params.seed),
+                              tuple((inputs or {}).items()))  # fmt: skip
+        common = {"num_inference_steps": params.num_inference_steps,
+                  "guidance_scale": params.guidance_scale, "true_cfg_scale": params.true_cfg_scale,
+                  "max_sequence_length": self.max_sequence_length, **shared}  # fmt: skip
+        with timed("diffusion"):
+            if self._batcher is None:
+                return self._checked(task, self._run_many(task, common, [sample])[0])
+            # Negative prompts must be all given or all absent in one call (SDXL treats an
+            # absent one as zeros): part of the key.
+            key = (task, sample.negative_prompt is None, json.dumps(common, sort_keys=True))
+            out = self._batcher.submit(key, (task, common, sample))
+            return self._checked(task, out)
+
+    def _run_batch(self, jobs: list) -> list[Any]:
+        task, common, _ = jobs[0].payload
+        return self._run_many(task, common, [job.payload[2] for job in jobs])
+
+    def _run_many(self, task: str, common: dict[str, Any], samples: list[_Sample]) -> list:
+        """One pipeline call for `samples` (per-image generators): an (H, W, 3) array each."""
         import torch
 
         pipe = self._pipeline(task)
+        negatives = [s.negative_prompt for s in samples]
         kwargs: dict[str, Any] = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt or None,
-            "num_inference_steps": params.num_inference_steps,
-            "guidance_scale": params.guidance_scale,
-            "true_cfg_scale": params.true_cfg_scale,
-            "max_sequence_length": self.max_sequence_length,
-            "generator": torch.Generator(self.device).manual_seed(int(params.seed)),
+            "prompt": [s.prompt for s in samples],
+            "negative_prompt": None if negatives[0] is None else negatives,
+            "generator": [torch.Generator(self.device).manual_seed(s.seed) for s in samples],
             "output_type": "np",
-            **extra,
+            **common,
         }
+        for name in dict(samples[0].inputs):
+            kwargs[name] = [dict(s.inputs)[name] for s in samples]
         # Families differ (FLUX: true_cfg_scale, max_sequence_length; SD img2img: no size):
         # pass what this pipeline names; unset options keep the pipeline's defaults.
         accepted = inspect.signature(pipe.__call__).parameters
         kwargs = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+        waited = time.perf_counter()
         with self._lock:
+            charge("diffusion_wait", time.perf_counter() - waited)
             try:
-                out = pipe(**kwargs).images[0]
+                return list(pipe(**kwargs).images)
             except Exception as e:
                 raise DiffusionError(f"{task} with {self.model!r} failed: {_one_line(e)}") from e
+
+    def _checked(self, task: str, out: Any) -> Image.Image:
         arr = np.asarray(out, dtype=np.float32)
         if not np.isfinite(arr).all():
             raise DiffusionError(
@@ -298,10 +349,8 @@ class DiffusionTool:
         self._check_params(params, strength)
         width, height = self._size(params)
         init = self._image(image, (width, height))
-        result = self._run(
-            "i2i", prompt, negative_prompt, params,
-            image=init, strength=strength, width=width, height=height,
-        )  # fmt: skip
+        result = self._run("i2i", prompt, negative_prompt, params, {"image": init},
+                           strength=strength, width=width, height=height)  # fmt: skip
         return self.store.put(result)
 
     def inpaint(
@@ -319,10 +368,9 @@ class DiffusionTool:
         width, height = self._size(params)
         init = self._image(image, (width, height))
         mask = box_mask(box, width, height)
-        result = self._run(
-            "inpaint", prompt, negative_prompt, params,
-            image=init, mask_image=mask, strength=strength, width=width, height=height,
-        )  # fmt: skip
+        result = self._run("inpaint", prompt, negative_prompt, params,
+                           {"image": init, "mask_image": mask},
+                           strength=strength, width=width, height=height)  # fmt: skip
         # The VAE round trip alters every pixel a little (and all of them with a non-inpainting
         # UNet): paste back the original outside the box, with a soft edge against seams.
         feather = mask.filter(ImageFilter.GaussianBlur(radius=max(1, min(width, height) // 128)))

@@ -7,6 +7,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+from artloop.tools.accounting import add_up
 from artloop.tools.images import atomic_write
 from artloop.tools.store import TrajectoryStore
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
@@ -24,6 +25,11 @@ _env.filters["when"] = lambda t: datetime.fromtimestamp(t, UTC).strftime("%Y-%m-
 AGENT_ORDER = ("enhance", "data_cot", "concept_cot", "thesis_cot", "validate")
 
 
+def spent(step: dict) -> dict[str, float]:
+    """Where a step's time went: diffusion, VLM, waiting, framework (tools/accounting.py)."""
+    return add_up(list(step.get("accounting", {}).values()))
+
+
 def write_report(store: TrajectoryStore, run_id: str) -> Path:
     """Render home/reports/<run_id>.html (images linked relatively from the store)."""
     run = store.get_run(run_id)
@@ -33,7 +39,7 @@ def write_report(store: TrajectoryStore, run_id: str) -> Path:
         return os.path.relpath(store.images.path(digest), out.parent) if digest else None
 
     html = _env.get_template("report.html.jinja").render(
-        run=run, steps=run["steps"], src=src, agent_order=AGENT_ORDER
+        run=run, steps=run["steps"], src=src, agent_order=AGENT_ORDER, spent=spent
     )
     atomic_write(out, html.encode("utf-8"))
     return out
