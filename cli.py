@@ -217,6 +217,26 @@ def run(
     _execute(cfg, prompt=prompt, run_id=None, as_json=as_json, quiet=quiet)
 
 
+def _on_ray(ctx, cfg, address: str, workers: int, gpus: float):
+    """`ctx` with its diffusion served by Ray actors (a local instance binds loopback)."""
+    from dataclasses import replace
+
+    import ray
+    from artloop.tools.ray_diffusion import RayDiffusion
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(("ARTLOOP_", "HF_"))}
+    if address == "local":
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": env}, log_to_driver=False)  # fmt: skip
+    else:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    d = cfg.diffusion
+    diffusion = RayDiffusion(d.model, ctx.store.images, workers=workers, gpus_per_worker=gpus,
+                             family=d.family, device=d.device, dtype=d.dtype,
+                             batch_window_ms=d.batch_window_ms, max_batch=d.max_batch)  # fmt: skip
+    return replace(ctx, diffusion=diffusion)
+
+
 @app.command()
 def batch(
     prompts_file: Annotated[
@@ -233,6 +253,21 @@ def batch(
     ] = None,
     max_iters: Annotated[int | None, typer.Option(help="Iterations at most")] = None,
     judge: Annotated[str | None, typer.Option(help="vlm, or a reward name")] = None,
+    base_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--base-url",
+            help="VLM server (repeat: sessions spread over several); implies the openai backend",
+        ),  # fmt: skip
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Diffusion on Ray: 'local' (a local instance), 'auto' or ray://HOST:PORT"
+        ),  # fmt: skip
+    ] = None,
+    diffusion_workers: Annotated[int, typer.Option(min=1, help="Ray diffusion actors")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per Ray actor")] = 0.0,
     home: HomeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -242,7 +277,7 @@ def batch(
     from artloop.config import ConfigError
     from artloop.graphs.batch import BatchError, batch_summary, read_prompts, run_batch
     from artloop.graphs.context import build_context
-    from artloop.models.chat import check_chat_model
+    from artloop.models.chat import build_chat_model, check_chat_model
     from artloop.tools.diffusion import DiffusionError
     from rich.progress import (
         BarColumn,
@@ -252,13 +287,20 @@ def batch(
         TimeRemainingColumn,
     )
 
+    urls = base_url or []
     cfg = _config(config, {"home": home, "loop.max_iters": max_iters, "loop.judge": judge,
-                           "diffusion.batch_window_ms": batch_window_ms})  # fmt: skip
+                           "diffusion.batch_window_ms": batch_window_ms,
+                           "chat.backend": "openai" if urls else None,
+                           "chat.base_url": urls[0] if urls else None})  # fmt: skip
     try:
         items = read_prompts(prompts_file)
-        check_chat_model(cfg.chat)
+        chats = [build_chat_model(cfg.chat.model_copy(update={"base_url": u})) for u in urls]
+        for c in [cfg.chat.model_copy(update={"base_url": u}) for u in urls] or [cfg.chat]:
+            check_chat_model(c)
         quiet_libraries()
         ctx = build_context(cfg)
+        if ray_address:
+            ctx = _on_ray(ctx, cfg, ray_address, diffusion_workers, gpus_per_worker)
         ctx.models()
     except (BatchError, ConfigError, DiffusionError) as e:
         fail(str(e))
@@ -275,7 +317,7 @@ def batch(
 
         result = asyncio.run(run_batch(ctx, items, name=name or prompts_file.stem,
                                        concurrency=concurrency, config=cfg.public_dict(),
-                                       on_progress=show))  # fmt: skip
+                                       on_progress=show, chats=chats or None))  # fmt: skip
     print(json.dumps(batch_summary(result)))
     if result.failed:
         err.print(f"{result.failed} session(s) failed (stored with their errors); "

@@ -106,8 +106,10 @@ def _session(ctx: RefineContext, item: BatchItem, run_id: str, config: dict) -> 
 
 
 async def run_batch(ctx: RefineContext, items: list[BatchItem], *, name: str, concurrency: int,
-                    config: dict | None = None, on_progress: Progress | None = None) -> BatchResult:  # fmt: skip
-    """Run every item's session (those finished earlier are skipped); the counts."""
+                    config: dict | None = None, on_progress: Progress | None = None,
+                    chats: list[Any] | None = None) -> BatchResult:  # fmt: skip
+    """Run every item's session (those finished earlier are skipped); the counts. With `chats`
+    (one chat model per VLM server), sessions are spread over them in turn."""
     result = BatchResult(total=len(items))
     start = time.perf_counter()
     config = {**(config or {}), "tags": [*(config or {}).get("tags", []), f"batch:{name}"]}
@@ -129,8 +131,11 @@ async def run_batch(ctx: RefineContext, items: list[BatchItem], *, name: str, co
         except StoreError:
             pass  # not started yet
         async with slots:
+            session_ctx = replace(ctx, chat=chats[index % len(chats)]) if chats else ctx
             try:
-                status = await loop.run_in_executor(pool, _session, ctx, item, run_id, config)
+                status = await loop.run_in_executor(
+                    pool, _session, session_ctx, item, run_id, config
+                )
             except Exception as e:  # stored as `failed` with its error by the runner
                 result.failed += 1
                 result.errors[run_id] = f"{type(e).__name__}: {e}"[:500]
