@@ -1,0 +1,121 @@
+"""`artloop batch`: collect trajectories with many sessions at once (graphs/batch.py), on this
+machine or with diffusion on a Ray cluster (tools/ray_diffusion.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+HomeOpt = Annotated[Path | None, typer.Option("--home", help="Home directory")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file")]
+
+
+def _on_ray(ctx, cfg, address: str, workers: int, gpus: float):
+    """`ctx` with its diffusion served by Ray actors (a local instance binds loopback)."""
+    from dataclasses import replace
+
+    import ray
+    from artloop.tools.ray_diffusion import RayDiffusion
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(("ARTLOOP_", "HF_"))}
+    if address == "local":
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": env}, log_to_driver=False)  # fmt: skip
+    else:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    d = cfg.diffusion
+    diffusion = RayDiffusion(d.model, ctx.store.images, workers=workers, gpus_per_worker=gpus,
+                             family=d.family, device=d.device, dtype=d.dtype,
+                             batch_window_ms=d.batch_window_ms, max_batch=d.max_batch)  # fmt: skip
+    return replace(ctx, diffusion=diffusion)
+
+
+def batch_command(
+    prompts_file: Annotated[
+        Path,
+        typer.Argument(help="One prompt per line, or JSONL with prompt, seed, max_iters, tags"),
+    ],  # fmt: skip
+    concurrency: Annotated[int, typer.Option(min=1, max=1024, help="Sessions at once")] = 4,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Batch name (default: the file's stem); runs are tagged batch:NAME"),
+    ] = None,  # fmt: skip
+    batch_window_ms: Annotated[
+        float | None, typer.Option(help="Gather diffusion requests this long into one call")
+    ] = None,
+    max_iters: Annotated[int | None, typer.Option(help="Iterations at most")] = None,
+    judge: Annotated[str | None, typer.Option(help="vlm, or a reward name")] = None,
+    base_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--base-url",
+            help="VLM server (repeat: sessions spread over several); implies the openai backend",
+        ),  # fmt: skip
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Diffusion on Ray: 'local' (a local instance), 'auto' or ray://HOST:PORT"
+        ),  # fmt: skip
+    ] = None,
+    diffusion_workers: Annotated[int, typer.Option(min=1, help="Ray diffusion actors")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per Ray actor")] = 0.0,
+    home: HomeOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Collect trajectories: many sessions at once, resumable (a re-run skips finished ones)."""
+    import asyncio
+
+    from artloop.cli import _config, err, fail, quiet_libraries
+    from artloop.config import ConfigError
+    from artloop.graphs.batch import BatchError, batch_summary, read_prompts, run_batch
+    from artloop.graphs.context import build_context
+    from artloop.models.chat import build_chat_model, check_chat_model
+    from artloop.tools.diffusion import DiffusionError
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    urls = base_url or []
+    cfg = _config(config, {"home": home, "loop.max_iters": max_iters, "loop.judge": judge,
+                           "diffusion.batch_window_ms": batch_window_ms,
+                           "chat.backend": "openai" if urls else None,
+                           "chat.base_url": urls[0] if urls else None})  # fmt: skip
+    try:
+        items = read_prompts(prompts_file)
+        chats = [build_chat_model(cfg.chat.model_copy(update={"base_url": u})) for u in urls]
+        for c in [cfg.chat.model_copy(update={"base_url": u}) for u in urls] or [cfg.chat]:
+            check_chat_model(c)
+        quiet_libraries()
+        ctx = build_context(cfg)
+        if ray_address:
+            ctx = _on_ray(ctx, cfg, ray_address, diffusion_workers, gpus_per_worker)
+        ctx.models()
+    except (BatchError, ConfigError, DiffusionError) as e:
+        fail(str(e))
+    columns = [TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+               TimeRemainingColumn()]  # fmt: skip
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task("batch", total=len(items), stats="")
+
+        def show(r) -> None:
+            rate = r.done / r.seconds * 60 if r.seconds else 0.0
+            bar.update(task, completed=r.done + r.failed + r.skipped,
+                       stats=f"accepted {r.accepted} failed {r.failed} skipped {r.skipped} "
+                             f"{rate:.1f}/min")  # fmt: skip
+
+        result = asyncio.run(run_batch(ctx, items, name=name or prompts_file.stem,
+                                       concurrency=concurrency, config=cfg.public_dict(),
+                                       on_progress=show, chats=chats or None))  # fmt: skip
+    print(json.dumps(batch_summary(result)))
+    if result.failed:
+        err.print(f"{result.failed} session(s) failed (stored with their errors); "
+                  f"run the same command again to retry them")  # fmt: skip
