@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from artloop.graphs.context import RefineContext
@@ -47,12 +49,23 @@ def open_checkpointer(store: TrajectoryStore) -> Iterator[BaseCheckpointSaver]:
     if store.checkpointer:
         yield from _postgres(store.checkpointer)
         return
-    conn = sqlite3.connect(store.home / "checkpoints.sqlite", check_same_thread=False, timeout=30)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        yield SqliteSaver(conn)
-    finally:
-        conn.close()
+    yield _sqlite(store.home / "checkpoints.sqlite")
+
+
+_SQLITE: dict[Path, SqliteSaver] = {}
+_SQLITE_LOCK = threading.Lock()
+
+
+def _sqlite(path: Path) -> SqliteSaver:
+    """One saver (one connection) per database and process, shared by concurrent sessions: its
+    lock orders their writes. A connection each would contend for SQLite's file lock, whose
+    busy handler sleeps: 16 sessions then ran no faster than one at a time."""
+    with _SQLITE_LOCK:
+        if (saver := _SQLITE.get(path)) is None:
+            conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            saver = _SQLITE[path] = SqliteSaver(conn)
+        return saver
 
 
 def _postgres(url: str) -> Iterator[BaseCheckpointSaver]:

@@ -127,3 +127,30 @@ def test_cli_batch(tmp_path):
         [artloop, "batch", str(tmp_path / "none.txt")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "cannot read prompts file" in bad.stderr
+
+
+def test_batcher_takes_everything_that_queued_while_it_was_busy():
+    import time
+
+    from artloop.tools.batching import Batcher
+
+    def slow(jobs):
+        time.sleep(0.3)
+        return [job.payload * 2 for job in jobs]
+
+    batcher = Batcher(slow, window_s=0.01, max_batch=4)
+    results = {}
+
+    def call(i: int) -> None:
+        results[i] = batcher.submit("k", i)
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    time.sleep(0.1)  # the first batch is running; six more arrive, past any window
+    rest = [threading.Thread(target=call, args=(i,)) for i in range(1, 7)]
+    for t in rest:
+        t.start()
+    for t in [first, *rest]:
+        t.join()
+    assert results == {i: 2 * i for i in range(7)}
+    assert batcher.sizes == [1, 4, 2]  # max_batch splits the six that waited

@@ -61,14 +61,16 @@ class Batcher:
                 charge("diffusion_wait", job.started - job.submitted)
 
     def _gather(self) -> list[Job]:
+        """The first job, those arriving within the window after it, and every job already
+        waiting (while the last batch ran, many may have queued up past their window)."""
         jobs = [self._queue.get()]
         deadline = jobs[0].submitted + self.window_s
-        while (left := deadline - time.perf_counter()) > 0:
+        while True:
+            left = deadline - time.perf_counter()
             try:
-                jobs.append(self._queue.get(timeout=left))
+                jobs.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
             except queue.Empty:
-                break
-        return jobs
+                return jobs
 
     def _loop(self) -> None:
         while True:
