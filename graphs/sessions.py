@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from artloop.graphs.refine import builder
-from artloop.graphs.runner import open_checkpointer, pending_pause
+from artloop.graphs.runner import compiled, open_checkpointer, pending_pause
 from artloop.tools.store import StoreError, TrajectoryStore, check_run_id, new_run_id
 from langgraph.graph import START
 
@@ -35,7 +35,7 @@ class SessionView:
 
 
 def _graph(saver: Any) -> Any:
-    return builder.compile(checkpointer=saver)
+    return compiled(saver)
 
 
 def _thread(run_id: str, checkpoint_id: str | None = None) -> dict:
