@@ -193,14 +193,13 @@ def test_a_killed_session_resumes_at_its_pause(tmp_path):
     assert step["image"] == image  # nothing before the pause was redone
     assert step["decided_by"]["plan"] == "human"
     assert [op["box"] for op in step["edits"] if op["op"] == "inpaint"] == [[100, 100, 600, 600]]
-    # History and fork from the CLI: fork where the plan pause was, then delete the fork.
+    # History and fork from the CLI (one command each; their logic is tested above).
     points = [
         json.loads(p) for p in cli("session", "history", run_id, "--home", home).stdout.splitlines()
     ]
     index = next(p["index"] for p in points if p["next"] == ["review_plan"])
     forked = json.loads(cli("session", "fork", run_id, str(index), "--home", home).stdout)["run_id"]
-    shown = json.loads(cli("session", "show", forked, "--home", home).stdout)
-    assert shown["next"] == ["review_plan"] and shown["status"] == "interrupted"
+    assert TrajectoryStore(home).get_run(forked)["config"]["forked_from"]["run_id"] == run_id
     assert json.loads(cli("session", "delete", forked, "--home", home).stdout) == {
         "deleted": forked
     }
