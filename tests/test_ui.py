@@ -31,15 +31,15 @@ def chromium() -> str:
     return path
 
 
-@pytest.fixture
-def ui(tmp_path):
-    port, home = free_port(), tmp_path / "home"
+@pytest.fixture(params=[None])
+def ui(tmp_path, request):
+    port, home, token = free_port(), tmp_path / "home", request.param
     log = (tmp_path / "ui.log").open("w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("artloop")), "serve", "ui", "--home", str(home),
          "--port", str(port)],
-        env={**os.environ, "ARTLOOP_LOOP__MAX_ITERS": "2"}, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        env={**os.environ, "ARTLOOP_LOOP__MAX_ITERS": "2", **({"ARTLOOP_UI_TOKEN": token} if token else {})},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 120
     while True:
@@ -127,3 +127,20 @@ def test_box_from_clicks_normalises_and_orders():
 def test_a_public_address_needs_a_token(store):
     with pytest.raises(UIError, match="set a token"):
         serve(None, host="0.0.0.0")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ui", ["s3cret"], indirect=True)
+def test_token_login_and_upload_limits(ui):
+    import httpx
+
+    url, _ = ui
+    client = httpx.Client(base_url=url, timeout=30)
+    assert client.get("/config").status_code == 401  # nothing without logging in
+    assert client.post("/login", data={"username": "me", "password": "wrong"}).status_code == 400
+    assert client.post("/login", data={"username": "me", "password": "s3cret"}).status_code == 200
+    assert client.get("/config").status_code == 200
+    small = client.post("/gradio_api/upload", files={"files": ("a.png", b"0" * 1000, "image/png")})
+    assert small.status_code == 200
+    big = client.post("/gradio_api/upload",
+                      files={"files": ("b.png", b"0" * (11 * 1024 * 1024), "image/png")})  # fmt: skip
+    assert big.status_code == 413 and "maximum allowed size" in big.text
