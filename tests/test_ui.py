@@ -73,6 +73,7 @@ def test_a_person_draws_a_box_and_accepts(ui, page):
     from playwright.sync_api import expect
 
     url, store = ui
+    expect.set_options(timeout=30_000)  # each UI round trip, even on a busy 2-core machine
     page.goto(url)
     page.locator("#prompt textarea").fill("a red fox in the snow")
     page.locator("#start").click()  # pauses at plan and verdict by default
