@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -192,9 +193,7 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         except ConfigError as e:
             raise gr.Error(str(e)) from None
         run_id = new_run_id()
-        local = RefineContext(chat=ctx.chat, diffusion=ctx.diffusion, store=store,
-                              loop=ctx.loop.model_copy(update={"max_iters": int(max_iters)}),
-                              chat_config=ctx.chat_config, diffusion_config=ctx.diffusion_config)  # fmt: skip
+        local = replace(ctx, loop=ctx.loop.model_copy(update={"max_iters": int(max_iters)}))
         config = {"loop": local.loop.model_dump(), "ui": True}
         yield from stream(lambda cb: run_session(local, prompt=prompt, run_id=run_id, config=config,
                                                  pause_at=pause_at, on_update=cb),
@@ -203,11 +202,9 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
     def resume(run_id: str, log: str, answer: dict | None) -> Iterator[tuple]:
         if not run_id:
             raise gr.Error("no session: start one or open a past one")
-        stored = store.get_run(run_id)["config"].get("loop")  # the session's own loop rules
-        local = ctx if not stored else RefineContext(
-            chat=ctx.chat, diffusion=ctx.diffusion, store=store, loop=type(ctx.loop)(**stored),
-            chat_config=ctx.chat_config, diffusion_config=ctx.diffusion_config)  # fmt: skip
         try:  # a bad answer fails here, before anything runs: the session stays paused
+            stored = store.get_run(run_id)["config"].get("loop")  # the session's own loop rules
+            local = replace(ctx, loop=type(ctx.loop)(**stored)) if stored else ctx
             v = view(store, run_id)
             if v.pause is not None:
                 from artloop.graphs.human import check_action
