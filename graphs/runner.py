@@ -58,8 +58,8 @@ _SQLITE_LOCK = threading.Lock()
 
 def _sqlite(path: Path) -> SqliteSaver:
     """One saver (one connection) per database and process, shared by concurrent sessions: its
-    lock orders their writes. A connection each would contend for SQLite's file lock, whose
-    busy handler sleeps: 16 sessions then ran no faster than one at a time."""
+    lock orders their writes, instead of a connection each contending for SQLite's file lock
+    (whose busy handler sleeps). Also lets the compiled graph be kept per saver."""
     with _SQLITE_LOCK:
         if (saver := _SQLITE.get(path)) is None:
             conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
