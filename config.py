@@ -48,7 +48,11 @@ class ChatConfig(_Section):
     image_max_side: int = Field(768, ge=64, le=4096, description="Images sent are resized")
     image_format: Literal["png", "jpeg"] = Field("png", description="How images are sent")
     max_concurrent_calls: int = Field(16, ge=1, le=1024, description="Agent calls in flight at "
-                                      "once from concurrent sessions (a server batches them)")  # fmt: skip
+                                      "once from concurrent sessions (a server batches them; "
+                                      "the in-process model runs up to this many as one batch)")  # fmt: skip
+    batch_window_ms: float = Field(0.0, ge=0.0, le=10_000.0, description="In-process model: "
+                                   "gather calls from concurrent sessions this long into one "
+                                   "generate (calls already waiting are always batched)")  # fmt: skip
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

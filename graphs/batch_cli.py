@@ -45,7 +45,10 @@ def batch_command(
         typer.Option(help="Batch name (default: the file's stem); runs are tagged batch:NAME"),
     ] = None,  # fmt: skip
     batch_window_ms: Annotated[
-        float | None, typer.Option(help="Gather diffusion requests this long into one call")
+        float | None,
+        typer.Option(
+            help="Gather diffusion requests (and in-process VLM calls) this long into one"
+        ),
     ] = None,
     max_iters: Annotated[int | None, typer.Option(help="Iterations at most")] = None,
     judge: Annotated[str | None, typer.Option(help="vlm, or a reward name")] = None,
@@ -87,6 +90,7 @@ def batch_command(
     urls = base_url or []
     cfg = _config(config, {"home": home, "loop.max_iters": max_iters, "loop.judge": judge,
                            "diffusion.batch_window_ms": batch_window_ms,
+                           "chat.batch_window_ms": batch_window_ms,
                            "chat.backend": "openai" if urls else None,
                            "chat.base_url": urls[0] if urls else None})  # fmt: skip
     try:

@@ -18,7 +18,8 @@ def build_chat_model(cfg: ChatConfig) -> BaseChatModel:
 
         return ChatQwen2VLLocal(
             model=cfg.model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            device=cfg.device, dtype=cfg.dtype,
+            device=cfg.device, dtype=cfg.dtype, batch_window_ms=cfg.batch_window_ms,
+            max_batch=cfg.max_concurrent_calls,
         )  # fmt: skip
     if cfg.backend == "openai":
         from langchain_openai import ChatOpenAI

@@ -2,17 +2,19 @@
 
 The embedded default: no server needed. Bind a schema with `.bind(json_schema=schema)`; decoding
 is then constrained by an xgrammar grammar compiled from that schema, so the output parses.
+Concurrent calls (sessions in threads) are batched: one left-padded `generate` runs them all,
+each row under its own grammar.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-import time
+from dataclasses import dataclass
 from typing import Any
 
 from artloop.models.images import from_data_url
-from artloop.tools.accounting import charge
+from artloop.tools.batching import Batcher, Job
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
@@ -64,7 +66,13 @@ class ChatQwen2VLLocal(BaseChatModel):
     device: str = "cpu"
     dtype: str = "float32"
 
+    # Calls waiting when the model is free, or arriving within this window of the first, share
+    # one generate (at most max_batch rows).
+    batch_window_ms: float = 0.0
+    max_batch: int = 16
+
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _batch: Batcher | None = PrivateAttr(default=None)
     # (model, processor, grammar compiler, ids of tokens with control bytes)
     _loaded: tuple | None = PrivateAttr(default=None)
     _grammars: dict = PrivateAttr(default_factory=dict)
@@ -95,6 +103,7 @@ class ChatQwen2VLLocal(BaseChatModel):
                 .eval()
             )
             processor = load_processor(path)
+            processor.tokenizer.padding_side = "left"  # batched rows end where generation starts
             # The grammar must cover the model's whole output row, padding included.
             info = xgr.TokenizerInfo.from_huggingface(
                 processor.tokenizer, vocab_size=model.config.text_config.vocab_size
@@ -119,49 +128,116 @@ class ChatQwen2VLLocal(BaseChatModel):
         json_schema: dict | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        chat, images = to_qwen_messages(messages)
+        max_new = int(kwargs.get("max_new_tokens", self.max_new_tokens))
+        temperature = float(kwargs.get("temperature", self.temperature))
+        # Concurrent calls (sessions in threads) that agree in these run as one padded generate.
+        key = (json_schema is not None, max_new, temperature)
+        content, meta = self._batcher().submit(key, _Request(chat, images, json_schema))
+        msg = AIMessage(content=content, response_metadata={"model_name": self.model, **meta})
+        return ChatResult(generations=[ChatGeneration(message=msg)])
+
+    def set_batching(self, window_ms: float) -> None:
+        """Gather concurrent calls this long into one generate (0: only those already waiting)."""
+        self.batch_window_ms = window_ms
+        if self._batch is not None:
+            self._batch.window_s = window_ms / 1000
+
+    def _batcher(self) -> Batcher:
+        with self._lock:
+            if self._batch is None:
+                self._batch = Batcher(
+                    self._run_batch, self.batch_window_ms / 1000, self.max_batch, "vlm_wait"
+                )
+            return self._batch
+
+    def _run_batch(self, jobs: list[Job]) -> list[tuple[str, dict]]:
+        """One left-padded generate over every job's conversation, each row under its own
+        grammar; (text, token counts, finish reason) per job."""
         import torch
-        import xgrammar.contrib.hf
 
         model, processor, _, control_ids = self.setup()
-        chat, images = to_qwen_messages(messages)
-        text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        inputs = processor(text=[text], images=images or None, return_tensors="pt").to(self.device)
-        gen: dict[str, Any] = {"max_new_tokens": kwargs.get("max_new_tokens", self.max_new_tokens)}
-        temperature = kwargs.get("temperature", self.temperature)
+        requests: list[_Request] = [job.payload for job in jobs]
+        _, max_new, temperature = jobs[0].key
+        texts = [
+            processor.apply_chat_template(r.chat, tokenize=False, add_generation_prompt=True)
+            for r in requests
+        ]
+        images = [image for r in requests for image in r.images]
+        inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(
+            self.device
+        )  # input_ids: (B, T), padded on the left
+        gen: dict[str, Any] = {"max_new_tokens": max_new}
         gen.update(
             {"do_sample": True, "temperature": temperature}
             if temperature > 0
             else {"do_sample": False}
         )
-        if json_schema is not None:
-            # A new processor per generate(): it carries the grammar's matcher state.
-            gen["logits_processor"] = [
-                xgrammar.contrib.hf.LogitsProcessor(self._grammar(json_schema)),
-                # xgrammar 0.2.8 lets raw control characters into maxLength-bounded strings,
-                # which breaks JSON parsing; JSON output never needs them, so mask them.
-                _BanTokens(control_ids),
-            ]
-        start = time.perf_counter()
-        with self._lock, torch.inference_mode():  # one generate at a time on this model
-            charge("vlm_wait", time.perf_counter() - start)  # concurrent sessions queue here
-            out = model.generate(**inputs, **gen)
-        new = out[0, inputs["input_ids"].shape[1] :]
-        content = processor.tokenizer.decode(new, skip_special_tokens=True)
-        finished = bool(new.numel()) and int(new[-1]) in _eos_ids(model)
-        meta = {"prompt_tokens": int(inputs["input_ids"].shape[1]), "completion_tokens": int(new.numel()),
-                "finish_reason": "stop" if finished else "length"}  # fmt: skip
-        msg = AIMessage(content=content, response_metadata={"model_name": self.model, **meta})
-        return ChatResult(generations=[ChatGeneration(message=msg)])
+        if requests[0].schema is not None:
+            # A new processor per generate(): it carries each row's matcher state.
+            grammars = [self._grammar(r.schema) for r in requests]
+            gen["logits_processor"] = [_GrammarRows(grammars, control_ids)]
+        with torch.inference_mode():
+            out = model.generate(**inputs, **gen)  # (B, T + new)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        return [
+            _finish(processor.tokenizer, row, n, _eos_ids(model))
+            for row, n in zip(new, prompt_tokens, strict=True)
+        ]
 
 
-class _BanTokens:
-    """A logits processor that forbids a fixed set of token ids."""
+@dataclass
+class _Request:
+    chat: list[dict]
+    images: list
+    schema: dict | None
 
-    def __init__(self, ids) -> None:
-        self.ids = ids
 
-    def __call__(self, input_ids, scores):  # scores: (B, vocab)
-        scores[:, self.ids[self.ids < scores.shape[-1]]] = float("-inf")
+def _finish(tokenizer, row, prompt_tokens: int, eos: set[int]) -> tuple[str, dict]:
+    """A generated row (padded past its end once the row stopped) -> text and its counts."""
+    ids = row.tolist()
+    stop = next((i for i, t in enumerate(ids) if t in eos), None)
+    ids = ids if stop is None else ids[: stop + 1]
+    meta = {"prompt_tokens": int(prompt_tokens), "completion_tokens": len(ids),
+            "finish_reason": "length" if stop is None else "stop"}  # fmt: skip
+    return tokenizer.decode(ids, skip_special_tokens=True), meta
+
+
+class _GrammarRows:
+    """A logits processor: each row of a batched generate follows its own grammar (xgrammar's
+    matchers, filled in parallel), and tokens holding control characters are banned."""
+
+    def __init__(self, grammars: list, banned) -> None:
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.matchers = [xgr.GrammarMatcher(g) for g in grammars]
+        self.filler = xgr.BatchGrammarMatcher()
+        vocab = grammars[0].tokenizer_info.vocab_size
+        self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab)  # (B, ceil(vocab/32))
+        # xgrammar 0.2.8 lets raw control characters into maxLength-bounded strings, which
+        # breaks JSON parsing; JSON output never needs them.
+        self.banned = banned
+        self.started = False
+
+    def __call__(self, input_ids, scores):  # input_ids: (B, T), scores: (B, vocab)
+        if self.started:  # the tokens chosen last step
+            live = [i for i, m in enumerate(self.matchers) if not m.is_terminated()]
+            tokens = input_ids[live, -1].tolist()
+            accepted = self.xgr.BatchGrammarMatcher.batch_accept_token(
+                [self.matchers[i] for i in live], tokens
+            )
+            assert all(accepted), "a token outside the grammar was chosen"
+        self.started = True
+        # A finished row is padded by generate whatever it scores; its mask stays as it was.
+        live = [i for i, m in enumerate(self.matchers) if not m.is_terminated()]
+        if live:
+            self.filler.batch_fill_next_token_bitmask(
+                [self.matchers[i] for i in live], self.bitmask, indices=live
+            )
+            self.xgr.apply_token_bitmask_inplace(scores, self.bitmask, indices=live)
+        scores[:, self.banned[self.banned < scores.shape[-1]]] = float("-inf")
         return scores
 
 

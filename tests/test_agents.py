@@ -32,3 +32,22 @@ def test_the_image_reaches_the_model(tiny_chat):
     a, b = (agents.data_cot(tiny_chat, image(i), "a fox", stats).output for i in (1, 2))
     a2 = agents.data_cot(tiny_chat, image(1), "a fox", stats).output
     assert a == a2 and a != b
+
+
+def test_concurrent_calls_share_one_generate(tiny_chat):
+    """Calls from concurrent sessions run as one padded generate, each row under its own
+    grammar, and give the same answers as the same calls made one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stats = {"brightness": 0.5}
+    prompts = ["a fox", "a red bicycle leaning on a wall", "sunset", "a cat in a hat, oil"]
+
+    def call(i: int):
+        return agents.data_cot(tiny_chat, image(i), prompts[i], stats).output
+
+    alone = [call(i) for i in range(len(prompts))]
+    before = len(tiny_chat._batch.sizes)
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(call, range(len(prompts))))
+    assert max(tiny_chat._batch.sizes[before:]) > 1  # some calls really shared a generate
+    assert together == alone
