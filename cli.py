@@ -324,6 +324,32 @@ def list_runs(home: HomeOpt = None, config: ConfigOpt = None, limit: int = 20) -
     Console().print(table)
 
 
+@app.command()
+def doctor(
+    export_dir: Annotated[
+        Path | None, typer.Option("--export", help="Check this export directory instead")
+    ] = None,
+    clean: Annotated[bool, typer.Option(help="Remove files left by interrupted writes")] = False,
+    home: HomeOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the store's integrity (or an export's); exit 1 when anything is broken."""
+    from artloop.tools.doctor import check_export, check_store, describe
+
+    if export_dir is not None and not export_dir.is_dir():
+        fail(f"no export directory at {export_dir}")
+    report = (
+        check_export(export_dir) if export_dir else check_store(_store(home, config), clean=clean)
+    )
+    if as_json:
+        print(json.dumps({"ok": report.ok, **asdict(report)}, indent=2))
+    else:
+        print(describe(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @serve_app.command(
     "vlm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
 )

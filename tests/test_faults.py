@@ -1,0 +1,143 @@
+"""Faults: a batch SIGKILLed at random points loses nothing, the store stays intact
+(`artloop doctor`), and every failed write leaves what was stored before it as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from artloop.graphs.batch import item_run_id, read_prompts
+from artloop.tools.doctor import check_store
+from artloop.tools.export import step_images
+from artloop.tools.store import FINAL_STATUSES, TrajectoryStore
+
+ARTLOOP = str(Path(sys.executable).with_name("artloop"))
+SESSIONS = 16
+KILLS = 4
+
+
+def _config(tmp_path: Path) -> Path:
+    """A fast stack: the scripted chat (no VLM cost), tiny SD at 64 px, two iterations."""
+    cfg = tmp_path / "artloop.toml"
+    cfg.write_text(
+        f'home = "{tmp_path / "home"}"\n'
+        '[chat]\nbackend = "custom"\ncustom_class = "artloop.models.scripted:ScriptedChat"\n'
+        "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 2\n"
+    )
+    return cfg
+
+
+def _finished(store: TrajectoryStore) -> dict[str, str]:
+    """Each finished run's whole trajectory, as JSON text (to compare before and after)."""
+    runs = [r for r in store.list_runs(limit=-1) if r["status"] in FINAL_STATUSES]
+    return {r["run_id"]: json.dumps(store.get_run(r["run_id"]), sort_keys=True) for r in runs}
+
+
+def _doctor(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([ARTLOOP, "doctor", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_sigkill_during_a_batch_loses_nothing(tmp_path):
+    cfg = _config(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a red fox, take {i}\n" for i in range(SESSIONS)))
+    store = TrajectoryStore(tmp_path / "home")
+    batch = [ARTLOOP, "batch", str(prompts), "--concurrency", "8", "--config", str(cfg)]
+    rng = random.Random(7)  # the kill points, reproducible
+    kept: dict[str, str] = {}
+    kills = []
+    for _ in range(KILLS):
+        # Kill once some (a random number of) further sessions have finished, a random
+        # fraction of a second later: mid-step, mid-write or mid-diffusion.
+        target = min(SESSIONS - 1, len(kept) + rng.randint(1, 3))
+        proc = subprocess.Popen(batch, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while len(_finished(store)) < target and proc.poll() is None:
+            assert time.monotonic() < deadline, "the batch made no progress"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+        finished = _finished(store)
+        kills.append(len(finished))
+        assert {rid: finished[rid] for rid in kept} == kept  # a finished run is never touched
+        kept = finished
+        report = check_store(store)
+        assert report.ok, report.errors  # intact: each run complete or marked incomplete
+    assert kills[-1] < SESSIONS, f"every kill came after the end: {kills}"
+
+    done = subprocess.run(batch, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["skipped"] == len(kept) and summary["failed"] == 0
+    finished = _finished(store)
+    assert {rid: finished[rid] for rid in kept} == kept
+    items = read_prompts(prompts)
+    expected = {item_run_id("prompts", i, item) for i, item in enumerate(items)}
+    assert set(finished) == expected  # every session finished, each exactly once
+    assert len(store.list_runs(limit=-1)) == SESSIONS  # and nothing else was stored
+    for rid in expected:
+        assert [s["iteration"] for s in store.get_run(rid)["steps"]] == [0, 1]
+    report = json.loads(_doctor("--config", str(cfg), "--json").stdout)
+    assert report["ok"] and report["checked"]["complete runs"] == SESSIONS, report
+    images = {d for rid in expected for s in store.get_run(rid)["steps"] for d in step_images(s)}
+    assert report["checked"]["images"] == len(images)  # every image was re-hashed
+
+    export = tmp_path / "export"
+    out = subprocess.run([ARTLOOP, "export", str(export), "--format", "raw", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    checked = _doctor("--export", str(export))
+    assert checked.returncode == 0 and "ok" in checked.stdout, checked.stdout
+    print(f"kills after {kills} finished sessions; {SESSIONS} sessions, none lost")
+
+
+def test_doctor_finds_broken_stores_and_exports(tmp_path, store, sd_tool):
+    """Each kind of damage is an error naming it (so the passing runs above mean something)."""
+    from artloop.graphs.runner import run_session
+    from artloop.tools.doctor import check_export
+    from artloop.tools.export import export_dataset
+    from conftest import make_ctx
+    from fakes import ScriptedChat
+
+    ctx = make_ctx(store, sd_tool, ScriptedChat(), max_iters=1)
+    rid = run_session(ctx, prompt="a fox").run_id
+    assert check_store(store).ok
+    export_dataset(store, tmp_path / "raw", "raw")
+    assert check_export(tmp_path / "raw").ok
+
+    image = store.get_run(rid)["steps"][0]["image"]
+    path = store.images.path(image)
+    good = path.read_bytes()
+    path.write_bytes(good[:-10])  # a truncated image file
+    assert any("does not match its hash" in e for e in check_store(store).errors)
+    path.unlink()
+    assert any("is missing" in e for e in check_store(store).errors)
+    path.write_bytes(good)
+    (path.parent / f".{path.name}.x.tmp").write_bytes(b"half")  # left by a killed write
+    report = check_store(store)
+    assert report.ok and "interrupted write" in report.warnings[0]
+    assert check_store(store, clean=True).ok and not list(path.parent.glob(".*.tmp"))
+
+    lines = (tmp_path / "raw" / "steps.jsonl").read_text().splitlines()
+    (tmp_path / "raw" / "steps.jsonl").write_text(lines[0] + "\n" + lines[0] + "\n")
+    assert any("the card says 1 rows" in e for e in check_export(tmp_path / "raw").errors)
+
+    store.db_path.write_bytes(b"not a database" * 100)
+    assert "not a readable SQLite database" in check_store(store).errors[0]
+
+
+def test_doctor_cli_exit_codes(tmp_path):
+    empty = TrajectoryStore(tmp_path / "home")
+    ok = _doctor("--home", str(empty.home))
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    missing = _doctor("--export", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no export directory" in missing.stderr
