@@ -54,6 +54,25 @@ reward("darkness")(_statistic("brightness", sign=-1.0, offset=1.0))
 
 
 # --- VLM judges ---------------------------------------------------------------------------------
+class BrokenJudgeError(RuntimeError):
+    """The judge gave the same answer for every one of several different images: a constant,
+    not a measurement. Its answers must not become rewards."""
+
+
+MIN_DISTINCT = 3  # different images needed before a single repeated answer counts as broken
+
+
+def check_judge(images: list[Image.Image], answers: list[str], name: str) -> None:
+    """Raise BrokenJudgeError when at least MIN_DISTINCT different images all got one answer.
+    (Empty answers never get here: they fail validation, are retried and counted, then raise.)"""
+    distinct = {hash(np.asarray(im.convert("RGB")).tobytes()) for im in images}
+    if len(distinct) >= MIN_DISTINCT and len(set(answers)) == 1:
+        raise BrokenJudgeError(
+            f"{name} judge gave the same answer for all {len(distinct)} different images "
+            f"({answers[0][:120]!r}): a broken judge, not used as a reward"
+        )
+
+
 @functools.cache
 def _config_chat() -> Any:
     from artloop.config import load_config
@@ -71,9 +90,14 @@ def vlm_reward(chat: Any = None, policy: Any = None) -> RewardFn:
         from artloop.models.structured import CallPolicy
 
         model = chat if chat is not None else _config_chat()
-        ratings = [rate(model, im, p, policy=policy or CallPolicy()).output
-                   for im, p in zip(images, prompts, strict=True)]  # fmt: skip
-        return np.array([r.score / 10 for r in ratings]), {"reasons": [r.reasons for r in ratings]}
+        calls = [rate(model, im, p, policy=policy or CallPolicy())
+                 for im, p in zip(images, prompts, strict=True)]  # fmt: skip
+        ratings = [c.output for c in calls]
+        check_judge(images, [r.model_dump_json() for r in ratings], "vlm")
+        return np.array([r.score / 10 for r in ratings]), {
+            "reasons": [r.reasons for r in ratings],
+            "parse_failures": [c.failures for c in calls],
+        }
 
     return fn
 
@@ -120,15 +144,17 @@ def synartifact_reward(chat: Any = None, embed: Any = None, alpha: float = 0.1,
         from artloop.prompts import artifact_taxonomy
 
         model = chat if chat is not None else _config_chat()
-        answers = [spot_artifacts(model, im, p, policy=policy or CallPolicy()).output.answer
-                   for im, p in zip(images, prompts, strict=True)]  # fmt: skip
+        calls = [spot_artifacts(model, im, p, policy=policy or CallPolicy())
+                 for im, p in zip(images, prompts, strict=True)]  # fmt: skip
+        answers = [c.output.answer for c in calls]
+        check_judge(images, answers, "synartifact")
         embedder = embed or _config_embedder()  # the same one on every call
         if not refs:
             classes = [a["id"].replace("_", " ") for a in artifact_taxonomy()]
             refs.append(embedder(["No artifacts", *classes]))
         sims = embedder(answers) @ refs[0].T  # (N, 1 + K): cosine similarities
         scores = sims[:, 0] - alpha * sims[:, 1:].sum(axis=1) + beta
-        return scores, {"answers": answers}
+        return scores, {"answers": answers, "parse_failures": [c.failures for c in calls]}
 
     return fn
 

@@ -1,0 +1,128 @@
+"""Malformed model output, fuzzed (hypothesis): the parse/repair path never crashes, whatever the
+model says; failures are counted; a judge that answers the same for every image is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from artloop.agents import schemas
+from artloop.models.scripted import ScriptedChat
+from artloop.models.structured import (
+    CallPolicy,
+    InvalidOutput,
+    StructuredOutputError,
+    invoke_structured,
+    parse_output,
+)
+from artloop.tools.rewards import BrokenJudgeError, synartifact_reward, vlm_reward
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from langchain_core.messages import HumanMessage
+from PIL import Image
+
+SCHEMAS = [schemas.EnhancedPrompt, schemas.ImageFacts, schemas.Critique, schemas.EditPlan,
+           schemas.Verdict, schemas.Rating, schemas.ArtifactAnswer]  # fmt: skip
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Any JSON value, with numbers far outside every schema's ranges (and boxes of any shape).
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=20,
+)  # fmt: skip
+
+
+def _answers(schema) -> st.SearchStrategy[str]:
+    """Text a model might send: any text, any JSON, or an object with the schema's own field
+    names holding wrong or out-of-range values (the hard case: it almost validates)."""
+    fields = list(schema.model_fields)
+    near = st.fixed_dictionaries({}, optional={f: json_values for f in fields}).map(json.dumps)
+    return st.one_of(st.text(max_size=200), json_values.map(json.dumps), near,
+                     st.sampled_from(["", "   ", "```json\n```", "{", "null", "[]", "{}"]))  # fmt: skip
+
+
+def _holds(schema, out) -> None:
+    """What a validated answer guarantees: bounded scores and boxes in the 0-1000 grid."""
+    dumped = out.model_dump()
+    for key in ("score", "prompt_alignment"):
+        if key in dumped:
+            assert 0 <= dumped[key] <= 10
+    for box in _boxes(dumped):
+        x1, y1, x2, y2 = box
+        assert 0 <= x1 < x2 <= 1000 and 0 <= y1 < y2 <= 1000
+
+
+def _boxes(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == "box" and v is not None:
+                yield v
+            else:
+                yield from _boxes(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _boxes(v)
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=lambda s: s.__name__)
+def test_parse_never_crashes(schema):
+    @FUZZ
+    @given(raw=_answers(schema))
+    def check(raw):
+        try:
+            out = parse_output(raw, schema)
+        except InvalidOutput as e:
+            assert str(e) and e.raw == raw  # a named problem, and the answer kept for repair
+            return
+        _holds(schema, out)
+
+    check()
+
+
+@FUZZ
+@given(answers=st.lists(_answers(schemas.Verdict), min_size=1, max_size=4))
+def test_repair_loop_ends_in_an_answer_or_one_clear_error(answers):
+    chat = ScriptedChat(scripts={"Verdict": answers})
+    messages = [HumanMessage(content="judge. " + json.dumps(schemas.Verdict.model_json_schema(),
+                                                             separators=(",", ":")))]  # fmt: skip
+    policy = CallPolicy(attempts=3, backoff_s=0)
+    try:
+        result = invoke_structured(chat, messages, schemas.Verdict, agent="validator",
+                                   policy=policy)  # fmt: skip
+    except StructuredOutputError as e:
+        assert "validator" in str(e) and "after 3 attempts" in str(e)
+        assert len(chat.calls) == 3  # every attempt was made, and counted
+        return
+    _holds(schemas.Verdict, result.output)
+    assert result.failures == len(chat.calls) - 1  # the invalid answers before it, counted
+
+
+def _images(n: int) -> list[Image.Image]:
+    return [Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)) for i in range(n)]
+
+
+RATING = {"score": 7.0, "reasons": ["fine"]}
+
+
+@pytest.mark.parametrize("make", [lambda c: vlm_reward(c),
+                                  lambda c: synartifact_reward(c, embed=lambda t: np.ones((len(t), 4)))],
+                         ids=["vlm", "synartifact"])  # fmt: skip
+def test_a_constant_judge_never_becomes_a_reward(make):
+    constant = ScriptedChat(scripts={"Rating": [RATING], "ArtifactAnswer": [{"answer": "blur"}]})
+    with pytest.raises(BrokenJudgeError, match="same answer for all 4 different images"):
+        make(constant)(_images(4), ["a fox"] * 4, [{}] * 4)
+    # The same image four times may well get one answer: that is not a broken judge.
+    scores, _ = make(constant)(_images(1) * 4, ["a fox"] * 4, [{}] * 4)
+    assert len(scores) == 4
+
+
+def test_a_judge_that_varies_is_used_and_its_failures_counted():
+    answers = ["not json", RATING, {"score": 3.0, "reasons": ["dark"]}, {"score": 9.0,
+               "reasons": ["good"]}]  # fmt: skip
+    chat = ScriptedChat(scripts={"Rating": answers})
+    scores, info = vlm_reward(chat, CallPolicy(backoff_s=0))(_images(3), ["a fox"] * 3, [{}] * 3)
+    assert scores.tolist() == pytest.approx([0.7, 0.3, 0.9])
+    assert info["parse_failures"] == [1, 0, 0]
