@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from artloop.graphs.batch import item_run_id, read_prompts
 from artloop.tools.doctor import check_store
 from artloop.tools.export import step_images
@@ -141,3 +142,80 @@ def test_doctor_cli_exit_codes(tmp_path):
     assert ok.returncode == 0 and "ok" in ok.stdout
     missing = _doctor("--export", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no export directory" in missing.stderr
+
+
+def _files(store: TrajectoryStore) -> set[Path]:
+    return set(store.images.root.rglob("*")) if store.images.root.exists() else set()
+
+
+def test_diffusion_faults_are_clear_errors_and_store_nothing(store, sd_tool, monkeypatch):
+    import torch
+    from artloop.tools.diffusion import DiffusionError, GenParams
+
+    params = GenParams(width=64, height=64, num_inference_steps=2, seed=1)
+    before = _files(store)
+    vae = sd_tool.pipeline.vae
+    saved = vae.post_quant_conv.bias.detach().clone()
+    with torch.no_grad():
+        vae.post_quant_conv.bias.fill_(float("nan"))  # real NaNs out of the real decoder
+    try:
+        with pytest.raises(DiffusionError, match="NaN/inf pixels"):
+            sd_tool.text_to_image("a fox", "", params)
+    finally:
+        with torch.no_grad():
+            vae.post_quant_conv.bias.copy_(saved)
+    with torch.no_grad():
+        vae.post_quant_conv.bias.fill_(-1e4)  # a decoder that saturates to black
+    try:
+        with pytest.raises(DiffusionError, match="all-black image"):
+            sd_tool.text_to_image("a fox", "", params)
+    finally:
+        with torch.no_grad():
+            vae.post_quant_conv.bias.copy_(saved)
+
+    def oom(*args, **kwargs):  # a CPU cannot be made to run out of GPU memory on demand
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    with monkeypatch.context() as m:
+        m.setattr(sd_tool.pipeline.unet, "forward", oom)
+        with pytest.raises(DiffusionError, match="ran out of memory on 1 image.*max_batch"):
+            sd_tool.text_to_image("a fox", "", params)
+    assert _files(store) == before  # nothing stored half-way
+    assert sd_tool.text_to_image("a fox", "", params)  # and the tool works again
+
+
+def test_a_full_disk_mid_write_corrupts_nothing(store, monkeypatch):
+    import errno
+
+    from artloop.tools.images import ImageStoreError
+    from PIL import Image
+
+    kept = store.images.put(Image.new("RGB", (8, 8), (1, 2, 3)))
+    rid = "0123456789abcdef"
+    store.create_run(rid, "a fox", {}, {}, "1")
+    store.put_step(rid, 0, {"iteration": 0, "image": kept})
+
+    def full(fd):  # the bytes were written, then the disk filled before they reached it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr("artloop.tools.images.os.fsync", full)
+        with pytest.raises(ImageStoreError, match="No space left on device"):
+            store.images.put(Image.new("RGB", (8, 8), (9, 9, 9)))
+    assert [p.name for p in _files(store) if p.is_file()] == [f"{kept}.png"]  # no partial file
+    report = check_store(store)
+    assert report.ok and report.checked["images"] == 1 and not report.warnings
+
+
+def test_a_corrupt_lora_is_a_clear_error(tmp_path):
+    from artloop.trainers.common import LORA_FILE, TrainerConfigError, check_lora
+
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / LORA_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(TrainerConfigError, match=r"EvalConfig.lora: .* is not a readable LoRA"):
+        check_lora(lora, "EvalConfig.lora")
+    (tmp_path / "p.txt").write_text("a fox\n")
+    out = subprocess.run([ARTLOOP, "eval", "--lora", str(lora), "--prompts", str(tmp_path / "p.txt")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "not a readable LoRA" in out.stderr + out.stdout

@@ -51,21 +51,34 @@ def test_unknown_run(store):
 
 
 def test_concurrent_writers(store):
-    """Threads writing steps at once: nothing lost, no 'database is locked'."""
-    ids = [new_run_id() for _ in range(8)]
-    for rid in ids:
-        store.create_run(rid, "p", {}, {}, "1")
+    """32 sessions (each with its own store object and connections) create, write steps and
+    images, and finish at once: nothing lost, no 'database is locked'."""
+    ids = [new_run_id() for _ in range(32)]
+    errors = []
+    start = threading.Barrier(len(ids))
 
-    def write(rid):
-        for i in range(10):
-            store.put_step(rid, i, {"iteration": i})
+    def session(rid):
+        try:
+            own = TrajectoryStore(store.home)
+            start.wait()
+            own.create_run(rid, "p", {}, {}, "1")
+            for i in range(10):
+                image = own.images.put(
+                    Image.new("RGB", (8, 8), (i, len(rid) % 7, int(rid, 16) % 255))
+                )
+                own.put_step(rid, i, {"iteration": i, "image": image})
+            own.finish_run(rid, "max_iters", final_image=image, best_score=1.0)
+        except Exception as e:  # collected: a thread's exception would otherwise vanish
+            errors.append(repr(e))
 
-    threads = [threading.Thread(target=write, args=(rid,)) for rid in ids]
+    threads = [threading.Thread(target=session, args=(rid,)) for rid in ids]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert errors == []
     assert all(len(store.get_run(rid)["steps"]) == 10 for rid in ids)
+    assert {r["status"] for r in store.list_runs(limit=-1)} == {"max_iters"}
 
 
 def test_images_are_content_addressed(store):

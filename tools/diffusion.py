@@ -320,6 +320,11 @@ class DiffusionTool:
             charge("diffusion_wait", time.perf_counter() - waited)
             try:
                 return list(pipe(**kwargs).images)
+            except (torch.OutOfMemoryError, MemoryError) as e:
+                raise DiffusionError(
+                    f"{task} with {self.model!r} ran out of memory on {len(samples)} image(s) "
+                    f"({_one_line(e)}): lower the size or diffusion.max_batch"
+                ) from e
             except Exception as e:
                 raise DiffusionError(f"{task} with {self.model!r} failed: {_one_line(e)}") from e
 

@@ -63,7 +63,12 @@ class ImageStore:
         digest = hashlib.sha256(data).hexdigest()
         path = self.path(digest)
         if not path.exists():
-            atomic_write(path, data)
+            try:
+                atomic_write(path, data)
+            except OSError as e:  # disk full, read-only, gone: nothing half-written stays
+                raise ImageStoreError(
+                    f"cannot store an image in {self.root}: {e.strerror or e}"
+                ) from e
         return digest
 
     def put_bytes(self, data: bytes) -> str:

@@ -90,6 +90,22 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float) -> list[torch.nn.Pa
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers saves and loads
 
 
+def check_lora(lora: str | Path, field: str) -> None:
+    """A LoRA directory holds a readable safetensors file (its header is read, nothing loaded):
+    a missing or corrupt one is a TrainerConfigError naming `field` and the file."""
+    from safetensors import safe_open
+
+    path = Path(lora) / LORA_FILE
+    if not path.is_file():
+        raise TrainerConfigError(f"{field}: no {LORA_FILE} in {lora}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            if not list(f.keys()):
+                raise ValueError("it holds no tensors")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise TrainerConfigError(f"{field}: {path} is not a readable LoRA ({e})") from None
+
+
 def fuse_preset_lora(pipe: Any, preset: str) -> None:
     """ArtAug's differential training: fold a preset LoRA into the base weights, so that the
     LoRA trained on top learns only the difference (and is used alone at inference)."""
@@ -133,6 +149,8 @@ class LoRATrainConfig:
         for field, ok in checks.items():
             if not ok:
                 raise TrainerConfigError(f"{name}.{field}: invalid value {getattr(self, field)!r}")
+        if self.preset_lora:
+            check_lora(self.preset_lora, f"{name}.preset_lora")
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from artloop.tools.rewards import get_reward
-from artloop.trainers.common import LORA_FILE, TrainerConfigError, help_field, load_prompts
+from artloop.trainers.common import TrainerConfigError, check_lora, help_field, load_prompts
 from PIL import Image
 
 
@@ -44,8 +44,7 @@ class EvalConfig:
             except KeyError as e:
                 raise TrainerConfigError(f"EvalConfig.scorers: {e.args[0]}") from None
         for lora in self.lora:
-            if not (Path(lora) / LORA_FILE).is_file():
-                raise TrainerConfigError(f"EvalConfig.lora: no {LORA_FILE} in {lora}")
+            check_lora(lora, "EvalConfig.lora")
         if not self.seeds:
             raise TrainerConfigError("EvalConfig.seeds: at least one seed")
 
