@@ -227,4 +227,8 @@ def validate_prompt(prompt: str) -> str:
         raise ConfigError("prompt is empty")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ConfigError(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    try:  # bytes that were not UTF-8 arrive from argv as lone surrogates
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"prompt is not UTF-8 text (a bad byte at position {e.start})") from None
     return prompt.strip()

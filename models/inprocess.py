@@ -97,7 +97,7 @@ class ChatQwen2VLLocal(BaseChatModel):
             path = resolve_model(self.model)
             model = (
                 Qwen2VLForConditionalGeneration.from_pretrained(
-                    path, dtype=getattr(torch, self.dtype)
+                    path, dtype=getattr(torch, self.dtype), use_safetensors=True
                 )
                 .to(self.device)
                 .eval()

@@ -87,7 +87,7 @@ def _build_sd_fit(config: dict, out_dir: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
     _build_sd(config, out_dir)
-    pipe = StableDiffusionPipeline.from_pretrained(out_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(out_dir, use_safetensors=True)
     losses = _fit_unet(pipe, config["fit"])
     pipe.unet.save_pretrained(out_dir / "unet", safe_serialization=True)
     (out_dir / "fit_losses.json").write_text(json.dumps(losses))

@@ -115,10 +115,14 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     blocker.write_text("x")
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("[loop]\nmax_iters = -1\n")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a café at dusk\n".encode("latin-1"))
     return {
         "empty prompt": (["run", ""], "prompt is empty"),
         "whitespace prompt": (["run", "  \t "], "prompt is empty"),
         "huge prompt": (["run", "x" * 100_000], "prompt is 100000 characters; the limit is 2000"),
+        "non-UTF-8 prompt": (["run", "a caf\udce9 fox"], "prompt is not UTF-8 text (a bad byte at position 5)"),
+        "non-UTF-8 prompts file": (["batch", str(latin1)], "cannot read prompts file"),
         "unknown diffusion model": (["run", "a fox", "--diffusion-model", "nosuch/model"], "nosuch/model"),
         "diffusion model path missing": (["run", "a fox", "--diffusion-model", "/no/such/dir"], "unknown model '/no/such/dir'"),
         "unknown chat model": (["run", "a fox", "--chat-model", "./no-such-model"], "chat.model: unknown model './no-such-model'"),
@@ -134,6 +138,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "unknown run": (["show", "0123456789abcdef"], "no run 0123456789abcdef"),
         "malformed run id": (["show", "../../etc"], "not a run id"),
         "resume unknown run": (["resume", "0123456789abcdef"], "no run 0123456789abcdef"),
+        "export into the home": (["export", "{home}/out", "--format", "raw"], "inside the artloop home"),
+        "unknown export format": (["export", str(tmp_path / "out"), "--format", "csv"], "unknown format 'csv'"),
     }  # fmt: skip
 
 
@@ -144,6 +150,7 @@ def test_bad_inputs_fail_clearly_and_lose_nothing(finished, tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     runner = CliRunner()
     for name, (args, message) in _bad_inputs(tmp_path).items():
+        args = [a.replace("{home}", str(home)) for a in args]
         if "--home" not in args:
             args = [*args, "--home", str(home)]
         result = runner.invoke(app, args)

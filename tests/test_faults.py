@@ -219,3 +219,30 @@ def test_a_corrupt_lora_is_a_clear_error(tmp_path):
     out = subprocess.run([ARTLOOP, "eval", "--lora", str(lora), "--prompts", str(tmp_path / "p.txt")],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2 and "not a readable LoRA" in out.stderr + out.stdout
+
+
+def test_pickled_weights_are_never_loaded(tmp_path, store):
+    """A model whose weights exist only as a pickle (.bin) is refused, not unpickled; and no
+    artloop module calls torch.load or imports pickle."""
+    import shutil
+
+    import artloop
+    import torch
+    from artloop.models.tiny import resolve_model
+    from artloop.tools.diffusion import DiffusionError, DiffusionTool
+    from safetensors.torch import load_file
+
+    model = tmp_path / "pickled-sd"
+    shutil.copytree(resolve_model("tiny-sd"), model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), model / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(DiffusionError, match="cannot load diffusion model"):
+        DiffusionTool(str(model), store=store.images).setup()
+    root = Path(artloop.__file__).parent
+    folders = ("agents", "graphs", "tools", "trainers", "prompts", "serve", "models")
+    sources = [*root.glob("*.py"), *(p for f in folders for p in (root / f).rglob("*.py"))]
+    assert len(sources) > 40
+    for path in sources:
+        text = path.read_text()
+        assert "torch.load(" not in text and "import pickle" not in text, path

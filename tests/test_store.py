@@ -112,3 +112,12 @@ def test_decompression_bomb_is_refused(store, monkeypatch):
     monkeypatch.setattr(images.Image, "MAX_IMAGE_PIXELS", 1_000_000)
     with pytest.raises(ImageStoreError, match="too large"):
         store.images.put_bytes(buf.getvalue())
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "I;16"])
+def test_images_in_other_modes_are_stored_as_rgb(store, mode):
+    buf = io.BytesIO()
+    Image.new(mode, (12, 8)).save(buf, format="JPEG" if mode == "CMYK" else "PNG")
+    digest = store.images.put_bytes(buf.getvalue())
+    back = store.images.get(digest)
+    assert back.mode == "RGB" and back.size == (12, 8)

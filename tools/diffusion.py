@@ -203,6 +203,7 @@ class DiffusionTool:
                 pipe = AutoPipelineForText2Image.from_pretrained(
                     resolved,
                     dtype=getattr(torch, self.dtype),  # `torch_dtype` is deprecated
+                    use_safetensors=True,  # never unpickle weights
                 )
                 pipe = pipe.to(self.device)
             except Exception as e:

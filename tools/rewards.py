@@ -111,7 +111,9 @@ def clip_text_embedder(model: str) -> Callable[[list[str]], np.ndarray]:
 
     path = resolve_model(model)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()
+    encoder = CLIPTextModel.from_pretrained(
+        path, subfolder="text_encoder", use_safetensors=True
+    ).eval()
 
     def embed(texts: list[str]) -> np.ndarray:
         with torch.no_grad():

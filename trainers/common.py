@@ -109,7 +109,7 @@ def check_lora(lora: str | Path, field: str) -> None:
 def fuse_preset_lora(pipe: Any, preset: str) -> None:
     """ArtAug's differential training: fold a preset LoRA into the base weights, so that the
     LoRA trained on top learns only the difference (and is used alone at inference)."""
-    pipe.load_lora_weights(preset, adapter_name="preset")
+    pipe.load_lora_weights(preset, adapter_name="preset", use_safetensors=True)
     pipe.fuse_lora(adapter_names=["preset"])
     pipe.unload_lora_weights()
 

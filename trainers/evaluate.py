@@ -60,7 +60,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     pipe = tool.pipeline
     variants = ["base", *cfg.lora]
     for i, lora in enumerate(cfg.lora):
-        pipe.load_lora_weights(lora, adapter_name=f"lora{i}")
+        pipe.load_lora_weights(lora, adapter_name=f"lora{i}", use_safetensors=True)
     cells = [(p, s) for p in prompts for s in cfg.seeds]
     images: dict[str, list[Image.Image]] = {}
     results: dict[str, dict[str, Any]] = {}
