@@ -1,5 +1,5 @@
 """Against a real vLLM server (CPU build, tiny Qwen2-VL): agents, images, concurrency, the CLI,
-and a server killed mid-run. Marked `integration`; `./test.sh` runs them with the rest."""
+a server killed mid-run, and 5xx or slow answers from a proxy in front of it. Marked `integration`; `./test.sh` runs them with the rest."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def chat(server: VLMServer, **kw):
 
 
 def context(store, sd_tool, server, **chat_kw) -> RefineContext:
-    model, cfg = chat(server, **chat_kw)
+    model, cfg = chat(server, **chat_kw) if server else (build_chat_model(c := ChatConfig(
+        backend="openai", model="tiny-qwen2vl", **chat_kw)), c)  # fmt: skip
     return RefineContext(
         chat=model, diffusion=sd_tool, store=store, loop=LoopConfig(max_iters=2),
         chat_config=cfg, diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
@@ -107,6 +108,51 @@ def test_server_killed_mid_run_then_resumed(vllm_server, store, sd_tool):
     run = store.get_run("00000000000000bb")
     assert run["status"] == summary.status and len(run["steps"]) == summary.iterations
     assert all(set(step["agents"]) == AGENTS for step in run["steps"])
+
+
+@pytest.mark.parametrize("fault", ["transient 5xx", "5xx", "slow"])
+def test_a_failing_or_slow_server_then_resume(vllm_server, store, sd_tool, fault):
+    """Behind a proxy that injects faults from Data-CoT on: a few 5xx are retried away; a
+    server that keeps failing, or answers past the timeout, is retried a bounded number of
+    times, then the run fails naming it; once the server is healthy, resume finishes it."""
+    from fakes import FaultProxy
+
+    proxy = FaultProxy(vllm_server.base_url.removesuffix("/v1"))
+    rid = {
+        "transient 5xx": "00000000000000c1",
+        "5xx": "00000000000000c2",
+        "slow": "00000000000000c3",
+    }[fault]
+    ctx = context(store, sd_tool, None, base_url=proxy.base_url, max_retries=2, retry_backoff_s=0.1,
+                  timeout_s=4.0)  # fmt: skip
+    injected: list[int] = []
+
+    def inject(node: str, update: dict) -> None:
+        if node == "data_cot" and not injected:
+            injected.append(len(proxy.seen))
+            proxy.fail_next = {"transient 5xx": 2, "5xx": 10**6, "slow": 0}[fault]
+            proxy.delay_s = 8.0 if fault == "slow" else 0.0
+
+    try:
+        if fault == "transient 5xx":
+            summary = run_session(ctx, prompt="a fox", run_id=rid, on_update=inject)
+            assert summary.status in ("accepted", "max_iters", "plateau")
+            assert store.get_run(rid)["status"] == summary.status
+            return
+        with pytest.raises(ChatServerError) as failure:
+            run_session(ctx, prompt="a fox", run_id=rid, on_update=inject)
+        message = str(failure.value)
+        assert proxy.base_url in message and "failed 3 times" in message
+        assert ("Error code: 503" if fault == "5xx" else "Timeout") in message
+        assert len(proxy.seen) - injected[0] == 3  # bounded: one call and two retries
+        assert store.get_run(rid)["status"] == "failed"
+        proxy.fail_next, proxy.delay_s = 0, 0.0  # healthy again
+        summary = run_session(ctx, run_id=rid)
+        run = store.get_run(rid)
+        assert run["status"] == summary.status in ("accepted", "max_iters", "plateau")
+        assert all(set(step["agents"]) == AGENTS for step in run["steps"])
+    finally:
+        proxy.close()
 
 
 def test_a_bad_flag_fails_with_the_log(tmp_path):
