@@ -69,15 +69,25 @@ def test_eight_sessions_at_once(vllm_server, store, sd_tool):
 
 
 def test_cli_run_against_the_server(vllm_server, tmp_path):
+    """A CLI run with an API key: the key reaches the server, never a file, log or export."""
     artloop = str(Path(sys.executable).with_name("artloop"))
+    secret = "sk-artloop-test-0123456789"
+    env = {**os.environ, "ARTLOOP_CHAT__API_KEY": secret}
     proc = subprocess.run(
         [artloop, "run", "a red fox in the snow", "--max-iters", "2", "--chat-backend", "openai",
          "--base-url", vllm_server.base_url, "--chat-model", "tiny-qwen2vl",
-         "--home", str(tmp_path), "--json"],
-        capture_output=True, text=True, timeout=600, env={**os.environ},
+         "--home", str(tmp_path / "home"), "--json"],
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    run = TrajectoryStore(tmp_path).get_run(json.loads(proc.stdout)["run_id"])
+    export = subprocess.run([artloop, "export", str(tmp_path / "export"), "--format", "raw",
+                             "--home", str(tmp_path / "home")], capture_output=True, text=True,
+                            timeout=300, env=env)  # fmt: skip
+    assert export.returncode == 0, export.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) > 5 and all(secret.encode() not in p.read_bytes() for p in written)
+    assert secret not in proc.stdout + proc.stderr + export.stdout + export.stderr
+    run = TrajectoryStore(tmp_path / "home").get_run(json.loads(proc.stdout)["run_id"])
     assert run["models"]["chat"]["backend"] == "openai"
     assert run["models"]["chat"]["base_url"] == vllm_server.base_url
     assert all(set(step["agents"]) == AGENTS for step in run["steps"])
