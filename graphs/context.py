@@ -14,6 +14,7 @@ from artloop.config import ArtloopConfig, ChatConfig, DiffusionConfig, LoopConfi
 from artloop.models.chat import build_chat_model, chat_identity
 from artloop.models.structured import CallPolicy
 from artloop.tools.diffusion import DiffusionTool
+from artloop.tools.rewards import JudgeWatch
 from artloop.tools.store import TrajectoryStore
 from langchain_core.language_models.chat_models import BaseChatModel
 
@@ -31,6 +32,8 @@ class RefineContext:
     diffusion_config: DiffusionConfig = field(default_factory=DiffusionConfig)
     # Shared by every session on this context: bounds the agent calls in flight to the server.
     vlm_slots: threading.BoundedSemaphore | None = None
+    # Shared too: a validator giving one answer for many different images is refused.
+    judge_watch: JudgeWatch = field(default_factory=JudgeWatch)
 
     def __post_init__(self) -> None:
         if self.chat is None or self.diffusion is None or self.store is None:

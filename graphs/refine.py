@@ -233,6 +233,7 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
         result = agents.validate(ctx.chat, before, after, state["prompt"],
                                  Plan.model_validate(step["plan"]), step["stats"]["image"],
                                  step["stats"]["edited"], policy=ctx.policy)  # fmt: skip
+        ctx.judge_watch.check(step["edited_image"], result.output.model_dump_json(), "validator")
     else:  # a measured preference judges instead of the VLM
         result = agents.judge_by_reward(before, after, state["prompt"], loop.judge,
                                         loop.accept_score)  # fmt: skip

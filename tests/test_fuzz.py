@@ -126,3 +126,27 @@ def test_a_judge_that_varies_is_used_and_its_failures_counted():
     scores, info = vlm_reward(chat, CallPolicy(backoff_s=0))(_images(3), ["a fox"] * 3, [{}] * 3)
     assert scores.tolist() == pytest.approx([0.7, 0.3, 0.9])
     assert info["parse_failures"] == [1, 0, 0]
+
+
+def test_a_constant_validator_is_refused_across_sessions(store, sd_tool):
+    """The loop's validator asked about one image at a time: once its last 8 answers, for
+    different images, are one and the same, the session fails instead of taking the verdict."""
+    from dataclasses import replace
+
+    from artloop.graphs.runner import run_session
+    from conftest import make_ctx, verdict
+
+    ctx = make_ctx(store, sd_tool, ScriptedChat(scripts={"Verdict": [verdict("accept", 9.0)]}),
+                   max_iters=1)  # fmt: skip
+    outcomes = []
+    for seed in range(8):  # the sessions of a batch share the context, and so the watch
+        config = ctx.diffusion_config.model_copy(update={"seed": seed})
+        session = replace(ctx, diffusion_config=config)
+        try:
+            outcomes.append(run_session(session, prompt="a fox").status)
+        except BrokenJudgeError as e:
+            outcomes.append("refused")
+            assert "validator judge gave the same answer for all 8 different images" in str(e)
+    assert outcomes == ["accepted"] * 7 + ["refused"]
+    failed = [r for r in store.list_runs() if r["status"] == "failed"]
+    assert len(failed) == 1 and "BrokenJudgeError" in store.get_run(failed[0]["run_id"])["error"]

@@ -10,6 +10,8 @@ of the environment's config (ARTLOOP_CHAT__...) unless built with one. Register 
 from __future__ import annotations
 
 import functools
+import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -62,15 +64,36 @@ class BrokenJudgeError(RuntimeError):
 MIN_DISTINCT = 3  # different images needed before a single repeated answer counts as broken
 
 
+def _refuse_constant(image_keys: list, answers: list[str], name: str) -> None:
+    distinct = len(set(image_keys))
+    if distinct >= MIN_DISTINCT and len(set(answers)) == 1:
+        raise BrokenJudgeError(
+            f"{name} judge gave the same answer for all {distinct} different images "
+            f"({answers[0][:120]!r}): a broken judge, not used as a reward or a verdict"
+        )
+
+
 def check_judge(images: list[Image.Image], answers: list[str], name: str) -> None:
     """Raise BrokenJudgeError when at least MIN_DISTINCT different images all got one answer.
     (Empty answers never get here: they fail validation, are retried and counted, then raise.)"""
-    distinct = {hash(np.asarray(im.convert("RGB")).tobytes()) for im in images}
-    if len(distinct) >= MIN_DISTINCT and len(set(answers)) == 1:
-        raise BrokenJudgeError(
-            f"{name} judge gave the same answer for all {len(distinct)} different images "
-            f"({answers[0][:120]!r}): a broken judge, not used as a reward"
-        )
+    keys = [hash(np.asarray(im.convert("RGB")).tobytes()) for im in images]
+    _refuse_constant(keys, answers, name)
+
+
+class JudgeWatch:
+    """The same check for a judge asked about one image at a time (the loop's validator, across
+    the sessions of a batch): its last `window` answers, each with its image's hash."""
+
+    def __init__(self, window: int = 8) -> None:
+        self.recent: deque[tuple[str, str]] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def check(self, image: str, answer: str, name: str) -> None:
+        with self._lock:  # sessions run in threads
+            self.recent.append((image, answer))
+            recent = list(self.recent)
+        if len(recent) == self.recent.maxlen:
+            _refuse_constant([k for k, _ in recent], [a for _, a in recent], name)
 
 
 @functools.cache
