@@ -32,6 +32,7 @@ from artloop.tools.accounting import breakdown, ledger
 from artloop.tools.diffusion import GenParams
 from artloop.tools.image_facts import measure
 from artloop.tools.images import adjust_tone
+from artloop.tools.rewards import BrokenJudgeError
 from artloop.tools.store import check_run_id, new_run_id
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
@@ -233,7 +234,13 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
         result = agents.validate(ctx.chat, before, after, state["prompt"],
                                  Plan.model_validate(step["plan"]), step["stats"]["image"],
                                  step["stats"]["edited"], policy=ctx.policy)  # fmt: skip
-        ctx.judge_watch.check(step["edited_image"], result.output.model_dump_json(), "validator")
+        try:
+            ctx.judge_watch.check(state["run_id"], step["edited_image"],
+                                  result.output.model_dump_json(), "validator")  # fmt: skip
+        except BrokenJudgeError as e:  # the runs it already judged lose their verdicts too
+            for run_id in set(e.runs) - {state["run_id"]}:
+                ctx.store.revoke(run_id, f"BrokenJudgeError: {e}")
+            raise
     else:  # a measured preference judges instead of the VLM
         result = agents.judge_by_reward(before, after, state["prompt"], loop.judge,
                                         loop.accept_score)  # fmt: skip

@@ -130,7 +130,8 @@ def test_a_judge_that_varies_is_used_and_its_failures_counted():
 
 def test_a_constant_validator_is_refused_across_sessions(store, sd_tool):
     """The loop's validator asked about one image at a time: once its last 8 answers, for
-    different images, are one and the same, the session fails instead of taking the verdict."""
+    different images, are one and the same, the session fails instead of taking the verdict,
+    and the runs it judged before lose theirs."""
     from dataclasses import replace
 
     from artloop.graphs.runner import run_session
@@ -148,5 +149,8 @@ def test_a_constant_validator_is_refused_across_sessions(store, sd_tool):
             outcomes.append("refused")
             assert "validator judge gave the same answer for all 8 different images" in str(e)
     assert outcomes == ["accepted"] * 7 + ["refused"]
-    failed = [r for r in store.list_runs() if r["status"] == "failed"]
-    assert len(failed) == 1 and "BrokenJudgeError" in store.get_run(failed[0]["run_id"])["error"]
+    runs = [store.get_run(r["run_id"]) for r in store.list_runs()]
+    # The seven it accepted lose their verdicts too: failed, kept, never exported.
+    assert len(runs) == 8 and all(r["status"] == "failed" for r in runs)
+    assert all("BrokenJudgeError" in r["error"] for r in runs)
+    assert sum(bool(r["steps"]) for r in runs) == 7  # their trajectories are kept

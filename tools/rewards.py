@@ -58,18 +58,24 @@ reward("darkness")(_statistic("brightness", sign=-1.0, offset=1.0))
 # --- VLM judges ---------------------------------------------------------------------------------
 class BrokenJudgeError(RuntimeError):
     """The judge gave the same answer for every one of several different images: a constant,
-    not a measurement. Its answers must not become rewards."""
+    not a measurement. Its answers must not become rewards or verdicts; `runs` are the runs
+    whose verdicts it gave."""
+
+    def __init__(self, message: str, runs: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.runs = runs
 
 
 MIN_DISTINCT = 3  # different images needed before a single repeated answer counts as broken
 
 
-def _refuse_constant(image_keys: list, answers: list[str], name: str) -> None:
+def _refuse_constant(image_keys: list, answers: list[str], name: str, runs=()) -> None:
     distinct = len(set(image_keys))
     if distinct >= MIN_DISTINCT and len(set(answers)) == 1:
         raise BrokenJudgeError(
             f"{name} judge gave the same answer for all {distinct} different images "
-            f"({answers[0][:120]!r}): a broken judge, not used as a reward or a verdict"
+            f"({answers[0][:120]!r}): a broken judge, not used as a reward or a verdict",
+            tuple(dict.fromkeys(runs)),
         )
 
 
@@ -82,18 +88,19 @@ def check_judge(images: list[Image.Image], answers: list[str], name: str) -> Non
 
 class JudgeWatch:
     """The same check for a judge asked about one image at a time (the loop's validator, across
-    the sessions of a batch): its last `window` answers, each with its image's hash."""
+    the sessions of a batch): its last `window` answers, each with its run and image hash."""
 
     def __init__(self, window: int = 8) -> None:
-        self.recent: deque[tuple[str, str]] = deque(maxlen=window)
+        self.recent: deque[tuple[str, str, str]] = deque(maxlen=window)
         self._lock = threading.Lock()
 
-    def check(self, image: str, answer: str, name: str) -> None:
+    def check(self, run_id: str, image: str, answer: str, name: str) -> None:
         with self._lock:  # sessions run in threads
-            self.recent.append((image, answer))
+            self.recent.append((run_id, image, answer))
             recent = list(self.recent)
         if len(recent) == self.recent.maxlen:
-            _refuse_constant([k for k, _ in recent], [a for _, a in recent], name)
+            runs, images, answers = zip(*recent, strict=True)
+            _refuse_constant(list(images), list(answers), name, runs)
 
 
 @functools.cache

@@ -128,6 +128,15 @@ class TrajectoryStore:
                 (status, final_image, best_score, error, time.time(), check_run_id(run_id)),
             )
 
+    def revoke(self, run_id: str, error: str) -> None:
+        """Mark a finished run failed (its verdicts are not to be trusted), keeping its steps,
+        final image and score: it is no longer exported or skipped as done."""
+        with self._connect() as db:
+            db.execute(
+                "UPDATE runs SET status = 'failed', error = ?, updated_at = ? WHERE run_id = ?",
+                (error, time.time(), check_run_id(run_id)),
+            )
+
     def get_run(self, run_id: str) -> dict[str, Any]:
         """The whole trajectory: the run's fields plus `steps`, ordered by iteration."""
         with self._connect() as db:
