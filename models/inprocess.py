@@ -181,8 +181,9 @@ class ChatQwen2VLLocal(BaseChatModel):
             out = model.generate(**inputs, **gen)  # (B, T + new)
         new = out[:, inputs["input_ids"].shape[1] :]
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        eos = _eos_ids(model)
         return [
-            _finish(processor.tokenizer, row, n, _eos_ids(model))
+            _finish(processor.tokenizer, row, n, eos)
             for row, n in zip(new, prompt_tokens, strict=True)
         ]
 
@@ -217,8 +218,9 @@ class _GrammarRows:
         vocab = grammars[0].tokenizer_info.vocab_size
         self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab)  # (B, ceil(vocab/32))
         # xgrammar 0.2.8 lets raw control characters into maxLength-bounded strings, which
-        # breaks JSON parsing; JSON output never needs them.
-        self.banned = banned
+        # breaks JSON parsing; JSON output never needs them. (The grammar's vocabulary is the
+        # model's, so the ids past it, added tokens only, can be dropped once here.)
+        self.banned = banned[banned < vocab]
         self.started = False
 
     def __call__(self, input_ids, scores):  # input_ids: (B, T), scores: (B, vocab)
@@ -237,7 +239,7 @@ class _GrammarRows:
                 [self.matchers[i] for i in live], self.bitmask, indices=live
             )
             self.xgr.apply_token_bitmask_inplace(scores, self.bitmask, indices=live)
-        scores[:, self.banned[self.banned < scores.shape[-1]]] = float("-inf")
+        scores[:, self.banned] = float("-inf")
         return scores
 
 

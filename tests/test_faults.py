@@ -154,24 +154,18 @@ def test_diffusion_faults_are_clear_errors_and_store_nothing(store, sd_tool, mon
 
     params = GenParams(width=64, height=64, num_inference_steps=2, seed=1)
     before = _files(store)
-    vae = sd_tool.pipeline.vae
-    saved = vae.post_quant_conv.bias.detach().clone()
-    with torch.no_grad():
-        vae.post_quant_conv.bias.fill_(float("nan"))  # real NaNs out of the real decoder
-    try:
-        with pytest.raises(DiffusionError, match="NaN/inf pixels"):
-            sd_tool.text_to_image("a fox", "", params)
-    finally:
+    bias = sd_tool.pipeline.vae.post_quant_conv.bias
+    # Real NaNs out of the real decoder, then a decoder that saturates to black.
+    for value, message in ((float("nan"), "NaN/inf pixels"), (-1e4, "all-black image")):
+        saved = bias.detach().clone()
         with torch.no_grad():
-            vae.post_quant_conv.bias.copy_(saved)
-    with torch.no_grad():
-        vae.post_quant_conv.bias.fill_(-1e4)  # a decoder that saturates to black
-    try:
-        with pytest.raises(DiffusionError, match="all-black image"):
-            sd_tool.text_to_image("a fox", "", params)
-    finally:
-        with torch.no_grad():
-            vae.post_quant_conv.bias.copy_(saved)
+            bias.fill_(value)
+        try:
+            with pytest.raises(DiffusionError, match=message):
+                sd_tool.text_to_image("a fox", "", params)
+        finally:
+            with torch.no_grad():
+                bias.copy_(saved)
 
     def oom(*args, **kwargs):  # a CPU cannot be made to run out of GPU memory on demand
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
