@@ -2,8 +2,8 @@
 
 The embedded default: no server needed. Bind a schema with `.bind(json_schema=schema)`; decoding
 is then constrained by an xgrammar grammar compiled from that schema, so the output parses.
-Concurrent calls (sessions in threads) are batched: one left-padded `generate` runs them all,
-each row under its own grammar.
+Concurrent calls (sessions in threads) are batched: their prompts are prefilled row by row, then
+one left-padded `generate` decodes them all, each row under its own grammar (models/prefill.py).
 """
 
 from __future__ import annotations
@@ -155,18 +155,18 @@ class ChatQwen2VLLocal(BaseChatModel):
         """One left-padded generate over every job's conversation, each row under its own
         grammar; (text, token counts, finish reason) per job."""
         import torch
+        from artloop.models.prefill import prefill_rows
 
         model, processor, _, control_ids = self.setup()
         requests: list[_Request] = [job.payload for job in jobs]
         _, max_new, temperature = jobs[0].key
-        texts = [
-            processor.apply_chat_template(r.chat, tokenize=False, add_generation_prompt=True)
+        rows = [
+            (processor.apply_chat_template(r.chat, tokenize=False, add_generation_prompt=True),
+             r.images)
             for r in requests
-        ]
-        images = [image for r in requests for image in r.images]
-        inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(
-            self.device
-        )  # input_ids: (B, T), padded on the left
+        ]  # fmt: skip
+        # input_ids: (B, T), padded on the left; all but the last column already in the cache.
+        inputs = prefill_rows(model, processor, rows, self.device)
         gen: dict[str, Any] = {"max_new_tokens": max_new}
         gen.update(
             {"do_sample": True, "temperature": temperature}
