@@ -28,7 +28,7 @@ class GrowingLayer(DynamicLayer):
         need = n + key_states.shape[-2]
         # A new buffer when full, or when something else (crop, beam reorder) replaced the keys.
         if getattr(self, "_view", None) is not self.keys or need > self._k.shape[-2]:
-            room = need + max(64, need // 4)  # amortised O(1) a step, at most 25% spare
+            room = need + max(64, need // 4)  # amortised O(1) a step; a quarter spare, 64 at least
             shape = (*key_states.shape[:-2], room, key_states.shape[-1])
             self._k, self._v = key_states.new_empty(shape), value_states.new_empty(shape)
             if n:
