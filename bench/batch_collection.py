@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from artloop.config import ChatConfig, DiffusionConfig, LoopConfig, ServeConfig
+from artloop.config import ChatConfig, DiffusionConfig, LoopConfig
 from artloop.graphs.batch import BatchItem, run_batch
 from artloop.graphs.context import RefineContext
 from artloop.graphs.runner import run_session
@@ -121,10 +121,9 @@ def main() -> None:
     out = Path(args.out or f"bench/results/batch_collection_{args.chat}.json")
     server = None
     if args.chat == "vllm":
-        from artloop.serve.vlm import VLMServer
+        from artloop.serve.vlm import VLMServer, tiny_cpu_config
 
-        server = VLMServer(ServeConfig(model="tiny-qwen2vl", dtype="float32", max_model_len=4096,
-                                       enforce_eager=True, vllm=args.vllm, port=8766)).start()  # fmt: skip
+        server = VLMServer(tiny_cpu_config(args.vllm, port=8766)).start()
     try:
         base_url = server.base_url if server else None
         ctx = context(args.chat, base_url)

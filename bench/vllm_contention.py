@@ -22,8 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from artloop.config import ServeConfig
-from artloop.serve.vlm import VLMServer
+from artloop.serve.vlm import VLMServer, tiny_cpu_config
 from artloop.tools.diffusion import DiffusionTool, GenParams
 from artloop.tools.images import ImageStore
 
@@ -60,12 +59,15 @@ def main() -> None:
     for n in args.threads:
         torch.set_num_threads(n)
         result["alone"][n] = batch_of_eight(tool)
-    server = VLMServer(ServeConfig(model="tiny-qwen2vl", dtype="float32", max_model_len=4096,
-                                   enforce_eager=True, vllm=args.vllm, port=8769)).start()  # fmt: skip
+    server = VLMServer(tiny_cpu_config(args.vllm, port=8769)).start()
     load = subprocess.Popen([sys.executable, "-c", LOAD, server.base_url], stdout=subprocess.PIPE)
-    answers = [0]
-    threading.Thread(target=lambda: [answers.__setitem__(0, answers[0] + 1) for _ in load.stdout],
-                     daemon=True).start()  # fmt: skip
+    answers = [0]  # answers the clients got so far
+
+    def count() -> None:
+        for _ in load.stdout:  # one line per answer
+            answers[0] += 1
+
+    threading.Thread(target=count, daemon=True).start()
     try:
         time.sleep(5)  # the server is decoding
         for n in args.threads:

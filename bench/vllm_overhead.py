@@ -21,14 +21,14 @@ import numpy as np
 import openai
 from artloop import agents
 from artloop.agents.schemas import ImageFacts
-from artloop.config import ChatConfig, DiffusionConfig, LoopConfig, ServeConfig
+from artloop.config import ChatConfig, DiffusionConfig, LoopConfig
 from artloop.graphs.context import RefineContext
 from artloop.graphs.runner import run_session
 from artloop.models.chat import build_chat_model
 from artloop.models.images import image_part
 from artloop.models.structured import grammar_schema, schema_instructions
 from artloop.prompts import render
-from artloop.serve.vlm import VLMServer
+from artloop.serve.vlm import VLMServer, tiny_cpu_config
 from artloop.tools.diffusion import DiffusionTool
 from artloop.tools.image_facts import measure
 from artloop.tools.store import TrajectoryStore
@@ -118,9 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     server = None
     if args.base_url is None:
-        cfg = ServeConfig(model=MODEL, dtype="float32", max_model_len=4096, enforce_eager=True,
-                          vllm=args.vllm, port=8765)  # fmt: skip
-        server = VLMServer(cfg).start()
+        server = VLMServer(tiny_cpu_config(args.vllm, port=8765)).start()
     base_url = args.base_url or server.base_url
     try:
         result = {"latency": latency(base_url, args.rounds), "concurrency": concurrency(base_url)}

@@ -29,6 +29,13 @@ class ServerError(RuntimeError):
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def tiny_cpu_config(vllm: str, port: int, **overrides) -> ServeConfig:
+    """The tiny Qwen2-VL on vLLM's CPU build, as the tests and benchmarks start it: float32,
+    a 4096-token context, eager (no graph capture on CPU)."""
+    return ServeConfig(model="tiny-qwen2vl", dtype="float32", max_model_len=4096,
+                       enforce_eager=True, vllm=vllm, port=port, **overrides)  # fmt: skip
+
+
 def vllm_command(cfg: ServeConfig, model_path: str) -> list[str]:
     """The `vllm serve` command line for this config (the API key travels in the environment,
     not on the command line, where `ps` would show it)."""

