@@ -152,8 +152,8 @@ class ChatQwen2VLLocal(BaseChatModel):
             return self._batch
 
     def _run_batch(self, jobs: list[Job]) -> list[tuple[str, dict]]:
-        """One left-padded generate over every job's conversation, each row under its own
-        grammar; (text, token counts, finish reason) per job."""
+        """Every job's conversation prefilled alone, then decoded in one left-padded generate,
+        each row under its own grammar; (text, token counts, finish reason) per job."""
         import torch
         from artloop.models.prefill import prefill_rows
 
