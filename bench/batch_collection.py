@@ -69,7 +69,7 @@ def batchers(ctx: RefineContext) -> dict:
 
 def throughput(ctx: RefineContext, sessions: int, concurrency: int, name: str) -> dict:
     items = [BatchItem(prompt=f"{PROMPTS[i % len(PROMPTS)]}, take {i}") for i in range(sessions)]
-    before = {k: (len(b.sizes), b.busy_s) for k, b in batchers(ctx).items() if b}
+    before = {k: (b.batches, b.busy_s) for k, b in batchers(ctx).items() if b}
     start = time.perf_counter()
     result = asyncio.run(run_batch(ctx, items, name=name, concurrency=concurrency))
     seconds = time.perf_counter() - start
@@ -82,7 +82,9 @@ def throughput(ctx: RefineContext, sessions: int, concurrency: int, name: str) -
         n, busy = before.get(kind, (0, 0.0))
         # Busy share: the fraction of the wall time the model was running a batch.
         out[kind] = (
-            {"batch_sizes": b.sizes[n:], "busy_share": (b.busy_s - busy) / seconds} if b else None
+            {"batch_sizes": b.sizes_since(n), "busy_share": (b.busy_s - busy) / seconds}
+            if b
+            else None
         )
     return out
 

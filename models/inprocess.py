@@ -143,6 +143,14 @@ class ChatQwen2VLLocal(BaseChatModel):
         if self._batch is not None:
             self._batch.window_s = window_ms / 1000
 
+    def close(self) -> None:
+        """Stop the batcher's worker thread (calls already queued still run); a later call
+        starts a new one."""
+        with self._lock:
+            batch, self._batch = self._batch, None
+        if batch is not None:
+            batch.close()
+
     def _batcher(self) -> Batcher:
         with self._lock:
             if self._batch is None:

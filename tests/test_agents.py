@@ -46,8 +46,8 @@ def test_concurrent_calls_share_one_generate(tiny_chat):
         return agents.data_cot(tiny_chat, image(i), prompts[i], stats).output
 
     alone = [call(i) for i in range(len(prompts))]
-    before = len(tiny_chat._batch.sizes)
+    before = tiny_chat._batch.batches
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(call, range(len(prompts))))
-    assert max(tiny_chat._batch.sizes[before:]) > 1  # some calls really shared a generate
+    assert max(tiny_chat._batch.sizes_since(before)) > 1  # some calls really shared a generate
     assert together == alone

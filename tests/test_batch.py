@@ -153,4 +153,4 @@ def test_batcher_takes_everything_that_queued_while_it_was_busy():
     for t in [first, *rest]:
         t.join()
     assert results == {i: 2 * i for i in range(7)}
-    assert batcher.sizes == [1, 4, 2]  # max_batch splits the six that waited
+    assert list(batcher.sizes) == [1, 4, 2]  # max_batch splits the six that waited

@@ -121,15 +121,24 @@ class DiffusionTool:
         self.set_batching(batch_window_ms, max_batch)
 
     def set_batching(self, window_ms: float, max_batch: int = 16) -> None:
-        """Gather concurrent requests for `window_ms` into shared pipeline calls (0: off)."""
+        """Gather concurrent requests for `window_ms` into shared pipeline calls (0: off).
+        The batcher it replaces is closed: what was queued on it still runs, then its thread
+        ends."""
+        old = self._batcher
         self._batcher = (
             Batcher(self._run_batch, window_ms / 1000, max_batch) if window_ms > 0 else None
         )
+        if old is not None:
+            old.close()
+
+    def close(self) -> None:
+        """Stop batching (and its worker thread); the tool still works, one call at a time."""
+        self.set_batching(0)
 
     @property
     def batch_sizes(self) -> list[int]:
-        """The size of every batched call so far (empty without batching)."""
-        return self._batcher.sizes if self._batcher else []
+        """The sizes of the latest batched calls (empty without batching)."""
+        return list(self._batcher.sizes) if self._batcher else []
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -285,12 +294,13 @@ class DiffusionTool:
                   "guidance_scale": params.guidance_scale, "true_cfg_scale": params.true_cfg_scale,
                   "max_sequence_length": self.max_sequence_length, **shared}  # fmt: skip
         with timed("diffusion"):
-            if self._batcher is None:
+            batcher = self._batcher  # once: set_batching may replace it meanwhile
+            if batcher is None:
                 return self._checked(task, self._run_many(task, common, [sample])[0])
             # Negative prompts must be all given or all absent in one call (SDXL treats an
             # absent one as zeros): part of the key.
             key = (task, sample.negative_prompt is None, json.dumps(common, sort_keys=True))
-            out = self._batcher.submit(key, (task, common, sample))
+            out = batcher.submit(key, (task, common, sample))
             return self._checked(task, out)
 
     def _run_batch(self, jobs: list) -> list[Any]:
