@@ -82,15 +82,16 @@ class LoopConfig(_Section):
                                   "iterations without a better score")  # fmt: skip
     plateau_min_delta: float = Field(0.25, ge=0.0, le=10.0, description="What counts as better")
     judge: str = Field("vlm", description="Who validates: vlm (the validator agent) or a "
-                       "reward name, e.g. darkness: score = 10 x that measured reward")  # fmt: skip
+                       "reward with a declared range, e.g. darkness: score = that reward "
+                       "mapped onto 0-10")  # fmt: skip
 
     @field_validator("judge")
     @classmethod
     def _known_judge(cls, value: str) -> str:
-        from artloop.tools.rewards import REWARDS
+        from artloop.tools.rewards import judge_reward
 
-        if value != "vlm" and value not in REWARDS:
-            raise ValueError(f"unknown judge {value!r}: vlm or one of {', '.join(sorted(REWARDS))}")
+        if value != "vlm":
+            judge_reward(value)  # a reward judges only on a declared scale: ValueError says why
         return value
 
 

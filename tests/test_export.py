@@ -30,7 +30,7 @@ SECRET = "hunter2"
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, _sd_pipeline_cache):
     """Five runs, oldest first: accepted at iteration 2 after a rejected edit (gain 6), max_iters
-    (gain 1), failed mid-run, accepted at once through an "openai" chat whose URL holds a
+    (gain 1) after an edit the validator found worse but did not reject, failed mid-run, accepted at once through an "openai" chat whose URL holds a
     password (gain 0, same prompt as the first), interrupted."""
     store = TrajectoryStore(tmp_path_factory.mktemp("export") / "home")
 
@@ -42,8 +42,8 @@ def runs(tmp_path_factory, _sd_pipeline_cache):
         return run_session(ctx, prompt=prompt, **kw).run_id
 
     ids = {
-        "accepted": session({"Verdict": [verdict("reject", 3.0), verdict("accept", 9.0)]}, "a red fox"),
-        "max_iters": session({"Verdict": [verdict("revise", 4.0), verdict("revise", 5.0)]},
+        "accepted": session({"Verdict": [worse("reject", 3.0), verdict("accept", 9.0)]}, "a red fox"),
+        "max_iters": session({"Verdict": [worse("revise", 4.0), verdict("revise", 5.0)]},
                              "a blue bird", max_iters=2),
     }  # fmt: skip
     with pytest.raises(ChatServerError):
@@ -63,6 +63,11 @@ def runs(tmp_path_factory, _sd_pipeline_cache):
 
 
 FINISHED = ("accepted", "max_iters", "quick")
+
+
+def worse(v: str, score: float) -> dict:
+    """A verdict whose judge found the edit not better than the image before it."""
+    return {**verdict(v, score), "better_than_before": False}
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -113,7 +118,11 @@ def test_dpo_pairs_follow_the_verdicts(runs, tmp_path):
         ("edit", 0.0, 1.0),  # the accepted edit: after preferred
         ("best_worst", 1.0, 0.0),
     ]
-    assert [r["source"] for r in rows["max_iters"]] == ["edit", "edit", "best_worst"]
+    assert [(r["source"], r["label_0"]) for r in rows["max_iters"]] == [
+        ("edit", 1.0),  # "revise", but not better than before: before preferred
+        ("edit", 0.0),
+        ("best_worst", 1.0),
+    ]
     assert [r["source"] for r in rows["quick"]] == ["edit"]  # one step: no best/worst pair
     expected = [(reject["image"], reject["edited_image"]), (accept["image"], accept["edited_image"]),
                 (accept["result_image"], reject["result_image"])]  # fmt: skip
@@ -124,6 +133,25 @@ def test_dpo_pairs_follow_the_verdicts(runs, tmp_path):
             image = Image.open(io.BytesIO(data))
             assert image.format == "JPEG"  # lossy, but nearer its own image than the other
             assert np.abs(pixels(image) - mine).mean() < np.abs(pixels(image) - other).mean() / 2
+
+
+@pytest.mark.parametrize(
+    ("validator", "person", "label_0"),
+    [
+        (worse("revise", 4.0), None, 1.0),  # the judge found it worse: before preferred
+        (worse("accept", 8.0), None, 1.0),  # good enough, but not better than before
+        (verdict("revise", 4.0), None, 0.0),  # better, not yet good: after preferred
+        (verdict("reject", 3.0), None, None),  # rejects an edit it calls better: no pair
+        (worse("revise", 4.0), "accept", 0.0),  # a person's verdict overrules the validator
+        (verdict("accept", 9.0), "reject", 1.0),
+    ],
+)
+def test_dpo_edit_pair_label_follows_the_judges_comparison(validator, person, label_0):
+    step = {"image": "a" * 64, "edited_image": "b" * 64, "agents": {"validate": validator},
+            "verdict": person or validator["verdict"], "score": validator["score"],
+            "decided_by": {"verdict": "human" if person else "agent"}}  # fmt: skip
+    pairs = list(export_mod.dpo_pairs({"steps": [step]}))
+    assert pairs == ([] if label_0 is None else [("a" * 64, "b" * 64, label_0, "edit")])
 
 
 def test_prompts_and_raw(runs, tmp_path):

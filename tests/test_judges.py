@@ -6,16 +6,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from artloop.agents import judge_by_reward
+from artloop.cli import app
 from artloop.config import ConfigError, load_config
 from artloop.graphs.runner import run_session
 from artloop.prompts import artifact_taxonomy
 from artloop.tools.export import ExportFilters, select_runs
 from artloop.tools.image_facts import measure
 from artloop.tools.images import adjust_tone
-from artloop.tools.rewards import clip_text_embedder, synartifact_reward, vlm_reward
+from artloop.tools.rewards import (
+    REWARDS,
+    clip_text_embedder,
+    reward,
+    synartifact_reward,
+    vlm_reward,
+)
 from fakes import DEFAULTS, ScriptedChat
 from PIL import Image
 from test_graph import make_ctx
+from typer.testing import CliRunner
 
 GREY = Image.new("RGB", (64, 64), (128, 128, 128))
 DARKER = Image.new("RGB", (64, 64), (64, 64, 64))
@@ -45,6 +53,53 @@ def test_reward_judge_scores_accepts_and_rejects():
 def test_unknown_judge_is_a_config_error_naming_it():
     with pytest.raises(ConfigError, match="judge.*unknown judge 'darknes'"):
         load_config(overrides={"loop.judge": "darknes"})
+
+
+@pytest.mark.parametrize("name", ["sharpness", "colourfulness", "synartifact"])
+def test_a_reward_without_a_range_is_refused_as_judge(name):
+    """10 x an unbounded reward, capped at 10, accepted any improvement: such a reward cannot
+    judge, in the config and in the judge itself, and the refusal says why."""
+    why = f"reward '{name}' has no declared range"
+    with pytest.raises(ConfigError, match=f"loop.judge.*{why}"):
+        load_config(overrides={"loop.judge": name})
+    with pytest.raises(ValueError, match=why):
+        judge_by_reward(GREY, DARKER, "a fox", name, accept_score=7.0)
+    assert name in REWARDS and REWARDS[name].range is None  # still a reward (DDPO, eval)
+
+
+def test_cli_refuses_an_unbounded_judge_in_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["run", "a fox", "--judge", "sharpness",
+                                      "--home", str(tmp_path / "home")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    message = " ".join(result.stderr.split())
+    assert "reward 'sharpness' has no declared range" in message and "darkness" in message
+
+
+def test_judge_maps_a_rewards_declared_range_onto_0_10():
+    half = Image.new("RGB", (64, 64), (64, 64, 64))
+    half.paste((192, 192, 192), (0, 0, 32, 64))  # luma std 64/255: contrast 0.251 of 0-0.5
+    flat = judge_by_reward(GREY, half, "a fox", "contrast", accept_score=5.0).output
+    assert flat.score == pytest.approx(10 * (64 / 255) / 0.5, abs=0.05)
+    assert (flat.verdict, flat.better_than_before) == ("accept", True)
+    try:  # a lower-is-better reward on -1..1, and one with a normaliser instead of a range
+        reward("glare", range=(-1.0, 1.0), higher_is_better=False)(REWARDS["brightness"].fn)
+        reward("tamed", normalise=lambda v: v / (v + 0.5))(REWARDS["brightness"].fn)
+        glare = judge_by_reward(GREY, DARKER, "a fox", "glare", accept_score=0.0).output
+        # brightness 64/255 on -1..1, lower the better: 10 x (1 - (0.251 + 1) / 2)
+        assert glare.better_than_before and glare.score == pytest.approx(
+            10 * (1 - 64 / 255) / 2, abs=0.05
+        )
+        worse = judge_by_reward(DARKER, GREY, "a fox", "glare", accept_score=0.0).output
+        assert (worse.verdict, worse.better_than_before) == ("reject", False)
+        tamed = judge_by_reward(DARKER, GREY, "a fox", "tamed", accept_score=0.0).output
+        b = measure(GREY)["brightness"]
+        assert tamed.better_than_before and tamed.score == pytest.approx(
+            10 * b / (b + 0.5), abs=0.05
+        )
+    finally:
+        del REWARDS["glare"], REWARDS["tamed"]
 
 
 def test_loop_with_a_darkness_judge_keeps_the_darkened_image(store, sd_tool):

@@ -208,13 +208,29 @@ def _write_sft(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
     return _write_parquet(out / PARQUET, features, map(row, kept))
 
 
+def edit_preferred(step: dict[str, Any]) -> bool | None:
+    """Whether the judge found a step's edit better than the image before it: a person's
+    verdict when one overruled the validator (accept: yes, reject: no), else the validator's
+    `better_than_before`; None when the validator contradicts itself (rejects an edit it
+    calls better): such a pair has no trustworthy label."""
+    if step.get("decided_by", {}).get("verdict") == "human":
+        return step.get("verdict") == "accept"
+    judged = step.get("agents", {}).get("validate", {})
+    better = judged.get("better_than_before")
+    if better is None:  # a record without the comparison: the verdict alone says
+        return step.get("verdict") != "reject"
+    return None if better and judged.get("verdict") == "reject" else bool(better)
+
+
 def dpo_pairs(run: dict[str, Any]) -> Iterator[tuple[str, str, float, str]]:
-    """(image 0, image 1, label_0, source): each step's before vs after (after preferred unless
-    the validator rejected it), then the run's best vs worst step result."""
+    """(image 0, image 1, label_0, source): each step's before vs after, labelled by the
+    judge's comparison (`edit_preferred`), then the run's best vs worst step result."""
     for step in run["steps"]:
         before, after = step.get("image"), step.get("edited_image")
         if before and after and before != after:
-            yield before, after, 1.0 if step.get("verdict") == "reject" else 0.0, "edit"
+            preferred = edit_preferred(step)
+            if preferred is not None:
+                yield before, after, 0.0 if preferred else 1.0, "edit"
     scored = [s for s in run["steps"] if s.get("score") is not None and s.get("result_image")]
     if len(scored) >= 2:
         best = max(scored, key=lambda s: s["score"])
@@ -302,7 +318,9 @@ ABOUT = {
     "`--train_data_dir <this dir>/imagefolder`.",
     "dpo": "Preference pairs in the Pick-a-Pic schema: `caption`, `jpg_0`/`jpg_1` (JPEG bytes), "
     "`label_0` (1.0 when `jpg_0` is preferred), `label_1`, `run_id`, `source` (`edit`: a step's "
-    "image before vs after its edit; `best_worst`: a run's best vs worst step result). For "
+    "image before vs after its edit, labelled by the judge's `better_than_before` or a person's "
+    "verdict that overruled it, left out where the judge rejected an edit it called better; "
+    "`best_worst`: a run's best vs worst step result). For "
     "diffusers' `diffusion_dpo` scripts: `--dataset_name <this dir>`.",
     "prompts": "The runs' original prompts: `prompts.jsonl` (`prompt`, `run_id`) and "
     "`prompts.txt` (one per line, deduplicated).",

@@ -4,7 +4,8 @@ Measured image statistics are rewards out of the box ("brightness", "darkness", 
 "saturation", "sharpness", "colourfulness"), and so are two VLM judges: "vlm" (the rater's 0-10
 score / 10) and "synartifact" (SynArtifact's artifact reward). The VLM rewards use the chat model
 of the environment's config (ARTLOOP_CHAT__...) unless built with one. Register more with
-`@reward("name")`.
+`@reward("name", range=(lo, hi))`. Each entry says what its scores mean (`Reward`): a reward
+judges the loop (`loop.judge`) only when its scores have a declared range or a normaliser.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,23 +22,87 @@ from artloop.tools.image_facts import measure
 from PIL import Image
 
 RewardFn = Callable[[list[Image.Image], list[str], list[dict]], tuple[np.ndarray, dict[str, Any]]]
-REWARDS: dict[str, RewardFn] = {}
 
 
-def reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Register a reward function under `name`."""
+@dataclass(frozen=True)
+class Reward:
+    """A registered reward and what its scores mean: `range` (lo, hi) bounds them (None: not
+    bounded, or not known to be); `higher_is_better` is their direction; `normalise`, in place
+    of a range, maps a score increasingly onto [0, 1] (e.g. x / (x + c) for an unbounded one)."""
+
+    name: str
+    fn: RewardFn
+    range: tuple[float, float] | None = None
+    higher_is_better: bool = True
+    normalise: Callable[[float], float] | None = None
+
+    def judge_problem(self) -> str | None:
+        """Why this reward cannot judge (None when it can): a judge's 0-10 score needs a scale."""
+        if self.normalise is not None:
+            return None
+        if self.range is None:
+            return (f"reward {self.name!r} has no declared range (or normaliser) to put its "
+                    "scores on the 0-10 scale")  # fmt: skip
+        lo, hi = self.range
+        if not lo < hi:
+            return f"reward {self.name!r} declares an empty range {self.range}"
+        return None
+
+    def unit(self, score: float) -> float:
+        """`score` on [0, 1], 1 the best end (the judge's score is 10 x this)."""
+        if problem := self.judge_problem():
+            raise ValueError(problem)
+        if self.normalise is not None:
+            u = self.normalise(score)
+        else:
+            lo, hi = self.range  # type: ignore[misc]  # checked by judge_problem
+            u = (score - lo) / (hi - lo)
+        u = min(1.0, max(0.0, float(u)))
+        return u if self.higher_is_better else 1.0 - u
+
+    def better(self, after: float, before: float) -> bool:
+        return after > before if self.higher_is_better else after < before
+
+
+REWARDS: dict[str, Reward] = {}
+
+
+def reward(
+    name: str,
+    *,
+    range: tuple[float, float] | None = None,
+    higher_is_better: bool = True,
+    normalise: Callable[[float], float] | None = None,
+) -> Callable[[RewardFn], RewardFn]:
+    """Register a reward function under `name`, with what its scores mean (see `Reward`)."""
 
     def register(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = fn
+        REWARDS[name] = Reward(name, fn, range, higher_is_better, normalise)
         return fn
 
     return register
 
 
-def get_reward(name: str) -> RewardFn:
+def reward_entry(name: str) -> Reward:
+    """The registry entry of reward `name` (KeyError naming the choices when unknown)."""
     if name not in REWARDS:
         raise KeyError(f"unknown reward {name!r}; choose from {', '.join(sorted(REWARDS))}")
     return REWARDS[name]
+
+
+def get_reward(name: str) -> RewardFn:
+    return reward_entry(name).fn
+
+
+def judge_reward(name: str) -> Reward:
+    """The entry of reward `name` if it can judge the loop; else ValueError saying why not.
+    ("vlm" as `loop.judge` is the validator agent, not the rater's reward.)"""
+    entry = REWARDS.get(name)
+    problem = entry.judge_problem() if entry else f"unknown judge {name!r}"
+    if problem:
+        can = sorted(n for n, r in REWARDS.items() if n != "vlm" and r.judge_problem() is None)
+        raise ValueError(f"{problem}; a judge is vlm or one of {', '.join(can)}")
+    return entry
 
 
 def _statistic(key: str, sign: float = 1.0, offset: float = 0.0) -> RewardFn:
@@ -50,9 +116,15 @@ def _statistic(key: str, sign: float = 1.0, offset: float = 0.0) -> RewardFn:
     return fn
 
 
-for _key in ("brightness", "contrast", "saturation", "sharpness", "colourfulness"):
-    reward(_key)(_statistic(_key))
-reward("darkness")(_statistic("brightness", sign=-1.0, offset=1.0))
+# Ranges from tools/image_facts.py's definitions; sharpness (Laplacian variance) and
+# colourfulness (Hasler-Suesstrunk M3) have no upper bound.
+_RANGES: dict[str, tuple[float, float] | None] = {
+    "brightness": (0.0, 1.0), "contrast": (0.0, 0.5), "saturation": (0.0, 1.0),
+    "sharpness": None, "colourfulness": None,
+}  # fmt: skip
+for _key, _range in _RANGES.items():
+    reward(_key, range=_range)(_statistic(_key))
+reward("darkness", range=(0.0, 1.0))(_statistic("brightness", sign=-1.0, offset=1.0))
 
 
 # --- VLM judges ---------------------------------------------------------------------------------
@@ -191,5 +263,7 @@ def synartifact_reward(chat: Any = None, embed: Any = None, alpha: float = 0.1,
     return fn
 
 
-reward("vlm")(vlm_reward())
+reward("vlm", range=(0.0, 1.0))(vlm_reward())
+# sim("No artifacts") - alpha * sum of 13 sims + beta: its bounds depend on alpha, beta and the
+# embedder, and say nothing about what a good image scores, so none is declared.
 reward("synartifact")(synartifact_reward())
