@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from artloop.cli import app
@@ -68,3 +69,34 @@ def test_bad_inputs(lora, tmp_path):
         config(lora, tmp_path, scorers=["beauty"])
     result = CliRunner().invoke(app, ["eval", "--prompts", str(tmp_path / "none.txt")])
     assert result.exit_code == 2 and result.stderr.startswith("error: EvalConfig")
+
+
+def test_a_file_that_is_not_a_lora_is_one_line(tmp_path):
+    """Through the installed command: safetensors that hold no LoRA, as a directory or the file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "unet").mkdir()
+    weights = {"conv_in.weight": torch.zeros(4, 4), "conv_in.bias": torch.zeros(4)}
+    save_file(weights, tmp_path / "unet" / "pytorch_lora_weights.safetensors")
+    save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "p.txt").write_text("a fox\n")
+    artloop = str(Path(sys.executable).with_name("artloop"))
+    for lora in ("unet", "model.safetensors"):
+        out = subprocess.run([artloop, "eval", "--lora", str(tmp_path / lora), "--prompts",
+                              str(tmp_path / "p.txt")], capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: EvalConfig.lora: ")
+        assert "is not a LoRA (2 of its 2 tensors are not LoRA weights, e.g. 'conv_in" in out.stderr
+
+
+@pytest.mark.parametrize(("model", "problem"), [
+    ("tiny-sdxl", "does not fit this model (size mismatch for "),
+    ("tiny-flux", "holds no weights for this model (a LoRA for another model family?)")])  # fmt: skip
+def test_a_lora_of_another_family_is_named(lora, tmp_path, model, problem):
+    with pytest.raises(TrainerConfigError, match=r"^EvalConfig\.lora: .*" + re.escape(problem)):
+        evaluate(config(lora, tmp_path, model=model))

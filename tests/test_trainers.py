@@ -163,3 +163,42 @@ def test_dpo_cli_and_bad_data(dpo_data, sft_data, tmp_path):
     )
     with pytest.raises(TrainerConfigError, match="DPOConfig.beta: invalid value 0"):
         DPOConfig(data="x", beta=0)
+
+
+def garbage_parquets(root) -> dict[str, str]:
+    """Parquet files that are not sft data, each with the problem the error must name."""
+    import datasets
+    from PIL import Image
+
+    good = root / "good.parquet"
+    images = [Image.new("RGB", (8, 8))] * 2
+    datasets.Dataset.from_dict({"image": images, "text": ["a", "b"]}).cast_column(
+        "image", datasets.Image()).to_parquet(good)  # fmt: skip
+    (root / "noise.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 4)
+    (root / "cut.parquet").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    datasets.Dataset.from_dict({"image": [b"\x89PNG, not really"], "text": ["a"]}).to_parquet(
+        root / "bytes.parquet")  # fmt: skip
+    datasets.Dataset.from_dict({"image": images, "text": [1, 2]}).cast_column(
+        "image", datasets.Image()).to_parquet(root / "numbers.parquet")  # fmt: skip
+    datasets.Dataset.from_dict({"image": [], "text": []}).to_parquet(root / "empty.parquet")
+    return {"noise": "is not a readable parquet file (Parquet magic bytes not found",
+            "cut": "is not a readable parquet file", "empty": "holds no rows",
+            "bytes": "row 0 of {} is unreadable (its image bytes are in no format PIL reads)",
+            "numbers": "row 0 of {} is unreadable (expected text, got int)"}  # fmt: skip
+
+
+def test_cli_names_what_is_wrong_with_a_garbage_parquet(tmp_path):
+    """Through the installed command, as a user meets it: one line naming the file, exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    artloop = str(Path(sys.executable).with_name("artloop"))
+    for name, problem in garbage_parquets(tmp_path).items():
+        data = str(tmp_path / f"{name}.parquet")
+        out = subprocess.run([artloop, "train", "sft", "--data", data, "--output-dir",
+                              str(tmp_path / "o")], capture_output=True, text=True, timeout=120)  # fmt: skip
+        last = out.stderr.strip().splitlines()[-1]  # after `datasets`' own progress lines
+        assert out.returncode == 2, out.stderr
+        assert last.startswith("error: SFTConfig.data: ") and problem.format(data) in last, last
+        assert "Traceback" not in out.stderr and not (tmp_path / "o").exists()

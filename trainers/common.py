@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 if TYPE_CHECKING:  # torch is imported where it runs: the CLI starts without it
     import torch
     from artloop.trainers.families import Cond, Family
+    from PIL import Image
 
 
 C = TypeVar("C")
+T = TypeVar("T")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -90,27 +92,81 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float) -> list[torch.nn.Pa
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers saves and loads
 
 
+def lora_file(lora: str | Path) -> Path:
+    """A LoRA's weights, given as the file itself or as the directory diffusers saved it in."""
+    path = Path(lora)
+    return path if path.is_file() else path / LORA_FILE
+
+
 def check_lora(lora: str | Path, field: str) -> None:
-    """A LoRA directory holds a readable safetensors file (its header is read, nothing loaded):
-    a missing or corrupt one is a TrainerConfigError naming `field` and the file."""
+    """A LoRA is a readable safetensors file of LoRA tensors (its header is read, nothing
+    loaded): a missing, corrupt or other file is a TrainerConfigError naming `field` and the file."""
     from safetensors import safe_open
 
-    path = Path(lora) / LORA_FILE
+    path = lora_file(lora)
     if not path.is_file():
         raise TrainerConfigError(f"{field}: no {LORA_FILE} in {lora}")
     try:
         with safe_open(path, framework="pt") as f:
-            if not list(f.keys()):
-                raise ValueError("it holds no tensors")
+            keys = list(f.keys())
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise TrainerConfigError(f"{field}: {path} is not a readable LoRA ({e})") from None
+    # diffusers' own test: every tensor of a LoRA (PEFT, diffusers or kohya layout) names "lora".
+    others = [k for k in keys if "lora" not in k.lower()]
+    if not keys or others:
+        what = f"e.g. {others[0]!r}" if others else "it holds no tensors"
+        raise TrainerConfigError(f"{field}: {path} is not a LoRA ({len(others)} of its "
+                                 f"{len(keys)} tensors are not LoRA weights, {what})")  # fmt: skip
 
 
-def fuse_preset_lora(pipe: Any, preset: str) -> None:
+def lora_weight(path: Path) -> float:
+    """The adapter weight that loads a LoRA at its trained strength. 1.0 when the file carries
+    its adapter config (diffusers restores alpha from it); for a LoRA saved before artloop wrote
+    that config, alpha / rank from the train_summary.json saved beside it (diffusers assumes
+    alpha = rank when the config is missing)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        if LORA_ADAPTER_METADATA_KEY in (f.metadata() or {}):
+            return 1.0
+    try:
+        cfg = json.loads((path.parent / "train_summary.json").read_text())["config"]
+        return float(cfg["lora_alpha"]) / int(cfg["rank"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return 1.0  # not one of ours: diffusers' convention (alpha = rank) is all there is
+
+
+def load_lora(pipe: Any, lora: str | Path, adapter_name: str, field: str) -> float:
+    """Load a checked LoRA onto `pipe` as `adapter_name`; the adapter weight that gives it its
+    trained strength (see lora_weight). One that does not fit the model is a TrainerConfigError."""
+    import logging
+
+    path = lora_file(lora)
+    peft_log = logging.getLogger("diffusers.loaders.peft")  # logs the whole error, then raises
+    level = peft_log.level
+    peft_log.setLevel(logging.CRITICAL)
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name, use_safetensors=True)
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:  # shapes or names do not match
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
+        reason = lines[0]
+        if reason.endswith(":") and len(lines) > 1:  # torch: "Error(s) in loading ...:", a list
+            reason = lines[1] + (f" and {len(lines) - 2} more" if len(lines) > 2 else "")
+        raise TrainerConfigError(f"{field}: {path} does not fit this model ({reason})") from None
+    finally:
+        peft_log.setLevel(level)
+    if adapter_name not in {a for names in pipe.get_list_adapters().values() for a in names}:
+        raise TrainerConfigError(f"{field}: {path} holds no weights for this model "
+                                 "(a LoRA for another model family?)")  # fmt: skip
+    return lora_weight(path)
+
+
+def fuse_preset_lora(pipe: Any, preset: str, field: str) -> None:
     """ArtAug's differential training: fold a preset LoRA into the base weights, so that the
     LoRA trained on top learns only the difference (and is used alone at inference)."""
-    pipe.load_lora_weights(preset, adapter_name="preset", use_safetensors=True)
-    pipe.fuse_lora(adapter_names=["preset"])
+    scale = load_lora(pipe, preset, "preset", field)
+    pipe.fuse_lora(adapter_names=["preset"], lora_scale=scale)
     pipe.unload_lora_weights()
 
 
@@ -133,8 +189,9 @@ class LoRATrainConfig:
     seed: int = help_field(0, help="Seed for the LoRA's init, batches, noise and timesteps")
     checkpoint_every: int = help_field(100, help="Save a resumable checkpoint every N steps")
     resume: bool = help_field(True, help="Continue from output_dir/checkpoint when it exists")
-    preset_lora: str | None = help_field(None, help="ArtAug differential mode: a LoRA fused "
-                                         "into the base first; the new LoRA learns the rest")  # fmt: skip
+    preset_lora: str | None = help_field(None, help="ArtAug differential mode: a LoRA (its "
+                                         "directory or .safetensors file) fused into the base "
+                                         "first; the new LoRA learns the rest")  # fmt: skip
     mixed_precision: str = help_field("no", help="no | fp16 | bf16 (accelerate)")
 
     def __post_init__(self) -> None:
@@ -181,17 +238,77 @@ def drop_captions(cond: Cond, empty: Cond, p: float, g: torch.Generator) -> Cond
 
 
 def parquet_rows(data: str, columns: set[str], owner: str) -> Any:
-    """The `datasets` rows of an export directory (its data/*.parquet) or of a parquet file."""
+    """The `datasets` rows of an export directory (its data/*.parquet) or of a parquet file; a
+    file that is not parquet, or that `datasets` cannot read, is a TrainerConfigError naming it."""
     import datasets
+    import pyarrow.parquet as pq
 
     path = Path(data)
     files = sorted((path / "data").glob("*.parquet")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
         raise TrainerConfigError(f"{owner}.data: no parquet data at {data}")
-    ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    rows = 0
+    for f in files:
+        try:
+            rows += pq.read_metadata(f).num_rows  # the footer: a garbage or cut file fails here
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise TrainerConfigError(
+                f"{owner}.data: {f} is not a readable parquet file ({e})"
+            ) from None
+    if not rows:
+        raise TrainerConfigError(f"{owner}.data: {data} holds no rows")
+    try:
+        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        cause = e.__cause__ or e  # DatasetGenerationError wraps the reader's own error
+        raise TrainerConfigError(f"{owner}.data: cannot read {data} ({cause})") from None
     if missing := columns - set(ds.column_names):
         raise TrainerConfigError(f"{owner}.data: {data} lacks column(s) {sorted(missing)}")
     return ds
+
+
+def read_rows(ds: Any, read: Callable[[dict], T | None], owner: str, data: str) -> list[T]:
+    """`read(row)` for every row of `ds` (None: skip it). A row that cannot be read, such as an
+    image that does not decode or a value of the wrong type, is a TrainerConfigError naming it."""
+    from PIL import Image
+
+    out: list[T] = []
+    index = 0
+    try:
+        for row in ds:  # `datasets` decodes a row's images as it is drawn
+            if (value := read(row)) is not None:
+                out.append(value)
+            index += 1
+    # PIL's UnidentifiedImageError is an OSError; its DecompressionBombError neither.
+    except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
+        raise TrainerConfigError(
+            f"{owner}.data: row {index} of {data} is unreadable ({e})"
+        ) from None
+    return out
+
+
+def as_image(value: Any) -> Image.Image:
+    """An RGB image from a parquet cell: a decoded image, encoded bytes, or {"bytes": ...}."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if isinstance(value, bytes):
+        try:
+            value = Image.open(io.BytesIO(value))
+        except UnidentifiedImageError:  # its own message names only the BytesIO object
+            raise ValueError("its image bytes are in no format PIL reads") from None
+    if not isinstance(value, Image.Image):
+        raise TypeError(f"expected an image, got {type(value).__name__}")
+    return value.convert("RGB")
+
+
+def as_text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, got {type(value).__name__}")
+    return value
 
 
 def load_prompts(data: str, field: str) -> list[str]:
@@ -225,7 +342,7 @@ def load_base(cfg: LoRATrainConfig) -> Family:
                                  f"{SIZE_MULTIPLE[family]} ({family} latents)")  # fmt: skip
     pipe = tool.pipeline
     if cfg.preset_lora:
-        fuse_preset_lora(pipe, cfg.preset_lora)
+        fuse_preset_lora(pipe, cfg.preset_lora, f"{name}.preset_lora")
     return FAMILIES[family](pipe, tool.max_sequence_length)
 
 

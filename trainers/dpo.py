@@ -11,17 +11,19 @@ The reference is the same denoiser with the LoRA switched off, so no second copy
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
 from artloop.trainers.common import (
     DenoisingTrainConfig,
     TrainerConfigError,
+    as_image,
+    as_text,
     drop_captions,
     help_field,
     load_base,
     parquet_rows,
+    read_rows,
     train_lora,
 )
 from artloop.trainers.families import Cond, Family, concat, device_of, take
@@ -45,12 +47,15 @@ class DPOConfig(DenoisingTrainConfig):
 def load_pairs(data: str) -> list[tuple[Image.Image, Image.Image, str]]:
     """(chosen, rejected, caption) from a Pick-a-Pic-style parquet; ties are skipped."""
     ds = parquet_rows(data, {"caption", "jpg_0", "jpg_1", "label_0"}, "DPOConfig")
-    pairs = []
-    for row in ds:
-        if row["label_0"] == 0.5:
-            continue
-        a, b = (Image.open(io.BytesIO(row[k])).convert("RGB") for k in ("jpg_0", "jpg_1"))
-        pairs.append((a, b, row["caption"]) if row["label_0"] > 0.5 else (b, a, row["caption"]))
+
+    def pair(row: dict) -> tuple[Image.Image, Image.Image, str] | None:
+        label, caption = float(row["label_0"]), as_text(row["caption"])
+        if label == 0.5:
+            return None
+        a, b = as_image(row["jpg_0"]), as_image(row["jpg_1"])
+        return (a, b, caption) if label > 0.5 else (b, a, caption)
+
+    pairs = read_rows(ds, pair, "DPOConfig", data)
     if not pairs:
         raise TrainerConfigError(f"DPOConfig.data: no preference pairs in {data}")
     return pairs

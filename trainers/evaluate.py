@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 from artloop.tools.rewards import get_reward
-from artloop.trainers.common import TrainerConfigError, check_lora, help_field, load_prompts
+from artloop.trainers.common import (
+    TrainerConfigError,
+    check_lora,
+    help_field,
+    load_lora,
+    load_prompts,
+)
 from PIL import Image
 
 
@@ -22,7 +28,10 @@ class EvalConfig:
     """Compare the base model with base + LoRA(s) on fixed prompts and seeds."""
 
     prompts: str = help_field("", help="Prompts: a text file (one per line) or a prompts export")
-    lora: list[str] = field(default_factory=list, metadata={"help": "A LoRA directory (repeat)"})
+    lora: list[str] = field(
+        default_factory=list,
+        metadata={"help": "A LoRA: its directory or .safetensors file (repeat)"},
+    )
     output_dir: str = help_field("artloop-eval", help="Where results.json/.md and grid.png go")
     model: str = help_field("tiny-sd", help="Base model")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2],
@@ -59,8 +68,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     tool = DiffusionTool(model=cfg.model, store=ImageStore(out / "images"))
     pipe = tool.pipeline
     variants = ["base", *cfg.lora]
-    for i, lora in enumerate(cfg.lora):
-        pipe.load_lora_weights(lora, adapter_name=f"lora{i}", use_safetensors=True)
+    weights = [
+        load_lora(pipe, lora, f"lora{i}", "EvalConfig.lora") for i, lora in enumerate(cfg.lora)
+    ]
     cells = [(p, s) for p in prompts for s in cfg.seeds]
     images: dict[str, list[Image.Image]] = {}
     results: dict[str, dict[str, Any]] = {}
@@ -70,7 +80,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 pipe.disable_lora()
         else:
             pipe.enable_lora()
-            pipe.set_adapters([f"lora{i - 1}"])
+            pipe.set_adapters([f"lora{i - 1}"], adapter_weights=[weights[i - 1]])
         params = [GenParams(width=cfg.width, height=cfg.height, num_inference_steps=cfg.steps,
                             guidance_scale=cfg.guidance_scale, seed=s) for _, s in cells]  # fmt: skip
         hashes = [tool.text_to_image(p, "", gp) for (p, _), gp in zip(cells, params, strict=True)]

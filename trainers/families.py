@@ -57,6 +57,7 @@ class SDFamily:
     """SD 1.5 (and the base of SDXL): UNet, DDPM noising, CLIP hidden states."""
 
     name = "sd"
+    component = "unet"  # the pipeline's denoiser, as diffusers' LoRA loaders name it
 
     def __init__(self, pipe: Any, max_sequence_length: int | None = None) -> None:
         from diffusers import DDPMScheduler
@@ -67,7 +68,7 @@ class SDFamily:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return self.pipe.unet
+        return getattr(self.pipe, self.component)
 
     def encode_images(self, images: list[Image.Image], size: int) -> torch.Tensor:
         """VAE latents, scaled as the denoiser sees them: (N, C, size/8, size/8)."""
@@ -119,12 +120,21 @@ class SDFamily:
     def predict(self, denoiser: Any, noisy: torch.Tensor, t: torch.Tensor, cond: Cond):
         return denoiser(noisy, t, encoder_hidden_states=cond["text"]).sample
 
-    def save_lora(self, denoiser: torch.nn.Module, out_dir: Any) -> None:
+    def lora_layers(self, denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The LoRA's tensors as this family's `save_lora_weights` takes them."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-        type(self.pipe).save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+
+    def save_lora(self, denoiser: torch.nn.Module, out_dir: Any) -> None:
+        """The LoRA in diffusers' layout, with its adapter config (rank, alpha, targets) in the
+        file's metadata: without it `load_lora_weights` assumes alpha = rank, which loads a LoRA
+        trained at another alpha at the wrong strength."""
+        type(self.pipe).save_lora_weights(
+            out_dir, safe_serialization=True, **{
+                f"{self.component}_lora_layers": self.lora_layers(denoiser),
+                f"{self.component}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()})  # fmt: skip
 
 
 class SDXLFamily(SDFamily):
@@ -165,15 +175,12 @@ class FluxFamily(SDFamily):
     """FLUX.1: the transformer over packed latents, rectified-flow noising."""
 
     name = "flux"
+    component = "transformer"
     guidance = 3.5  # FLUX-dev's distilled guidance while training (diffusers' example default)
 
     def __init__(self, pipe: Any, max_sequence_length: int | None = None) -> None:
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length or 512
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
 
     def encode_texts(self, texts: list[str]) -> Cond:
         """{"text": (N, L, D) T5 states, "pooled": (N, P) CLIP pooled}."""
@@ -215,11 +222,10 @@ class FluxFamily(SDFamily):
         out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(b, c, h, w)
 
-    def save_lora(self, denoiser: torch.nn.Module, out_dir: Any) -> None:
+    def lora_layers(self, denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        type(self.pipe).save_lora_weights(out_dir, safe_serialization=True,
-                                          transformer_lora_layers=get_peft_model_state_dict(denoiser))  # fmt: skip
+        return get_peft_model_state_dict(denoiser)  # FLUX's loader reads PEFT's layout as is
 
 
 Family = SDFamily  # the interface the others override

@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from artloop.trainers.common import (
     DenoisingTrainConfig,
+    as_image,
+    as_text,
     drop_captions,
     load_base,
     parquet_rows,
+    read_rows,
     train_lora,
 )
 from artloop.trainers.families import Cond, Family, device_of, take
@@ -36,7 +39,9 @@ class SFTConfig(DenoisingTrainConfig):
 def load_rows(data: str) -> list[tuple[Image.Image, str]]:
     """(image, text) rows of an sft export (its parquet) or of a parquet file."""
     ds = parquet_rows(data, {"image", "text"}, "SFTConfig")
-    return [(row["image"].convert("RGB"), row["text"]) for row in ds]
+    return read_rows(
+        ds, lambda row: (as_image(row["image"]), as_text(row["text"])), "SFTConfig", data
+    )
 
 
 def diffusion_loss(family: Family, denoiser: Any, latents: torch.Tensor, cond: Cond,

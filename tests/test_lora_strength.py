@@ -1,0 +1,105 @@
+"""A LoRA trained at alpha != rank loads at the strength it was trained at (its adapter config
+travels in the file's metadata), in each family, in `artloop eval` and as a preset; a LoRA saved
+before that (no metadata) still loads, at its trained strength when its train_summary.json is
+beside it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from artloop.trainers import sft
+from artloop.trainers.common import LORA_FILE, load_base
+from artloop.trainers.evaluate import EvalConfig, evaluate
+from artloop.trainers.sft import SFTConfig, train_sft
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+RANK, ALPHA = 4, 16.0  # scale 4: a power of two, so alpha-scaling and scaled weights agree exactly
+
+
+def image(pipe) -> np.ndarray:
+    g = torch.Generator().manual_seed(0)
+    return pipe("a red fox", num_inference_steps=2, height=64, width=64, generator=g,
+                output_type="np").images[0]  # fmt: skip
+
+
+def train(data, out, model="tiny-sd", **kw) -> SFTConfig:
+    cfg = SFTConfig(data=str(data), output_dir=str(out), model=model, resolution=64, rank=RANK,
+                    lora_alpha=ALPHA, train_steps=3, learning_rate=1e-2, **kw)  # fmt: skip
+    train_sft(cfg, progress=False)
+    return cfg
+
+
+def without_metadata(lora, out, scale: float = 1.0, summary: bool = False):
+    """The LoRA as the old code saved it (tensors, no adapter config), its up-projections times
+    `scale`; with its train_summary.json beside it when `summary`."""
+    out.mkdir()
+    tensors = {k: v * scale if "lora_B" in k or "lora.up" in k else v
+               for k, v in load_file(lora / LORA_FILE).items()}  # fmt: skip
+    save_file(tensors, out / LORA_FILE)
+    if summary:
+        shutil.copy(lora / "train_summary.json", out)
+    return out
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl", "tiny-flux"])
+def test_loaded_lora_draws_what_the_trained_adapter_drew(model, sft_data, tmp_path, monkeypatch):
+    trained = {}
+
+    def keep(cfg):  # the real base, kept to draw with the adapter as training left it
+        trained["family"] = load_base(cfg)
+        return trained["family"]
+
+    monkeypatch.setattr(sft, "load_base", keep)
+    cfg = train(sft_data, tmp_path / "lora", model)
+    family = trained["family"]
+    family.denoiser.eval()
+    expected = image(family.pipe)
+    pipe = load_base(cfg).pipe  # a fresh base; diffusers' own loader puts the LoRA on it
+    base = image(pipe)
+    pipe.load_lora_weights(tmp_path / "lora")
+    loaded = image(pipe)
+    assert not np.allclose(base, expected, atol=1e-3)  # the LoRA changes what is drawn
+    np.testing.assert_allclose(loaded, expected, atol=1e-5)
+    with safe_open(tmp_path / "lora" / LORA_FILE, framework="pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    part = family.component  # unet or transformer: what the adapter config is filed under
+    assert {k.split(".")[0] for k in config} == {part}
+    assert (config[f"{part}.r"], config[f"{part}.lora_alpha"]) == (RANK, ALPHA)
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory, sft_data):
+    """A LoRA trained at alpha = 4 x rank, and its equivalents as the old code saved them."""
+    root = tmp_path_factory.mktemp("alpha")
+    train(sft_data, root / "new")
+    return {"new": root / "new",
+            # alpha / rank folded into the weights: the same adapter at diffusers' alpha = rank
+            "folded": without_metadata(root / "new", root / "folded", ALPHA / RANK),
+            "old": without_metadata(root / "new", root / "old", summary=True),
+            "bare": without_metadata(root / "new", root / "bare")}  # fmt: skip
+
+
+def test_eval_uses_the_trained_strength(loras, tmp_path):
+    (tmp_path / "p.txt").write_text("a red fox\n")
+    names = ["new", "folded", "old", "bare"]
+    summary = evaluate(EvalConfig(prompts=str(tmp_path / "p.txt"), output_dir=str(tmp_path / "e"),
+                                  lora=[str(loras[n]) for n in names], seeds=[0], width=64,
+                                  height=64, steps=2, scorers=["darkness"]))  # fmt: skip
+    drawn = {n: summary["results"][str(loras[n])]["images"] for n in names}
+    assert drawn["new"] == drawn["folded"] == drawn["old"]  # the same image (content hash)
+    assert drawn["bare"] != drawn["new"]  # no config, no summary: it loads, at alpha = rank
+    assert drawn["bare"] != summary["results"]["base"]["images"]
+
+
+def test_preset_is_fused_at_its_trained_strength(loras, sft_data, tmp_path):
+    first = {n: train_sft(SFTConfig(data=str(sft_data), output_dir=str(tmp_path / n),
+                                    resolution=64, train_steps=1, preset_lora=str(loras[n])),
+                          progress=False)["first_loss"]
+             for n in ("new", "folded", "bare")}  # fmt: skip
+    assert first["new"] == pytest.approx(first["folded"], abs=1e-6)
+    assert first["new"] != pytest.approx(first["bare"], abs=1e-6)
