@@ -52,7 +52,8 @@ def chat_identity(cfg: ChatConfig) -> dict:
 
 
 def check_chat_model(cfg: ChatConfig, timeout_s: float = 5.0) -> None:
-    """Fail fast, with a one-line reason, when the configured chat model cannot be reached."""
+    """Fail fast, with a one-line reason, when the configured chat model cannot be reached or
+    its server refuses the API key (401/403)."""
     if cfg.backend == "inprocess":
         from artloop.models.tiny import resolve_model
 
@@ -71,6 +72,11 @@ def check_chat_model(cfg: ChatConfig, timeout_s: float = 5.0) -> None:
             with urllib.request.urlopen(req, timeout=timeout_s):
                 pass
         except urllib.error.HTTPError as e:
+            if e.code in (401, 403):  # it answers, but every call would be refused
+                raise ConfigError(
+                    f"chat server at {cfg.base_url} refused the API key ({e.code} {e.reason}): "
+                    "set chat.api_key (ARTLOOP_CHAT__API_KEY) to a key it accepts"
+                ) from None
             if e.code >= 500:
                 raise ConfigError(f"chat server at {cfg.base_url} answered {e.code}") from None
         except (urllib.error.URLError, OSError) as e:

@@ -65,12 +65,19 @@ def vllm_command(cfg: ServeConfig, model_path: str) -> list[str]:
     return cmd + list(cfg.extra_args)
 
 
+def temp_log() -> Path:
+    """A new empty log file's path; the descriptor mkstemp opened is closed (start() opens it)."""
+    fd, path = tempfile.mkstemp(prefix="artloop-vllm-", suffix=".log")
+    os.close(fd)
+    return Path(path)
+
+
 class VLMServer:
     """A vLLM server process: `start()` returns once /health answers; `stop()` ends it."""
 
     def __init__(self, cfg: ServeConfig, log_path: str | Path | None = None) -> None:
         self.cfg = cfg
-        self.log_path = Path(log_path or tempfile.mkstemp(prefix="artloop-vllm-", suffix=".log")[1])
+        self.log_path = Path(log_path) if log_path else temp_log()
         self.process: subprocess.Popen | None = None
 
     @property

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from artloop.graphs.batch import BatchItem, run_batch
@@ -47,3 +50,49 @@ def test_sessions_on_ray_diffusion_workers(ray_local, store, sd_tool):
         step = store.get_run(run_id)["steps"][0]
         assert step["image"] in store.images and step["edited_image"] in store.images
     assert len(remote.batch_sizes) >= 2  # both actors drew
+    remote.close()
+
+
+def test_closing_removes_the_workers_scratch(ray_local, store):
+    import ray
+    from artloop.tools.ray_diffusion import RayDiffusion
+
+    params = GenParams(width=64, height=64, num_inference_steps=1, seed=1)
+    with RayDiffusion("tiny-sd", store.images, workers=1) as remote:
+        remote.text_to_image("a red fox", "", params)
+        scratch = Path(ray.get(remote._workers[0].scratch_dir.remote()))
+        assert list(scratch.rglob("*.png"))  # the worker's copy of what it drew
+    assert not scratch.exists()
+    with pytest.raises(DiffusionError, match="closed"):
+        remote.text_to_image("a red fox", "", params)
+    remote.close()  # again: nothing left to do
+
+
+DRIVER = """
+import os, sys
+from pathlib import Path
+import ray
+from artloop.tools.diffusion import GenParams
+from artloop.tools.images import ImageStore
+from artloop.tools.ray_diffusion import RayDiffusion
+
+scratch_root, store = sys.argv[1:]
+env = {k: v for k, v in os.environ.items() if k.startswith(("ARTLOOP_", "HF_"))}
+ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+         runtime_env={"env_vars": {**env, "TMPDIR": scratch_root}}, log_to_driver=False)
+remote = RayDiffusion("tiny-sd", ImageStore(store), workers=1)
+remote.text_to_image("a red fox", "", GenParams(width=64, height=64, num_inference_steps=1))
+print(len(list(Path(scratch_root).glob("artloop-worker-*/**/*.png"))))
+"""  # then it exits without close(), as `artloop batch --ray-address` does
+
+
+def test_a_driver_that_exits_leaves_no_scratch(tmp_path):
+    """A separate driver process (its own local Ray): the actor's scratch, made under the TMPDIR
+    its runtime_env sets, is gone once the driver has exited."""
+    scratch_root = tmp_path / "worker-tmp"
+    scratch_root.mkdir()
+    run = subprocess.run([sys.executable, "-c", DRIVER, str(scratch_root), str(tmp_path / "img")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == "1"  # the worker held its image while the driver ran
+    assert list(scratch_root.glob("artloop-worker-*")) == []  # (torch may leave its own dirs)

@@ -57,3 +57,18 @@ def test_a_server_that_dies_at_start_shows_its_log(tmp_path):
     server = VLMServer(ServeConfig(model=str(tmp_path), vllm=str(exe), port=1), tmp_path / "log")
     with pytest.raises(ServerError, match=r"(?s)exited with status 3.*loading model.*libcudart"):
         server.start()
+
+
+def test_a_server_object_leaves_no_descriptor_open(fake_exe):
+    """Its temporary log file is created closed: a launcher that makes many leaks nothing."""
+    import os
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    servers = [VLMServer(ServeConfig(vllm=fake_exe)) for _ in range(20)]
+    assert open_fds() == before
+    assert len({s.log_path for s in servers}) == 20 and all(s.log_path.exists() for s in servers)
+    for s in servers:
+        s.log_path.unlink()

@@ -4,10 +4,14 @@
 Images travel as PNG bytes: an input image is read from the driver's store and sent; the result
 comes back and is stored by the driver under its content hash, so workers need no shared disk.
 Each worker is a threaded actor: concurrent calls from sessions meet in its own batcher.
+Each keeps its images in a scratch directory, removed when RayDiffusion is closed (explicitly,
+as a context manager, or when the driver exits) and when the actor's process ends cleanly.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import tempfile
 import threading
@@ -23,7 +27,9 @@ class DiffusionWorker:
 
     def __init__(self, model: str, family: str, device: str, dtype: str, window_ms: float,
                  max_batch: int) -> None:  # fmt: skip
-        self.store = ImageStore(tempfile.mkdtemp(prefix="artloop-worker-"))
+        # Removed by close(), else when this object is collected or the process exits cleanly.
+        self.scratch = tempfile.TemporaryDirectory(prefix="artloop-worker-")
+        self.store = ImageStore(self.scratch.name)
         self.tool = DiffusionTool(model, store=self.store, family=family, device=device,
                                   dtype=dtype, batch_window_ms=window_ms, max_batch=max_batch)  # fmt: skip
 
@@ -36,6 +42,13 @@ class DiffusionWorker:
 
     def batch_sizes(self) -> list[int]:
         return self.tool.batch_sizes
+
+    def scratch_dir(self) -> str:
+        return self.scratch.name
+
+    def close(self) -> None:
+        """Remove the scratch store (the actor is ended next)."""
+        self.scratch.cleanup()
 
 
 class RayDiffusion:
@@ -55,6 +68,27 @@ class RayDiffusion:
                          for _ in range(workers)]  # fmt: skip
         self._turn = itertools.count()
         self._lock = threading.Lock()
+        # Registered after `import ray` registered ray.shutdown, so it runs first: Ray is up.
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Remove the workers' scratch stores and end the actors; calls after this fail."""
+        import ray
+
+        atexit.unregister(self.close)
+        workers, self._workers = self._workers, []
+        if not (workers and ray.is_initialized()):
+            return
+        for worker, done in [(w, w.close.remote()) for w in workers]:
+            with contextlib.suppress(ray.exceptions.RayError):  # a dead actor removes nothing
+                ray.get(done, timeout=60)
+            ray.kill(worker)
+
+    def __enter__(self) -> RayDiffusion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # What the loop reads without generating: from a local tool that never loads weights.
     @property
@@ -69,6 +103,8 @@ class RayDiffusion:
         import ray
 
         with self._lock:
+            if not self._workers:
+                raise DiffusionError("this RayDiffusion is closed (its workers were ended)")
             worker = self._workers[next(self._turn) % len(self._workers)]
         data = self.store.path(image).read_bytes() if image is not None else None
         with timed("diffusion"):
