@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import sys
+import traceback
+from contextvars import ContextVar
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,10 +17,35 @@ from artloop.graphs.batch_cli import batch_command
 from artloop.graphs.cli import session_app
 from artloop.trainers.cli import eval_command, train_app
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
+
+_debug: ContextVar[bool] = ContextVar("artloop_debug", default=False)
+
+
+class _Commands(TyperGroup):
+    """The root command: an error that escapes a command is still one line (a StoreError is bad
+    input, exit 2; anything else exit 1); `--debug` (ARTLOOP_DEBUG=1) shows its traceback too."""
+
+    def invoke(self, ctx):
+        token = _debug.set(bool(ctx.params.get("debug")))
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except Exception as e:
+            from artloop.tools.store import StoreError
+
+            if isinstance(e, StoreError):
+                fail(str(e))
+            fail(f"{type(e).__name__}: {' '.join(str(e).split())} (--debug shows where)", code=1)
+        finally:
+            _debug.reset(token)
+
 
 app = typer.Typer(help="Improve text-to-image models with AI feedback.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)  # fmt: skip
+                  pretty_exceptions_enable=False, cls=_Commands)  # fmt: skip
 serve_app = typer.Typer(help="Servers: the vLLM server for the agents' VLM.", no_args_is_help=True)
 models_app = typer.Typer(
     help="The tiny offline models (the embedded default).", no_args_is_help=True
@@ -31,8 +58,19 @@ app.command("batch")(batch_command)
 app.command("eval")(eval_command)
 err = Console(stderr=True, highlight=False)
 
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar="ARTLOOP_DEBUG", help="Show an error's traceback")
+    ] = False,
+) -> None:
+    pass  # read by _Commands.invoke
+
+
+# A string, not a Path: Path("") is ".", and an empty --home must be refused, not used.
 HomeOpt = Annotated[
-    Path | None,
+    str | None,
     typer.Option("--home", help="Home directory (env ARTLOOP_HOME; default ~/.artloop)"),
 ]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file")]
@@ -41,9 +79,18 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines
 
 
 def fail(message: str, code: int = 2) -> None:
-    """One clear line on stderr and a non-zero exit."""
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    """One clear line on stderr and a non-zero exit (after the traceback, with --debug)."""
+    if _debug.get() and sys.exc_info()[1] is not None:
+        traceback.print_exc()
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: control and other invisible characters (ANSI
+    escapes, bidi overrides) as Python escapes, rich markup escaped."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return escape(shown)
 
 
 def quiet_libraries() -> None:
@@ -57,12 +104,14 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def _config(config: Path | None, overrides: dict[str, Any]):
+def _config(config: Path | None, overrides: dict[str, Any], *, create_home: bool = True):
+    """The config; the home is created unless `create_home` is False (the read-only commands)."""
     from artloop.config import ConfigError, ensure_home, load_config
 
     try:
         cfg = load_config(config, overrides)
-        ensure_home(cfg.home)
+        if create_home:
+            ensure_home(cfg.home)
     except ConfigError as e:
         fail(str(e))
     return cfg
@@ -232,10 +281,16 @@ def resume(
     _execute(cfg, prompt=None, run_id=run_id, as_json=as_json, quiet=quiet)
 
 
-def _store(home: Path | None, config: Path | None):
+def _store(home: str | None, config: Path | None):
+    """The store of an existing home, for the commands that only read it: a mistyped --home is
+    an error, not a new empty home."""
     from artloop.graphs.context import open_store
+    from artloop.tools.store import StoreError
 
-    return open_store(_config(config, {"home": home}))
+    try:
+        return open_store(_config(config, {"home": home}, create_home=False), create=False)
+    except StoreError as e:
+        fail(str(e))
 
 
 @app.command()
@@ -253,25 +308,25 @@ def show(
     if as_json:
         print(json.dumps(run, indent=2))
         return
-    out = Console(highlight=False)
-    out.print(
-        f"[bold]{run['run_id']}[/]  {run['status']}  best {run['best_score']}  {run['prompt']!r}"
-    )
-    out.print(f"models: {json.dumps(run['models'])}")
+    out = Console(highlight=False)  # prompts and model output go through printable()
+    out.print(f"[bold]{run['run_id']}[/]  {run['status']}  best {run['best_score']}  "
+              f"{printable(repr(run['prompt']))}")  # fmt: skip
+    out.print(f"models: {printable(json.dumps(run['models']))}")
     for step in run["steps"]:
         out.print(f"\n[bold]iteration {step['iteration'] + 1}[/]: {step.get('verdict')} "
                   f"score {step.get('score')}  seed {step['params']['seed']}")  # fmt: skip
-        out.print(f"  prompt: {step['prompt']}")
+        out.print(f"  prompt: {printable(step['prompt'])}")
         out.print(f"  image {step['image']}  ->  edited {step.get('edited_image')}")
         for name, answer in step.get("agents", {}).items():
-            out.print(f"  {name}: {json.dumps(answer, ensure_ascii=False)}", soft_wrap=True)
+            shown = printable(json.dumps(answer, ensure_ascii=False))
+            out.print(f"  {name}: {shown}", soft_wrap=True)
         out.print(f"  timings: {json.dumps({k: round(v, 3) for k, v in step['timings'].items()})}")
         t = spent(step)
         out.print(f"  time spent: diffusion {t['diffusion']:.2f}s, VLM {t['vlm']:.2f}s, waiting "
                   f"{t['wait']:.2f}s, framework {t['framework']:.2f}s")  # fmt: skip
         out.print(f"  parse failures: {json.dumps(step.get('parse_failures', {}))}")
     if run.get("error"):
-        out.print(f"\nerror: {run['error']}")
+        out.print(f"\nerror: {printable(run['error'])}")
 
 
 @app.command()
@@ -291,7 +346,9 @@ def export(
     tag: Annotated[
         list[str] | None, typer.Option("--tag", help="Only runs with this tag (repeat: all)")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT_DIR")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier artloop export in OUT_DIR (nothing else)")
+    ] = False,
     home: HomeOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -320,7 +377,8 @@ def list_runs(home: HomeOpt = None, config: ConfigOpt = None, limit: int = 20) -
     table = Table("run", "status", "iterations", "best", "prompt")
     for r in _store(home, config).list_runs(limit):
         best = "" if r["best_score"] is None else f"{r['best_score']:.2f}"
-        table.add_row(r["run_id"], r["status"], str(r["iterations"]), best, r["prompt"][:60])
+        table.add_row(r["run_id"], r["status"], str(r["iterations"]), best,
+                      printable(r["prompt"][:60]))  # fmt: skip
     Console().print(table)
 
 

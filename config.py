@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -149,6 +150,14 @@ class ArtloopConfig(BaseSettings):
     checkpointer: SecretStr | None = Field(None, description="Where sessions' checkpoints live: "
                                            "unset = SQLite in the home; a postgresql:// URL for "
                                            "a shared server (env ARTLOOP_CHECKPOINTER)")  # fmt: skip
+
+    @field_validator("home", mode="before")
+    @classmethod
+    def _home_named(cls, value: Any) -> Any:
+        """An empty home would be the working directory: refused. `~` is expanded."""
+        if isinstance(value, str | Path) and not str(value).strip():
+            raise PydanticCustomError("home_empty", "is empty; name a directory")
+        return Path(value).expanduser() if isinstance(value, str | Path) else value
 
     @classmethod
     def settings_customise_sources(

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-HomeOpt = Annotated[Path | None, typer.Option("--home", help="Home directory")]
+# A string, not a Path: Path("") is ".", and an empty --home must be refused, not used.
+HomeOpt = Annotated[str | None, typer.Option("--home", help="Home directory")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file")]
 
 
@@ -32,6 +37,23 @@ def _on_ray(ctx, cfg, address: str, workers: int, gpus: float):
                              family=d.family, device=d.device, dtype=d.dtype,
                              batch_window_ms=d.batch_window_ms, max_batch=d.max_batch)  # fmt: skip
     return replace(ctx, diffusion=diffusion)
+
+
+@contextmanager
+def _ctrl_c_stops(stop: threading.Event) -> Iterator[None]:
+    """The first Ctrl-C sets `stop`: no session starts, the running ones stop at their next
+    checkpoint and the batch reports. A second one ends the process at once (as a kill would:
+    every write is atomic, so nothing stored is lost)."""
+
+    def first(signum, frame) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def batch_command(
@@ -110,16 +132,27 @@ def batch_command(
     with Progress(*columns, console=err) as bar:
         task = bar.add_task("batch", total=len(items), stats="")
 
+        stop = threading.Event()
+
         def show(r) -> None:
             rate = r.done / r.seconds * 60 if r.seconds else 0.0
-            bar.update(task, completed=r.done + r.failed + r.skipped,
+            stopping = " stopping (Ctrl-C)" if stop.is_set() else ""
+            bar.update(task, completed=r.done + r.failed + r.skipped + r.interrupted,
                        stats=f"accepted {r.accepted} failed {r.failed} skipped {r.skipped} "
-                             f"{rate:.1f}/min")  # fmt: skip
+                             f"{rate:.1f}/min{stopping}")  # fmt: skip
 
-        result = asyncio.run(run_batch(ctx, items, name=name or prompts_file.stem,
-                                       concurrency=concurrency, config=cfg.public_dict(),
-                                       on_progress=show, chats=chats or None))  # fmt: skip
+        with _ctrl_c_stops(stop):
+            result = asyncio.run(run_batch(ctx, items, name=name or prompts_file.stem,
+                                           concurrency=concurrency, config=cfg.public_dict(),
+                                           on_progress=show, chats=chats or None,
+                                           stop=stop))  # fmt: skip
     print(json.dumps(batch_summary(result)))
+    if stop.is_set():
+        err.print(f"interrupted: {result.interrupted} session(s) stopped at a checkpoint, "
+                  f"{result.not_started} not started; run the same command again to "
+                  f"continue", soft_wrap=True)  # fmt: skip
     if result.failed:
         err.print(f"{result.failed} session(s) failed (stored with their errors); "
                   f"run the same command again to retry them")  # fmt: skip
+    if stop.is_set():
+        raise typer.Exit(130)

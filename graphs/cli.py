@@ -16,7 +16,8 @@ session_app = typer.Typer(help="Interactive sessions: a person reviews the agent
                           no_args_is_help=True)  # fmt: skip
 out = Console(stderr=True, highlight=False)  # stdout carries only the JSON results
 
-HomeOpt = Annotated[Path | None, typer.Option("--home", help="Home directory")]
+# A string, not a Path: Path("") is ".", and an empty --home must be refused, not used.
+HomeOpt = Annotated[str | None, typer.Option("--home", help="Home directory")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file")]
 PauseOpt = Annotated[
     list[str] | None,
@@ -149,11 +150,10 @@ def resume(
              ask=ask_in_terminal if wait else None)  # fmt: skip
 
 
-def _store(home: Path | None, config: Path | None):
-    from artloop.cli import _config
-    from artloop.graphs.context import open_store
+def _store(home: str | None, config: Path | None):
+    from artloop.cli import _store as existing_store
 
-    return open_store(_config(config, {"home": home}))
+    return existing_store(home, config)  # nothing is created: a mistyped --home is an error
 
 
 def _or_fail(fn, *args):

@@ -71,10 +71,11 @@ def build_context(config: ArtloopConfig) -> RefineContext:
     )  # fmt: skip
 
 
-def open_store(config: ArtloopConfig) -> TrajectoryStore:
-    """The configured store (its home, and where the sessions' checkpoints live)."""
+def open_store(config: ArtloopConfig, *, create: bool = True) -> TrajectoryStore:
+    """The configured store (its home, and where the sessions' checkpoints live); with
+    `create=False` an existing one only (see TrajectoryStore)."""
     url = config.checkpointer.get_secret_value() if config.checkpointer else None
-    return TrajectoryStore(config.home, checkpointer=url)
+    return TrajectoryStore(config.home, checkpointer=url, create=create)
 
 
 @cache

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from artloop.config import MAX_PROMPT_CHARS
 from artloop.graphs.batch import BatchError, item_run_id, read_prompts, run_batch
 from artloop.tools.accounting import add_up
 from artloop.tools.diffusion import GenParams
@@ -55,7 +56,7 @@ def test_batched_images_equal_unbatched(store, sd_tool):
 
 
 def test_prompts_file(tmp_path):
-    f = tmp_path / "p.jsonl"
+    f = tmp_path / "p.txt"  # a text file: a line is a prompt, or a JSON object
     f.write_text('a red fox\n\n{"prompt": "a lighthouse", "seed": 7, "tags": ["sea"]}\n')
     items = read_prompts(f)
     assert [(i.prompt, i.seed, i.tags) for i in items] == [("a red fox", None, []),
@@ -66,11 +67,60 @@ def test_prompts_file(tmp_path):
         != item_run_id("b", 1, items[0])
     )
     f.write_text('a fox\n{"prompt": "x", "seed": -1}\n')
-    with pytest.raises(BatchError, match=r"p.jsonl:2: seed"):
+    with pytest.raises(BatchError, match=r"p.txt:2: seed"):
         read_prompts(f)
     f.write_text('{"prompt": "x", "colour": 1}\n')
-    with pytest.raises(BatchError, match="p.jsonl:1: colour"):
+    with pytest.raises(BatchError, match="p.txt:1: colour"):
         read_prompts(f)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"prompt": "a fox"}\nan owl\n', "p.jsonl:2: not JSON (Expecting value at column 1); each "
+                                       "line of a .jsonl file is one JSON object"),
+    ('{"prompt": "a fox"}\n["an owl"]\n', "p.jsonl:2: an array, not a JSON object with a prompt"),
+    ('"an owl"\n', "p.jsonl:1: a string, not a JSON object with a prompt"),
+    ('{"prompt": "a fox"}\n{"prompt": "  "}\n', "p.jsonl:2: prompt: is empty"),
+    ('{"prompt": 7}\n', "p.jsonl:1: prompt: Input should be a valid string"),
+    ('{"prompt": "%s"}\n' % ("x" * (MAX_PROMPT_CHARS + 1)),
+     f"p.jsonl:1: prompt: is {MAX_PROMPT_CHARS + 1} characters; the limit is {MAX_PROMPT_CHARS}"),
+])  # fmt: skip
+def test_jsonl_lines_are_json_objects(tmp_path, text, message):
+    f = tmp_path / "p.jsonl"
+    f.write_text(text)
+    with pytest.raises(BatchError) as caught:
+        read_prompts(f)
+    assert str(caught.value) == f"{f}:{message.partition(':')[2]}"
+
+
+def test_prompts_file_encodings_and_limits(tmp_path):
+    f = tmp_path / "p.jsonl"  # a byte-order mark (Windows editors) is not part of the prompt
+    f.write_bytes(b'\xef\xbb\xbf{"prompt": "a fox", "seed": 3}\r\n{"prompt": "an owl"}\r\n')
+    assert [(i.prompt, i.seed) for i in read_prompts(f)] == [("a fox", 3), ("an owl", None)]
+    f.write_text(json.dumps({"prompt": "a fox\u2028in the snow"}, ensure_ascii=False))
+    assert [i.prompt for i in read_prompts(f)] == ["a fox\u2028in the snow"]  # one line
+    t = tmp_path / "p.txt"  # the limit `artloop run` has, for plain lines too
+    t.write_text("\ufeff" + "x" * MAX_PROMPT_CHARS + "\n" + "y" * (MAX_PROMPT_CHARS + 1) + "\n")
+    with pytest.raises(BatchError, match=f"p.txt:2: prompt: is {MAX_PROMPT_CHARS + 1} characters"):
+        read_prompts(t)
+    t.write_text("\ufeff" + "x" * MAX_PROMPT_CHARS + "\n")
+    assert [len(i.prompt) for i in read_prompts(t)] == [MAX_PROMPT_CHARS]
+
+
+def test_cli_checks_every_line_before_any_session(tmp_path):
+    """A bad line anywhere: exit 2 naming file:line, and no session ran (nothing stored)."""
+    from artloop.cli import app
+    from typer.testing import CliRunner
+
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"prompt": "a fox"}\n{"prompt": "an owl"}\n' + "x" * 2500 + "\n")
+    home = tmp_path / "home"
+    TrajectoryStore(home)
+    result = CliRunner().invoke(app, ["batch", str(f), "--home", str(home)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: {f}:3: not JSON (Expecting value at column 1); each line of a "
+                     ".jsonl file is one JSON object"], result.stderr  # fmt: skip
+    assert TrajectoryStore(home).list_runs() == []
 
 
 def test_concurrent_resumable_and_failures_isolated(store, batching, tmp_path):
@@ -154,3 +204,49 @@ def test_batcher_takes_everything_that_queued_while_it_was_busy():
         t.join()
     assert results == {i: 2 * i for i in range(7)}
     assert list(batcher.sizes) == [1, 4, 2]  # max_batch splits the six that waited
+
+
+def test_ctrl_c_stops_the_batch_and_its_summary_agrees_with_the_store(tmp_path):
+    """SIGINT to a real `artloop batch` mid-run: no more sessions start, the running ones stop at
+    a checkpoint (`interrupted`), and the summary it prints counts what the store holds; running
+    the command again finishes every session exactly once."""
+    import signal
+    import time
+
+    from artloop.tools.store import FINAL_STATUSES
+
+    config = tmp_path / "artloop.toml"
+    config.write_text(
+        f'home = "{tmp_path / "home"}"\n'
+        '[chat]\nbackend = "custom"\ncustom_class = "artloop.models.scripted:ScriptedChat"\n'
+        "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 2\n"
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a red fox, take {i}\n" for i in range(8)))
+    batch = [str(Path(sys.executable).with_name("artloop")), "batch", str(prompts),
+             "--concurrency", "2", "--config", str(config)]  # fmt: skip
+    proc = subprocess.Popen(batch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    store, deadline = TrajectoryStore(tmp_path / "home"), time.monotonic() + 300
+    while not any(r["status"] in FINAL_STATUSES for r in store.list_runs(limit=-1)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    time.sleep(0.3)  # the next sessions are mid-way
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    summary = json.loads(out)
+    statuses = [r["status"] for r in store.list_runs(limit=-1)]
+    assert summary["done"] == sum(s in FINAL_STATUSES for s in statuses) >= 1
+    assert summary["interrupted"] == statuses.count("interrupted") >= 1
+    assert summary["failed"] == statuses.count("failed") == 0
+    assert len(statuses) == summary["done"] + summary["interrupted"]  # nothing else was begun
+    assert summary["not_started"] == 8 - len(statuses) > 0
+    assert "Traceback" not in err and f"interrupted: {summary['interrupted']} session(s)" in err
+
+    again = subprocess.run(batch, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    rerun = json.loads(again.stdout)
+    assert (rerun["skipped"], rerun["done"]) == (summary["done"], 8 - summary["done"])
+    runs = store.list_runs(limit=-1)
+    assert len(runs) == 8 and all(r["status"] in FINAL_STATUSES for r in runs)

@@ -244,7 +244,7 @@ def test_a_failure_half_way_leaves_nothing(runs, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(export_mod, "_write_parquet", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match="cannot write the export to .*sft: disk full"):
         export_dataset(store, tmp_path / "sft", "sft")
     assert list(tmp_path.iterdir()) == []  # no OUT, no temporary directory
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from artloop.tools.export import step_images
-from artloop.tools.store import FINAL_STATUSES, TrajectoryStore
+from artloop.tools.export import provenance, step_images
+from artloop.tools.store import FINAL_STATUSES, StoreError, TrajectoryStore
 
 INCOMPLETE = ("running", "paused", "interrupted", "failed")
 
@@ -106,9 +105,13 @@ def check_store(store: TrajectoryStore, *, clean: bool = False) -> Report:
     if report.errors:  # a broken database cannot be read run by run
         return report
     hashes = _Hashes(report)
-    for summary in store.list_runs(limit=-1):  # SQLite: a negative LIMIT is no limit
-        report.count("runs")
-        _check_run(store.get_run(summary["run_id"]), hashes, store, report)
+    try:
+        for summary in store.list_runs(limit=-1):  # SQLite: a negative LIMIT is no limit
+            report.count("runs")
+            _check_run(store.get_run(summary["run_id"]), hashes, store, report)
+    except StoreError as e:  # damage the integrity check did not see
+        report.errors.append(str(e))
+        return report
     for tmp in store.images.root.glob("*/.*.tmp") if store.images.root.exists() else []:
         if clean:
             tmp.unlink(missing_ok=True)
@@ -118,35 +121,42 @@ def check_store(store: TrajectoryStore, *, clean: bool = False) -> Report:
     return report
 
 
-_PROVENANCE = re.compile(r"```json\n(.*?)\n```", re.S)
-
-
 def check_export(out: Path) -> Report:
     """Check an export: its card's row count matches its data, and raw images match their
     hashes. Exports are published by one rename, so a half-written one is never in place."""
     report = Report()
-    card = out / "README.md"
-    match = _PROVENANCE.search(card.read_text(encoding="utf-8")) if card.is_file() else None
-    if match is None:
+    if (card := provenance(out)) is None or "rows" not in card:
         report.errors.append(f"{out}: no dataset card with provenance (README.md)")
         return report
-    rows = json.loads(match.group(1))["rows"]
+    rows = card["rows"]
     parquet = sorted(out.glob("data/*.parquet"))
     if parquet:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        found = sum(pq.ParquetFile(p).metadata.num_rows for p in parquet)
-        table = "data/*.parquet"
+        found, table = 0, "data/*.parquet"
+        for path in parquet:
+            try:
+                found += pq.ParquetFile(path).metadata.num_rows
+            except (OSError, pa.ArrowException) as e:
+                report.errors.append(f"{path.name}: not a readable parquet file ({e})")
+                return report
     else:
         jsonl = [p for p in (out / "steps.jsonl", out / "prompts.jsonl") if p.is_file()]
         if not jsonl:
             report.errors.append(f"{out}: no data files (data/*.parquet, steps/prompts.jsonl)")
             return report
-        lines = jsonl[0].read_text(encoding="utf-8").splitlines()
+        text = jsonl[0].read_text(encoding="utf-8", errors="replace")
+        lines = [line for line in text.split("\n") if line]  # not splitlines(): U+2028 is text
         found, table = len(lines), jsonl[0].name
         hashes = _Hashes(report)
-        for line in lines if table == "steps.jsonl" else []:
-            for digest in step_images(json.loads(line)["step"]):
+        for number, line in enumerate(lines, 1) if table == "steps.jsonl" else []:
+            try:
+                digests = step_images(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                report.errors.append(f"{table}:{number}: not a step record")
+                continue
+            for digest in digests:
                 hashes.check(out / "images" / f"{digest}.png", digest, table)
     report.count("rows", found)
     if found != rows:

@@ -355,6 +355,41 @@ def _write_card(out: Path, result: ExportResult, runs: list[dict]) -> None:
     (out / "README.md").write_text("\n".join(front + body), encoding="utf-8")
 
 
+_PROVENANCE = re.compile(r"```json\n(.*?)\n```", re.S)
+
+
+def provenance(out: Path) -> dict[str, Any] | None:
+    """What the dataset card of the export in `out` records, or None: no card, or not one an
+    artloop export wrote."""
+    card = out / "README.md"
+    text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+    try:
+        found = json.loads(match.group(1)) if (match := _PROVENANCE.search(text)) else None
+    except json.JSONDecodeError:
+        return None
+    return found if isinstance(found, dict) and "artloop_version" in found else None
+
+
+# Every path an export writes (any format), relative to OUT.
+_EXPORT_FILES = re.compile(
+    r"README\.md|steps\.jsonl|prompts\.(jsonl|txt)|data(/train-\d{5}-of-\d{5}\.parquet)?"
+    r"|images(/[0-9a-f]{64}\.png)?|imagefolder(/train(/([0-9a-f]{16}\.png|metadata\.jsonl))?)?"
+)
+
+
+def _replaceable(out: Path) -> None:
+    """--overwrite replaces only an earlier export: its card, and nothing an export does not
+    write (a user's file in it, or an unrelated directory, is refused, naming why)."""
+    if provenance(out) is None:
+        raise ExportError(f"{out} is not an earlier artloop export (no artloop dataset card "
+                          "README.md); not replacing it")  # fmt: skip
+    for path in sorted(out.rglob("*")):
+        name = path.relative_to(out).as_posix()
+        if path.is_symlink() or not _EXPORT_FILES.fullmatch(name):
+            raise ExportError(f"{out} holds {name}, which no artloop export writes; "
+                              "not replacing it")  # fmt: skip
+
+
 # --- the export -------------------------------------------------------------------------------
 def _target(store: TrajectoryStore, out_dir: Path, overwrite: bool) -> Path:
     out, home = Path(out_dir).expanduser().resolve(), store.home.expanduser().resolve()
@@ -364,8 +399,12 @@ def _target(store: TrajectoryStore, out_dir: Path, overwrite: bool) -> Path:
         raise ExportError(f"{out} contains the artloop home {home}; export somewhere else")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if blocker := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+        raise ExportError(f"cannot export to {out}: {blocker} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        _replaceable(out)
     return out
 
 
@@ -401,9 +440,12 @@ def export_dataset(
     runs, considered = select_runs(store, filters)
     if not runs:
         raise ExportError(f"no runs match: {filters.describe()} ({considered} run(s) in store)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.export-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()  # beside OUT (one filesystem, so the final rename is atomic), umask applies
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # beside OUT (one filesystem, so the final rename is atomic), umask applies
+    except OSError as e:
+        raise ExportError(f"cannot write to {out.parent}: {e.strerror or e}") from e
     try:
         rows = WRITERS[fmt](store, runs, tmp)
         if rows == 0:
@@ -413,7 +455,9 @@ def export_dataset(
                               runs_kept=len(runs), filters=filters.as_dict())  # fmt: skip
         _write_card(tmp, result, runs)
         _publish(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # e.g. the disk filled up: nothing was published
+            raise ExportError(f"cannot write the export to {out}: {e.strerror or e}") from e
         raise
     return result

@@ -48,7 +48,12 @@ FINAL_STATUSES = ("accepted", "max_iters", "plateau")
 
 
 class StoreError(ValueError):
-    """A run is unknown or a run id is malformed."""
+    """A run is unknown, a run id is malformed, or the store is missing or unreadable."""
+
+
+def _damaged(e: sqlite3.DatabaseError) -> bool:
+    """SQLite says the file is not a database, or a page of it is corrupt."""
+    return getattr(e, "sqlite_errorname", "").startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT"))
 
 
 def new_run_id() -> str:
@@ -65,13 +70,22 @@ def check_run_id(run_id: str) -> str:
 class TrajectoryStore:
     """`home/artloop.sqlite` for trajectories, `home/images/` for the images they reference.
     `checkpointer` names where the sessions' LangGraph checkpoints live (None: SQLite in the
-    home; or a postgresql:// URL): see graphs/runner.py."""
+    home; or a postgresql:// URL): see graphs/runner.py. With `create=False` (the read-only
+    commands) nothing is created or touched: a home without a store is a StoreError."""
 
-    def __init__(self, home: str | Path, checkpointer: str | None = None) -> None:
+    def __init__(
+        self, home: str | Path, checkpointer: str | None = None, *, create: bool = True
+    ) -> None:
         self.home = Path(home)
         self.checkpointer = checkpointer
         self.db_path = self.home / "artloop.sqlite"
         self.images = ImageStore(self.home / "images")
+        if not create:
+            if not self.home.is_dir():
+                raise StoreError(f"no artloop home at {self.home} (check --home / ARTLOOP_HOME)")
+            if not self.db_path.is_file():
+                raise StoreError(f"{self.home} holds no artloop store (no {self.db_path.name})")
+            return
         self.home.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
@@ -82,10 +96,15 @@ class TrajectoryStore:
         # A short-lived connection per operation: safe from any thread, nothing held open.
         db = sqlite3.connect(self.db_path, timeout=30.0)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA foreign_keys=ON")
         try:
+            db.execute("PRAGMA foreign_keys=ON")
             with db:  # one transaction: committed on success, rolled back on error
                 yield db
+        except sqlite3.DatabaseError as e:
+            if not _damaged(e):
+                raise
+            raise StoreError(f"{self.db_path} is not a readable SQLite database ({e}); "
+                             "`artloop doctor` checks the store") from e  # fmt: skip
         finally:
             db.close()
 
