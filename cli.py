@@ -178,7 +178,7 @@ def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quie
     from artloop.config import ConfigError
     from artloop.graphs.context import build_context
     from artloop.graphs.human import HumanActionError
-    from artloop.graphs.runner import run_session
+    from artloop.graphs.runner import CheckpointerError, open_checkpointer, run_session
     from artloop.models.chat import check_chat_model
     from artloop.models.structured import ChatServerError, StructuredOutputError
     from artloop.tools.diffusion import DiffusionError
@@ -197,16 +197,19 @@ def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quie
     run_id = run_id or new_run_id()
     progress = None if quiet else _progress
     try:
-        summary = run_session(ctx, prompt=prompt, run_id=run_id, config=cfg.public_dict(),
-                              on_update=progress, pause_at=pause_at, answer=answer)  # fmt: skip
-        while summary.status == "paused" and ask is not None:
-            reply = ask(summary.pause, ctx.store)
-            if reply is QUIT:
-                break
-            try:
-                summary = run_session(ctx, run_id=run_id, on_update=progress, answer=reply)
-            except HumanActionError as e:  # the session stays paused: ask again
-                err.print(f"[bold red]error:[/] {e}")
+        with open_checkpointer(ctx.store):  # this command's one saver, closed when it ends
+            summary = run_session(ctx, prompt=prompt, run_id=run_id, config=cfg.public_dict(),
+                                  on_update=progress, pause_at=pause_at, answer=answer)  # fmt: skip
+            while summary.status == "paused" and ask is not None:
+                reply = ask(summary.pause, ctx.store)
+                if reply is QUIT:
+                    break
+                try:
+                    summary = run_session(ctx, run_id=run_id, on_update=progress, answer=reply)
+                except HumanActionError as e:  # the session stays paused: ask again
+                    err.print(f"[bold red]error:[/] {e}")
+    except CheckpointerError as e:  # it could not be opened: nothing was stored or changed
+        fail(str(e))
     except HumanActionError as e:
         fail(str(e))
     except (StructuredOutputError, ChatServerError, DiffusionError) as e:

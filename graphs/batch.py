@@ -25,7 +25,7 @@ from typing import Any
 from artloop.config import ConfigError, validate_prompt
 from artloop.graphs.context import RefineContext
 from artloop.graphs.refine import NODES
-from artloop.graphs.runner import OnUpdate, run_session
+from artloop.graphs.runner import OnUpdate, open_checkpointer, run_session
 from artloop.graphs.sessions import view
 from artloop.tools.store import FINAL_STATUSES, StoreError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -223,7 +223,11 @@ async def run_batch(ctx: RefineContext, items: list[BatchItem], *, name: str, co
             result.accepted += status == "accepted"
         report()
 
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="session") as pool:
+    # The batch's one checkpointer, shared by its sessions and closed when the batch ends.
+    with (
+        open_checkpointer(ctx.store),
+        ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="session") as pool,
+    ):
         await asyncio.gather(*(one(pool, i, item) for i, item in enumerate(items)))
     report()
     return result

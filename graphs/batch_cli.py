@@ -99,6 +99,7 @@ def batch_command(
     from artloop.config import ConfigError
     from artloop.graphs.batch import BatchError, batch_summary, read_prompts, run_batch
     from artloop.graphs.context import build_context
+    from artloop.graphs.runner import CheckpointerError
     from artloop.models.chat import build_chat_model, check_chat_model
     from artloop.tools.diffusion import DiffusionError
     from rich.progress import (
@@ -141,11 +142,14 @@ def batch_command(
                        stats=f"accepted {r.accepted} failed {r.failed} skipped {r.skipped} "
                              f"{rate:.1f}/min{stopping}")  # fmt: skip
 
-        with _ctrl_c_stops(stop):
-            result = asyncio.run(run_batch(ctx, items, name=name or prompts_file.stem,
-                                           concurrency=concurrency, config=cfg.public_dict(),
-                                           on_progress=show, chats=chats or None,
-                                           stop=stop))  # fmt: skip
+        try:
+            with _ctrl_c_stops(stop):
+                result = asyncio.run(run_batch(ctx, items, name=name or prompts_file.stem,
+                                               concurrency=concurrency, config=cfg.public_dict(),
+                                               on_progress=show, chats=chats or None,
+                                               stop=stop))  # fmt: skip
+        except CheckpointerError as e:  # it could not be opened: no session started
+            fail(str(e))
     print(json.dumps(batch_summary(result)))
     if stop.is_set():
         err.print(f"interrupted: {result.interrupted} session(s) stopped at a checkpoint, "

@@ -9,15 +9,15 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from artloop.graphs.context import RefineContext
 from artloop.graphs.human import check_action, check_pause_at
 from artloop.graphs.refine import builder
 from artloop.prompts import PROMPTS_VERSION
+from artloop.tools.leases import RunBusyError, hold_run
 from artloop.tools.store import TrajectoryStore, check_run_id, new_run_id
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
@@ -39,65 +39,102 @@ class RunSummary:
 
 
 class CheckpointerError(RuntimeError):
-    """The checkpointer cannot be reached; the message names it (password masked)."""
+    """The checkpointer cannot be opened; the message names it (password masked) and why."""
+
+
+@dataclass
+class _Open:
+    """A saver open for one store, and the graphs compiled with it (dropped when it closes)."""
+
+    saver: BaseCheckpointSaver
+    users: int = 0
+    graphs: dict[tuple[str, ...], Any] = field(default_factory=dict)
+
+
+_OPEN: dict[TrajectoryStore, _Open] = {}
+_LOCK = threading.Lock()
 
 
 @contextmanager
 def open_checkpointer(store: TrajectoryStore) -> Iterator[BaseCheckpointSaver]:
     """The sessions' checkpointer: SQLite in the store's home, or the Postgres database its
-    `checkpointer` URL names (a shared server: several UIs or runners see the same sessions)."""
+    `checkpointer` URL names (a shared server: several UIs or runners see the same sessions).
+
+    The outermost `with` on a store opens the saver and closes it on exit; uses inside it (any
+    thread) share that saver. So a process that opens it first (a CLI command, the UI, a
+    batch) owns one saver for its lifetime, and a library call alone opens and closes its own.
+    """
+    with _LOCK:
+        if (held := _OPEN.get(store)) is None:
+            held = _OPEN[store] = _Open(_open_saver(store))
+        held.users += 1
+    try:
+        yield held.saver
+    finally:
+        with _LOCK:
+            held.users -= 1
+            if held.users == 0:
+                del _OPEN[store]
+                _close_saver(held.saver)
+
+
+def _open_saver(store: TrajectoryStore) -> BaseCheckpointSaver:
+    """Only opening is reported as the checkpointer's failure: an error from a session's own
+    work while the saver is open is that session's."""
     if store.checkpointer:
-        yield from _postgres(store.checkpointer)
-        return
-    yield _sqlite(store.home / "checkpoints.sqlite")
+        return _postgres(store.checkpointer)
+    path = store.home / "checkpoints.sqlite"
+    try:
+        conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL: a killed process loses nothing committed; no fsync per checkpoint.
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.Error as e:
+        raise CheckpointerError(f"cannot use the checkpointer at {path}: {e}") from e
+    # One connection shared by the owner's sessions: the saver's lock orders their writes,
+    # instead of a connection each contending for SQLite's file lock (whose busy handler sleeps).
+    return SqliteSaver(conn)
 
 
-_SQLITE: dict[Path, SqliteSaver] = {}
-_SQLITE_LOCK = threading.Lock()
+def _close_saver(saver: BaseCheckpointSaver) -> None:
+    # SQLite's connection (the last one folds the WAL back into the file) or Postgres's pool.
+    saver.conn.close()  # type: ignore[attr-defined]
 
 
-def _sqlite(path: Path) -> SqliteSaver:
-    """One saver (one connection) per database and process, shared by concurrent sessions: its
-    lock orders their writes, instead of a connection each contending for SQLite's file lock
-    (whose busy handler sleeps). Also lets the compiled graph be kept per saver."""
-    with _SQLITE_LOCK:
-        if (saver := _SQLITE.get(path)) is None:
-            conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: a killed process loses nothing committed; no fsync per checkpoint.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            saver = _SQLITE[path] = SqliteSaver(conn)
-        return saver
+def _postgres(url: str) -> BaseCheckpointSaver:
+    """A saver over a connection pool (reconnects after a server restart); its tables are
+    created or migrated once, here, not per session."""
+    import psycopg
+    from langgraph.checkpoint.postgres import PostgresSaver
+    from psycopg.rows import dict_row
+    from psycopg_pool import ConnectionPool
 
-
-_COMPILED: dict[tuple[int, tuple[str, ...]], Any] = {}
+    settings: dict[str, Any] = {"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row,
+                                "application_name": "artloop"}  # fmt: skip
+    try:  # a direct connection first: its error says why (the pool's would only time out)
+        with psycopg.connect(url, connect_timeout=10, **settings) as conn:
+            PostgresSaver(conn).setup()  # creates or migrates its tables
+    except psycopg.Error as e:
+        shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+        reason = str(e).strip() or type(e).__name__
+        raise CheckpointerError(f"cannot use the checkpointer at {shown}: {reason}") from e
+    pool = ConnectionPool(url, kwargs=settings, min_size=1, max_size=4, open=True,
+                          check=ConnectionPool.check_connection, name="artloop-checkpointer")  # fmt: skip
+    return PostgresSaver(pool)
 
 
 def compiled(saver: BaseCheckpointSaver, interrupt_before: tuple[str, ...] = ()) -> Any:
-    """The refine graph compiled with `saver`, once per saver (compiling inspects every node's
-    code: ~40 ms, as much as the rest of the framework's work in a session)."""
-    if not isinstance(saver, SqliteSaver):  # a Postgres saver is opened per use: not kept
-        return builder.compile(checkpointer=saver, interrupt_before=list(interrupt_before))
-    key = (id(saver), interrupt_before)
-    with _SQLITE_LOCK:
-        if key not in _COMPILED or _COMPILED[key].checkpointer is not saver:
-            _COMPILED[key] = builder.compile(
+    """The refine graph compiled with `saver`, once per open saver (compiling inspects every
+    node's code: ~40 ms, as much as the rest of the framework's work in a session)."""
+    with _LOCK:
+        held = next((h for h in _OPEN.values() if h.saver is saver), None)
+        if held is None:  # a saver the caller opened itself: not kept
+            return builder.compile(checkpointer=saver, interrupt_before=list(interrupt_before))
+        if interrupt_before not in held.graphs:
+            held.graphs[interrupt_before] = builder.compile(
                 checkpointer=saver, interrupt_before=list(interrupt_before)
             )
-        return _COMPILED[key]
-
-
-def _postgres(url: str) -> Iterator[BaseCheckpointSaver]:
-    import psycopg
-    from langgraph.checkpoint.postgres import PostgresSaver
-
-    try:
-        with PostgresSaver.from_conn_string(url) as saver:
-            saver.setup()  # creates or migrates its tables; a no-op when they are current
-            yield saver
-    except psycopg.OperationalError as e:
-        shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
-        raise CheckpointerError(f"cannot use the checkpointer at {shown}: {e}".strip()) from None
+        return held.graphs[interrupt_before]
 
 
 def pending_pause(snapshot: StateSnapshot) -> dict | None:
@@ -124,6 +161,7 @@ def run_session(
 
     A failing node (a dead server, invalid output after every retry) marks the run `failed`
     with the error and re-raises; resuming it later continues from the last checkpoint.
+    One session works on a run at a time: RunBusyError (naming the holder) for a second one.
     """
     resume = prompt is None
     if resume and run_id is None:
@@ -131,12 +169,16 @@ def run_session(
     run_id = check_run_id(run_id) if run_id else new_run_id()
     if not resume:
         check_pause_at(pause_at or [])
-        ctx.store.create_run(run_id, prompt, config or {}, ctx.models(), PROMPTS_VERSION)
-    else:
-        ctx.store.get_run(run_id)  # raises StoreError for an unknown run
     start = time.perf_counter()
     thread = {"configurable": {"thread_id": run_id}}
-    with open_checkpointer(ctx.store) as saver:
+    with ExitStack() as held:
+        saver = held.enter_context(open_checkpointer(ctx.store))  # failing: nothing is stored
+        if not resume:
+            ctx.store.create_run(run_id, prompt, config or {}, ctx.models(), PROMPTS_VERSION)
+        else:
+            ctx.store.get_run(run_id)  # raises StoreError for an unknown run
+        # A second session on this run is refused here, before it reads any state.
+        lease = held.enter_context(hold_run(ctx.store, run_id))
         graph = compiled(saver, tuple(interrupt_before or ()))
         # The `begin` node completes a new run's state from the context's settings.
         inputs: Any = None if resume else {"run_id": run_id, "prompt": prompt,
@@ -154,18 +196,21 @@ def run_session(
         try:
             ctx.store.finish_run(run_id, "running")
             for chunk in graph.stream(inputs, thread, context=ctx, stream_mode="updates"):
+                lease.check()  # taken over while this one stalled: the run is the other's now
                 for name, update in chunk.items():
                     if on_update is not None and isinstance(update, dict):
                         on_update(name, update)
+        except RunBusyError:
+            raise
         except BaseException as e:
             ctx.store.finish_run(run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
             raise
         state = graph.get_state(thread)
-    values, pause = state.values, pending_pause(state)
-    status = values.get("status") or "running"
-    if state.next:  # waiting for a person, or stopped by interrupt_before: not finished
-        status = "paused" if pause else "interrupted"
-        ctx.store.finish_run(run_id, status)
+        values, pause = state.values, pending_pause(state)
+        status = values.get("status") or "running"
+        if state.next:  # waiting for a person, or stopped by interrupt_before: not finished
+            status = "paused" if pause else "interrupted"
+            ctx.store.finish_run(run_id, status)
     return RunSummary(
         run_id=run_id, status=status, iterations=len(values.get("scores", [])),
         scores=values.get("scores", []), best_score=values.get("best_score"),

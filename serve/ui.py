@@ -25,7 +25,7 @@ from typing import Any
 import gradio as gr
 from artloop.graphs.context import RefineContext
 from artloop.graphs.human import HumanActionError
-from artloop.graphs.runner import run_session
+from artloop.graphs.runner import CheckpointerError, open_checkpointer, run_session
 from artloop.graphs.sessions import SessionView, view
 from artloop.tools.store import StoreError
 from PIL import Image, ImageDraw
@@ -353,7 +353,11 @@ def serve(ctx: RefineContext, host: str = "127.0.0.1", port: int = 7860,
                       f"(--token or ARTLOOP_UI_TOKEN)")  # fmt: skip
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # larger images are refused as decompression bombs
     auth = (lambda _user, password: secrets.compare_digest(password, token)) if token else None
-    build_app(ctx).launch(server_name=host, server_port=port, auth=auth,
-                          max_file_size=MAX_UPLOAD,
-                          allowed_paths=[str(ctx.store.images.root), str(ui_dir(ctx))],
-                          show_error=True, quiet=True)  # fmt: skip
+    try:
+        with open_checkpointer(ctx.store):  # the UI's one saver for all its sessions
+            build_app(ctx).launch(server_name=host, server_port=port, auth=auth,
+                                  max_file_size=MAX_UPLOAD,
+                                  allowed_paths=[str(ctx.store.images.root), str(ui_dir(ctx))],
+                                  show_error=True, quiet=True)  # fmt: skip
+    except CheckpointerError as e:  # raised only when it cannot be opened
+        raise UIError(str(e)) from e

@@ -9,7 +9,7 @@ from artloop.models.scripted import DEFAULTS, ScriptedChat
 from langchain_core.outputs import ChatResult
 from pydantic import PrivateAttr
 
-__all__ = ["DEFAULTS", "FaultProxy", "FlakyChat", "PoisonedChat", "ScriptedChat"]
+__all__ = ["DEFAULTS", "FaultProxy", "FlakyChat", "PoisonedChat", "ScriptedChat", "SlowChat"]
 
 
 class FlakyChat(ScriptedChat):
@@ -28,6 +28,19 @@ class FlakyChat(ScriptedChat):
             if self._failed >= self.failures:
                 os.remove(self.marker)
             raise ConnectionError("connection refused by the chat server")
+        return super()._generate(messages, stop, run_manager, **kw)
+
+
+class SlowChat(ScriptedChat):
+    """Takes `delay_s` over each answer: a slow server, so that two processes' sessions on one
+    run overlap for certain (for the CLI, which builds its chat model from config)."""
+
+    delay_s: float = 1.0
+
+    def _generate(self, messages, stop=None, run_manager=None, **kw) -> ChatResult:
+        import time
+
+        time.sleep(self.delay_s)
         return super()._generate(messages, stop, run_manager, **kw)
 
 

@@ -41,6 +41,14 @@ CREATE TABLE IF NOT EXISTS steps (
     created_at REAL NOT NULL,
     PRIMARY KEY (run_id, iteration)
 );
+CREATE TABLE IF NOT EXISTS leases (  -- the session working on a run now: see tools/leases.py
+    run_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,           -- that session's token
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    since REAL NOT NULL,
+    expires_at REAL NOT NULL       -- renewed while it works; lapses once its holder stops
+);
 """
 
 RUN_ID = re.compile(r"^[0-9a-f]{16}$")
