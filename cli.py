@@ -82,7 +82,9 @@ def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit (after the traceback, with --debug)."""
     if _debug.get() and sys.exc_info()[1] is not None:
         traceback.print_exc()
-    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    from artloop.config import mask_secrets  # a URL's password never reaches the terminal
+
+    err.print(f"[bold red]error:[/] {escape(mask_secrets(message))}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -432,6 +434,7 @@ def serve_vlm(
     config: ConfigOpt = None,
 ) -> None:
     """Run a vLLM server for the agents until Ctrl-C. Flags after `--` go to `vllm serve`."""
+    from artloop.config import mask_secrets, secret_values
     from artloop.serve.vlm import ServerError, VLMServer
 
     cfg = _config(config, {
@@ -443,6 +446,7 @@ def serve_vlm(
     if ctx.args:
         cfg = cfg.model_copy(update={"extra_args": [*cfg.extra_args, *ctx.args]})
     server = VLMServer(cfg)
+    hidden = secret_values(cfg.model_dump())  # its API key, env and flags: not in a log tail
     # Ctrl-C and SIGTERM both stop the server cleanly (SIGINT may arrive ignored when started
     # in the background by a script).
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -451,7 +455,7 @@ def serve_vlm(
     try:
         server.start()
     except (ServerError, ValueError) as e:
-        fail(str(e), code=1)
+        fail(mask_secrets(str(e), hidden), code=1)
     except KeyboardInterrupt:
         server.stop()
         fail("interrupted while vLLM was starting", code=130)
@@ -466,34 +470,48 @@ def serve_vlm(
         server.stop()
         err.print("stopped")
         return
-    fail(f"vLLM exited with status {status}; last log lines:\n{server.tail()}", code=1)
+    fail(mask_secrets(f"vLLM exited with status {status}; last log lines:\n{server.tail()}",
+                      hidden), code=1)  # fmt: skip
 
 
 @serve_app.command("ui")
 def serve_ui(
     host: Annotated[
-        str, typer.Option(help="Bind address; another than loopback needs --token")
+        str, typer.Option(help="Bind address; another than loopback needs a token")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 7860,
-    token: Annotated[
-        str | None, typer.Option(envvar="ARTLOOP_UI_TOKEN", help="Password of the login page")
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file", help="File holding the login password (or set ARTLOOP_UI_TOKEN)"
+        ),
     ] = None,
+    token: Annotated[str | None, typer.Option(hidden=True)] = None,  # refused: see below
     home: HomeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """The web UI: refine images with the agents in a browser (Ctrl-C stops it)."""
+    from artloop.serve.guard import UIError, check_serve, read_token
+
+    if token is not None:  # argv is readable by every user of the machine
+        fail("--token would show the password to anyone running ps: set ARTLOOP_UI_TOKEN "
+             "or use --token-file")  # fmt: skip
+    try:  # before anything loads: a bind that cannot work is refused at once
+        secret = check_serve(host, port, read_token(token_file))
+    except UIError as e:
+        fail(str(e))
     from artloop.config import ConfigError
     from artloop.graphs.context import build_context
     from artloop.models.chat import check_chat_model
-    from artloop.serve.ui import UIError, serve
+    from artloop.serve.ui import serve
 
     cfg = _config(config, {"home": home})
     try:
         check_chat_model(cfg.chat)
         quiet_libraries()
         ctx = build_context(cfg)
-        err.print(f"artloop UI at [bold]http://{host}:{port}[/] (home {cfg.home})")
-        serve(ctx, host=host, port=port, token=token)
+        serve(ctx, host=host, port=port, token=secret, on_ready=lambda: err.print(
+            f"artloop UI at [bold]http://{host}:{port}[/] (home {cfg.home})"))  # fmt: skip
     except (ConfigError, UIError) as e:
         fail(str(e))
 

@@ -8,10 +8,13 @@ With nothing configured everything runs on the tiny offline models.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from collections.abc import Iterable
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
@@ -23,6 +26,100 @@ from pydantic_settings import (
 )
 
 MAX_PROMPT_CHARS = 2000
+
+# --- secrets: never stored, printed or exported --------------------------------------------------
+MASK = "***"
+# A name holds a credential when one of its words is one of these: api_key, HF_TOKEN, apiKey,
+# X-Api-Key, db-password (not max_new_tokens: whole words only).
+SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "pwd",
+                          "passphrase", "credential", "credentials", "auth", "authorization",
+                          "cookie", "bearer", "signature"})  # fmt: skip
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_MIN_SECRET_CHARS = 4  # a shorter value is not hunted for inside other strings (it would be noise)
+
+
+def secret_name(name: str) -> bool:
+    """Whether a field, argument, header or variable name looks like it holds a credential."""
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+    return any(w in SECRET_WORDS for w in re.split(r"[^a-z0-9]+", words))
+
+
+def _secret_flag(item: Any) -> tuple[bool, str | None]:
+    """Whether a list item is a secret-looking flag (`--hf-token`), and its inline value
+    (`--api-key=X`), if any."""
+    if not (isinstance(item, str) and item.startswith("-")):
+        return False, None
+    flag, eq, value = item.partition("=")
+    return secret_name(flag), (value if eq else None)
+
+
+def mask_secrets(data: Any, secrets: Iterable[str] = ()) -> Any:
+    """JSON-able `data` made safe to store or show, the one function everything persisted or
+    printed goes through: the value under any secret-looking name (at any depth), the argument
+    after a secret-looking flag (`--hf-token X`, `--api-key=X`), URL user info
+    (`http://***@host`) and every occurrence of each of `secrets` inside any string become ***."""
+    wanted = {s for s in secrets if s and len(s) >= _MIN_SECRET_CHARS}
+    hunted = sorted(wanted, key=len, reverse=True)  # the longest first: none masks part of one
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: MASK if secret_name(str(k)) and v not in (None, "") else walk(v)
+                    for k, v in value.items()}  # fmt: skip
+        if isinstance(value, list | tuple):
+            out, hide_next = [], False
+            for item in value:
+                secret_flag, inline = _secret_flag(item)
+                if secret_flag:
+                    out.append(item if inline is None else item.split("=")[0] + "=" + MASK)
+                else:
+                    out.append(MASK if hide_next else walk(item))
+                hide_next = secret_flag and inline is None
+            return out
+        if isinstance(value, str):
+            value = _URL_USERINFO.sub(MASK + "@", value)
+            for secret in hunted:
+                value = value.replace(secret, MASK)
+        return value
+
+    return walk(data)
+
+
+def secret_values(data: Any) -> set[str]:
+    """The strings `mask_secrets` hides by name, flag or URL password in `data` (SecretStr
+    values revealed): what to hunt for by value wherever else they appear."""
+    found: set[str] = set()
+
+    def add(value: Any) -> None:  # everything under a secret name
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            found.add(value)
+        elif isinstance(value, dict | list | tuple):
+            for v in value.values() if isinstance(value, dict) else value:
+                add(v)
+
+    def walk(value: Any) -> None:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(v) if secret_name(str(k)) else walk(v)
+        elif isinstance(value, list | tuple):
+            hide_next = False
+            for item in value:
+                secret_flag, inline = _secret_flag(item)
+                add(inline) if secret_flag else (add(item) if hide_next else walk(item))
+                hide_next = secret_flag and inline is None
+        elif isinstance(value, str) and "://" in value:
+            try:
+                password = urlsplit(value).password
+            except ValueError:  # not a URL after all
+                password = None
+            if password:
+                found.add(password)
+
+    walk(data)
+    return found
 
 
 class _Section(BaseModel):
@@ -37,7 +134,8 @@ class ChatConfig(_Section):
     base_url: str | None = Field(None, description="Server URL for the openai backend, .../v1")
     api_key: SecretStr = Field(SecretStr("EMPTY"), description="API key; never stored")
     custom_class: str | None = Field(None, description="'package.module:ClassName' (custom)")
-    custom_kwargs: dict[str, Any] = Field(default_factory=dict, description="kwargs (custom)")
+    custom_kwargs: dict[str, Any] = Field(default_factory=dict, repr=False,
+                                          description="kwargs (custom); masked when stored")  # fmt: skip
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_new_tokens: int = Field(1024, ge=16, le=16384)
     timeout_s: float = Field(120.0, gt=0, description="Per request, for servers")
@@ -122,7 +220,8 @@ class ServeConfig(_Section):
                                       "a non-loopback host (env ARTLOOP_SERVE__API_KEY)")  # fmt: skip
     vllm: str = Field("vllm", description="The vllm executable: a path, or a name on PATH")
     extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables")
+    env: dict[str, str] = Field(default_factory=dict, repr=False,
+                                description="Extra environment variables; masked when stored")  # fmt: skip
     startup_timeout_s: float = Field(900.0, gt=0, description="Wait this long for /health")
 
 
@@ -173,12 +272,25 @@ class ArtloopConfig(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
+    def secrets(self) -> set[str]:
+        """Every secret configured (API keys, the checkpointer URL and its password, whatever
+        custom_kwargs, serve.env and serve.extra_args hold under a secret-looking name)."""
+        found = secret_values(self.model_dump())  # SecretStr values stay objects: revealed there
+        if self.checkpointer:  # a URL with a password in it: both are secret
+            found |= {self.checkpointer.get_secret_value()}
+            found |= secret_values(self.checkpointer.get_secret_value())
+        found.discard("EMPTY")  # chat.api_key's placeholder for servers without a key
+        return found
+
+    def __repr_args__(self):  # a config in a log or traceback shows no secret either
+        return list(self.public_dict().items())
+
     def public_dict(self) -> dict[str, Any]:
-        """The config as JSON-able data, secrets masked: safe to store with a trajectory."""
+        """The config as JSON-able data, secrets masked by name and by value: safe to store with
+        a trajectory or print."""
         data = self.model_dump(mode="json")
-        data["chat"]["api_key"] = "***"
-        data["checkpointer"] = "***" if self.checkpointer else None
-        return data
+        data["checkpointer"] = MASK if self.checkpointer else None
+        return mask_secrets(data, self.secrets())
 
 
 class ConfigError(ValueError):

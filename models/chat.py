@@ -9,6 +9,7 @@ import urllib.request
 
 from artloop.config import ChatConfig, ConfigError
 from langchain_core.language_models.chat_models import BaseChatModel
+from pydantic import ValidationError
 
 
 def build_chat_model(cfg: ChatConfig) -> BaseChatModel:
@@ -38,7 +39,15 @@ def build_chat_model(cfg: ChatConfig) -> BaseChatModel:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"chat.custom_class: cannot import {cfg.custom_class}: {e}") from None
-    return cls(**cfg.custom_kwargs)
+    # Checked before it is called: any other callable (os:system...) would run with the kwargs.
+    if not (isinstance(cls, type) and issubclass(cls, BaseChatModel)):
+        raise ConfigError(f"chat.custom_class: {cfg.custom_class} is not a langchain chat model "
+                          f"class (a subclass of BaseChatModel); nothing was called")  # fmt: skip
+    try:
+        return cls(**cfg.custom_kwargs)
+    except ValidationError as e:  # its text quotes the values given: secrets too
+        why = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"chat.custom_kwargs: {cfg.custom_class} refused them: {why}") from None
 
 
 def chat_identity(cfg: ChatConfig) -> dict:

@@ -7,7 +7,10 @@ Past sessions can be reopened, resumed and exported. Sessions are the same as th
 (graphs/runner.py): they survive restarts of the UI.
 
 Binds 127.0.0.1 unless told otherwise; any other address needs a token (the password of the
-login page). Uploads are limited in size (Gradio's max_file_size) and pixels (PIL's limit).
+login page), read from the environment or a file. serve/guard.py checks the bind before anything
+starts, limits failed logins, and caps every request body (10 MB) and every uploaded image's
+pixels (4096 x 4096) on every route. The image a box is drawn on is the server's own (a State),
+never one a client sends. Gradio's analytics are off.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import queue
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,17 +30,13 @@ from artloop.graphs.context import RefineContext
 from artloop.graphs.human import HumanActionError
 from artloop.graphs.runner import CheckpointerError, open_checkpointer, run_session
 from artloop.graphs.sessions import SessionView, view
+from artloop.serve.guard import MAX_UPLOAD_BYTES, Guard, UIError, check_serve
+from artloop.tools.images import ImageStoreError, check_pixels, open_image
 from artloop.tools.store import StoreError
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
+from starlette.middleware import Middleware
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-MAX_UPLOAD = "10mb"
-MAX_PIXELS = 4096 * 4096
 REGION_COLUMNS = ["x1", "y1", "x2", "y2", "prompt", "strength"]
-
-
-class UIError(ValueError):
-    """The UI cannot start as asked (e.g. a public address without a token)."""
 
 
 # --- what a session looks like on screen --------------------------------------------------------
@@ -102,7 +101,7 @@ def box_from_clicks(
 
 def draw_boxes(path: str, boxes: list[list[int]], out_dir: Path) -> str:
     """A copy of the image with the boxes drawn on it (the stored image is never changed)."""
-    image = Image.open(path).convert("RGB")
+    image = open_image(path)
     draw = ImageDraw.Draw(image)
     w, h = image.size
     for x1, y1, x2, y2 in boxes:
@@ -155,12 +154,14 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         proposal = v.pause["proposal"] if paused else {}
         prompt = proposal.get("prompt") or proposal.get("revised_prompt") or ""
         params = proposal.get("params", {}) if point == "prompt" else {}
-        return (run_id, log, status_line(v), focus_image(store, v), gallery(store, v), findings(v),
+        focus = focus_image(store, v)  # shown, and kept server-side (`shown`) to draw boxes on
+        return (run_id, log, status_line(v), focus, gallery(store, v), findings(v),
                 gr.update(visible=paused), point, prompt, proposal.get("negative_prompt", ""),
                 params.get("seed"), params.get("num_inference_steps"), params.get("guidance_scale"),
                 regions_from_proposal(v), [], *[gr.update(interactive=point == "verdict")] * 2,
                 gr.update(interactive=point in ("prompt", "plan")),
-                gr.update(visible=point == "prompt"), gr.update(visible=point == "plan"))  # fmt: skip
+                gr.update(visible=point == "prompt"), gr.update(visible=point == "plan"),
+                focus)  # fmt: skip
 
     def stream(work, run_id: str, log: str) -> Iterator[tuple]:
         """Run `work(on_update)` in a thread; yield the screen after every node."""
@@ -232,8 +233,11 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         clicks = [*clicks, list(evt.index)]
         if len(clicks) < 2:
             return gr.update(), clicks
-        box = box_from_clicks(tuple(clicks[0]), tuple(clicks[1]), Image.open(image_path).size)
-        return ",".join(map(str, box)), []
+        try:
+            size = check_pixels(image_path)
+        except ImageStoreError as e:
+            raise gr.Error(str(e)) from None
+        return ",".join(map(str, box_from_clicks(tuple(clicks[0]), tuple(clicks[1]), size))), []
 
     def resume_chosen(chosen: str | None, log: str):
         yield from resume(chosen or "", log, None)
@@ -275,9 +279,9 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
                 raise gr.Error(str(e)) from None
             return shutil.make_archive(str(scratch / out.name), "zip", out)
 
-    with gr.Blocks(title="artloop") as app:
+    with gr.Blocks(title="artloop", analytics_enabled=False) as app:
         gr.Markdown("## artloop: refine an image with the agents")
-        run_id, clicks = gr.State(""), gr.State([])
+        run_id, clicks, shown = gr.State(""), gr.State([]), gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt", lines=2)
@@ -326,15 +330,16 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
 
         outputs = [run_id, log, status, image, shots, found, panel, point, edit_prompt,
                    edit_negative, seed, steps, guidance, regions, clicks, accept_btn, reject_btn,
-                   edit_btn, params_row, boxes_col]  # fmt: skip
+                   edit_btn, params_row, boxes_col, shown]  # fmt: skip
         start_btn.click(start, [prompt, pause_at, max_iters], outputs)
         inputs = [run_id, log, point, edit_prompt, edit_negative, seed, steps, guidance, regions]
         for button, action in ((agent_btn, "agent"), (edit_btn, "edit"), (accept_btn, "accept"),
                                (reject_btn, "reject")):  # fmt: skip
             button.click(answer(action), inputs, outputs)
         continue_btn.click(resume_chosen, [past, log], outputs)
-        image.select(click, [image, clicks], [box, clicks])
-        add_btn.click(add_box, [box, local_prompt, strength, regions, image],
+        # The image path comes from the server's State, not the client: no route takes an image.
+        image.select(click, [shown, clicks], [box, clicks])
+        add_btn.click(add_box, [box, local_prompt, strength, regions, shown],
                       [regions, box, local_prompt, image])  # fmt: skip
         refresh_btn.click(sessions_list, None, past)
         open_btn.click(open_session, past, outputs)
@@ -344,20 +349,30 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
 
 
 def serve(ctx: RefineContext, host: str = "127.0.0.1", port: int = 7860,
-          token: str | None = None) -> None:  # fmt: skip
-    """Launch the UI (blocks). A non-loopback `host` requires a `token`."""
+          token: str | None = None, on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Launch the UI and block; `on_ready` is called once it listens. A non-loopback `host`
+    requires a `token`; a bind that cannot work raises UIError before anything starts."""
     import secrets
 
-    if host not in LOOPBACK and not token:
-        raise UIError(f"binding {host} exposes the UI beyond this machine: set a token "
-                      f"(--token or ARTLOOP_UI_TOKEN)")  # fmt: skip
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # larger images are refused as decompression bombs
-    auth = (lambda _user, password: secrets.compare_digest(password, token)) if token else None
+    token = check_serve(host, port, token)
+    auth = (
+        (lambda _user, password: secrets.compare_digest(password.encode(), token.encode()))
+        if token
+        else None
+    )
     try:
         with open_checkpointer(ctx.store):  # the UI's one saver for all its sessions
-            build_app(ctx).launch(server_name=host, server_port=port, auth=auth,
-                                  max_file_size=MAX_UPLOAD,
-                                  allowed_paths=[str(ctx.store.images.root), str(ui_dir(ctx))],
-                                  show_error=True, quiet=True)  # fmt: skip
+            app = build_app(ctx)
+            try:
+                app.launch(server_name=host, server_port=port, auth=auth,
+                           max_file_size=MAX_UPLOAD_BYTES, prevent_thread_lock=True,
+                           app_kwargs={"middleware": [Middleware(Guard)]},
+                           allowed_paths=[str(ctx.store.images.root), str(ui_dir(ctx))],
+                           show_error=True, quiet=True)  # fmt: skip
+            except OSError as e:  # the port was taken since check_serve
+                raise UIError(f"cannot listen on {host}:{port}: {e}") from None
+            if on_ready is not None:
+                on_ready()
+            app.block_thread()
     except CheckpointerError as e:  # raised only when it cannot be opened
         raise UIError(str(e)) from e

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,11 +17,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from artloop.serve.guard import LoginLimiter
 from artloop.serve.ui import UIError, box_from_clicks, serve
 from artloop.tools.store import TrajectoryStore
 from conftest import free_port
+from test_limits import blank_png
 
 ROOT = Path(__file__).resolve().parents[1]
+ARTLOOP = str(Path(sys.executable).with_name("artloop"))
 SHOTS = ROOT / "test-artefacts" / "ui"
 
 
@@ -33,14 +37,20 @@ def chromium() -> str:
 
 @pytest.fixture(params=[None])
 def ui(tmp_path, request):
+    """`artloop serve ui`; a str param is the token from ARTLOOP_UI_TOKEN, ("file", token) from
+    --token-file. Yields (url, store, process)."""
     port, home, token = free_port(), tmp_path / "home", request.param
+    env = {**os.environ, "ARTLOOP_LOOP__MAX_ITERS": "2"}
+    env.pop("ARTLOOP_UI_TOKEN", None)
+    args = [ARTLOOP, "serve", "ui", "--home", str(home), "--port", str(port)]
+    if isinstance(token, tuple):
+        (tmp_path / "token").write_text(token[1] + "\n")
+        args += ["--token-file", str(tmp_path / "token")]
+    elif token:
+        env["ARTLOOP_UI_TOKEN"] = token
     log = (tmp_path / "ui.log").open("w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("artloop")), "serve", "ui", "--home", str(home),
-         "--port", str(port)],
-        env={**os.environ, "ARTLOOP_LOOP__MAX_ITERS": "2", **({"ARTLOOP_UI_TOKEN": token} if token else {})},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
     url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 120
     while True:
         try:
@@ -51,7 +61,7 @@ def ui(tmp_path, request):
                 proc.kill()
                 pytest.fail(f"the UI did not start:\n{(tmp_path / 'ui.log').read_text()[-3000:]}")
             time.sleep(0.5)
-    yield url, TrajectoryStore(home)
+    yield url, TrajectoryStore(home), proc
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
     log.close()
@@ -72,7 +82,7 @@ def page():
 def test_a_person_draws_a_box_and_accepts(ui, page):
     from playwright.sync_api import expect
 
-    url, store = ui
+    url, store, _ = ui
     expect.set_options(timeout=30_000)  # each UI round trip, even on a busy 2-core machine
     page.goto(url)
     page.locator("#prompt textarea").fill("a red fox in the snow")
@@ -130,18 +140,109 @@ def test_a_public_address_needs_a_token(store):
         serve(None, host="0.0.0.0")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("ui", ["s3cret"], indirect=True)
+TOKEN = "s3cret-pässwort"  # not ASCII: compared as bytes
+
+
+def png(width: int, height: int, name: str = "a.png") -> dict:
+    return {"files": (name, blank_png(width, height), "image/png")}
+
+
+@pytest.mark.parametrize("ui", [("file", TOKEN)], indirect=True)
 def test_token_login_and_upload_limits(ui):
+    """The token comes from a file (never argv); every route that takes a file caps its size
+    (10 MB) and its images' pixels (4096 x 4096, not PIL's 2 x that) with a 413 naming the
+    limit; Gradio's analytics are off."""
     import httpx
 
-    url, _ = ui
+    url, _, proc = ui
+    assert TOKEN.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()  # not in ps
     client = httpx.Client(base_url=url, timeout=30)
     assert client.get("/config").status_code == 401  # nothing without logging in
     assert client.post("/login", data={"username": "me", "password": "wrong"}).status_code == 400
+    assert client.post("/login", data={"username": "me", "password": TOKEN}).status_code == 200
+    config = client.get("/config")
+    assert config.status_code == 200 and config.json()["analytics_enabled"] is False
+
+    def upload(files: dict, route: str = "/gradio_api/upload") -> httpx.Response:
+        return client.post(route, files=files)
+
+    assert upload({"files": ("a.txt", b"0" * 1000, "text/plain")}).status_code == 200
+    assert upload(png(4096, 4096)).status_code == 200  # the limit itself is allowed
+    big = upload({"files": ("b.png", b"0" * (11 * 1024 * 1024), "image/png")})
+    assert big.status_code == 413 and "over the 10 MB limit" in big.text
+    for size in ((4097, 4096), (5000, 5000), (20000, 20000)):
+        refused = upload(png(*size, name="bomb.png"))
+        assert refused.status_code == 413, size
+        assert refused.json()["detail"].startswith("bomb.png: image too large: ")
+        assert "the limit is 4096x4096" in refused.text
+    # The other multipart route is checked before Gradio parses it.
+    refused = upload(
+        {**png(5000, 5000), "component_id": (None, "1")}, "/gradio_api/component_server"
+    )
+    assert refused.status_code == 413 and "4096x4096" in refused.text
+
+
+@pytest.mark.parametrize("ui", ["s3cret"], indirect=True)
+def test_failed_logins_are_limited(ui):
+    """30 wrong passwords in a row: after 5 the client is refused (429) without a check, the
+    right password too, until a minute passes; a session already logged in is unaffected."""
+    import httpx
+
+    url, _, _ = ui
+    client = httpx.Client(base_url=url, timeout=30)
     assert client.post("/login", data={"username": "me", "password": "s3cret"}).status_code == 200
+    wrong = httpx.Client(base_url=url, timeout=30)
+    start = time.monotonic()
+    codes = [wrong.post("/login", data={"username": "me", "password": f"guess{i}"}).status_code
+             for i in range(30)]  # fmt: skip
+    assert codes == [400] * 5 + [429] * 25 and time.monotonic() - start < 20
+    locked = wrong.post("/login", data={"username": "me", "password": "s3cret"})
+    assert locked.status_code == 429 and 0 < int(locked.headers["retry-after"]) <= 60
+    assert "too many failed logins" in locked.json()["detail"]
     assert client.get("/config").status_code == 200
-    small = client.post("/gradio_api/upload", files={"files": ("a.png", b"0" * 1000, "image/png")})
-    assert small.status_code == 200
-    big = client.post("/gradio_api/upload",
-                      files={"files": ("b.png", b"0" * (11 * 1024 * 1024), "image/png")})  # fmt: skip
-    assert big.status_code == 413 and "maximum allowed size" in big.text
+
+
+def test_login_limiter_lifts_after_its_window():
+    clock = [0.0]
+    limiter = LoginLimiter(max_failures=3, window_s=60, clock=lambda: clock[0])
+    for _ in range(3):
+        assert limiter.wait("a") == 0
+        limiter.attempt("a")
+    assert limiter.wait("a") == 60 and limiter.wait("b") == 0  # per client
+    clock[0] = 59.5
+    assert limiter.wait("a") == pytest.approx(0.5)
+    clock[0] = 60.0
+    assert limiter.wait("a") == 0  # the oldest failure aged out
+    limiter.attempt("a")
+    limiter.succeeded("a")
+    assert limiter.wait("a") == 0 and not limiter._failures
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--host", "0.0.0.0", "--token", "   "], {}, "--token would show the password to anyone "
+     "running ps"),
+    (["--host", "0.0.0.0"], {"ARTLOOP_UI_TOKEN": "   "}, "the UI token is blank"),
+    (["--host", "0.0.0.0"], {}, "binding 0.0.0.0 exposes the UI beyond this machine"),
+    (["--port", "99999"], {}, "port 99999 is not a TCP port (1-65535)"),
+    (["--host", "203.0.113.7"], {"ARTLOOP_UI_TOKEN": "t"}, "cannot listen on 203.0.113.7:"),
+    (["--host", "no-such-host.invalid"], {"ARTLOOP_UI_TOKEN": "t"}, "cannot listen on no-such"),
+    (["--port", "IN_USE"], {}, "Address already in use"),
+])  # fmt: skip
+def test_bad_binds_are_refused_at_once(tmp_path, args, env, message):
+    """Before anything loads or binds, and before the URL is printed: one line, exit 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = [str(taken.getsockname()[1]) if a == "IN_USE" else a for a in args]
+        if "--port" not in args:
+            args += ["--port", str(free_port())]
+        start = time.monotonic()
+        proc = subprocess.run([ARTLOOP, "serve", "ui", "--home", str(tmp_path / "home"), *args],
+                              env={**os.environ, **env}, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert time.monotonic() - start < 15
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "artloop UI at" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "home").exists()  # nothing started

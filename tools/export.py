@@ -297,17 +297,11 @@ WRITERS: dict[str, Callable[[TrajectoryStore, list[dict], Path], int]] = {
 
 
 # --- the card ---------------------------------------------------------------------------------
-_SECRET_KEY = re.compile(r"key|token|secret|password", re.I)
-_URL_USER = re.compile(r"(?<=://)[^/@\s]+@")
-
-
 def _public(value: Any) -> Any:
-    """Model identities without anything secret-looking (credential keys, URL user info)."""
-    if isinstance(value, dict):
-        return {k: _public(v) for k, v in value.items() if not _SECRET_KEY.search(k)}
-    if isinstance(value, list):
-        return [_public(v) for v in value]
-    return _URL_USER.sub("***@", value) if isinstance(value, str) else value
+    """Model identities without anything secret-looking (credentials, URL user info)."""
+    from artloop.config import mask_secrets
+
+    return mask_secrets(value)
 
 
 ABOUT = {

@@ -9,17 +9,66 @@ import hashlib
 import io
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from PIL import Image
 
-# A decompression bomb is refused before it is decoded (PIL raises past 2x this many pixels).
-MAX_PIXELS = 64 * 1024 * 1024
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# The one pixel limit for images from outside (the store, the UI's uploads): checked per call,
+# from the header, before a pixel is decoded. PIL's global MAX_IMAGE_PIXELS is left alone (its
+# own check only raises past twice its limit).
+MAX_SIDE = 4096
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
 
 
 class ImageStoreError(ValueError):
     """An image could not be stored or read back (bad bytes, unknown hash, corrupt file)."""
+
+
+class ImageTooLarge(ImageStoreError):
+    """An image has more pixels than the limit; the message names both."""
+
+
+def _limit(max_pixels: int) -> str:
+    side = round(max_pixels**0.5)
+    return f"{side}x{side}" if side * side == max_pixels else f"{max_pixels} pixels"
+
+
+@contextmanager
+def _opened(source: str | Path | IO[bytes], max_pixels: int) -> Iterator[Image.Image]:
+    """The image opened lazily (its header read, nothing decoded), refused when too large."""
+    try:
+        with warnings.catch_warnings():  # PIL warns past its own limit; ours is the one that counts
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                if (pixels := im.width * im.height) > max_pixels:
+                    raise ImageTooLarge(f"image too large: {im.width}x{im.height} = {pixels} "
+                                        f"pixels; the limit is {_limit(max_pixels)}")  # fmt: skip
+                yield im
+    except Image.DecompressionBombError:  # past twice PIL's limit: larger than ours anyway
+        raise ImageTooLarge(f"image too large: over {2 * Image.MAX_IMAGE_PIXELS} pixels; "
+                            f"the limit is {_limit(max_pixels)}") from None  # fmt: skip
+    except ImageStoreError:
+        raise
+    except Exception as e:  # PIL raises many types for bad bytes
+        raise ImageStoreError(f"not a readable image: {e}") from e
+
+
+def check_pixels(source: str | Path | IO[bytes], max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """An image's (width, height) from its header; ImageTooLarge (naming the limit) when it
+    has more than `max_pixels`, ImageStoreError when it is not an image. Nothing is decoded."""
+    with _opened(source, max_pixels) as im:
+        return im.size
+
+
+def open_image(source: str | Path | IO[bytes], max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an image from outside as RGB, once its header has passed `check_pixels`."""
+    with _opened(source, max_pixels) as im:
+        im.load()
+        return im.convert("RGB")
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -73,14 +122,7 @@ class ImageStore:
 
     def put_bytes(self, data: bytes) -> str:
         """Decode untrusted image bytes (bounded in pixels), then store them as PNG."""
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except Image.DecompressionBombError as e:
-            raise ImageStoreError(f"image too large: {e}") from e
-        except Exception as e:  # PIL raises many types for bad bytes
-            raise ImageStoreError(f"not a readable image: {e}") from e
-        return self.put(image.convert("RGB"))
+        return self.put(open_image(io.BytesIO(data)))
 
     def get(self, digest: str) -> Image.Image:
         path = self.path(digest)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from artloop.config import mask_secrets
 from artloop.tools.images import ImageStore
 
 SCHEMA = """
@@ -124,8 +125,8 @@ class TrajectoryStore:
             db.execute(
                 "INSERT OR IGNORE INTO runs (run_id, prompt, status, created_at, updated_at, "
                 "config, models, prompts_version) VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
-                (check_run_id(run_id), prompt, now, now, json.dumps(config), json.dumps(models),
-                 prompts_version),
+                (check_run_id(run_id), prompt, now, now, json.dumps(mask_secrets(config)),
+                 json.dumps(mask_secrets(models)), prompts_version),
             )  # fmt: skip
 
     def put_step(self, run_id: str, iteration: int, record: dict[str, Any]) -> None:
