@@ -382,7 +382,10 @@ def list_runs(home: HomeOpt = None, config: ConfigOpt = None, limit: int = 20) -
     table = Table("run", "status", "iterations", "best", "prompt")
     for r in _store(home, config).list_runs(limit):
         best = "" if r["best_score"] is None else f"{r['best_score']:.2f}"
-        table.add_row(r["run_id"], r["status"], str(r["iterations"]), best,
+        status = r["status"] + (f" at {r['paused_at']}" if r["paused_at"] else "")
+        if r["status"] == "failed" and r["error"]:  # with its cause
+            status += f": {printable(r['error'][:80])}"
+        table.add_row(r["run_id"], status, str(r["iterations"]), best,
                       printable(r["prompt"][:60]))  # fmt: skip
     Console().print(table)
 

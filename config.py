@@ -249,6 +249,9 @@ class ArtloopConfig(BaseSettings):
     checkpointer: SecretStr | None = Field(None, description="Where sessions' checkpoints live: "
                                            "unset = SQLite in the home; a postgresql:// URL for "
                                            "a shared server (env ARTLOOP_CHECKPOINTER)")  # fmt: skip
+    ui_url: str | None = Field(None, description="Where `artloop serve ui` is reached, e.g. "
+                               "http://127.0.0.1:7860: the pauses of server runs link their "
+                               "images there (env ARTLOOP_UI_URL)")  # fmt: skip
 
     @field_validator("home", mode="before")
     @classmethod

@@ -2,7 +2,8 @@
 `multiple_of`), so constrained decoding always terminates and an answer stays a sensible size.
 
 Boxes follow Qwen2-VL's convention: [x1, y1, x2, y2] normalised to 0-1000, top-left origin.
-They are clipped and ordered on the way in; a box with no area is rejected.
+A model's boxes are clipped and ordered on the way in; one with no area is rejected. (One policy,
+in tools/diffusion.py's check_box: model output is repaired, a person's input is rejected.)
 """
 
 from __future__ import annotations
@@ -10,26 +11,19 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from artloop.prompts import aesthetics_checklist, artifact_taxonomy
+from artloop.tools.diffusion import check_box
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
 def normalise_box(value: object) -> list[int]:
-    """Clip to 0-1000, round, and order the corners; raise on anything that is not a real box."""
-    if not isinstance(value, list | tuple) or len(value) != 4:
-        raise ValueError(f"a box is 4 numbers [x1, y1, x2, y2], got {value!r}")
-    try:
-        x1, y1, x2, y2 = (min(1000, max(0, round(float(v)))) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"box coordinates must be numbers, got {value!r}") from None
-    x1, x2 = sorted((x1, x2))
-    y1, y2 = sorted((y1, y2))
-    if x2 - x1 < 1 or y2 - y1 < 1:
-        raise ValueError(f"box {list(value)} has no area")
-    return [x1, y1, x2, y2]
+    """A model's box, repaired: clipped to 0-1000, rounded, corners ordered (see check_box)."""
+    return check_box(value, clip=True)
 
 
 Coord = Annotated[int, Field(ge=0, le=1000)]
 Box = Annotated[list[Coord], Field(min_length=4, max_length=4), BeforeValidator(normalise_box)]
+# A person's box (an answer at a pause): refused, not repaired, when out of range or inverted.
+HumanBox = Annotated[list[Coord], Field(min_length=4, max_length=4), BeforeValidator(check_box)]
 
 
 def text(max_length: int, min_length: int = 0):

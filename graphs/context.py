@@ -7,41 +7,59 @@ prompts, agent outputs) and the heavy objects are built once per process.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
+from typing import Any
 
-from artloop.config import ArtloopConfig, ChatConfig, DiffusionConfig, LoopConfig, load_config
+from artloop.config import (
+    ArtloopConfig,
+    ChatConfig,
+    ConfigError,
+    DiffusionConfig,
+    LoopConfig,
+    load_config,
+)
 from artloop.models.chat import build_chat_model, chat_identity
 from artloop.models.structured import CallPolicy
 from artloop.tools.diffusion import DiffusionTool
 from artloop.tools.rewards import JudgeWatch
 from artloop.tools.store import TrajectoryStore
 from langchain_core.language_models.chat_models import BaseChatModel
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+SETTINGS = {"loop": "loop", "chat_config": "chat", "diffusion_config": "diffusion"}
 
 
 @dataclass
 class RefineContext:
-    """Built by artloop's runner with every part; a server (`langgraph dev`) builds it from a
-    run's JSON context, usually empty: then the parts come from the configured defaults."""
+    """Built by artloop's runner with every part. A part left out (None) is filled from the
+    configured defaults (the environment's config), and only that part: what the caller gave
+    is kept. `langgraph dev` passes a RunSettings instead (see `for_server`)."""
 
+    # None: left out, filled by __post_init__ (never None after it).
     chat: BaseChatModel = None  # type: ignore[assignment]
     diffusion: DiffusionTool = None  # type: ignore[assignment]
     store: TrajectoryStore = None  # type: ignore[assignment]
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    chat_config: ChatConfig = field(default_factory=ChatConfig)
-    diffusion_config: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loop: LoopConfig = None  # type: ignore[assignment]
+    chat_config: ChatConfig = None  # type: ignore[assignment]
+    diffusion_config: DiffusionConfig = None  # type: ignore[assignment]
     # Shared by every session on this context: bounds the agent calls in flight to the server.
     vlm_slots: threading.BoundedSemaphore | None = None
     # Shared too: a validator giving one answer for many different images is refused.
     judge_watch: JudgeWatch = field(default_factory=JudgeWatch)
+    # Where `artloop serve ui` serves the images (pause payloads link them), if anywhere.
+    ui_url: str | None = None
 
     def __post_init__(self) -> None:
+        for name, section in SETTINGS.items():  # settings: cheap, from the config alone
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(default_config(), section))
         if self.chat is None or self.diffusion is None or self.store is None:
-            base = default_context()
-            for name in ("chat", "diffusion", "store"):
-                setattr(self, name, getattr(self, name) or getattr(base, name))
-            self.loop, self.chat_config = base.loop, base.chat_config
-            self.diffusion_config = base.diffusion_config
+            base = default_context()  # the models and the store: built once per process
+            if self.chat is None:
+                self.chat, self.vlm_slots = base.chat, self.vlm_slots or base.vlm_slots
+            self.diffusion = self.diffusion or base.diffusion
+            self.store = self.store or base.store
 
     @property
     def policy(self) -> CallPolicy:
@@ -68,6 +86,7 @@ def build_context(config: ArtloopConfig) -> RefineContext:
         chat=build_chat_model(config.chat), diffusion=diffusion, store=store, loop=config.loop,
         chat_config=config.chat, diffusion_config=d,
         vlm_slots=threading.BoundedSemaphore(config.chat.max_concurrent_calls),
+        ui_url=config.ui_url,
     )  # fmt: skip
 
 
@@ -79,6 +98,73 @@ def open_store(config: ArtloopConfig, *, create: bool = True) -> TrajectoryStore
 
 
 @cache
+def default_config() -> ArtloopConfig:
+    """The config from the environment (and ARTLOOP_* variables), read once per process."""
+    return load_config()
+
+
+@cache
 def default_context() -> RefineContext:
     """For callers that pass no context (e.g. `langgraph dev`): the config from the environment."""
-    return build_context(load_config())
+    return build_context(default_config())
+
+
+# --- what a `langgraph dev` client may set per run -------------------------------------------
+IMAGE_SETTINGS = ("width", "height", "steps", "guidance_scale", "seed", "edit_strength")
+ImageSettings = create_model(
+    "ImageSettings",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="The images a session makes; the model that makes them is the server's.",
+    **{k: (DiffusionConfig.model_fields[k].annotation, DiffusionConfig.model_fields[k])
+       for k in IMAGE_SETTINGS},
+)  # fmt: skip
+
+
+def _every_key_reaches_the_model(schema: dict[str, Any]) -> None:
+    # langgraph-api drops, without a word, the keys of a run's context that the context schema
+    # does not list under `properties`. Listed under `allOf`, every key reaches RunSettings,
+    # which refuses an unknown one by name.
+    schema["allOf"] = [{"properties": schema.pop("properties"), "additionalProperties": False}]
+
+
+class RunSettings(BaseModel):
+    """A run's `context` from a LangGraph server client: the loop's rules and the image settings.
+    Fields left out keep the server's config; anything else (the models, the store) is refused."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_every_key_reaches_the_model)
+    loop: LoopConfig | None = None
+    diffusion: ImageSettings | None = None  # type: ignore[valid-type]
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:  # one line that names each bad key, for the client
+            bad = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+            raise ConfigError(f"invalid context: {'; '.join(bad)}") from None
+
+
+def merge_settings(stored: dict | None, given: RunSettings | None) -> dict:
+    """A session's settings (RunSettings as JSON) after a run that came with `given`."""
+    merged = {section: dict(values) for section, values in (stored or {}).items()}
+    for section, values in (given.model_dump(exclude_unset=True) if given else {}).items():
+        if values is not None:  # an explicit null changes nothing
+            merged[section] = {**merged.get(section, {}), **values}
+    return merged
+
+
+def _merged(current: BaseModel, given: BaseModel | None) -> Any:
+    if given is None:
+        return current
+    return type(current).model_validate(
+        {**current.model_dump(), **given.model_dump(exclude_unset=True)}
+    )
+
+
+def for_server(settings: RunSettings | None) -> RefineContext:
+    """The context of a run a LangGraph server started: the process's default context (its
+    models, store and config, built once) with the client's settings applied."""
+    base = default_context()
+    if settings is None or not settings.model_fields_set:
+        return base
+    return replace(base, loop=_merged(base.loop, settings.loop),
+                   diffusion_config=_merged(base.diffusion_config, settings.diffusion))  # fmt: skip

@@ -2,25 +2,44 @@
 an answer changes the step.
 
 A session lists its pause points in `pause_at` (any of PAUSES, or "all"). At each, the graph
-calls LangGraph's `interrupt()` with a `Pause` payload and waits; `Command(resume=answer)` goes
-on. Answers are `HumanAction`s, checked here before they touch the state, so a bad answer is a
-clear error and the session stays paused.
+calls LangGraph's `interrupt()` with a self-describing payload (`pause_payload`: the images'
+paths, the allowed actions and what each does, the JSON schema of a valid answer) and waits;
+`Command(resume=answer)` goes on. Answers are `HumanAction`s, checked here before they touch
+the state: an invalid one is asked again, with the error in the payload.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from functools import cache
+from typing import Any, Literal
 
-from artloop.agents.schemas import EditPlan, ParamChanges
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from artloop.agents.schemas import EditPlan, HumanBox, ParamChanges
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PAUSES = ("prompt", "plan", "verdict")  # after enhance, after thesis (before edit), at validate
 Point = Literal["prompt", "plan", "verdict"]
-ACTIONS: dict[str, tuple[str, ...]] = {
-    "prompt": ("agent", "edit"),  # generate with the agent's prompt, or with the person's
-    "plan": ("agent", "edit"),  # apply the agent's plan, or the person's version of it
-    "verdict": ("agent", "accept", "reject"),  # keep the verdict, or overrule it
+# What a person may answer at each pause, and what each answer does.
+ACTIONS: dict[str, dict[str, str]] = {
+    "prompt": {
+        "agent": "generate with the enhancer's prompt and the current parameters",
+        "edit": "generate with your prompt, negative_prompt and/or params (seed, width, height, "
+        "num_inference_steps, guidance_scale); what you leave out stays",
+    },
+    "plan": {
+        "agent": "apply the thesis agent's edit plan as proposed",
+        "edit": "apply your version of the plan: prompt (the revised prompt), negative_prompt, "
+        "regions (box edits: [x1, y1, x2, y2] in 0-1000 and a local prompt; replace the "
+        "plan's), changes (its parameter changes); what you leave out stays",
+    },
+    "verdict": {
+        "agent": "keep the validator's verdict (accept, revise or reject)",
+        "accept": "accept this edited image and finish the session",
+        "reject": "reject this edit: the iteration keeps the image before it, and the loop goes on",
+    },
 }
+# The fields an answer may set at each pause (besides `action` and `note`).
+FIELDS = {"prompt": ("prompt", "negative_prompt", "params"),
+          "plan": ("prompt", "negative_prompt", "regions", "changes"), "verdict": ()}  # fmt: skip
 
 
 class HumanActionError(ValueError):
@@ -31,19 +50,9 @@ class Region(BaseModel):
     """A regional edit drawn by a person: a box (x1, y1, x2, y2 in 0-1000) and its local prompt."""
 
     model_config = ConfigDict(extra="forbid")
-    box: Annotated[list[int], Field(min_length=4, max_length=4)]
+    box: HumanBox
     prompt: str = Field(min_length=1, max_length=300)
     strength: float = Field(0.6, ge=0.1, le=1.0)
-
-    @field_validator("box")
-    @classmethod
-    def _in_range(cls, box: list[int]) -> list[int]:
-        x1, y1, x2, y2 = box
-        if not all(0 <= v <= 1000 for v in box):
-            raise ValueError(f"box {box} is outside 0-1000 (coordinates normalised to 1000)")
-        if not (x1 < x2 and y1 < y2):
-            raise ValueError(f"box {box} is empty or inverted: need x1 < x2 and y1 < y2")
-        return box
 
 
 class Plan(EditPlan):
@@ -95,12 +104,38 @@ def check_action(point: str, answer: Any) -> HumanAction:
     if action.action not in ACTIONS[point]:
         raise HumanActionError(f"{action.action!r} is not an action at the {point} pause: "
                                f"choose from {', '.join(ACTIONS[point])}")  # fmt: skip
-    allowed = {"prompt": {"prompt", "negative_prompt", "params"},
-               "plan": {"prompt", "negative_prompt", "regions", "changes"},
-               "verdict": set()}[point] | {"action", "note"}  # fmt: skip
+    allowed = {*FIELDS[point], "action", "note"}
     if extra := sorted(action.model_fields_set - allowed):
         raise HumanActionError(f"{', '.join(extra)} cannot be set at the {point} pause")
     return action
+
+
+@cache
+def answer_schema(point: str) -> dict:
+    """The JSON schema of a valid answer at `point` (HumanAction, narrowed to that pause)."""
+    schema = HumanAction.model_json_schema()
+    keep = {*FIELDS[point], "action", "note"}
+    schema["properties"] = {k: v for k, v in schema["properties"].items() if k in keep}
+    schema["properties"]["action"] = {**schema["properties"]["action"],
+                                      "enum": list(ACTIONS[point])}  # fmt: skip
+    schema["title"] = f"Answer at the {point} pause"
+    return schema
+
+
+def pause_payload(point: str, state: dict, proposal: dict, images: Any, ui_url: str | None,
+                  error: str | None = None) -> dict:  # fmt: skip
+    """What `interrupt()` sends at `point`: everything a client needs to show the pause and to
+    answer it. `images` is the ImageStore; `ui_url`, where `artloop serve ui` serves them."""
+    step = state["step"]
+    payload: dict[str, Any] = {"pause": point, "run_id": state["run_id"],
+                               "iteration": step["iteration"], "proposal": proposal}  # fmt: skip
+    for key in ("image", "edited_image"):
+        digest = step.get(key)
+        path = str(images.path(digest)) if digest else None
+        url = f"{ui_url.rstrip('/')}/gradio_api/file={path}" if ui_url and path else None
+        payload |= {key: digest, f"{key}_path": path, f"{key}_url": url}
+    return payload | {"actions": ACTIONS[point], "answer_schema": answer_schema(point),
+                      "error": error}  # fmt: skip
 
 
 def pauses_at(state: dict, point: str) -> bool:
@@ -108,8 +143,11 @@ def pauses_at(state: dict, point: str) -> bool:
     return "all" in wanted or point in wanted
 
 
-def check_pause_at(points: list[str]) -> list[str]:
-    """Validate a session's pause points."""
+def check_pause_at(points: str | list[str]) -> list[str]:
+    """Validate a session's pause points (one point may be given as a string)."""
+    points = [points] if isinstance(points, str) else points
+    if not isinstance(points, list | tuple) or not all(isinstance(p, str) for p in points):
+        raise HumanActionError(f"pause_at must be a pause point or a list of them, got {points!r}")
     if bad := [p for p in points if p not in (*PAUSES, "all")]:
         raise HumanActionError(
             f"unknown pause point(s) {bad}: choose from {', '.join(PAUSES)}, all"

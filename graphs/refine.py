@@ -1,4 +1,4 @@
-"""The refine loop (DESIGN.md), with a person able to take over at three pauses (*):
+"""The refine loop (docs/architecture.md), with a person able to take over at three pauses (*):
 
     begin -> enhance -> *prompt -> generate -> data_cot -> concept_cot -> thesis_cot -> *plan
                 ^                                                                         |
@@ -10,30 +10,43 @@ prompt), generates with the same seed, critiques, edits and validates. The best 
 kept. State holds image hashes, never pixels; each finished iteration is written to the store.
 A session lists its pauses in `pause_at` (graphs/human.py); a pause is LangGraph's `interrupt()`,
 and every node is safe to re-run from its top when a session resumes.
+
+Each node streams custom events (`stream_mode="custom"`): node_started, node_finished and
+diffusion_step (step i of n). A run a LangGraph server drives (`graph` below, as langgraph.json
+names it) keeps the store's status true by itself: paused at a point, running, cancelled, or
+failed with its cause; artloop's runner compiles `builder` and sets the status itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import math
 import time
-from dataclasses import asdict, replace
+from collections import deque
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, TypedDict
+from uuid import UUID
 
 from artloop import agents
 from artloop.agents.schemas import Critique, ImageFacts, Verdict
-from artloop.config import validate_prompt
+from artloop.config import ConfigError, validate_prompt
 from artloop.graphs import human
-from artloop.graphs.context import RefineContext, default_context
+from artloop.graphs.context import RefineContext, RunSettings, for_server, merge_settings
 from artloop.graphs.human import Plan
 from artloop.models.structured import Structured
 from artloop.prompts import PROMPTS_VERSION
+from artloop.tools import leases
 from artloop.tools.accounting import breakdown, ledger
-from artloop.tools.diffusion import GenParams
+from artloop.tools.diffusion import GenParams, on_step
 from artloop.tools.image_facts import measure
 from artloop.tools.images import adjust_tone
 from artloop.tools.rewards import BrokenJudgeError
-from artloop.tools.store import check_run_id, new_run_id
+from artloop.tools.store import TrajectoryStore, check_run_id, new_run_id
+from langchain_core.callbacks import BaseCallbackHandler
+from langgraph.config import get_config
+from langgraph.errors import GraphInterrupt
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
@@ -53,31 +66,102 @@ class RefineState(TypedDict, total=False):
     best_score: float | None
     status: str | None  # None while revising; then accepted | max_iters | plateau
     pause_at: list[str]  # where a person reviews: prompt, plan, verdict, or all
+    settings: dict[str, Any]  # a server's session: its clients' context (RunSettings), merged
 
 
 # --- nodes ------------------------------------------------------------------------------------
+@dataclass
+class _Driven:
+    """A session a run of the server's graph works on (not artloop's runner), and its lease:
+    while the run lasts, the store knows a live process works on it (see tools/leases.py)."""
+
+    store: TrajectoryStore
+    run_id: str
+    lease: leases.Lease
+
+    def end(self, status: str | None = None, error: str | None = None) -> None:
+        if status is not None:
+            self.store.finish_run(self.run_id, status, error=error)
+        self.lease.release()
+
+
+# Server run id (LangGraph's run id, also its callbacks' root run id) -> the session it drives;
+# and the server runs that ended (a node still running in its thread when the server cancelled
+# the run may finish after that: it must not register the run again).
+DRIVEN: dict[str, _Driven] = {}
+ENDED: deque[str] = deque(maxlen=1000)
+
+
+def _context(runtime: Runtime, state: RefineState, name: str) -> tuple[RefineContext, dict | None]:
+    """The node's context; and for a run a server started (with no context, or a client's
+    RunSettings), the session's settings: the client's context applies to the session from the
+    run it came with on (merged over what earlier runs gave; begin starts from none)."""
+    given = runtime.context
+    if isinstance(given, RefineContext):  # artloop's runner
+        return given, None
+    stored = None if name == "begin" else state.get("settings")
+    settings = merge_settings(stored, given if isinstance(given, RunSettings) else None)
+    return for_server(RunSettings(**settings)), settings
+
+
+def _drive(runtime: Runtime, ctx: RefineContext, run_id: str | None) -> None:
+    """The first node of each server run marks its session running (it may have been paused,
+    cancelled or failed before) and registers it for ServerRuns."""
+    info = runtime.execution_info
+    server_run = str(info.run_id) if info is not None and info.run_id is not None else None
+    if server_run is None or run_id is None or server_run in DRIVEN or server_run in ENDED:
+        return
+    lease = leases.Lease(ctx.store, run_id, leases.LEASE_S)
+    lease.acquire()  # RunBusyError if another session works on it: this run changes nothing
+    DRIVEN[server_run] = _Driven(ctx.store, run_id, lease)
+    ctx.store.finish_run(run_id, "running")
+
+
 def node(fn=None, *, persist: bool = False):
-    """Give a node its context (the default one when none is passed) and time it into the step;
+    """Give a node its context and time it into the step, with progress events around it;
     `persist` writes the finished step to the store (an upsert: safe to repeat on resume)."""
     if fn is None:
         return functools.partial(node, persist=persist)
+    name = fn.__name__
 
     def wrapper(state: RefineState, runtime: Runtime[RefineContext]) -> dict:
-        ctx = runtime.context or default_context()
-        with ledger() as spent:  # what the node spends in diffusion, VLM calls, waiting
-            start = time.perf_counter()
-            update = fn(state, ctx)
-            seconds = time.perf_counter() - start
+        ctx, settings = _context(runtime, state, name)
+        managed = settings is None
+        if not managed and name != "begin":  # begin names the session: see below
+            _drive(runtime, ctx, state.get("run_id"))
+        emit = runtime.stream_writer
+        where = {
+            "node": name,
+            "run_id": state.get("run_id"),
+            "iteration": state.get("iteration", 0),
+        }
+        emit({"event": "node_started", **where})
+        # Diffusion steps may be reported from the batcher's thread: emit in this context.
+        in_here = contextvars.copy_context().run
+        token = on_step.set(lambda i, n: in_here(emit, {"event": "diffusion_step", **where,
+                                                        "step": i, "steps": n}))  # fmt: skip
+        try:
+            with ledger() as spent:  # what the node spends in diffusion, VLM calls, waiting
+                start = time.perf_counter()
+                update = fn(state, ctx)
+                seconds = time.perf_counter() - start
+        finally:
+            on_step.reset(token)
         step = update.setdefault("step", dict(state.get("step", {})))
-        step["timings"] = {**step.get("timings", {}), fn.__name__: seconds}
-        step["accounting"] = {**step.get("accounting", {}),
-                              fn.__name__: breakdown(spent, seconds)}  # fmt: skip
+        step["timings"] = {**step.get("timings", {}), name: seconds}
+        step["accounting"] = {**step.get("accounting", {}), name: breakdown(spent, seconds)}
         if persist:
             ctx.store.put_step(state["run_id"], step["iteration"], step)
+        if settings is not None and settings != state.get("settings"):
+            update["settings"] = settings  # for the session's later runs
+        if not managed and name == "begin":
+            _drive(runtime, ctx, update["run_id"])
+        emit({"event": "node_finished", **where, "run_id": update.get("run_id", where["run_id"]),
+              "seconds": seconds})  # fmt: skip
         return update
 
     # Not functools.wraps: LangGraph reads the signature to decide to pass `runtime`.
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    wrapper.__name__, wrapper.__doc__ = name, fn.__doc__
     return wrapper
 
 
@@ -90,21 +174,32 @@ def _agent(step: dict, name: str, result: Structured) -> dict:
                      "agent_seconds": seconds}}  # fmt: skip
 
 
+INPUTS = ("prompt", "pause_at", "run_id")  # what starts a session
+
+
 @node
 def begin(state: RefineState, ctx: RefineContext) -> dict:
     """Complete a bare input ({"prompt": ...}, as `langgraph dev` clients send) with the
-    configured defaults, and register the run in the store (a no-op when the runner did)."""
+    configured defaults, and register the run in the store (a no-op when the runner did).
+    The input is checked first: a refused one leaves nothing in the store. A new input on a
+    server thread whose session has begun starts another session (another run id)."""
+    fresh = "iteration" not in state  # the runner's input, or the thread's first one
+    if fresh and (extra := sorted(set(state) - set(INPUTS))):
+        raise ConfigError(f"{', '.join(extra)}: not an input (a session takes "
+                          f"{', '.join(INPUTS)}; its settings come in the run's context)")  # fmt: skip
     prompt = validate_prompt(state.get("prompt", ""))
-    run_id = check_run_id(state["run_id"]) if state.get("run_id") else new_run_id()
-    ctx.store.create_run(run_id, prompt, {"loop": ctx.loop.model_dump()}, ctx.models(),
-                         PROMPTS_VERSION)  # fmt: skip
+    pause_at = human.check_pause_at(state.get("pause_at") or [])
+    run_id = check_run_id(state["run_id"]) if fresh and state.get("run_id") else new_run_id()
+    config: dict[str, Any] = {"loop": ctx.loop.model_dump()}
+    if (thread := (get_config().get("configurable") or {}).get("thread_id")) != run_id:
+        config["thread_id"] = thread  # a server's thread: how to find the session there
+    ctx.store.create_run(run_id, prompt, config, ctx.models(), PROMPTS_VERSION)
     d = ctx.diffusion_config
     params = GenParams(width=d.width, height=d.height, num_inference_steps=d.steps,
                        guidance_scale=d.guidance_scale, seed=d.seed)  # fmt: skip
     defaults = {"iteration": 0, "current_prompt": None, "feedback": [], "params": asdict(params),
                 "step": {}, "scores": [], "best_image": None, "best_score": None, "status": None}  # fmt: skip
-    pause_at = human.check_pause_at(state.get("pause_at") or [])
-    return {**defaults, **state, "run_id": run_id, "prompt": prompt, "pause_at": pause_at}
+    return {**state, **defaults, "run_id": run_id, "prompt": prompt, "pause_at": pause_at}
 
 
 @node
@@ -119,16 +214,31 @@ def enhance(state: RefineState, ctx: RefineContext) -> dict:
     return _agent(fresh, "enhance", result)
 
 
-def review(state: RefineState, point: str, proposal: dict) -> human.HumanAction:
+def review(state: RefineState, ctx: RefineContext, point: str, proposal: dict) -> human.HumanAction:
     """Pause for a person at `point` when the session asks for it; their checked answer (or the
-    agent's turn when there is no pause). Called first in its node: re-running it is free."""
+    agent's turn when there is no pause). Called first in its node: re-running it is free.
+
+    An invalid answer is asked again (another interrupt, its error in the payload): LangGraph
+    replays this node's earlier answers to their interrupts on each resume, so the loop comes
+    back to the first one still unanswered."""
     if not human.pauses_at(state, point):
         return human.HumanAction()
-    step = state["step"]
-    answer = interrupt({"pause": point, "run_id": state["run_id"], "iteration": step["iteration"],
-                        "image": step.get("image"), "edited_image": step.get("edited_image"),
-                        "proposal": proposal, "actions": list(human.ACTIONS[point])})  # fmt: skip
-    return human.check_action(point, answer)
+    error = None
+    while True:
+        payload = human.pause_payload(point, state, proposal, ctx.store.images,
+                                      ctx.ui_url, error)  # fmt: skip
+        try:
+            answer = interrupt(payload)
+        except GraphInterrupt:  # waiting for a person: say so in the store, and where
+            ctx.store.finish_run(state["run_id"], "paused", pause=payload)
+            raise
+        try:
+            action = human.check_action(point, answer)
+        except human.HumanActionError as e:
+            error = str(e)
+            continue
+        ctx.store.finish_run(state["run_id"], "running")
+        return action
 
 
 @node
@@ -136,7 +246,7 @@ def review_prompt(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
     proposal = {"prompt": step["prompt"], "negative_prompt": step["negative_prompt"],
                 "params": state["params"]}  # fmt: skip
-    action = review(state, "prompt", proposal)
+    action = review(state, ctx, "prompt", proposal)
     step, params = human.apply_to_prompt(step, state["params"], action)
     return {"step": human.record(step, "prompt", action), "params": params}
 
@@ -182,7 +292,7 @@ def thesis_cot(state: RefineState, ctx: RefineContext) -> dict:
 @node
 def review_plan(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
-    action = review(state, "plan", step["agents"]["thesis_cot"])
+    action = review(state, ctx, "plan", step["agents"]["thesis_cot"])
     plan = human.apply_to_plan(step["agents"]["thesis_cot"], action)
     return {"step": human.record({**step, "plan": plan}, "plan", action)}
 
@@ -253,7 +363,7 @@ def decide(state: RefineState, ctx: RefineContext) -> dict:
     the iteration's result, the best so far, and whether to stop."""
     step, loop = state["step"], ctx.loop
     agent_verdict = Verdict.model_validate(step["agents"]["validate"])
-    action = review(state, "verdict", agent_verdict.model_dump())
+    action = review(state, ctx, "verdict", agent_verdict.model_dump())
     verdict = {"agent": agent_verdict.verdict, "accept": "accept", "reject": "reject"}[
         action.action
     ]
@@ -310,7 +420,8 @@ def after_decide(state: RefineState) -> Literal["revise", "accept", "give_up"]:
 
 
 # --- builder ----------------------------------------------------------------------------------
-builder = StateGraph(RefineState, context_schema=RefineContext)
+# The context a server run gets from its client (JSON); artloop's runner passes a RefineContext.
+builder = StateGraph(RefineState, context_schema=RunSettings)
 NODES = (begin, enhance, review_prompt, generate, data_cot, concept_cot, thesis_cot, review_plan, edit,
          validate, decide, record)  # fmt: skip
 for fn in NODES:
@@ -323,5 +434,39 @@ builder.add_conditional_edges(
 )
 builder.add_edge("record", END)
 
-# Without a checkpointer, for `langgraph dev`; artloop's runner compiles with SQLite.
-graph = builder.compile()
+
+# --- the server's graph -------------------------------------------------------------------------
+# How a run stopped from outside ends (the server cancels its task: CancelledError).
+STOPPED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
+
+
+class ServerRuns(BaseCallbackHandler):
+    """The end of each server run that the nodes cannot see: a run the server cancels reads
+    `cancelled` in the store, one that fails `failed` with its cause. (Pauses, answers and the
+    finish are written by the nodes; see `DRIVEN`.)"""
+
+    run_inline = True  # a status write, at once: the run may be torn down next
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None,
+                     **kwargs: Any) -> None:  # fmt: skip
+        if parent_run_id is None:
+            ENDED.append(str(run_id))
+            if (session := DRIVEN.pop(str(run_id), None)) is not None:
+                session.end()
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID,
+                       parent_run_id: UUID | None = None, **kwargs: Any) -> None:  # fmt: skip
+        if parent_run_id is not None:
+            return
+        ENDED.append(str(run_id))
+        if (session := DRIVEN.pop(str(run_id), None)) is None:
+            return
+        if isinstance(error, STOPPED):
+            session.end("cancelled")
+        else:
+            session.end("failed", " ".join(f"{type(error).__name__}: {error}".split())[:2000])
+
+
+# Without a checkpointer, for `langgraph dev` (it brings its own); artloop's runner compiles
+# `builder` with its checkpointer and keeps the store's status itself.
+graph = builder.compile().with_config(callbacks=[ServerRuns()])

@@ -210,7 +210,7 @@ def run_session(
         status = values.get("status") or "running"
         if state.next:  # waiting for a person, or stopped by interrupt_before: not finished
             status = "paused" if pause else "interrupted"
-            ctx.store.finish_run(run_id, status)
+            ctx.store.finish_run(run_id, status, pause=pause)
     return RunSummary(
         run_id=run_id, status=status, iterations=len(values.get("scores", [])),
         scores=values.get("scores", []), best_score=values.get("best_score"),

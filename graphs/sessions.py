@@ -51,10 +51,13 @@ def view(store: TrajectoryStore, run_id: str) -> SessionView:
     with open_checkpointer(store) as saver:
         snapshot = _graph(saver).get_state(_thread(run_id))
     values = snapshot.values or {}
+    pause = pending_pause(snapshot) if snapshot.next else None
+    if not values and run["status"] == "paused":  # a server's session: its pause is stored
+        pause = run["pause"]
     return SessionView(
         run_id=run_id, status=run["status"], prompt=run["prompt"],
-        iteration=values.get("iteration", 0), next=list(snapshot.next),
-        pause=pending_pause(snapshot) if snapshot.next else None, steps=run["steps"],
+        iteration=values.get("iteration", 0 if pause is None else pause["iteration"]),
+        next=list(snapshot.next), pause=pause, steps=run["steps"],
         best_image=values.get("best_image", run["final_image"]),
         best_score=values.get("best_score", run["best_score"]),
     )  # fmt: skip

@@ -143,3 +143,31 @@ def test_same_seed_replays_the_same_images(store, sd_tool):
     b = run_session(make_ctx(store, sd_tool, ScriptedChat(scripts=chat.scripts)), prompt="a fox")
     step_a, step_b = (store.get_run(s.run_id)["steps"][0] for s in (a, b))
     assert (step_a["image"], step_a["edited_image"]) == (step_b["image"], step_b["edited_image"])
+
+
+def test_a_context_keeps_what_the_caller_gave(monkeypatch, tmp_path):
+    """A part left out is filled from the configured defaults, and only that part: a chat and
+    a loop without a diffusion tool keep that chat and that loop."""
+    from artloop.config import LoopConfig
+    from artloop.graphs import context
+    from artloop.graphs.context import RefineContext
+
+    def forget() -> None:  # the defaults are read once per process: from this environment here
+        for name in ("default_config", "default_context"):
+            if hasattr(context, name):
+                getattr(context, name).cache_clear()
+
+    monkeypatch.setenv("ARTLOOP_HOME", str(tmp_path / "configured"))
+    monkeypatch.setenv("ARTLOOP_DIFFUSION__STEPS", "7")
+    forget()
+    try:
+        chat = ScriptedChat()
+        ctx = RefineContext(chat=chat, loop=LoopConfig(max_iters=9, judge="darkness"))
+        assert ctx.chat is chat
+        assert (ctx.loop.max_iters, ctx.loop.judge) == (9, "darkness")
+        base = context.default_context()
+        assert ctx.diffusion is base.diffusion and ctx.store is base.store  # built once
+        assert ctx.store.home == tmp_path / "configured" and ctx.diffusion_config.steps == 7
+        assert ctx.vlm_slots is None  # the caller's chat: not the default chat's call slots
+    finally:
+        forget()

@@ -25,7 +25,7 @@ def test_a_person_takes_every_decision(store, sd_tool):
     ctx = make_ctx(store, sd_tool, chat, max_iters=2)
     s = run_session(ctx, prompt="a red fox", pause_at=["all"])
     assert s.status == "paused" and s.pause["pause"] == "prompt"
-    assert s.pause["proposal"]["prompt"] and s.pause["actions"] == ["agent", "edit"]
+    assert s.pause["proposal"]["prompt"] and list(s.pause["actions"]) == ["agent", "edit"]
     assert store.get_run(s.run_id)["status"] == "paused"
 
     s = run_session(ctx, run_id=s.run_id, answer={"action": "edit", "prompt": "a blue fox at dusk",
@@ -240,3 +240,29 @@ def test_an_unreachable_postgres_is_a_clear_error(tmp_path, store):
         bad.create_run("0123456789abcdef", "a fox", {}, {}, "v")
         sessions.view(bad, "0123456789abcdef")
     assert "s3cret" not in str(e.value)
+
+
+# --- boxes: one check, one policy ------------------------------------------------------------
+@pytest.mark.parametrize(("box", "clipped", "refused"), [
+    ([-50, 20, 1500, 400], [0, 20, 1000, 400], "is outside 0-1000"),
+    ([600, 0, 500, 500.4], [500, 0, 600, 500], "is inverted"),
+])  # fmt: skip
+def test_model_boxes_are_clipped_and_a_persons_refused(sd_tool, box, clipped, refused):
+    """One function checks every box: a model's output is repaired, a person's answer (and a
+    direct tool call) with the same box is refused, with the same message."""
+    from artloop.agents.schemas import RegionalEdit
+    from artloop.graphs.human import Region, check_action
+    from artloop.tools.diffusion import GenParams, check_box
+
+    assert check_box(box, clip=True) == clipped
+    assert RegionalEdit(box=box, prompt="x", strength=0.5).box == clipped
+    for refuse in (
+        lambda: check_box(box),
+        lambda: Region(box=box, prompt="x"),
+        lambda: sd_tool.inpaint("0" * 64, tuple(box), "x", "", GenParams(), 0.5),
+    ):
+        with pytest.raises(ValueError, match=rf"box \[.*\] {refused}"):
+            refuse()
+    answer = {"action": "edit", "regions": [{"box": box, "prompt": "x"}]}
+    with pytest.raises(HumanActionError, match=f"regions.0.box: Value error, box .* {refused}"):
+        check_action("plan", answer)

@@ -11,7 +11,9 @@ import inspect
 import json
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,9 @@ MIN_SIDE, MAX_SIDE = 64, 2048
 # Latents are 8x smaller than pixels; FLUX also packs 2x2 latent patches.
 SIZE_MULTIPLE = {"sd": 8, "sdxl": 8, "flux": 16}
 DTYPES = ("float32", "float16", "bfloat16")
+# Told of each denoising step (step, steps) of the images asked for in this context: the refine
+# graph's progress events. Read in the caller's thread, so a batched call tells each caller.
+on_step: ContextVar[Callable[[int, int], None] | None] = ContextVar("artloop_on_step", default=None)
 
 
 @dataclass
@@ -44,9 +49,36 @@ class DiffusionError(RuntimeError):
     """A generation could not be done; the message names the model, input or parameter."""
 
 
+class BoxError(DiffusionError, ValueError):
+    """Not a usable box; the message says why (a ValueError too: pydantic validators raise it)."""
+
+
+def check_box(box: Any, *, clip: bool = False) -> list[int]:
+    """The one box check. Boxes are [x1, y1, x2, y2], normalised to 0-1000 (Qwen2-VL's
+    convention, top-left origin); fractions are rounded. The policy: a model's output is
+    repaired (`clip=True`: clipped to 0-1000, corners ordered), anything else (a person's
+    answer, a tool call) must already be a box (out of range or inverted: BoxError). A box
+    that is not four numbers, or that has no area, is refused either way."""
+    if not isinstance(box, list | tuple) or len(box) != 4:
+        raise BoxError(f"a box is four numbers [x1, y1, x2, y2], got {box!r}")
+    try:
+        x1, y1, x2, y2 = (round(float(v)) for v in box)
+    except (TypeError, ValueError, OverflowError):
+        raise BoxError(f"box coordinates must be numbers, got {box!r}") from None
+    if clip:
+        x1, x2 = sorted(min(1000, max(0, v)) for v in (x1, x2))
+        y1, y2 = sorted(min(1000, max(0, v)) for v in (y1, y2))
+    elif not all(0 <= v <= 1000 for v in (x1, y1, x2, y2)):
+        raise BoxError(f"box {list(box)} is outside 0-1000 (coordinates normalised to 1000)")
+    if x1 >= x2 or y1 >= y2:
+        what = "has no area" if clip or x1 == x2 or y1 == y2 else "is inverted"
+        raise BoxError(f"box {list(box)} {what}: need x1 < x2 and y1 < y2")
+    return [x1, y1, x2, y2]
+
+
 def box_mask(box: tuple[int, int, int, int], width: int, height: int) -> Image.Image:
     """An L-mode mask, white inside `box` (x1, y1, x2, y2 normalised to 0-1000, as Qwen2-VL)."""
-    x1, y1, x2, y2 = _check_box(box)
+    x1, y1, x2, y2 = check_box(box)
     mask = Image.new("L", (width, height), 0)
     left, top = round(x1 * width / 1000), round(y1 * height / 1000)
     right, bottom = round(x2 * width / 1000), round(y2 * height / 1000)
@@ -54,18 +86,6 @@ def box_mask(box: tuple[int, int, int, int], width: int, height: int) -> Image.I
     right, bottom = max(right, left + 1), max(bottom, top + 1)
     ImageDraw.Draw(mask).rectangle((left, top, right - 1, bottom - 1), fill=255)
     return mask
-
-
-def _check_box(box: Any) -> tuple[int, int, int, int]:
-    try:
-        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-    except (TypeError, ValueError) as e:
-        raise DiffusionError(f"box {box!r} is not four numbers (x1, y1, x2, y2)") from e
-    if not all(0 <= v <= 1000 for v in (x1, y1, x2, y2)):
-        raise DiffusionError(f"box {box!r} is outside 0-1000 (coordinates normalised to 1000)")
-    if not (x1 < x2 and y1 < y2):
-        raise DiffusionError(f"box {box!r} is empty: need x1 < x2 and y1 < y2")
-    return x1, y1, x2, y2
 
 
 def _one_line(e: BaseException) -> str:
@@ -283,13 +303,14 @@ class DiffusionTool:
         negative_prompt: str | None
         seed: int
         inputs: tuple[tuple[str, Any], ...] = ()  # per-image pipeline inputs (image, mask_image)
+        on_step: Callable[[int, int], None] | None = field(default=None, compare=False)
 
     def _run(self, task: str, prompt: str, negative_prompt: str, params: GenParams,
              inputs: dict[str, Any] | None = None, **shared: Any) -> Image.Image:  # fmt: skip
         """One image; with batching on, it shares a pipeline call with concurrent requests that
         agree on everything but prompts, seeds and input images (same seeds: same images)."""
         sample = self._Sample(prompt, negative_prompt or None, int(params.seed),
-                              tuple((inputs or {}).items()))  # fmt: skip
+                              tuple((inputs or {}).items()), on_step.get())  # fmt: skip
         common = {"num_inference_steps": params.num_inference_steps,
                   "guidance_scale": params.guidance_scale, "true_cfg_scale": params.true_cfg_scale,
                   "max_sequence_length": self.max_sequence_length, **shared}  # fmt: skip
@@ -322,6 +343,14 @@ class DiffusionTool:
         }
         for name in dict(samples[0].inputs):
             kwargs[name] = [dict(s.inputs)[name] for s in samples]
+        if hooks := [s.on_step for s in samples if s.on_step is not None]:
+
+            def step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+                for hook in hooks:
+                    hook(step + 1, pipe.num_timesteps)
+                return tensors
+
+            kwargs["callback_on_step_end"] = step_end
         # Families differ (FLUX: true_cfg_scale, max_sequence_length; SD img2img: no size):
         # pass what this pipeline names; unset options keep the pipeline's defaults.
         accepted = inspect.signature(pipe.__call__).parameters
@@ -379,7 +408,7 @@ class DiffusionTool:
         strength: float,
     ) -> str:
         """Repaint the box (0-1000 normalised) of a stored image; pixels away from it are kept."""
-        _check_box(box)
+        check_box(box)
         self._check_params(params, strength)
         width, height = self._size(params)
         init = self._image(image, (width, height))

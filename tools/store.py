@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS runs (
     prompts_version TEXT NOT NULL,
     final_image TEXT,              -- sha256 of the best image
     best_score REAL,
-    error TEXT
+    error TEXT,
+    pause TEXT                     -- JSON: where a paused run waits (its interrupt's payload)
 );
 CREATE TABLE IF NOT EXISTS steps (
     run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
@@ -99,6 +100,8 @@ class TrajectoryStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
             db.executescript(SCHEMA)
+            if "pause" not in {c["name"] for c in db.execute("PRAGMA table_info(runs)")}:
+                db.execute("ALTER TABLE runs ADD COLUMN pause TEXT")  # a store made before it
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -148,13 +151,16 @@ class TrajectoryStore:
         final_image: str | None = None,
         best_score: float | None = None,
         error: str | None = None,
+        pause: dict | None = None,
     ) -> None:
+        """Set a run's status (`pause`: where a paused one waits, its interrupt's payload)."""
         with self._connect() as db:
             db.execute(
                 "UPDATE runs SET status = ?, final_image = ?, best_score = ?, error = ?, "
-                "updated_at = ? WHERE run_id = ?",
-                (status, final_image, best_score, error, time.time(), check_run_id(run_id)),
-            )
+                "pause = ?, updated_at = ? WHERE run_id = ?",
+                (status, final_image, best_score, error, pause and json.dumps(pause),
+                 time.time(), check_run_id(run_id)),
+            )  # fmt: skip
 
     def revoke(self, run_id: str, error: str) -> None:
         """Mark a finished run failed (its verdicts are not to be trusted), keeping its steps,
@@ -176,11 +182,36 @@ class TrajectoryStore:
             steps = db.execute(
                 "SELECT record FROM steps WHERE run_id = ? ORDER BY iteration", (run_id,)
             ).fetchall()
-        run = dict(row)
+            run = self._as_read(db, [dict(row)])[0]
         for key in ("config", "models"):
             run[key] = json.loads(run[key])
+        run["pause"] = json.loads(run["pause"]) if run.get("pause") else None
         run["steps"] = [json.loads(s["record"]) for s in steps]
         return run
+
+    @staticmethod
+    def _as_read(db: sqlite3.Connection, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A `running` run that no process works on any more (its process was killed: it holds
+        no lease, or one whose process on this host is gone) reads `interrupted`, saying so.
+        Only read so: the next session on it writes its status."""
+        from artloop.tools.leases import HOST, _alive  # leases imports this module
+
+        running = [r for r in runs if r["status"] == "running"]
+        if not running:
+            return runs
+        try:
+            marks = ", ".join("?" * len(running))
+            held = {lease["run_id"]: lease for lease in db.execute(
+                f"SELECT run_id, pid, host FROM leases WHERE run_id IN ({marks})",
+                [r["run_id"] for r in running])}  # fmt: skip
+        except sqlite3.OperationalError:  # a store made before leases: nothing holds its runs
+            held = {}
+        for run in running:
+            lease = held.get(run["run_id"])
+            if lease is None or (lease["host"] == HOST and not _alive(lease["pid"])):
+                run["status"] = "interrupted"
+                run["error"] = "stopped without finishing: the process working on it is gone"
+        return runs
 
     def delete_run(self, run_id: str) -> None:
         """Remove a run and its steps (images stay: they are shared by content hash)."""
@@ -193,9 +224,14 @@ class TrajectoryStore:
     def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
         with self._connect() as db:
             rows = db.execute(
-                "SELECT r.run_id, r.prompt, r.status, r.created_at, r.best_score, "
-                "(SELECT COUNT(*) FROM steps s WHERE s.run_id = r.run_id) AS iterations "
-                "FROM runs r ORDER BY r.created_at DESC LIMIT ?",
+                "SELECT r.*, (SELECT COUNT(*) FROM steps s WHERE s.run_id = r.run_id) "
+                "AS iterations FROM runs r ORDER BY r.created_at DESC LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [dict(r) for r in rows]
+            runs = self._as_read(db, [dict(r) for r in rows])
+        keys = ("run_id", "prompt", "status", "created_at", "best_score", "iterations", "error")
+        listed = []
+        for row in runs:  # a store made before the `pause` column has none
+            pause = json.loads(row["pause"]) if row.get("pause") else None
+            listed.append({k: row[k] for k in keys} | {"paused_at": pause and pause["pause"]})
+        return listed
