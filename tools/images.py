@@ -1,6 +1,6 @@
 """Content-addressed image store: PNG files named by the sha256 of their bytes.
 
-Graph state and trajectories hold these hashes, never pixels (DESIGN.md, Data).
+Graph state and trajectories hold these hashes, never pixels (docs/architecture.md, section 2).
 """
 
 from __future__ import annotations
