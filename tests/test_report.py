@@ -3,6 +3,7 @@ and written by `artloop run` after a plan with global tone factors."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from artloop.cli import app
 from artloop.graphs.runner import run_session
+from artloop.tools.leases import hold_run
 from artloop.tools.report import write_report
 from conftest import make_ctx
 from fakes import DEFAULTS, ScriptedChat
@@ -71,7 +73,9 @@ def test_report_renders_for_every_status(run, status):
                      best_score=done["best_score"] if finished else None,
                      error="boom: the server went away" if status == "failed" else None)  # fmt: skip
     try:
-        text = report_text(store, run_id)
+        # A run reads `running` only while a process holds it (else it reads `interrupted`).
+        with hold_run(store, run_id) if status == "running" else contextlib.nullcontext():
+            text = report_text(store, run_id)
         assert f"status <b>{status}</b>" in text and "tone (exposure 0.60" in text
         assert ("best score" in text) == finished and ("final (best) image" in text) == finished
         assert ("boom: the server went away" in text) == (status == "failed")
