@@ -2,7 +2,9 @@
 images" = darkness) collect trajectories; sft / dpo / ddpo LoRAs trained on their exports are
 scored against the base on held-out prompts and seeds, with no loop. Prints, side by side: the
 loop's mean gain, each LoRA's mean change, and that change as a share of the loop gain, for each
-training seed. The study itself is artloop.trainers.effect.
+training seed, then the study's checks on each seed's figures (effect_study.check: the loop
+darkens, sft carries half its gain, dpo and ddpo move toward darker beyond noise; they were
+tests/test_effect.py's assertions): exit status 1 if one fails. The study is bench/effect_study.py.
 
     .venv/bin/python bench/measured_effect.py [--sessions 8] [--seeds 0 1 2] [--agents scripted]
 """
@@ -11,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from artloop.trainers.effect import EffectStudy, run_study
+from effect_study import EffectStudy, check, run_study
 
 
 def main() -> None:
@@ -40,10 +43,20 @@ def main() -> None:
             f = figures[k]
             print(f"  {k:5s}: mean change {f['mean_change']:+.4f} (std {f['std_change']:.4f}, "
                   f"{f['cells']} held-out cells) = {f['share_of_loop_gain']:.2f} x loop gain")  # fmt: skip
+        figures["checks"] = [
+            {"claim": c, "holds": ok, "seen": seen} for c, ok, seen in check(figures)
+        ]
+        for c in figures["checks"]:
+            print(f"  {'ok  ' if c['holds'] else 'FAIL'} {c['claim']}: {c['seen']}")
         print(f"  ({figures['seconds']:.0f} s; work dir {work})", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(runs, indent=2))
     print(f"written {args.out}")
+    failed = [
+        f"seed {r['seed']}: {c['claim']}" for r in runs for c in r["checks"] if not c["holds"]
+    ]
+    if failed:
+        sys.exit("checks failed: " + "; ".join(failed))
 
 
 if __name__ == "__main__":

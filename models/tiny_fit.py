@@ -5,7 +5,7 @@ at ~1.2, and an sft LoRA trained on images 0.2 darker changed held-out darkness 
 wrong way; bench/measured_effect.py on tiny-sd). Fitted for 300 steps to smooth random colour
 fields (v-prediction loss 0.97 -> ~0.38), the model samples images whose brightness spread is the
 data's, a distribution fine-tuning can shift, as with a real pretrained model. Used where a
-measured effect must show on the tiny stack (trainers/effect.py, tests/test_effect.py);
+measured effect must show on the tiny stack (bench/effect_study.py, bench/measured_effect.py);
 everything else uses the faster random tiny-sd.
 """
 

@@ -1,4 +1,5 @@
-"""The agent calls both the in-process and the vLLM tests make: 20 per agent, varied inputs."""
+"""The agent calls both the in-process and the vLLM tests make, varied inputs: 20 per agent
+against the vLLM server (the statistics), a few per agent in-process (tests/test_agents.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from artloop.tools.image_facts import measure
 from fakes import DEFAULTS
 from PIL import Image
 
-CALLS = 20
+CALLS = 20  # per agent, against the vLLM server
+FEW_CALLS = 4  # per agent, in-process
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "portrait of an old sailor",
            "a bowl of ramen, studio light", "a city street in the rain"]  # fmt: skip
 
@@ -33,13 +35,15 @@ CASES = {
 }  # fmt: skip
 
 
-def check_answers(schema, results: list[Structured], backend: str) -> None:
-    """Every answer typed and valid; sampled answers differ; the grammar leaves ~no failures."""
-    assert len(results) == CALLS
+def check_answers(schema, results: list[Structured], backend: str, calls: int = CALLS) -> None:
+    """Every answer typed and valid; sampled answers differ; the grammar leaves ~no failures
+    (at most 2 repaired answers in 20 calls, 1 in fewer)."""
+    assert len(results) == calls
     for result in results:
         assert isinstance(result.output, schema) and result.backend == backend
         schema.model_validate(result.output.model_dump())  # round-trips through validation
     outputs = {r.output.model_dump_json() for r in results}
-    assert len(outputs) > CALLS // 2, "sampled answers should differ"
+    assert len(outputs) > calls // 2, "sampled answers should differ"
     failures = sum(r.failures for r in results)
-    assert failures <= 2, f"{failures} invalid answers in {CALLS} calls despite the grammar"
+    allowed = max(1, calls // 10)
+    assert failures <= allowed, f"{failures} invalid answers in {calls} calls despite the grammar"

@@ -154,6 +154,7 @@ def test_concurrent_resumable_and_failures_isolated(store, batching, tmp_path):
     assert len(store.list_runs()) == 5  # nothing duplicated
 
 
+@pytest.mark.slow  # `artloop batch` processes
 def test_cli_batch(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text('a red fox\n{"prompt": "a lighthouse", "seed": 3}\n')
@@ -206,6 +207,7 @@ def test_batcher_takes_everything_that_queued_while_it_was_busy():
     assert list(batcher.sizes) == [1, 4, 2]  # max_batch splits the six that waited
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_batch_and_its_summary_agrees_with_the_store(tmp_path):
     """SIGINT to a real `artloop batch` mid-run: no more sessions start, the running ones stop at
     a checkpoint (`interrupted`), and the summary it prints counts what the store holds; running

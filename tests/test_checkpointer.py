@@ -48,6 +48,7 @@ def test_the_owner_s_saver_is_shared_by_its_sessions_and_closed_when_it_ends(sto
     assert not (store.home / "checkpoints.sqlite-wal").exists()
 
 
+@pytest.mark.postgres
 def test_a_batch_sets_postgres_up_once_and_leaves_no_connection(postgres_url, tmp_path, sd_tool,
                                                                 monkeypatch):  # fmt: skip
     import psycopg

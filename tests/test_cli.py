@@ -28,18 +28,19 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def finished(tmp_path_factory):
     """One real run on the embedded default: tiny Qwen2-VL in-process + tiny SD."""
     home = tmp_path_factory.mktemp("home")
-    proc = cli("run", "a red fox in the snow", "--max-iters", "3", "--home", str(home), "--json",
+    proc = cli("run", "a red fox in the snow", "--max-iters", "2", "--home", str(home), "--json",
                "--tag", "demo")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return home, json.loads(proc.stdout), proc.stderr
 
 
+@pytest.mark.slow  # these share one `artloop run` process on the tiny models
 def test_run_end_to_end(finished):
     home, summary, progress = finished
     assert set(summary) >= {"run_id", "status", "iterations", "scores", "best_score", "report"}
     assert summary["status"] in ("accepted", "max_iters", "plateau")
     run = TrajectoryStore(home).get_run(summary["run_id"])
-    assert 1 <= len(run["steps"]) == summary["iterations"] <= 3
+    assert 1 <= len(run["steps"]) == summary["iterations"] <= 2
     for i, step in enumerate(run["steps"]):
         assert step["iteration"] == i and set(step["agents"]) == AGENTS
         assert step["image"] in TrajectoryStore(home).images
@@ -66,6 +67,7 @@ def test_run_end_to_end(finished):
         assert re.search(rf"\[iter 1\] {name}\s+\d+\.\d\ds", progress), name
 
 
+@pytest.mark.slow
 def test_report_shows_every_iteration(finished):
     home, summary, _ = finished
     html = Path(summary["report"]).read_text()
@@ -79,6 +81,7 @@ def test_report_shows_every_iteration(finished):
             assert f"<h3>{agent}</h3>" in html
 
 
+@pytest.mark.slow
 def test_show(finished):
     home, summary, _ = finished
     runner = CliRunner()
@@ -90,6 +93,7 @@ def test_show(finished):
     assert summary["run_id"] in listing.stdout
 
 
+@pytest.mark.slow
 def test_run_with_flux(tmp_path):
     proc = cli("run", "a lighthouse", "--max-iters", "1", "--diffusion-model", "tiny-flux",
                "--home", str(tmp_path), "--json")  # fmt: skip
@@ -143,6 +147,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_clearly_and_lose_nothing(finished, tmp_path, monkeypatch):
     home, summary, _ = finished
     before = TrajectoryStore(home).get_run(summary["run_id"])

@@ -20,6 +20,7 @@ import pytest
 from artloop.tools.store import TrajectoryStore
 from conftest import free_port
 
+pytestmark = pytest.mark.slow  # each test starts `langgraph dev`
 ROOT = Path(__file__).resolve().parents[1]
 ARTLOOP = str(Path(sys.executable).with_name("artloop"))
 # The scripted chat (tests/fakes' model, shipped in the package) and tiny images: fast sessions.

@@ -55,10 +55,11 @@ def _branches(store: TrajectoryStore, run_id: str) -> int:
     return len(parents) - len(set(parents))
 
 
+@pytest.mark.slow  # `artloop resume` processes
 def test_two_resumes_at_once_one_works_the_other_names_the_holder(tmp_path, sd_tool):
     store = TrajectoryStore(tmp_path / "home")
     rid = _interrupted_run(store, sd_tool)
-    cfg = _config(tmp_path, delay_s=1.0)  # ~10 s of work: the two processes overlap
+    cfg = _config(tmp_path, delay_s=0.5)  # ~5 s of work: the two processes overlap
     args = [ARTLOOP, "resume", rid, "--config", str(cfg), "--json"]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=ENV) for _ in range(2)]  # fmt: skip
@@ -81,10 +82,11 @@ def _leases(store: TrajectoryStore) -> list[tuple]:
         return db.execute("SELECT run_id, pid, host FROM leases").fetchall()
 
 
+@pytest.mark.slow
 def test_a_sigkilled_holder_does_not_block_the_run(tmp_path, sd_tool):
     store = TrajectoryStore(tmp_path / "home")
     rid = _interrupted_run(store, sd_tool)
-    cfg = _config(tmp_path, delay_s=0.5)
+    cfg = _config(tmp_path, delay_s=0.2)  # ~2 s of work: killed at its first sign of holding
     args = [ARTLOOP, "resume", rid, "--config", str(cfg), "--json"]
     holder = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.monotonic() + 300

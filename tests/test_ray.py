@@ -15,6 +15,8 @@ from artloop.tools.diffusion import DiffusionError, GenParams
 from conftest import make_ctx, verdict
 from fakes import ScriptedChat
 
+pytestmark = pytest.mark.ray  # a local Ray instance (and so slow)
+
 
 @pytest.fixture(scope="module")
 def ray_local():

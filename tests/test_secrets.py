@@ -61,6 +61,7 @@ def test_the_store_masks_what_any_caller_gives_it(store):
     assert run["config"]["chat"]["custom_kwargs"]["api_key"] == "***"
 
 
+@pytest.mark.slow  # `artloop` processes
 def test_a_cli_run_leaves_no_configured_secret_anywhere(tmp_path):
     """A real run, show, list and export: no file under the home or the export, and no output,
     holds any of the secrets configured."""
@@ -101,6 +102,7 @@ HF_TOKEN = "{S_ENV}"
         assert not [p for p in outputs if secret in p.stdout + p.stderr], secret
 
 
+@pytest.mark.slow
 def test_custom_class_must_be_a_chat_model_before_it_is_called(tmp_path):
     """`os:system` with a command as its kwarg: refused in one line, the command never runs."""
     marker = tmp_path / "ran"

@@ -138,6 +138,7 @@ def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
                           timeout=600, env=ENV)  # fmt: skip
 
 
+@pytest.mark.slow  # CLI processes
 def test_terminal_session_asks_at_each_pause(tmp_path):
     home = str(tmp_path / "home")
     # prompt pause: edit -> prompt, negative (kept), seed 7, steps and guidance (kept);
@@ -156,6 +157,7 @@ def test_terminal_session_asks_at_each_pause(tmp_path):
     assert shown["steps"][0]["human"]["verdict"] == {"action": "accept"}
 
 
+@pytest.mark.slow
 def test_a_killed_session_resumes_at_its_pause(tmp_path):
     home = str(tmp_path / "home")
     proc = subprocess.Popen([ARTLOOP, "session", "new", "a red fox", "--home", home,
@@ -206,6 +208,7 @@ def test_a_killed_session_resumes_at_its_pause(tmp_path):
 
 
 # --- sessions on a shared server: the Postgres checkpointer -------------------------------------
+@pytest.mark.postgres
 def test_sessions_in_postgres(postgres_url, tmp_path, sd_tool):
     home = tmp_path / "home"
     ctx = make_ctx(TrajectoryStore(home, checkpointer=postgres_url), sd_tool,

@@ -121,6 +121,7 @@ def test_flux_resolution_must_fit_its_patches(tmp_path):
         load_base(SFTConfig(data="x", output_dir=str(tmp_path), model="tiny-flux", resolution=72))
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_two_processes_under_torchrun(sft_data, tmp_path):
     """Data parallel on CPU (gloo): two processes, each its own batches, gradients averaged, so
     the LoRA is the same in both; one summary and one LoRA written."""

@@ -20,7 +20,7 @@ import pytest
 from artloop.serve.guard import LoginLimiter
 from artloop.serve.ui import UIError, box_from_clicks, serve
 from artloop.tools.store import TrajectoryStore
-from conftest import free_port
+from conftest import free_port, require
 from test_limits import blank_png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +30,11 @@ SHOTS = ROOT / "test-artefacts" / "ui"
 
 def chromium() -> str:
     path = os.environ.get("ARTLOOP_CHROMIUM") or shutil.which("chromium")
-    if not path:
-        pytest.fail("no chromium: run scripts/apt-ensure.sh chromium (Debian's package)")
+    require(
+        path and os.path.isfile(path),
+        f"no chromium at {path}" if path else "no chromium on PATH",
+        "run scripts/apt-ensure.sh chromium (Debian's package; ./test.sh does) or set ARTLOOP_CHROMIUM",
+    )
     return path
 
 
@@ -79,7 +82,8 @@ def page():
         browser.close()
 
 
-def test_a_person_draws_a_box_and_accepts(ui, page):
+@pytest.mark.browser
+def test_a_person_draws_a_box_and_accepts(page, ui):  # no server started without a browser
     from playwright.sync_api import expect
 
     url, store, _ = ui
@@ -147,6 +151,7 @@ def png(width: int, height: int, name: str = "a.png") -> dict:
     return {"files": (name, blank_png(width, height), "image/png")}
 
 
+@pytest.mark.slow  # `artloop serve ui` starts for real
 @pytest.mark.parametrize("ui", [("file", TOKEN)], indirect=True)
 def test_token_login_and_upload_limits(ui):
     """The token comes from a file (never argv); every route that takes a file caps its size
@@ -182,6 +187,7 @@ def test_token_login_and_upload_limits(ui):
     assert refused.status_code == 413 and "4096x4096" in refused.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ui", ["s3cret"], indirect=True)
 def test_failed_logins_are_limited(ui):
     """30 wrong passwords in a row: after 5 the client is refused (429) without a check, the

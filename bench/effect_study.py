@@ -4,14 +4,27 @@ draws the improved image directly, with no loop at inference).
 The preference is measurable: "dark, subdued images", scored by darkness (1 - mean luma). Loop
 sessions judged by darkness collect trajectories; their exports train sft, dpo and ddpo LoRAs;
 base vs base + LoRA are scored on held-out prompts and seeds, and compared with the loop's gain.
-bench/measured_effect.py prints the figures; tests/test_effect.py asserts them.
+bench/measured_effect.py runs it, prints the figures and the checks below (once a test,
+tests/test_effect.py: a ~5-minute study, out of the default suite since issue 16).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from artloop.config import ArtloopConfig
+from artloop.graphs.context import build_context
+from artloop.graphs.runner import run_session
+from artloop.tools.export import ExportFilters, export_dataset
+from artloop.tools.store import TrajectoryStore
+from artloop.trainers.ddpo import DDPOConfig, train_ddpo
+from artloop.trainers.dpo import DPOConfig, train_dpo
+from artloop.trainers.evaluate import EvalConfig, evaluate
+from artloop.trainers.sft import SFTConfig, train_sft
 
 # A Thesis-CoT plan that only darkens: no regional edits, no img2img (strength 0). The tiny
 # random Qwen2-VL never proposes tone edits, so a scripted planner gives the loop a gain to learn.
@@ -54,10 +67,6 @@ class EffectStudy:
 
 def collect(study: EffectStudy) -> list[float]:
     """Loop sessions judged by darkness; returns each one's gain over its first image."""
-    from artloop.config import ArtloopConfig
-    from artloop.graphs.context import build_context
-    from artloop.graphs.runner import run_session
-
     chat = {} if study.agents == "tiny-vlm" else {
         "backend": "custom", "custom_class": "artloop.models.scripted:ScriptedChat",
         "custom_kwargs": {"scripts": {"EditPlan": [DARKEN_PLAN]}}}  # fmt: skip
@@ -79,14 +88,6 @@ def collect(study: EffectStudy) -> list[float]:
 def run_study(study: EffectStudy) -> dict[str, Any]:
     """Collect, export, train, evaluate. Returns the loop's gains, the base's held-out scores and
     each LoRA's paired changes (same prompt and seed) with their share of the loop's mean gain."""
-    import numpy as np
-    from artloop.tools.export import ExportFilters, export_dataset
-    from artloop.tools.store import TrajectoryStore
-    from artloop.trainers.ddpo import DDPOConfig, train_ddpo
-    from artloop.trainers.dpo import DPOConfig, train_dpo
-    from artloop.trainers.evaluate import EvalConfig, evaluate
-    from artloop.trainers.sft import SFTConfig, train_sft
-
     work = study.work_dir
     gains = collect(study)
     store = TrajectoryStore(work / "home")
@@ -119,3 +120,25 @@ def run_study(study: EffectStudy) -> dict[str, Any]:
         figures[name] = {"mean_change": float(delta.mean()), "std_change": float(delta.std()),
                          "cells": len(delta), "share_of_loop_gain": float(delta.mean() / loop_gain)}  # fmt: skip
     return figures
+
+
+def noise_margin(f: dict[str, Any]) -> float:
+    """Three standard errors of a LoRA's paired mean change: what noise could explain."""
+    return 3 * f["std_change"] / math.sqrt(f["cells"])
+
+
+def check(figures: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """The study's claims on its figures (the assertions tests/test_effect.py made, for the
+    default study: 8 scripted sessions on tiny-sd-fit): (claim, holds, the figures it read)."""
+    least = min(figures["loop_gains"])
+    checks = [("the loop darkens (each gain > 0.1)", least > 0.1, f"least gain {least:+.4f}")]
+    if "sft" in figures:
+        share = figures["sft"]["share_of_loop_gain"]
+        checks.append(("sft carries at least half the loop gain", share >= 0.5, f"{share:.2f} x"))
+    for name in ("dpo", "ddpo"):
+        if name in figures:
+            change, margin = figures[name]["mean_change"], noise_margin(figures[name])
+            holds = change > 0.005 and change > margin
+            seen = f"change {change:+.4f}, 3 s.e. {margin:.4f}"
+            checks.append((f"{name} moves toward darker (> 0.005 and > 3 s.e.)", holds, seen))
+    return checks
