@@ -44,8 +44,12 @@ class _Commands(TyperGroup):
             _debug.reset(token)
 
 
-app = typer.Typer(help="Improve text-to-image models with AI feedback.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, cls=_Commands)  # fmt: skip
+app = typer.Typer(
+    help="Improve text-to-image models with AI feedback.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    cls=_Commands,
+)
 serve_app = typer.Typer(help="Servers: the vLLM server for the agents' VLM.", no_args_is_help=True)
 models_app = typer.Typer(
     help="The tiny offline models (the embedded default).", no_args_is_help=True
@@ -172,9 +176,17 @@ Ask = Any  # (pause payload, store) -> an answer dict, None (the agent decides) 
 QUIT = object()
 
 
-def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quiet: bool,
-             pause_at: list[str] | None = None, answer: dict | None = None,
-             ask: Ask | None = None) -> None:  # fmt: skip
+def _execute(
+    cfg,
+    *,
+    prompt: str | None,
+    run_id: str | None,
+    as_json: bool,
+    quiet: bool,
+    pause_at: list[str] | None = None,
+    answer: dict | None = None,
+    ask: Ask | None = None,
+) -> None:
     """Start or resume a session and report it. A session that pauses for a person is handed
     to `ask` at each pause (or left paused when there is none)."""
     from artloop.config import ConfigError
@@ -200,8 +212,15 @@ def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quie
     progress = None if quiet else _progress
     try:
         with open_checkpointer(ctx.store):  # this command's one saver, closed when it ends
-            summary = run_session(ctx, prompt=prompt, run_id=run_id, config=cfg.public_dict(),
-                                  on_update=progress, pause_at=pause_at, answer=answer)  # fmt: skip
+            summary = run_session(
+                ctx,
+                prompt=prompt,
+                run_id=run_id,
+                config=cfg.public_dict(),
+                on_update=progress,
+                pause_at=pause_at,
+                answer=answer,
+            )
             while summary.status == "paused" and ask is not None:
                 reply = ask(summary.pause, ctx.store)
                 if reply is QUIT:
@@ -222,13 +241,17 @@ def _execute(cfg, *, prompt: str | None, run_id: str | None, as_json: bool, quie
         fail(f"{type(e).__name__}: {e} (continue with: artloop resume {run_id})", code=1)
     report = write_report(ctx.store, summary.run_id)
     if summary.status == "paused":
-        err.print(f"run [bold]{summary.run_id}[/] is paused at {summary.pause['pause']}; "
-                  f"continue with: artloop session resume {summary.run_id}")  # fmt: skip
+        err.print(
+            f"run [bold]{summary.run_id}[/] is paused at {summary.pause['pause']}; "
+            f"continue with: artloop session resume {summary.run_id}"
+        )
     if as_json:
         print(json.dumps({**asdict(summary), "report": str(report), "home": str(cfg.home)}))
     else:
-        err.print(f"run [bold]{summary.run_id}[/]: {summary.status} after {summary.iterations} "
-                  f"iteration(s), best score {summary.best_score}, {summary.seconds:.1f}s")  # fmt: skip
+        err.print(
+            f"run [bold]{summary.run_id}[/]: {summary.status} after {summary.iterations} "
+            f"iteration(s), best score {summary.best_score}, {summary.seconds:.1f}s"
+        )
         err.print(f"report: {report}")
 
 
@@ -265,11 +288,20 @@ def run(
         prompt = validate_prompt(prompt)
     except ConfigError as e:
         fail(str(e))
-    cfg = _config(config, {
-        "home": home, "loop.max_iters": max_iters, "diffusion.seed": seed,
-        "chat.backend": chat_backend, "chat.model": chat_model, "chat.base_url": base_url,
-        "diffusion.model": diffusion_model, "loop.judge": judge, "tags": tag or None,
-    })  # fmt: skip
+    cfg = _config(
+        config,
+        {
+            "home": home,
+            "loop.max_iters": max_iters,
+            "diffusion.seed": seed,
+            "chat.backend": chat_backend,
+            "chat.model": chat_model,
+            "chat.base_url": base_url,
+            "diffusion.model": diffusion_model,
+            "loop.judge": judge,
+            "tags": tag or None,
+        },
+    )
     _execute(cfg, prompt=prompt, run_id=None, as_json=as_json, quiet=quiet)
 
 
@@ -314,12 +346,16 @@ def show(
         print(json.dumps(run, indent=2))
         return
     out = Console(highlight=False)  # prompts and model output go through printable()
-    out.print(f"[bold]{run['run_id']}[/]  {run['status']}  best {run['best_score']}  "
-              f"{printable(repr(run['prompt']))}")  # fmt: skip
+    out.print(
+        f"[bold]{run['run_id']}[/]  {run['status']}  best {run['best_score']}  "
+        f"{printable(repr(run['prompt']))}"
+    )
     out.print(f"models: {printable(json.dumps(run['models']))}")
     for step in run["steps"]:
-        out.print(f"\n[bold]iteration {step['iteration'] + 1}[/]: {step.get('verdict')} "
-                  f"score {step.get('score')}  seed {step['params']['seed']}")  # fmt: skip
+        out.print(
+            f"\n[bold]iteration {step['iteration'] + 1}[/]: {step.get('verdict')} "
+            f"score {step.get('score')}  seed {step['params']['seed']}"
+        )
         out.print(f"  prompt: {printable(step['prompt'])}")
         out.print(f"  image {step['image']}  ->  edited {step.get('edited_image')}")
         for name, answer in step.get("agents", {}).items():
@@ -327,8 +363,10 @@ def show(
             out.print(f"  {name}: {shown}", soft_wrap=True)
         out.print(f"  timings: {json.dumps({k: round(v, 3) for k, v in step['timings'].items()})}")
         t = spent(step)
-        out.print(f"  time spent: diffusion {t['diffusion']:.2f}s, VLM {t['vlm']:.2f}s, waiting "
-                  f"{t['wait']:.2f}s, framework {t['framework']:.2f}s")  # fmt: skip
+        out.print(
+            f"  time spent: diffusion {t['diffusion']:.2f}s, VLM {t['vlm']:.2f}s, waiting "
+            f"{t['wait']:.2f}s, framework {t['framework']:.2f}s"
+        )
         out.print(f"  parse failures: {json.dumps(step.get('parse_failures', {}))}")
     if run.get("error"):
         out.print(f"\nerror: {printable(run['error'])}")
@@ -363,10 +401,14 @@ def export(
 
     try:
         filters = ExportFilters(
-            accepted_only=accepted_only, min_gain=min_gain, top_fraction=top_fraction,
-            since=parse_when(since), until=parse_when(until), run_ids=tuple(run or ()),
+            accepted_only=accepted_only,
+            min_gain=min_gain,
+            top_fraction=top_fraction,
+            since=parse_when(since),
+            until=parse_when(until),
+            run_ids=tuple(run or ()),
             tags=tuple(tag or ()),
-        )  # fmt: skip
+        )
         result = export_dataset(_store(home, config), out_dir, fmt, filters, overwrite=overwrite)
     except ExportError as e:
         fail(str(e))
@@ -385,8 +427,7 @@ def list_runs(home: HomeOpt = None, config: ConfigOpt = None, limit: int = 20) -
         status = r["status"] + (f" at {r['paused_at']}" if r["paused_at"] else "")
         if r["status"] == "failed" and r["error"]:  # with its cause
             status += f": {printable(r['error'][:80])}"
-        table.add_row(r["run_id"], status, str(r["iterations"]), best,
-                      printable(r["prompt"][:60]))  # fmt: skip
+        table.add_row(r["run_id"], status, str(r["iterations"]), best, printable(r["prompt"][:60]))
     Console().print(table)
 
 
@@ -440,12 +481,20 @@ def serve_vlm(
     from artloop.config import mask_secrets, secret_values
     from artloop.serve.vlm import ServerError, VLMServer
 
-    cfg = _config(config, {
-        "serve.model": model, "serve.host": host, "serve.port": port, "serve.dtype": dtype,
-        "serve.max_model_len": max_model_len, "serve.tensor_parallel_size": tensor_parallel_size,
-        "serve.max_image_pixels": max_image_pixels, "serve.enforce_eager": enforce_eager,
-        "serve.vllm": vllm,
-    }).serve  # fmt: skip
+    cfg = _config(
+        config,
+        {
+            "serve.model": model,
+            "serve.host": host,
+            "serve.port": port,
+            "serve.dtype": dtype,
+            "serve.max_model_len": max_model_len,
+            "serve.tensor_parallel_size": tensor_parallel_size,
+            "serve.max_image_pixels": max_image_pixels,
+            "serve.enforce_eager": enforce_eager,
+            "serve.vllm": vllm,
+        },
+    ).serve
     if ctx.args:
         cfg = cfg.model_copy(update={"extra_args": [*cfg.extra_args, *ctx.args]})
     server = VLMServer(cfg)
@@ -464,8 +513,10 @@ def serve_vlm(
         fail("interrupted while vLLM was starting", code=130)
     name = cfg.served_model_name or cfg.model
     err.print(f"vLLM is serving [bold]{name}[/] at [bold]{server.base_url}[/]")
-    err.print(f"  agents use it with: --chat-backend openai --base-url {server.base_url} "
-              f"--chat-model {name}   (Ctrl-C stops it)")  # fmt: skip
+    err.print(
+        f"  agents use it with: --chat-backend openai --base-url {server.base_url} "
+        f"--chat-model {name}   (Ctrl-C stops it)"
+    )
     try:
         status = server.wait()
     except KeyboardInterrupt:
@@ -473,8 +524,10 @@ def serve_vlm(
         server.stop()
         err.print("stopped")
         return
-    fail(mask_secrets(f"vLLM exited with status {status}; last log lines:\n{server.tail()}",
-                      hidden), code=1)  # fmt: skip
+    fail(
+        mask_secrets(f"vLLM exited with status {status}; last log lines:\n{server.tail()}", hidden),
+        code=1,
+    )
 
 
 @serve_app.command("ui")
@@ -497,8 +550,10 @@ def serve_ui(
     from artloop.serve.guard import UIError, check_serve, read_token
 
     if token is not None:  # argv is readable by every user of the machine
-        fail("--token would show the password to anyone running ps: set ARTLOOP_UI_TOKEN "
-             "or use --token-file")  # fmt: skip
+        fail(
+            "--token would show the password to anyone running ps: set ARTLOOP_UI_TOKEN "
+            "or use --token-file"
+        )
     try:  # before anything loads: a bind that cannot work is refused at once
         secret = check_serve(host, port, read_token(token_file))
     except UIError as e:
@@ -513,8 +568,15 @@ def serve_ui(
         check_chat_model(cfg.chat)
         quiet_libraries()
         ctx = build_context(cfg)
-        serve(ctx, host=host, port=port, token=secret, on_ready=lambda: err.print(
-            f"artloop UI at [bold]http://{host}:{port}[/] (home {cfg.home})"))  # fmt: skip
+        serve(
+            ctx,
+            host=host,
+            port=port,
+            token=secret,
+            on_ready=lambda: err.print(
+                f"artloop UI at [bold]http://{host}:{port}[/] (home {cfg.home})"
+            ),
+        )
     except (ConfigError, UIError) as e:
         fail(str(e))
 

@@ -31,9 +31,25 @@ MAX_PROMPT_CHARS = 2000
 MASK = "***"
 # A name holds a credential when one of its words is one of these: api_key, HF_TOKEN, apiKey,
 # X-Api-Key, db-password (not max_new_tokens: whole words only).
-SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "pwd",
-                          "passphrase", "credential", "credentials", "auth", "authorization",
-                          "cookie", "bearer", "signature"})  # fmt: skip
+SECRET_WORDS = frozenset(
+    {
+        "key",
+        "apikey",
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "pwd",
+        "passphrase",
+        "credential",
+        "credentials",
+        "auth",
+        "authorization",
+        "cookie",
+        "bearer",
+        "signature",
+    }
+)
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _MIN_SECRET_CHARS = 4  # a shorter value is not hunted for inside other strings (it would be noise)
 
@@ -63,8 +79,10 @@ def mask_secrets(data: Any, secrets: Iterable[str] = ()) -> Any:
 
     def walk(value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: MASK if secret_name(str(k)) and v not in (None, "") else walk(v)
-                    for k, v in value.items()}  # fmt: skip
+            return {
+                k: MASK if secret_name(str(k)) and v not in (None, "") else walk(v)
+                for k, v in value.items()
+            }
         if isinstance(value, list | tuple):
             out, hide_next = [], False
             for item in value:
@@ -128,30 +146,48 @@ class _Section(BaseModel):
 
 class ChatConfig(_Section):
     backend: Literal["inprocess", "openai", "custom"] = Field(
-        "inprocess", description="inprocess: Qwen2-VL under transformers; openai: an "
-        "OpenAI-compatible server such as vLLM; custom: any langchain chat model class")  # fmt: skip
+        "inprocess",
+        description="inprocess: Qwen2-VL under transformers; openai: an "
+        "OpenAI-compatible server such as vLLM; custom: any langchain chat model class",
+    )
     model: str = Field("tiny-qwen2vl", description="Model id/path (inprocess) or served name")
     base_url: str | None = Field(None, description="Server URL for the openai backend, .../v1")
     api_key: SecretStr = Field(SecretStr("EMPTY"), description="API key; never stored")
     custom_class: str | None = Field(None, description="'package.module:ClassName' (custom)")
-    custom_kwargs: dict[str, Any] = Field(default_factory=dict, repr=False,
-                                          description="kwargs (custom); masked when stored")  # fmt: skip
+    custom_kwargs: dict[str, Any] = Field(
+        default_factory=dict, repr=False, description="kwargs (custom); masked when stored"
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_new_tokens: int = Field(1024, ge=16, le=16384)
     timeout_s: float = Field(120.0, gt=0, description="Per request, for servers")
-    max_retries: int = Field(3, ge=0, le=20, description="Retries after a connection error, "
-                             "a 5xx or a timeout")  # fmt: skip
+    max_retries: int = Field(
+        3, ge=0, le=20, description="Retries after a connection error, a 5xx or a timeout"
+    )
     retry_backoff_s: float = Field(1.0, ge=0.0, le=60.0, description="First retry wait; doubles")
-    structured_attempts: int = Field(3, ge=1, le=10, description="Calls per agent step when "
-                                     "the answer is invalid (repair + retry)")  # fmt: skip
+    structured_attempts: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="Calls per agent step when the answer is invalid (repair + retry)",
+    )
     image_max_side: int = Field(768, ge=64, le=4096, description="Images sent are resized")
     image_format: Literal["png", "jpeg"] = Field("png", description="How images are sent")
-    max_concurrent_calls: int = Field(16, ge=1, le=1024, description="Agent calls in flight at "
-                                      "once from concurrent sessions (a server batches them; "
-                                      "the in-process model runs up to this many as one batch)")  # fmt: skip
-    batch_window_ms: float = Field(0.0, ge=0.0, le=10_000.0, description="In-process model: "
-                                   "gather calls from concurrent sessions this long into one "
-                                   "generate (calls already waiting are always batched)")  # fmt: skip
+    max_concurrent_calls: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Agent calls in flight at "
+        "once from concurrent sessions (a server batches them; "
+        "the in-process model runs up to this many as one batch)",
+    )
+    batch_window_ms: float = Field(
+        0.0,
+        ge=0.0,
+        le=10_000.0,
+        description="In-process model: "
+        "gather calls from concurrent sessions this long into one "
+        "generate (calls already waiting are always batched)",
+    )
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -164,11 +200,20 @@ class DiffusionConfig(_Section):
     steps: int = Field(4, ge=1, le=200)
     guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
     seed: int = Field(0, ge=0, lt=2**63)
-    edit_strength: float = Field(0.5, gt=0.0, le=1.0, description="img2img strength when the "
-                                 "plan asks for a global edit without saying how much")  # fmt: skip
-    batch_window_ms: float = Field(0.0, ge=0.0, le=10_000.0, description="Gather diffusion "
-                                   "requests from concurrent sessions this long and run those "
-                                   "that agree in shape as one batch; 0: no batching")  # fmt: skip
+    edit_strength: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="img2img strength when the plan asks for a global edit without saying how much",
+    )
+    batch_window_ms: float = Field(
+        0.0,
+        ge=0.0,
+        le=10_000.0,
+        description="Gather diffusion "
+        "requests from concurrent sessions this long and run those "
+        "that agree in shape as one batch; 0: no batching",
+    )
     max_batch: int = Field(16, ge=1, le=1024, description="Images per batched pipeline call")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -177,12 +222,16 @@ class DiffusionConfig(_Section):
 class LoopConfig(_Section):
     max_iters: int = Field(3, ge=1, le=50, description="Iterations before giving up")
     accept_score: float = Field(7.0, ge=0.0, le=10.0, description="Validator score to accept")
-    plateau_patience: int = Field(2, ge=1, le=50, description="Stop after this many "
-                                  "iterations without a better score")  # fmt: skip
+    plateau_patience: int = Field(
+        2, ge=1, le=50, description="Stop after this many iterations without a better score"
+    )
     plateau_min_delta: float = Field(0.25, ge=0.0, le=10.0, description="What counts as better")
-    judge: str = Field("vlm", description="Who validates: vlm (the validator agent) or a "
-                       "reward with a declared range, e.g. darkness: score = that reward "
-                       "mapped onto 0-10")  # fmt: skip
+    judge: str = Field(
+        "vlm",
+        description="Who validates: vlm (the validator agent) or a "
+        "reward with a declared range, e.g. darkness: score = that reward "
+        "mapped onto 0-10",
+    )
 
     @field_validator("judge")
     @classmethod
@@ -213,15 +262,24 @@ class ServeConfig(_Section):
     structured_outputs_backend: Literal["auto", "guidance", "xgrammar", "outlines"] = Field(
         "guidance", description="guidance: xgrammar lets control characters into bounded strings"
     )
-    compact_json: bool = Field(True, description="No whitespace between JSON tokens: a model "
-                               "(a random one surely) can otherwise emit it without end")  # fmt: skip
+    compact_json: bool = Field(
+        True,
+        description="No whitespace between JSON tokens: a model "
+        "(a random one surely) can otherwise emit it without end",
+    )
     enforce_eager: bool = Field(False, description="No CUDA graphs / compilation (needed on CPU)")
-    api_key: SecretStr | None = Field(None, description="Clients must send it; required for "
-                                      "a non-loopback host (env ARTLOOP_SERVE__API_KEY)")  # fmt: skip
+    api_key: SecretStr | None = Field(
+        None,
+        description="Clients must send it; required for "
+        "a non-loopback host (env ARTLOOP_SERVE__API_KEY)",
+    )
     vllm: str = Field("vllm", description="The vllm executable: a path, or a name on PATH")
     extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags")
-    env: dict[str, str] = Field(default_factory=dict, repr=False,
-                                description="Extra environment variables; masked when stored")  # fmt: skip
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        repr=False,
+        description="Extra environment variables; masked when stored",
+    )
     startup_timeout_s: float = Field(900.0, gt=0, description="Wait this long for /health")
 
 
@@ -244,14 +302,22 @@ class ArtloopConfig(BaseSettings):
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
-    tags: list[str] = Field(default_factory=list, description="Labels stored with each run "
-                            "(`artloop export --tag` selects by them)")  # fmt: skip
-    checkpointer: SecretStr | None = Field(None, description="Where sessions' checkpoints live: "
-                                           "unset = SQLite in the home; a postgresql:// URL for "
-                                           "a shared server (env ARTLOOP_CHECKPOINTER)")  # fmt: skip
-    ui_url: str | None = Field(None, description="Where `artloop serve ui` is reached, e.g. "
-                               "http://127.0.0.1:7860: the pauses of server runs link their "
-                               "images there (env ARTLOOP_UI_URL)")  # fmt: skip
+    tags: list[str] = Field(
+        default_factory=list,
+        description="Labels stored with each run (`artloop export --tag` selects by them)",
+    )
+    checkpointer: SecretStr | None = Field(
+        None,
+        description="Where sessions' checkpoints live: "
+        "unset = SQLite in the home; a postgresql:// URL for "
+        "a shared server (env ARTLOOP_CHECKPOINTER)",
+    )
+    ui_url: str | None = Field(
+        None,
+        description="Where `artloop serve ui` is reached, e.g. "
+        "http://127.0.0.1:7860: the pauses of server runs link their "
+        "images there (env ARTLOOP_UI_URL)",
+    )
 
     @field_validator("home", mode="before")
     @classmethod

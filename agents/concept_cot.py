@@ -22,8 +22,15 @@ def concept_cot(
 ) -> Structured[Critique]:
     """What is wrong with `image`, how badly and where."""
     return ask(
-        model, agent="concept_cot", role="Concept-CoT, the critic", schema=Critique,
-        image=image, policy=policy, prompt=prompt,
-        facts=facts.model_dump(), stats=stats, checklist=aesthetics_checklist(),
+        model,
+        agent="concept_cot",
+        role="Concept-CoT, the critic",
+        schema=Critique,
+        image=image,
+        policy=policy,
+        prompt=prompt,
+        facts=facts.model_dump(),
+        stats=stats,
+        checklist=aesthetics_checklist(),
         taxonomy=artifact_taxonomy(),
-    )  # fmt: skip
+    )

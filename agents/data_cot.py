@@ -19,6 +19,12 @@ def data_cot(
 ) -> Structured[ImageFacts]:
     """Describe `image` (generated from `prompt`) with grounded objects; no judgement yet."""
     return ask(
-        model, agent="data_cot", role="Data-CoT, the fact gatherer", schema=ImageFacts,
-        image=image, policy=policy, prompt=prompt, stats=stats,
-    )  # fmt: skip
+        model,
+        agent="data_cot",
+        role="Data-CoT, the fact gatherer",
+        schema=ImageFacts,
+        image=image,
+        policy=policy,
+        prompt=prompt,
+        stats=stats,
+    )

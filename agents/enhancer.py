@@ -19,7 +19,12 @@ def enhance(
     """First iteration: expand `prompt`. Later ones: rework `previous_prompt` (the last edit
     plan's revised prompt) so that it addresses the validator's `feedback`."""
     return ask(
-        model, agent="enhance", role="the prompt enhancer", schema=EnhancedPrompt,
-        policy=policy, prompt=prompt, previous_prompt=previous_prompt,
+        model,
+        agent="enhance",
+        role="the prompt enhancer",
+        schema=EnhancedPrompt,
+        policy=policy,
+        prompt=prompt,
+        previous_prompt=previous_prompt,
         feedback=feedback or [],
-    )  # fmt: skip
+    )

@@ -14,13 +14,28 @@ def rate(
     model: BaseChatModel, image: Image.Image, prompt: str, *, policy: CallPolicy = CallPolicy()
 ) -> Structured[Rating]:
     """A 0-10 score of `image` as a picture of `prompt`, with reasons."""
-    return ask(model, agent="rate", role="the rater", schema=Rating, image=image, policy=policy,
-               prompt=prompt)  # fmt: skip
+    return ask(
+        model,
+        agent="rate",
+        role="the rater",
+        schema=Rating,
+        image=image,
+        policy=policy,
+        prompt=prompt,
+    )
 
 
 def spot_artifacts(
     model: BaseChatModel, image: Image.Image, prompt: str, *, policy: CallPolicy = CallPolicy()
 ) -> Structured[ArtifactAnswer]:
     """SynArtifact's question: the artifact classes `image` shows, or "No artifacts"."""
-    return ask(model, agent="artifacts", role="the artifact spotter", schema=ArtifactAnswer,
-               image=image, policy=policy, prompt=prompt, taxonomy=artifact_taxonomy())  # fmt: skip
+    return ask(
+        model,
+        agent="artifacts",
+        role="the artifact spotter",
+        schema=ArtifactAnswer,
+        image=image,
+        policy=policy,
+        prompt=prompt,
+        taxonomy=artifact_taxonomy(),
+    )

@@ -23,7 +23,14 @@ def thesis_cot(
 ) -> Structured[EditPlan]:
     """Turn `critique` into concrete edits of `image`."""
     return ask(
-        model, agent="thesis_cot", role="Thesis-CoT, the planner", schema=EditPlan,
-        image=image, policy=policy, prompt=prompt,
-        current_prompt=current_prompt, params=params, critique=critique.model_dump(),
-    )  # fmt: skip
+        model,
+        agent="thesis_cot",
+        role="Thesis-CoT, the planner",
+        schema=EditPlan,
+        image=image,
+        policy=policy,
+        prompt=prompt,
+        current_prompt=current_prompt,
+        params=params,
+        critique=critique.model_dump(),
+    )

@@ -35,12 +35,18 @@ def validate(
 ) -> Structured[Verdict]:
     """Judge `after` (the edited image) against `prompt` and against `before`."""
     return ask(
-        model, agent="validate", role="the validator", schema=Verdict,
-        image=side_by_side(before, after), prompt=prompt, plan=plan.model_dump(),
+        model,
+        agent="validate",
+        role="the validator",
+        schema=Verdict,
+        image=side_by_side(before, after),
+        prompt=prompt,
+        plan=plan.model_dump(),
         # Two images side by side: twice the width keeps each at the usual resolution.
         policy=replace(policy, image_max_side=2 * policy.image_max_side),
-        stats_before=stats_before, stats_after=stats_after,
-    )  # fmt: skip
+        stats_before=stats_before,
+        stats_after=stats_after,
+    )
 
 
 def judge_by_reward(
@@ -64,5 +70,6 @@ def judge_by_reward(
     verdict = ("accept" if score >= accept_score else "revise") if better else "reject"
     reason = f"{reward} {b:.3f} -> {a:.3f} ({'better' if better else 'not better'})"
     out = Verdict(verdict=verdict, score=score, better_than_before=better, reasons=[reason])
-    return Structured(output=out, backend=f"reward:{reward}", failures=0,
-                      seconds=time.perf_counter() - start)  # fmt: skip
+    return Structured(
+        output=out, backend=f"reward:{reward}", failures=0, seconds=time.perf_counter() - start
+    )

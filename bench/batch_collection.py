@@ -31,8 +31,16 @@ from artloop.tools.accounting import add_up
 from artloop.tools.diffusion import DiffusionTool
 from artloop.tools.store import TrajectoryStore
 
-PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of fruit", "a city street",
-           "a mountain lake", "a cat on a sofa", "an old steam train", "a field of tulips"]  # fmt: skip
+PROMPTS = [
+    "a red fox in the snow",
+    "a lighthouse at dusk",
+    "a bowl of fruit",
+    "a city street",
+    "a mountain lake",
+    "a cat on a sofa",
+    "an old steam train",
+    "a field of tulips",
+]
 
 
 def context(chat_kind: str, base_url: str | None) -> RefineContext:
@@ -42,13 +50,22 @@ def context(chat_kind: str, base_url: str | None) -> RefineContext:
 
         cfg, chat = ChatConfig(backend="custom"), ScriptedChat()
     else:
-        cfg = (ChatConfig(backend="openai", base_url=base_url, model="tiny-qwen2vl")
-               if chat_kind == "vllm" else ChatConfig())  # fmt: skip
+        cfg = (
+            ChatConfig(backend="openai", base_url=base_url, model="tiny-qwen2vl")
+            if chat_kind == "vllm"
+            else ChatConfig()
+        )
         chat = build_chat_model(cfg)
     diffusion = DiffusionTool("tiny-sd", store=store.images)
-    return RefineContext(chat=chat, diffusion=diffusion, store=store, chat_config=cfg,
-                         loop=LoopConfig(max_iters=1), vlm_slots=threading.BoundedSemaphore(64),
-                         diffusion_config=DiffusionConfig(width=128, height=128, steps=4))  # fmt: skip
+    return RefineContext(
+        chat=chat,
+        diffusion=diffusion,
+        store=store,
+        chat_config=cfg,
+        loop=LoopConfig(max_iters=1),
+        vlm_slots=threading.BoundedSemaphore(64),
+        diffusion_config=DiffusionConfig(width=128, height=128, steps=4),
+    )
 
 
 def overhead(ctx: RefineContext) -> dict:
@@ -57,14 +74,20 @@ def overhead(ctx: RefineContext) -> dict:
     steps = ctx.store.get_run(summary.run_id)["steps"]
     spent = add_up([b for s in steps for b in s["accounting"].values()])
     busy = spent["diffusion"] + spent["vlm"] + spent["wait"]
-    return {"wall_s": summary.seconds, **spent, "framework_s": summary.seconds - busy,
-            "framework_share": (summary.seconds - busy) / summary.seconds}  # fmt: skip
+    return {
+        "wall_s": summary.seconds,
+        **spent,
+        "framework_s": summary.seconds - busy,
+        "framework_share": (summary.seconds - busy) / summary.seconds,
+    }
 
 
 def batchers(ctx: RefineContext) -> dict:
     """The batchers in use: the diffusion tool's and the in-process VLM's (None: not batching)."""
-    return {"diffusion": getattr(ctx.diffusion, "_batcher", None),
-            "vlm": getattr(ctx.chat, "_batch", None)}  # fmt: skip
+    return {
+        "diffusion": getattr(ctx.diffusion, "_batcher", None),
+        "vlm": getattr(ctx.chat, "_batch", None),
+    }
 
 
 def throughput(ctx: RefineContext, sessions: int, concurrency: int, name: str) -> dict:
@@ -76,8 +99,13 @@ def throughput(ctx: RefineContext, sessions: int, concurrency: int, name: str) -
     assert result.done == sessions, result.errors
     runs = [ctx.store.get_run(r) for r in result.run_ids]
     parts = add_up([b for r in runs for s in r["steps"] for b in s["accounting"].values()])
-    out = {"sessions": sessions, "concurrency": concurrency, "seconds": seconds,
-           "sessions_per_min": sessions / seconds * 60, "spent": parts}  # fmt: skip
+    out = {
+        "sessions": sessions,
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "sessions_per_min": sessions / seconds * 60,
+        "spent": parts,
+    }
     for kind, b in batchers(ctx).items():
         n, busy = before.get(kind, (0, 0.0))
         # Busy share: the fraction of the wall time the model was running a batch.
@@ -95,13 +123,20 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {"one session": result["overhead"], "16 one at a time": result["sequential"]["spent"],
-            "16 at once": result["concurrent"]["spent"]}  # fmt: skip
+    rows = {
+        "one session": result["overhead"],
+        "16 one at a time": result["sequential"]["spent"],
+        "16 at once": result["concurrent"]["spent"],
+    }
     fig, ax = plt.subplots(figsize=(7, 2.8))
     for i, spent in enumerate(rows.values()):
         total, left = sum(spent[k] for k in ("diffusion", "vlm", "wait", "framework")), 0.0
-        for kind, colour in (("diffusion", "#4c72b0"), ("vlm", "#dd8452"), ("wait", "#bbbbbb"),
-                             ("framework", "#c44e52")):  # fmt: skip
+        for kind, colour in (
+            ("diffusion", "#4c72b0"),
+            ("vlm", "#dd8452"),
+            ("wait", "#bbbbbb"),
+            ("framework", "#c44e52"),
+        ):
             share = spent[kind] / total
             ax.barh(i, share, left=left, color=colour, label=kind if i == 0 else None)
             left += share
@@ -130,8 +165,11 @@ def main() -> None:
         base_url = server.base_url if server else None
         ctx = context(args.chat, base_url)
         run_session(ctx, prompt="warm-up")  # loads the models
-        result = {"chat": args.chat, "overhead": overhead(ctx),
-                  "sequential": throughput(ctx, args.sessions, 1, "seq")}  # fmt: skip
+        result = {
+            "chat": args.chat,
+            "overhead": overhead(ctx),
+            "sequential": throughput(ctx, args.sessions, 1, "seq"),
+        }
         ctx.diffusion.set_batching(args.window_ms)  # concurrent requests share pipeline calls
         if hasattr(ctx.chat, "set_batching"):  # the in-process model: and share generate calls
             ctx.chat.set_batching(args.window_ms)
@@ -141,16 +179,20 @@ def main() -> None:
             server.stop()
     o, s, c = result["overhead"], result["sequential"], result["concurrent"]
     result["speedup"] = s["seconds"] / c["seconds"]
-    print(f"(a) one session ({args.chat}): wall {o['wall_s']:.2f} s, framework "
-          f"{o['framework_s']:.3f} s = {o['framework_share']:.1%} (goal <= 5%)")  # fmt: skip
+    print(
+        f"(a) one session ({args.chat}): wall {o['wall_s']:.2f} s, framework "
+        f"{o['framework_s']:.3f} s = {o['framework_share']:.1%} (goal <= 5%)"
+    )
     print(
         f"(b) {args.sessions} sessions: one at a time {s['seconds']:.1f} s, {args.sessions} at "
         f"once {c['seconds']:.1f} s -> {result['speedup']:.2f}x (goal >= 3x)"
     )
     for kind in ("diffusion", "vlm"):
         if c[kind]:
-            print(f"    {kind}: busy {c[kind]['busy_share']:.0%} of the concurrent run, batches "
-                  f"{sorted(c[kind]['batch_sizes'], reverse=True)[:8]}")  # fmt: skip
+            print(
+                f"    {kind}: busy {c[kind]['busy_share']:.0%} of the concurrent run, batches "
+                f"{sorted(c[kind]['batch_sizes'], reverse=True)[:8]}"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))

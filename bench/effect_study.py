@@ -28,12 +28,32 @@ from artloop.trainers.sft import SFTConfig, train_sft
 
 # A Thesis-CoT plan that only darkens: no regional edits, no img2img (strength 0). The tiny
 # random Qwen2-VL never proposes tone edits, so a scripted planner gives the loop a gain to learn.
-DARKEN_PLAN = {"revised_prompt": "the same scene, darker and subdued", "negative_prompt": "bright",
-               "regional_edits": [], "params": {"strength": 0.0, "exposure": 0.6},
-               "rationale": "the image is too bright for a dark, subdued look"}  # fmt: skip
+DARKEN_PLAN = {
+    "revised_prompt": "the same scene, darker and subdued",
+    "negative_prompt": "bright",
+    "regional_edits": [],
+    "params": {"strength": 0.0, "exposure": 0.6},
+    "rationale": "the image is too bright for a dark, subdued look",
+}
 
-SUBJECTS = ["fox", "castle", "lighthouse", "forest", "city street", "mountain lake", "cat",
-            "garden", "harbour", "desert", "robot", "violin", "bridge", "owl", "ship", "tower"]  # fmt: skip
+SUBJECTS = [
+    "fox",
+    "castle",
+    "lighthouse",
+    "forest",
+    "city street",
+    "mountain lake",
+    "cat",
+    "garden",
+    "harbour",
+    "desert",
+    "robot",
+    "violin",
+    "bridge",
+    "owl",
+    "ship",
+    "tower",
+]
 
 
 @dataclass
@@ -53,8 +73,14 @@ class EffectStudy:
     )
     # 32 samples per PPO round at the 4 steps eval samples with: at 8 the reward's noise
     # outweighed the signal (the mean reward drifted either way).
-    ddpo: dict[str, Any] = field(default_factory=lambda: {
-        "train_steps": 60, "learning_rate": 1e-3, "batch_size": 32, "sample_steps": 4})  # fmt: skip
+    ddpo: dict[str, Any] = field(
+        default_factory=lambda: {
+            "train_steps": 60,
+            "learning_rate": 1e-3,
+            "batch_size": 32,
+            "sample_steps": 4,
+        }
+    )
     trainers: tuple[str, ...] = ("sft", "dpo", "ddpo")
     seed: int = 0
     eval_seeds: tuple[int, ...] = (7, 8, 9)
@@ -67,13 +93,21 @@ class EffectStudy:
 
 def collect(study: EffectStudy) -> list[float]:
     """Loop sessions judged by darkness; returns each one's gain over its first image."""
-    chat = {} if study.agents == "tiny-vlm" else {
-        "backend": "custom", "custom_class": "artloop.models.scripted:ScriptedChat",
-        "custom_kwargs": {"scripts": {"EditPlan": [DARKEN_PLAN]}}}  # fmt: skip
-    cfg = ArtloopConfig(home=study.work_dir / "home", chat=chat,
-                        loop={"judge": "darkness", "max_iters": 3, "accept_score": 6.5},
-                        diffusion={"model": study.model, "width": study.size,
-                                   "height": study.size, "steps": 4})  # fmt: skip
+    chat = (
+        {}
+        if study.agents == "tiny-vlm"
+        else {
+            "backend": "custom",
+            "custom_class": "artloop.models.scripted:ScriptedChat",
+            "custom_kwargs": {"scripts": {"EditPlan": [DARKEN_PLAN]}},
+        }
+    )
+    cfg = ArtloopConfig(
+        home=study.work_dir / "home",
+        chat=chat,
+        loop={"judge": "darkness", "max_iters": 3, "accept_score": 6.5},
+        diffusion={"model": study.model, "width": study.size, "height": study.size, "steps": 4},
+    )
     ctx = build_context(cfg)
     gains = []
     for i in range(study.sessions):
@@ -93,32 +127,55 @@ def run_study(study: EffectStudy) -> dict[str, Any]:
     store = TrajectoryStore(work / "home")
     for fmt in ("sft", "dpo", "prompts"):
         export_dataset(store, work / fmt, fmt, ExportFilters())
-    trainers = {"sft": (SFTConfig, train_sft, "sft"), "dpo": (DPOConfig, train_dpo, "dpo"),
-                "ddpo": (DDPOConfig, train_ddpo, "prompts")}  # fmt: skip
+    trainers = {
+        "sft": (SFTConfig, train_sft, "sft"),
+        "dpo": (DPOConfig, train_dpo, "dpo"),
+        "ddpo": (DDPOConfig, train_ddpo, "prompts"),
+    }
     loras = {}
     for name in study.trainers:
         config_cls, train, data = trainers[name]
-        settings = {"model": study.model, "resolution": study.size, "batch_size": 4,
-                    "seed": study.seed, **getattr(study, name)}  # fmt: skip
+        settings = {
+            "model": study.model,
+            "resolution": study.size,
+            "batch_size": 4,
+            "seed": study.seed,
+            **getattr(study, name),
+        }
         loras[name] = str(work / f"lora-{name}")
         train(config_cls(data=str(work / data), output_dir=loras[name], **settings), progress=False)
     unseen = SUBJECTS[study.sessions % len(SUBJECTS) :][: study.held_out]
     (work / "held_out.txt").write_text("\n".join(f"a {s}, seen anew" for s in unseen))
-    result = evaluate(EvalConfig(prompts=str(work / "held_out.txt"), lora=list(loras.values()),
-                                 output_dir=str(work / "eval"), seeds=list(study.eval_seeds),
-                                 scorers=["darkness"], model=study.model, width=study.size,
-                                 height=study.size))  # fmt: skip
+    result = evaluate(
+        EvalConfig(
+            prompts=str(work / "held_out.txt"),
+            lora=list(loras.values()),
+            output_dir=str(work / "eval"),
+            seeds=list(study.eval_seeds),
+            scorers=["darkness"],
+            model=study.model,
+            width=study.size,
+            height=study.size,
+        )
+    )
 
     def scores(key: str) -> np.ndarray:
         return np.array(result["results"][key]["scores"]["darkness"]["values"])
 
     base, loop_gain = scores("base"), float(np.mean(gains))
-    figures: dict[str, Any] = {"loop_gains": gains, "loop_mean_gain": loop_gain,
-                               "base_mean": float(base.mean())}  # fmt: skip
+    figures: dict[str, Any] = {
+        "loop_gains": gains,
+        "loop_mean_gain": loop_gain,
+        "base_mean": float(base.mean()),
+    }
     for name, lora in loras.items():
         delta = scores(lora) - base
-        figures[name] = {"mean_change": float(delta.mean()), "std_change": float(delta.std()),
-                         "cells": len(delta), "share_of_loop_gain": float(delta.mean() / loop_gain)}  # fmt: skip
+        figures[name] = {
+            "mean_change": float(delta.mean()),
+            "std_change": float(delta.std()),
+            "cells": len(delta),
+            "share_of_loop_gain": float(delta.mean() / loop_gain),
+        }
     return figures
 
 

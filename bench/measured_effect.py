@@ -33,16 +33,21 @@ def main() -> None:
     for seed in args.seeds:
         started = time.perf_counter()
         work = Path(tempfile.mkdtemp(prefix="artloop-effect-"))
-        study = EffectStudy(work_dir=work, model=args.model, agents=args.agents,
-                            sessions=args.sessions, seed=seed)  # fmt: skip
+        study = EffectStudy(
+            work_dir=work, model=args.model, agents=args.agents, sessions=args.sessions, seed=seed
+        )
         figures = {"seed": seed, **run_study(study), "seconds": time.perf_counter() - started}
         runs.append(figures)
-        print(f"seed {seed}: loop mean gain (darkness) {figures['loop_mean_gain']:+.4f} over "
-              f"{args.sessions} sessions; base held-out mean {figures['base_mean']:.4f}")  # fmt: skip
+        print(
+            f"seed {seed}: loop mean gain (darkness) {figures['loop_mean_gain']:+.4f} over "
+            f"{args.sessions} sessions; base held-out mean {figures['base_mean']:.4f}"
+        )
         for k in study.trainers:
             f = figures[k]
-            print(f"  {k:5s}: mean change {f['mean_change']:+.4f} (std {f['std_change']:.4f}, "
-                  f"{f['cells']} held-out cells) = {f['share_of_loop_gain']:.2f} x loop gain")  # fmt: skip
+            print(
+                f"  {k:5s}: mean change {f['mean_change']:+.4f} (std {f['std_change']:.4f}, "
+                f"{f['cells']} held-out cells) = {f['share_of_loop_gain']:.2f} x loop gain"
+            )
         figures["checks"] = [
             {"claim": c, "holds": ok, "seen": seen} for c, ok, seen in check(figures)
         ]

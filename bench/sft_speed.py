@@ -55,8 +55,13 @@ def reference_loop(data: Path, cfg: SFTConfig, root: Path) -> float:
         with torch.no_grad():  # what the examples do every step
             pixels = torch.stack([to_pixels(rows[i][0], cfg.resolution) for i in idx])
             latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor
-            ids = pipe.tokenizer([rows[i][1] for i in idx], padding="max_length", truncation=True,
-                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+            ids = pipe.tokenizer(
+                [rows[i][1] for i in idx],
+                padding="max_length",
+                truncation=True,
+                max_length=pipe.tokenizer.model_max_length,
+                return_tensors="pt",
+            ).input_ids
             embeddings = pipe.text_encoder(ids)[0]
         loss = diffusion_loss(family, pipe.unet, latents, {"text": embeddings}, g)
         loss.backward()
@@ -77,15 +82,28 @@ def main() -> None:
     data = make_data(root / "data", args.images, args.resolution)
     ours, ref = [], []
     for r in range(args.rounds):  # alternate, so that machine noise hits both
-        cfg = SFTConfig(data=str(data), output_dir=str(root / f"lora{r}"), resolution=args.resolution,
-                        train_steps=args.steps, batch_size=4, checkpoint_every=10**9)  # fmt: skip
+        cfg = SFTConfig(
+            data=str(data),
+            output_dir=str(root / f"lora{r}"),
+            resolution=args.resolution,
+            train_steps=args.steps,
+            batch_size=4,
+            checkpoint_every=10**9,
+        )
         ours.append(train_sft(cfg, progress=False)["steps_per_s"])
         ref.append(reference_loop(data, cfg, root))
-    result = {"resolution": args.resolution, "steps": args.steps, "batch_size": 4,
-              "artloop_steps_per_s": ours, "reference_steps_per_s": ref,
-              "ratio": float(np.median(ours) / np.median(ref))}  # fmt: skip
-    print(f"sft at {args.resolution}px, batch 4: artloop {np.median(ours):.2f} steps/s, re-encoding "
-          f"reference {np.median(ref):.2f} steps/s -> ratio {result['ratio']:.2f}x (goal >= 1.5x)")  # fmt: skip
+    result = {
+        "resolution": args.resolution,
+        "steps": args.steps,
+        "batch_size": 4,
+        "artloop_steps_per_s": ours,
+        "reference_steps_per_s": ref,
+        "ratio": float(np.median(ours) / np.median(ref)),
+    }
+    print(
+        f"sft at {args.resolution}px, batch 4: artloop {np.median(ours):.2f} steps/s, re-encoding "
+        f"reference {np.median(ref):.2f} steps/s -> ratio {result['ratio']:.2f}x (goal >= 1.5x)"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -30,19 +30,35 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
     generated = [
-        brightness(pipe(p, num_inference_steps=4, height=args.size, width=args.size,
-                        guidance_scale=cfg, generator=torch.Generator().manual_seed(s),
-                        output_type="pt").images * 2 - 1)[0]
-        for cfg in (1.0, 5.0, 10.0, 20.0) for p in ("a fox", "a dark castle at night") for s in range(3)
-    ]  # fmt: skip
-    print(f"generated, 4 guidance x 2 prompts x 3 seeds: brightness "
-          f"{min(generated):.4f}..{max(generated):.4f}")  # fmt: skip
+        brightness(
+            pipe(
+                p,
+                num_inference_steps=4,
+                height=args.size,
+                width=args.size,
+                guidance_scale=cfg,
+                generator=torch.Generator().manual_seed(s),
+                output_type="pt",
+            ).images
+            * 2
+            - 1
+        )[0]
+        for cfg in (1.0, 5.0, 10.0, 20.0)
+        for p in ("a fox", "a dark castle at night")
+        for s in range(3)
+    ]
+    print(
+        f"generated, 4 guidance x 2 prompts x 3 seeds: brightness "
+        f"{min(generated):.4f}..{max(generated):.4f}"
+    )
     side = args.size // pipe.vae_scale_factor
     with torch.no_grad():
         for shift in (-3.0, 0.0, 3.0):
             latents = torch.randn((3, 4, side, side), generator=g) + shift
-            print(f"latents shifted by {shift:+.0f}: decoded brightness "
-                  f"{[round(b, 4) for b in brightness(pipe.vae.decode(latents).sample)]}")  # fmt: skip
+            print(
+                f"latents shifted by {shift:+.0f}: decoded brightness "
+                f"{[round(b, 4) for b in brightness(pipe.vae.decode(latents).sample)]}"
+            )
         x = torch.rand((1, 3, args.size, args.size), generator=g) * 0.5 - 0.25
         for offset in (-0.5, 0.0, 0.5):
             image = x + offset  # brightness 0.25, 0.5, 0.75

@@ -43,8 +43,12 @@ for _ in range(8):
 def batch_of_eight(tool: DiffusionTool) -> float:
     start = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: tool.text_to_image(f"a fox {i}", "", GenParams(128, 128, seed=i)),
-                      range(8)))  # fmt: skip
+        list(
+            pool.map(
+                lambda i: tool.text_to_image(f"a fox {i}", "", GenParams(128, 128, seed=i)),
+                range(8),
+            )
+        )
     return time.perf_counter() - start
 
 
@@ -79,9 +83,11 @@ def main() -> None:
         load.kill()
         server.stop()
     for n in args.threads:
-        print(f"torch threads {n}: 8 images batched alone {result['alone'][n]:.2f} s, while the "
-              f"server decodes {result['loaded'][n]:.1f} s "
-              f"({result['loaded'][n] / result['alone'][n]:.0f}x slower)")  # fmt: skip
+        print(
+            f"torch threads {n}: 8 images batched alone {result['alone'][n]:.2f} s, while the "
+            f"server decodes {result['loaded'][n]:.1f} s "
+            f"({result['loaded'][n] / result['alone'][n]:.0f}x slower)"
+        )
     out = Path("bench/results/vllm_contention.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -43,14 +43,18 @@ def plain_openai_call(client: openai.OpenAI, image: Image.Image, stats: dict) ->
     text = render("data_cot", prompt=PROMPT, stats=stats) + "\n\n" + schema_instructions(ImageFacts)
     schema = grammar_schema(ImageFacts.model_json_schema())
     response = client.chat.completions.create(
-        model=MODEL, temperature=0.0, max_tokens=1024,
+        model=MODEL,
+        temperature=0.0,
+        max_tokens=1024,
         messages=[
             {"role": "system", "content": render("system", role="Data-CoT, the fact gatherer")},
             {"role": "user", "content": [image_part(image), {"type": "text", "text": text}]},
         ],
-        response_format={"type": "json_schema", "json_schema": {
-            "name": "ImageFacts", "schema": schema, "strict": True}},
-    )  # fmt: skip
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "ImageFacts", "schema": schema, "strict": True},
+        },
+    )
     return ImageFacts.model_validate_json(response.choices[0].message.content)
 
 
@@ -70,8 +74,12 @@ def latency(base_url: str, rounds: int) -> dict:
             fn()
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"rounds": rounds, "median_s": med, "mean_s": {k: statistics.fmean(v) for k, v in times.items()},
-            "ratio_median": med["artloop"] / med["openai"]}  # fmt: skip
+    return {
+        "rounds": rounds,
+        "median_s": med,
+        "mean_s": {k: statistics.fmean(v) for k, v in times.items()},
+        "ratio_median": med["artloop"] / med["openai"],
+    }
 
 
 def concurrency(base_url: str, sessions: int = 8) -> dict:
@@ -79,9 +87,14 @@ def concurrency(base_url: str, sessions: int = 8) -> dict:
     store = TrajectoryStore(home)
     cfg = ChatConfig(backend="openai", base_url=base_url, model=MODEL)
     diffusion = DiffusionTool(model="tiny-sd", store=store.images)
-    ctx = RefineContext(chat=build_chat_model(cfg), diffusion=diffusion, store=store,
-                        loop=LoopConfig(max_iters=1), chat_config=cfg,
-                        diffusion_config=DiffusionConfig(width=64, height=64, steps=2))  # fmt: skip
+    ctx = RefineContext(
+        chat=build_chat_model(cfg),
+        diffusion=diffusion,
+        store=store,
+        loop=LoopConfig(max_iters=1),
+        chat_config=cfg,
+        diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
+    )
     run_session(ctx, prompt="warm-up")
     t = time.perf_counter()
     for i in range(sessions):
@@ -104,9 +117,15 @@ def concurrency(base_url: str, sessions: int = 8) -> dict:
     with ThreadPoolExecutor(sessions) as pool:
         list(pool.map(call, range(sessions)))
     calls_conc = time.perf_counter() - t
-    return {"sessions": sessions, "one_at_a_time_s": one_at_a_time, "at_once_s": at_once,
-            "session_speedup": one_at_a_time / at_once, "agent_calls_sequential_s": calls_seq,
-            "agent_calls_concurrent_s": calls_conc, "agent_call_speedup": calls_seq / calls_conc}  # fmt: skip
+    return {
+        "sessions": sessions,
+        "one_at_a_time_s": one_at_a_time,
+        "at_once_s": at_once,
+        "session_speedup": one_at_a_time / at_once,
+        "agent_calls_sequential_s": calls_seq,
+        "agent_calls_concurrent_s": calls_conc,
+        "agent_call_speedup": calls_seq / calls_conc,
+    }
 
 
 def main() -> None:
@@ -126,14 +145,20 @@ def main() -> None:
         if server is not None:
             server.stop()
     lat, conc = result["latency"], result["concurrency"]
-    print(f"agent call, median of {lat['rounds']} interleaved rounds: artloop "
-          f"{lat['median_s']['artloop'] * 1000:.1f} ms, plain openai {lat['median_s']['openai'] * 1000:.1f} ms"
-          f" -> ratio {lat['ratio_median']:.3f} (goal <= 1.05)")  # fmt: skip
-    print(f"{conc['sessions']} sessions: one at a time {conc['one_at_a_time_s']:.1f} s, at once "
-          f"{conc['at_once_s']:.1f} s -> speed-up {conc['session_speedup']:.2f}x")  # fmt: skip
-    print(f"{conc['sessions']} agent calls: sequential {conc['agent_calls_sequential_s']:.2f} s, "
-          f"concurrent {conc['agent_calls_concurrent_s']:.2f} s -> speed-up "
-          f"{conc['agent_call_speedup']:.2f}x")  # fmt: skip
+    print(
+        f"agent call, median of {lat['rounds']} interleaved rounds: artloop "
+        f"{lat['median_s']['artloop'] * 1000:.1f} ms, plain openai {lat['median_s']['openai'] * 1000:.1f} ms"
+        f" -> ratio {lat['ratio_median']:.3f} (goal <= 1.05)"
+    )
+    print(
+        f"{conc['sessions']} sessions: one at a time {conc['one_at_a_time_s']:.1f} s, at once "
+        f"{conc['at_once_s']:.1f} s -> speed-up {conc['session_speedup']:.2f}x"
+    )
+    print(
+        f"{conc['sessions']} agent calls: sequential {conc['agent_calls_sequential_s']:.2f} s, "
+        f"concurrent {conc['agent_calls_concurrent_s']:.2f} s -> speed-up "
+        f"{conc['agent_call_speedup']:.2f}x"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -55,8 +55,14 @@ class BatchItem(BaseModel):
             raise PydanticCustomError("prompt", str(e).removeprefix("prompt ")) from None
 
 
-_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
-               bool: "true/false", type(None): "null"}  # fmt: skip
+_JSON_TYPES = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "true/false",
+    type(None): "null",
+}
 
 
 def _item(line: str, jsonl: bool) -> BatchItem:
@@ -175,10 +181,17 @@ def _run(
     ).status
 
 
-async def run_batch(ctx: RefineContext, items: list[BatchItem], *, name: str, concurrency: int,
-                    config: dict | None = None, on_progress: Progress | None = None,
-                    chats: list[Any] | None = None,
-                    stop: threading.Event | None = None) -> BatchResult:  # fmt: skip
+async def run_batch(
+    ctx: RefineContext,
+    items: list[BatchItem],
+    *,
+    name: str,
+    concurrency: int,
+    config: dict | None = None,
+    on_progress: Progress | None = None,
+    chats: list[Any] | None = None,
+    stop: threading.Event | None = None,
+) -> BatchResult:
     """Run every item's session (those finished earlier are skipped); the counts. With `chats`
     (one chat model per VLM server), sessions are spread over them in turn. Once `stop` is
     set no session starts and the running ones stop at their next checkpoint."""
@@ -235,7 +248,15 @@ async def run_batch(ctx: RefineContext, items: list[BatchItem], *, name: str, co
 
 def batch_summary(result: BatchResult) -> dict[str, Any]:
     rate = result.done / result.seconds * 60 if result.seconds > 0 else 0.0
-    return {"total": result.total, "done": result.done, "accepted": result.accepted,
-            "failed": result.failed, "skipped": result.skipped, "interrupted": result.interrupted,
-            "not_started": result.not_started, "seconds": round(result.seconds, 2),
-            "sessions_per_min": round(rate, 2), "errors": result.errors}  # fmt: skip
+    return {
+        "total": result.total,
+        "done": result.done,
+        "accepted": result.accepted,
+        "failed": result.failed,
+        "skipped": result.skipped,
+        "interrupted": result.interrupted,
+        "not_started": result.not_started,
+        "seconds": round(result.seconds, 2),
+        "sessions_per_min": round(rate, 2),
+        "errors": result.errors,
+    }

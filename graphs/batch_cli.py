@@ -28,14 +28,27 @@ def _on_ray(ctx, cfg, address: str, workers: int, gpus: float):
 
     env = {k: v for k, v in os.environ.items() if k.startswith(("ARTLOOP_", "HF_"))}
     if address == "local":
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": env}, log_to_driver=False)  # fmt: skip
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": env},
+            log_to_driver=False,
+        )
     else:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     d = cfg.diffusion
-    diffusion = RayDiffusion(d.model, ctx.store.images, workers=workers, gpus_per_worker=gpus,
-                             family=d.family, device=d.device, dtype=d.dtype,
-                             batch_window_ms=d.batch_window_ms, max_batch=d.max_batch)  # fmt: skip
+    diffusion = RayDiffusion(
+        d.model,
+        ctx.store.images,
+        workers=workers,
+        gpus_per_worker=gpus,
+        family=d.family,
+        device=d.device,
+        dtype=d.dtype,
+        batch_window_ms=d.batch_window_ms,
+        max_batch=d.max_batch,
+    )
     return replace(ctx, diffusion=diffusion)
 
 
@@ -60,12 +73,12 @@ def batch_command(
     prompts_file: Annotated[
         Path,
         typer.Argument(help="One prompt per line, or JSONL with prompt, seed, max_iters, tags"),
-    ],  # fmt: skip
+    ],
     concurrency: Annotated[int, typer.Option(min=1, max=1024, help="Sessions at once")] = 4,
     name: Annotated[
         str | None,
         typer.Option(help="Batch name (default: the file's stem); runs are tagged batch:NAME"),
-    ] = None,  # fmt: skip
+    ] = None,
     batch_window_ms: Annotated[
         float | None,
         typer.Option(
@@ -79,13 +92,13 @@ def batch_command(
         typer.Option(
             "--base-url",
             help="VLM server (repeat: sessions spread over several); implies the openai backend",
-        ),  # fmt: skip
+        ),
     ] = None,
     ray_address: Annotated[
         str | None,
         typer.Option(
             help="Diffusion on Ray: 'local' (a local instance), 'auto' or ray://HOST:PORT"
-        ),  # fmt: skip
+        ),
     ] = None,
     diffusion_workers: Annotated[int, typer.Option(min=1, help="Ray diffusion actors")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per Ray actor")] = 0.0,
@@ -111,11 +124,18 @@ def batch_command(
     )
 
     urls = base_url or []
-    cfg = _config(config, {"home": home, "loop.max_iters": max_iters, "loop.judge": judge,
-                           "diffusion.batch_window_ms": batch_window_ms,
-                           "chat.batch_window_ms": batch_window_ms,
-                           "chat.backend": "openai" if urls else None,
-                           "chat.base_url": urls[0] if urls else None})  # fmt: skip
+    cfg = _config(
+        config,
+        {
+            "home": home,
+            "loop.max_iters": max_iters,
+            "loop.judge": judge,
+            "diffusion.batch_window_ms": batch_window_ms,
+            "chat.batch_window_ms": batch_window_ms,
+            "chat.backend": "openai" if urls else None,
+            "chat.base_url": urls[0] if urls else None,
+        },
+    )
     try:
         items = read_prompts(prompts_file)
         chats = [build_chat_model(cfg.chat.model_copy(update={"base_url": u})) for u in urls]
@@ -128,8 +148,13 @@ def batch_command(
         ctx.models()
     except (BatchError, ConfigError, DiffusionError) as e:
         fail(str(e))
-    columns = [TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-               TimeRemainingColumn()]  # fmt: skip
+    columns = [
+        TextColumn("batch"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=err) as bar:
         task = bar.add_task("batch", total=len(items), stats="")
 
@@ -138,25 +163,41 @@ def batch_command(
         def show(r) -> None:
             rate = r.done / r.seconds * 60 if r.seconds else 0.0
             stopping = " stopping (Ctrl-C)" if stop.is_set() else ""
-            bar.update(task, completed=r.done + r.failed + r.skipped + r.interrupted,
-                       stats=f"accepted {r.accepted} failed {r.failed} skipped {r.skipped} "
-                             f"{rate:.1f}/min{stopping}")  # fmt: skip
+            bar.update(
+                task,
+                completed=r.done + r.failed + r.skipped + r.interrupted,
+                stats=f"accepted {r.accepted} failed {r.failed} skipped {r.skipped} "
+                f"{rate:.1f}/min{stopping}",
+            )
 
         try:
             with _ctrl_c_stops(stop):
-                result = asyncio.run(run_batch(ctx, items, name=name or prompts_file.stem,
-                                               concurrency=concurrency, config=cfg.public_dict(),
-                                               on_progress=show, chats=chats or None,
-                                               stop=stop))  # fmt: skip
+                result = asyncio.run(
+                    run_batch(
+                        ctx,
+                        items,
+                        name=name or prompts_file.stem,
+                        concurrency=concurrency,
+                        config=cfg.public_dict(),
+                        on_progress=show,
+                        chats=chats or None,
+                        stop=stop,
+                    )
+                )
         except CheckpointerError as e:  # it could not be opened: no session started
             fail(str(e))
     print(json.dumps(batch_summary(result)))
     if stop.is_set():
-        err.print(f"interrupted: {result.interrupted} session(s) stopped at a checkpoint, "
-                  f"{result.not_started} not started; run the same command again to "
-                  f"continue", soft_wrap=True)  # fmt: skip
+        err.print(
+            f"interrupted: {result.interrupted} session(s) stopped at a checkpoint, "
+            f"{result.not_started} not started; run the same command again to "
+            f"continue",
+            soft_wrap=True,
+        )
     if result.failed:
-        err.print(f"{result.failed} session(s) failed (stored with their errors); "
-                  f"run the same command again to retry them")  # fmt: skip
+        err.print(
+            f"{result.failed} session(s) failed (stored with their errors); "
+            f"run the same command again to retry them"
+        )
     if stop.is_set():
         raise typer.Exit(130)

@@ -12,8 +12,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-session_app = typer.Typer(help="Interactive sessions: a person reviews the agents' work.",
-                          no_args_is_help=True)  # fmt: skip
+session_app = typer.Typer(
+    help="Interactive sessions: a person reviews the agents' work.", no_args_is_help=True
+)
 out = Console(stderr=True, highlight=False)  # stdout carries only the JSON results
 
 # A string, not a Path: Path("") is ".", and an empty --home must be refused, not used.
@@ -38,16 +39,21 @@ def _edit(pause: dict) -> dict:
     """Guided edit at the prompt or plan pause (Enter keeps the agent's value)."""
     proposal = pause["proposal"]
     if pause["pause"] == "prompt":
-        answer: dict[str, Any] = {"action": "edit",
-                                  "prompt": _ask_line("prompt", proposal["prompt"]),
-                                  "negative_prompt": _ask_line("negative prompt",
-                                                               proposal["negative_prompt"])}  # fmt: skip
+        answer: dict[str, Any] = {
+            "action": "edit",
+            "prompt": _ask_line("prompt", proposal["prompt"]),
+            "negative_prompt": _ask_line("negative prompt", proposal["negative_prompt"]),
+        }
         params = proposal["params"]
-        changes = {k: type(params[k])(_ask_line(k, str(params[k])))
-                   for k in ("seed", "num_inference_steps", "guidance_scale")}  # fmt: skip
+        changes = {
+            k: type(params[k])(_ask_line(k, str(params[k])))
+            for k in ("seed", "num_inference_steps", "guidance_scale")
+        }
         return {**answer, "params": changes}
-    regions = [{"box": r["box"], "prompt": r["prompt"], "strength": r["strength"]}
-               for r in proposal["regional_edits"]]  # fmt: skip
+    regions = [
+        {"box": r["box"], "prompt": r["prompt"], "strength": r["strength"]}
+        for r in proposal["regional_edits"]
+    ]
     out.print(f"box edits now: {json.dumps(regions)}")
     line = _ask_line("box edits, 'x1,y1,x2,y2: local prompt; ...' (0-1000; '-' for none)", "")
     if line.strip() == "-":
@@ -57,8 +63,11 @@ def _edit(pause: dict) -> dict:
         for part in line.split(";"):
             box, _, text = part.partition(":")
             regions.append({"box": [int(v) for v in box.split(",")], "prompt": text.strip()})
-    return {"action": "edit", "prompt": _ask_line("revised prompt", proposal["revised_prompt"]),
-            "regions": regions}  # fmt: skip
+    return {
+        "action": "edit",
+        "prompt": _ask_line("revised prompt", proposal["revised_prompt"]),
+        "regions": regions,
+    }
 
 
 def ask_in_terminal(pause: dict, store: Any) -> Any:
@@ -110,8 +119,15 @@ def new(
     except ConfigError as e:
         fail(str(e))
     cfg = _config(config, {"home": home, "loop.max_iters": max_iters, "diffusion.seed": seed})
-    _execute(cfg, prompt=prompt, run_id=None, as_json=True, quiet=False,
-             pause_at=pause_at or ["all"], ask=ask_in_terminal if wait else None)  # fmt: skip
+    _execute(
+        cfg,
+        prompt=prompt,
+        run_id=None,
+        as_json=True,
+        quiet=False,
+        pause_at=pause_at or ["all"],
+        ask=ask_in_terminal if wait else None,
+    )
 
 
 @session_app.command("resume")
@@ -146,8 +162,15 @@ def resume(
             reply = ask_in_terminal(pause, store)
             if reply is QUIT:
                 return
-    _execute(cfg, prompt=None, run_id=run_id, as_json=True, quiet=False, answer=reply,
-             ask=ask_in_terminal if wait else None)  # fmt: skip
+    _execute(
+        cfg,
+        prompt=None,
+        run_id=run_id,
+        as_json=True,
+        quiet=False,
+        answer=reply,
+        ask=ask_in_terminal if wait else None,
+    )
 
 
 def _store(home: str | None, config: Path | None):
@@ -181,9 +204,16 @@ def show(run_id: str, home: HomeOpt = None, config: ConfigOpt = None) -> None:
     from artloop.graphs.sessions import view
 
     v = asdict(_or_fail(view, _store(home, config), run_id))
-    v["steps"] = [{"iteration": s["iteration"], "score": s.get("score"), "verdict": s.get("verdict"),
-                   "decided_by": s.get("decided_by"), "human": s.get("human", {})}
-                  for s in v["steps"]]  # fmt: skip
+    v["steps"] = [
+        {
+            "iteration": s["iteration"],
+            "score": s.get("score"),
+            "verdict": s.get("verdict"),
+            "decided_by": s.get("decided_by"),
+            "human": s.get("human", {}),
+        }
+        for s in v["steps"]
+    ]
     print(json.dumps(v, indent=2))
 
 

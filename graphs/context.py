@@ -66,10 +66,13 @@ class RefineContext:
         """How agent calls are made (repair attempts, transport retries, image encoding)."""
         c = self.chat_config
         return CallPolicy(
-            attempts=c.structured_attempts, transport_retries=c.max_retries,
-            backoff_s=c.retry_backoff_s, image_max_side=c.image_max_side,
-            image_format=c.image_format, slots=self.vlm_slots,
-        )  # fmt: skip
+            attempts=c.structured_attempts,
+            transport_retries=c.max_retries,
+            backoff_s=c.retry_backoff_s,
+            image_max_side=c.image_max_side,
+            image_format=c.image_format,
+            slots=self.vlm_slots,
+        )
 
     def models(self) -> dict:
         """Model identities, stored with every trajectory."""
@@ -80,14 +83,25 @@ def build_context(config: ArtloopConfig) -> RefineContext:
     """Construct everything the graph needs; models load lazily on first use."""
     store = open_store(config)
     d = config.diffusion
-    diffusion = DiffusionTool(model=d.model, store=store.images, family=d.family, device=d.device,
-                              dtype=d.dtype, batch_window_ms=d.batch_window_ms, max_batch=d.max_batch)  # fmt: skip
+    diffusion = DiffusionTool(
+        model=d.model,
+        store=store.images,
+        family=d.family,
+        device=d.device,
+        dtype=d.dtype,
+        batch_window_ms=d.batch_window_ms,
+        max_batch=d.max_batch,
+    )
     return RefineContext(
-        chat=build_chat_model(config.chat), diffusion=diffusion, store=store, loop=config.loop,
-        chat_config=config.chat, diffusion_config=d,
+        chat=build_chat_model(config.chat),
+        diffusion=diffusion,
+        store=store,
+        loop=config.loop,
+        chat_config=config.chat,
+        diffusion_config=d,
         vlm_slots=threading.BoundedSemaphore(config.chat.max_concurrent_calls),
         ui_url=config.ui_url,
-    )  # fmt: skip
+    )
 
 
 def open_store(config: ArtloopConfig, *, create: bool = True) -> TrajectoryStore:
@@ -115,9 +129,11 @@ ImageSettings = create_model(
     "ImageSettings",
     __config__=ConfigDict(extra="forbid"),
     __doc__="The images a session makes; the model that makes them is the server's.",
-    **{k: (DiffusionConfig.model_fields[k].annotation, DiffusionConfig.model_fields[k])
-       for k in IMAGE_SETTINGS},
-)  # fmt: skip
+    **{
+        k: (DiffusionConfig.model_fields[k].annotation, DiffusionConfig.model_fields[k])
+        for k in IMAGE_SETTINGS
+    },
+)
 
 
 def _every_key_reaches_the_model(schema: dict[str, Any]) -> None:
@@ -166,5 +182,8 @@ def for_server(settings: RunSettings | None) -> RefineContext:
     base = default_context()
     if settings is None or not settings.model_fields_set:
         return base
-    return replace(base, loop=_merged(base.loop, settings.loop),
-                   diffusion_config=_merged(base.diffusion_config, settings.diffusion))  # fmt: skip
+    return replace(
+        base,
+        loop=_merged(base.loop, settings.loop),
+        diffusion_config=_merged(base.diffusion_config, settings.diffusion),
+    )

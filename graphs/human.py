@@ -38,8 +38,11 @@ ACTIONS: dict[str, dict[str, str]] = {
     },
 }
 # The fields an answer may set at each pause (besides `action` and `note`).
-FIELDS = {"prompt": ("prompt", "negative_prompt", "params"),
-          "plan": ("prompt", "negative_prompt", "regions", "changes"), "verdict": ()}  # fmt: skip
+FIELDS = {
+    "prompt": ("prompt", "negative_prompt", "params"),
+    "plan": ("prompt", "negative_prompt", "regions", "changes"),
+    "verdict": (),
+}
 
 
 class HumanActionError(ValueError):
@@ -102,8 +105,10 @@ def check_action(point: str, answer: Any) -> HumanAction:
             f"invalid answer at the {point} pause: {where}: {first['msg']}"
         ) from None
     if action.action not in ACTIONS[point]:
-        raise HumanActionError(f"{action.action!r} is not an action at the {point} pause: "
-                               f"choose from {', '.join(ACTIONS[point])}")  # fmt: skip
+        raise HumanActionError(
+            f"{action.action!r} is not an action at the {point} pause: "
+            f"choose from {', '.join(ACTIONS[point])}"
+        )
     allowed = {*FIELDS[point], "action", "note"}
     if extra := sorted(action.model_fields_set - allowed):
         raise HumanActionError(f"{', '.join(extra)} cannot be set at the {point} pause")
@@ -116,26 +121,41 @@ def answer_schema(point: str) -> dict:
     schema = HumanAction.model_json_schema()
     keep = {*FIELDS[point], "action", "note"}
     schema["properties"] = {k: v for k, v in schema["properties"].items() if k in keep}
-    schema["properties"]["action"] = {**schema["properties"]["action"],
-                                      "enum": list(ACTIONS[point])}  # fmt: skip
+    schema["properties"]["action"] = {
+        **schema["properties"]["action"],
+        "enum": list(ACTIONS[point]),
+    }
     schema["title"] = f"Answer at the {point} pause"
     return schema
 
 
-def pause_payload(point: str, state: dict, proposal: dict, images: Any, ui_url: str | None,
-                  error: str | None = None) -> dict:  # fmt: skip
+def pause_payload(
+    point: str,
+    state: dict,
+    proposal: dict,
+    images: Any,
+    ui_url: str | None,
+    error: str | None = None,
+) -> dict:
     """What `interrupt()` sends at `point`: everything a client needs to show the pause and to
     answer it. `images` is the ImageStore; `ui_url`, where `artloop serve ui` serves them."""
     step = state["step"]
-    payload: dict[str, Any] = {"pause": point, "run_id": state["run_id"],
-                               "iteration": step["iteration"], "proposal": proposal}  # fmt: skip
+    payload: dict[str, Any] = {
+        "pause": point,
+        "run_id": state["run_id"],
+        "iteration": step["iteration"],
+        "proposal": proposal,
+    }
     for key in ("image", "edited_image"):
         digest = step.get(key)
         path = str(images.path(digest)) if digest else None
         url = f"{ui_url.rstrip('/')}/gradio_api/file={path}" if ui_url and path else None
         payload |= {key: digest, f"{key}_path": path, f"{key}_url": url}
-    return payload | {"actions": ACTIONS[point], "answer_schema": answer_schema(point),
-                      "error": error}  # fmt: skip
+    return payload | {
+        "actions": ACTIONS[point],
+        "answer_schema": answer_schema(point),
+        "error": error,
+    }
 
 
 def pauses_at(state: dict, point: str) -> bool:

@@ -138,8 +138,9 @@ def node(fn=None, *, persist: bool = False):
         emit({"event": "node_started", **where})
         # Diffusion steps may be reported from the batcher's thread: emit in this context.
         in_here = contextvars.copy_context().run
-        token = on_step.set(lambda i, n: in_here(emit, {"event": "diffusion_step", **where,
-                                                        "step": i, "steps": n}))  # fmt: skip
+        token = on_step.set(
+            lambda i, n: in_here(emit, {"event": "diffusion_step", **where, "step": i, "steps": n})
+        )
         try:
             with ledger() as spent:  # what the node spends in diffusion, VLM calls, waiting
                 start = time.perf_counter()
@@ -156,8 +157,14 @@ def node(fn=None, *, persist: bool = False):
             update["settings"] = settings  # for the session's later runs
         if not managed and name == "begin":
             _drive(runtime, ctx, update["run_id"])
-        emit({"event": "node_finished", **where, "run_id": update.get("run_id", where["run_id"]),
-              "seconds": seconds})  # fmt: skip
+        emit(
+            {
+                "event": "node_finished",
+                **where,
+                "run_id": update.get("run_id", where["run_id"]),
+                "seconds": seconds,
+            }
+        )
         return update
 
     # Not functools.wraps: LangGraph reads the signature to decide to pass `runtime`.
@@ -170,8 +177,9 @@ def _agent(step: dict, name: str, result: Structured) -> dict:
     failures = {**step.get("parse_failures", {}), name: {result.backend: result.failures}}
     agents_out = {**step.get("agents", {}), name: result.output.model_dump()}
     seconds = {**step.get("agent_seconds", {}), name: result.seconds}
-    return {"step": {**step, "agents": agents_out, "parse_failures": failures,
-                     "agent_seconds": seconds}}  # fmt: skip
+    return {
+        "step": {**step, "agents": agents_out, "parse_failures": failures, "agent_seconds": seconds}
+    }
 
 
 INPUTS = ("prompt", "pause_at", "run_id")  # what starts a session
@@ -185,8 +193,10 @@ def begin(state: RefineState, ctx: RefineContext) -> dict:
     server thread whose session has begun starts another session (another run id)."""
     fresh = "iteration" not in state  # the runner's input, or the thread's first one
     if fresh and (extra := sorted(set(state) - set(INPUTS))):
-        raise ConfigError(f"{', '.join(extra)}: not an input (a session takes "
-                          f"{', '.join(INPUTS)}; its settings come in the run's context)")  # fmt: skip
+        raise ConfigError(
+            f"{', '.join(extra)}: not an input (a session takes "
+            f"{', '.join(INPUTS)}; its settings come in the run's context)"
+        )
     prompt = validate_prompt(state.get("prompt", ""))
     pause_at = human.check_pause_at(state.get("pause_at") or [])
     run_id = check_run_id(state["run_id"]) if fresh and state.get("run_id") else new_run_id()
@@ -195,10 +205,24 @@ def begin(state: RefineState, ctx: RefineContext) -> dict:
         config["thread_id"] = thread  # a server's thread: how to find the session there
     ctx.store.create_run(run_id, prompt, config, ctx.models(), PROMPTS_VERSION)
     d = ctx.diffusion_config
-    params = GenParams(width=d.width, height=d.height, num_inference_steps=d.steps,
-                       guidance_scale=d.guidance_scale, seed=d.seed)  # fmt: skip
-    defaults = {"iteration": 0, "current_prompt": None, "feedback": [], "params": asdict(params),
-                "step": {}, "scores": [], "best_image": None, "best_score": None, "status": None}  # fmt: skip
+    params = GenParams(
+        width=d.width,
+        height=d.height,
+        num_inference_steps=d.steps,
+        guidance_scale=d.guidance_scale,
+        seed=d.seed,
+    )
+    defaults = {
+        "iteration": 0,
+        "current_prompt": None,
+        "feedback": [],
+        "params": asdict(params),
+        "step": {},
+        "scores": [],
+        "best_image": None,
+        "best_score": None,
+        "status": None,
+    }
     return {**state, **defaults, "run_id": run_id, "prompt": prompt, "pause_at": pause_at}
 
 
@@ -206,11 +230,17 @@ def begin(state: RefineState, ctx: RefineContext) -> dict:
 def enhance(state: RefineState, ctx: RefineContext) -> dict:
     first = state.get("iteration", 0) == 0
     result = agents.enhance(
-        ctx.chat, state["prompt"], previous_prompt=None if first else state.get("current_prompt"),
-        feedback=None if first else state.get("feedback"), policy=ctx.policy,
-    )  # fmt: skip
-    fresh = {"iteration": state.get("iteration", 0), "prompt": result.output.prompt,
-             "negative_prompt": result.output.negative_prompt}  # fmt: skip
+        ctx.chat,
+        state["prompt"],
+        previous_prompt=None if first else state.get("current_prompt"),
+        feedback=None if first else state.get("feedback"),
+        policy=ctx.policy,
+    )
+    fresh = {
+        "iteration": state.get("iteration", 0),
+        "prompt": result.output.prompt,
+        "negative_prompt": result.output.negative_prompt,
+    }
     return _agent(fresh, "enhance", result)
 
 
@@ -225,8 +255,7 @@ def review(state: RefineState, ctx: RefineContext, point: str, proposal: dict) -
         return human.HumanAction()
     error = None
     while True:
-        payload = human.pause_payload(point, state, proposal, ctx.store.images,
-                                      ctx.ui_url, error)  # fmt: skip
+        payload = human.pause_payload(point, state, proposal, ctx.store.images, ctx.ui_url, error)
         try:
             answer = interrupt(payload)
         except GraphInterrupt:  # waiting for a person: say so in the store, and where
@@ -244,8 +273,11 @@ def review(state: RefineState, ctx: RefineContext, point: str, proposal: dict) -
 @node
 def review_prompt(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
-    proposal = {"prompt": step["prompt"], "negative_prompt": step["negative_prompt"],
-                "params": state["params"]}  # fmt: skip
+    proposal = {
+        "prompt": step["prompt"],
+        "negative_prompt": step["negative_prompt"],
+        "params": state["params"],
+    }
     action = review(state, ctx, "prompt", proposal)
     step, params = human.apply_to_prompt(step, state["params"], action)
     return {"step": human.record(step, "prompt", action), "params": params}
@@ -264,8 +296,9 @@ def generate(state: RefineState, ctx: RefineContext) -> dict:
 def data_cot(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
     image = ctx.store.images.get(step["image"])
-    result = agents.data_cot(ctx.chat, image, step["prompt"], step["stats"]["image"],
-                             policy=ctx.policy)  # fmt: skip
+    result = agents.data_cot(
+        ctx.chat, image, step["prompt"], step["stats"]["image"], policy=ctx.policy
+    )
     return _agent(step, "data_cot", result)
 
 
@@ -274,8 +307,9 @@ def concept_cot(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
     image = ctx.store.images.get(step["image"])
     facts = ImageFacts.model_validate(step["agents"]["data_cot"])
-    result = agents.concept_cot(ctx.chat, image, state["prompt"], facts, step["stats"]["image"],
-                                policy=ctx.policy)  # fmt: skip
+    result = agents.concept_cot(
+        ctx.chat, image, state["prompt"], facts, step["stats"]["image"], policy=ctx.policy
+    )
     return _agent(step, "concept_cot", result)
 
 
@@ -284,8 +318,15 @@ def thesis_cot(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
     image = ctx.store.images.get(step["image"])
     critique = Critique.model_validate(step["agents"]["concept_cot"])
-    result = agents.thesis_cot(ctx.chat, image, state["prompt"], step["prompt"], state["params"],
-                               critique, policy=ctx.policy)  # fmt: skip
+    result = agents.thesis_cot(
+        ctx.chat,
+        image,
+        state["prompt"],
+        step["prompt"],
+        state["params"],
+        critique,
+        policy=ctx.policy,
+    )
     return _agent(step, "thesis_cot", result)
 
 
@@ -299,8 +340,9 @@ def review_plan(state: RefineState, ctx: RefineContext) -> dict:
 
 def enough_steps(params: GenParams, strength: float) -> GenParams:
     """Partial denoising runs int(steps * strength) steps: keep at least one."""
-    return replace(params, num_inference_steps=max(params.num_inference_steps,
-                                                   math.ceil(1 / strength)))  # fmt: skip
+    return replace(
+        params, num_inference_steps=max(params.num_inference_steps, math.ceil(1 / strength))
+    )
 
 
 @node
@@ -316,19 +358,28 @@ def edit(state: RefineState, ctx: RefineContext) -> dict:
     image, ops = step["image"], []
     if strength > 0:
         p = enough_steps(params, strength)
-        image = ctx.diffusion.image_to_image(image, plan.revised_prompt, plan.negative_prompt,
-                                             p, strength)  # fmt: skip
-        ops.append({"op": "img2img", "strength": strength, "steps": p.num_inference_steps,
-                    "image": image})  # fmt: skip
+        image = ctx.diffusion.image_to_image(
+            image, plan.revised_prompt, plan.negative_prompt, p, strength
+        )
+        ops.append(
+            {"op": "img2img", "strength": strength, "steps": p.num_inference_steps, "image": image}
+        )
     for region in plan.regional_edits:
         p = enough_steps(params, region.strength)
-        image = ctx.diffusion.inpaint(image, tuple(region.box), region.prompt,
-                                      plan.negative_prompt, p, region.strength)  # fmt: skip
-        ops.append({"op": "inpaint", "box": region.box, "prompt": region.prompt,
-                    "strength": region.strength, "steps": p.num_inference_steps,
-                    "image": image})  # fmt: skip
-    tone = plan.params.model_dump(include={"exposure", "contrast", "saturation"},
-                                  exclude_none=True)  # fmt: skip
+        image = ctx.diffusion.inpaint(
+            image, tuple(region.box), region.prompt, plan.negative_prompt, p, region.strength
+        )
+        ops.append(
+            {
+                "op": "inpaint",
+                "box": region.box,
+                "prompt": region.prompt,
+                "strength": region.strength,
+                "steps": p.num_inference_steps,
+                "image": image,
+            }
+        )
+    tone = plan.params.model_dump(include={"exposure", "contrast", "saturation"}, exclude_none=True)
     if any(v != 1.0 for v in tone.values()):
         image = ctx.store.images.put(adjust_tone(ctx.store.images.get(image), **tone))
         ops.append({"op": "tone", **tone, "image": image})
@@ -341,19 +392,28 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
     step, loop = state["step"], ctx.loop
     before, after = (ctx.store.images.get(step[k]) for k in ("image", "edited_image"))
     if loop.judge == "vlm":
-        result = agents.validate(ctx.chat, before, after, state["prompt"],
-                                 Plan.model_validate(step["plan"]), step["stats"]["image"],
-                                 step["stats"]["edited"], policy=ctx.policy)  # fmt: skip
+        result = agents.validate(
+            ctx.chat,
+            before,
+            after,
+            state["prompt"],
+            Plan.model_validate(step["plan"]),
+            step["stats"]["image"],
+            step["stats"]["edited"],
+            policy=ctx.policy,
+        )
         try:
-            ctx.judge_watch.check(state["run_id"], step["edited_image"],
-                                  result.output.model_dump_json(), "validator")  # fmt: skip
+            ctx.judge_watch.check(
+                state["run_id"], step["edited_image"], result.output.model_dump_json(), "validator"
+            )
         except BrokenJudgeError as e:  # the runs it already judged lose their verdicts too
             for run_id in set(e.runs) - {state["run_id"]}:
                 ctx.store.revoke(run_id, f"BrokenJudgeError: {e}")
             raise
     else:  # a measured preference judges instead of the VLM
-        result = agents.judge_by_reward(before, after, state["prompt"], loop.judge,
-                                        loop.accept_score)  # fmt: skip
+        result = agents.judge_by_reward(
+            before, after, state["prompt"], loop.judge, loop.accept_score
+        )
     return _agent(step, "validate", result)
 
 
@@ -371,8 +431,10 @@ def decide(state: RefineState, ctx: RefineContext) -> dict:
     # A rejected edit made things worse: the iteration's result is the image before it.
     result_image = step["image"] if verdict == "reject" else step["edited_image"]
     step = human.record(step, "verdict", action) | {
-        "score": score, "verdict": verdict, "result_image": result_image,
-    }  # fmt: skip
+        "score": score,
+        "verdict": verdict,
+        "result_image": result_image,
+    }
     i, scores = step["iteration"], [*state.get("scores", []), score]
     best_score = state.get("best_score")
     improved = best_score is None or score > best_score or action.action == "accept"
@@ -393,12 +455,16 @@ def decide(state: RefineState, ctx: RefineContext) -> dict:
         include={"guidance_scale", "num_inference_steps"}, exclude_none=True
     )
     return {
-        "step": step, "scores": scores, "status": status, "iteration": i + 1,
-        "current_prompt": plan.revised_prompt, "feedback": agent_verdict.reasons,
+        "step": step,
+        "scores": scores,
+        "status": status,
+        "iteration": i + 1,
+        "current_prompt": plan.revised_prompt,
+        "feedback": agent_verdict.reasons,
         "params": {**state["params"], **changes},
         "best_image": result_image if improved else state.get("best_image"),
         "best_score": score if improved else best_score,
-    }  # fmt: skip
+    }
 
 
 @node
@@ -422,8 +488,20 @@ def after_decide(state: RefineState) -> Literal["revise", "accept", "give_up"]:
 # --- builder ----------------------------------------------------------------------------------
 # The context a server run gets from its client (JSON); artloop's runner passes a RefineContext.
 builder = StateGraph(RefineState, context_schema=RunSettings)
-NODES = (begin, enhance, review_prompt, generate, data_cot, concept_cot, thesis_cot, review_plan, edit,
-         validate, decide, record)  # fmt: skip
+NODES = (
+    begin,
+    enhance,
+    review_prompt,
+    generate,
+    data_cot,
+    concept_cot,
+    thesis_cot,
+    review_plan,
+    edit,
+    validate,
+    decide,
+    record,
+)
 for fn in NODES:
     builder.add_node(fn.__name__, fn)
 builder.add_edge(START, "begin")
@@ -447,15 +525,22 @@ class ServerRuns(BaseCallbackHandler):
 
     run_inline = True  # a status write, at once: the run may be torn down next
 
-    def on_chain_end(self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None,
-                     **kwargs: Any) -> None:  # fmt: skip
+    def on_chain_end(
+        self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
+    ) -> None:
         if parent_run_id is None:
             ENDED.append(str(run_id))
             if (session := DRIVEN.pop(str(run_id), None)) is not None:
                 session.end()
 
-    def on_chain_error(self, error: BaseException, *, run_id: UUID,
-                       parent_run_id: UUID | None = None, **kwargs: Any) -> None:  # fmt: skip
+    def on_chain_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
         if parent_run_id is not None:
             return
         ENDED.append(str(run_id))

@@ -109,8 +109,12 @@ def _postgres(url: str) -> BaseCheckpointSaver:
     from psycopg.rows import dict_row
     from psycopg_pool import ConnectionPool
 
-    settings: dict[str, Any] = {"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row,
-                                "application_name": "artloop"}  # fmt: skip
+    settings: dict[str, Any] = {
+        "autocommit": True,
+        "prepare_threshold": 0,
+        "row_factory": dict_row,
+        "application_name": "artloop",
+    }
     try:  # a direct connection first: its error says why (the pool's would only time out)
         with psycopg.connect(url, connect_timeout=10, **settings) as conn:
             PostgresSaver(conn).setup()  # creates or migrates its tables
@@ -118,8 +122,15 @@ def _postgres(url: str) -> BaseCheckpointSaver:
         shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
         reason = str(e).strip() or type(e).__name__
         raise CheckpointerError(f"cannot use the checkpointer at {shown}: {reason}") from e
-    pool = ConnectionPool(url, kwargs=settings, min_size=1, max_size=4, open=True,
-                          check=ConnectionPool.check_connection, name="artloop-checkpointer")  # fmt: skip
+    pool = ConnectionPool(
+        url,
+        kwargs=settings,
+        min_size=1,
+        max_size=4,
+        open=True,
+        check=ConnectionPool.check_connection,
+        name="artloop-checkpointer",
+    )
     return PostgresSaver(pool)
 
 
@@ -181,8 +192,9 @@ def run_session(
         lease = held.enter_context(hold_run(ctx.store, run_id))
         graph = compiled(saver, tuple(interrupt_before or ()))
         # The `begin` node completes a new run's state from the context's settings.
-        inputs: Any = None if resume else {"run_id": run_id, "prompt": prompt,
-                                           "pause_at": pause_at or []}  # fmt: skip
+        inputs: Any = (
+            None if resume else {"run_id": run_id, "prompt": prompt, "pause_at": pause_at or []}
+        )
         if resume:
             snapshot = graph.get_state(thread)
             if not snapshot.next:
@@ -212,7 +224,12 @@ def run_session(
             status = "paused" if pause else "interrupted"
             ctx.store.finish_run(run_id, status, pause=pause)
     return RunSummary(
-        run_id=run_id, status=status, iterations=len(values.get("scores", [])),
-        scores=values.get("scores", []), best_score=values.get("best_score"),
-        final_image=values.get("best_image"), seconds=time.perf_counter() - start, pause=pause,
-    )  # fmt: skip
+        run_id=run_id,
+        status=status,
+        iterations=len(values.get("scores", [])),
+        scores=values.get("scores", []),
+        best_score=values.get("best_score"),
+        final_image=values.get("best_image"),
+        seconds=time.perf_counter() - start,
+        pause=pause,
+    )

@@ -55,12 +55,16 @@ def view(store: TrajectoryStore, run_id: str) -> SessionView:
     if not values and run["status"] == "paused":  # a server's session: its pause is stored
         pause = run["pause"]
     return SessionView(
-        run_id=run_id, status=run["status"], prompt=run["prompt"],
+        run_id=run_id,
+        status=run["status"],
+        prompt=run["prompt"],
         iteration=values.get("iteration", 0 if pause is None else pause["iteration"]),
-        next=list(snapshot.next), pause=pause, steps=run["steps"],
+        next=list(snapshot.next),
+        pause=pause,
+        steps=run["steps"],
         best_image=values.get("best_image", run["final_image"]),
         best_score=values.get("best_score", run["best_score"]),
-    )  # fmt: skip
+    )
 
 
 def history(store: TrajectoryStore, run_id: str) -> list[dict]:
@@ -69,11 +73,15 @@ def history(store: TrajectoryStore, run_id: str) -> list[dict]:
     with open_checkpointer(store) as saver:
         snapshots = list(_graph(saver).get_state_history(_thread(run_id)))
     return [
-        {"checkpoint_id": s.config["configurable"]["checkpoint_id"], "index": i,
-         "iteration": (s.values or {}).get("iteration", 0), "next": list(s.next),
-         "created_at": s.created_at}
+        {
+            "checkpoint_id": s.config["configurable"]["checkpoint_id"],
+            "index": i,
+            "iteration": (s.values or {}).get("iteration", 0),
+            "next": list(s.next),
+            "created_at": s.created_at,
+        }
         for i, s in enumerate(reversed(snapshots))
-    ]  # fmt: skip
+    ]
 
 
 def fork(store: TrajectoryStore, run_id: str, checkpoint_id: str) -> str:
@@ -84,8 +92,10 @@ def fork(store: TrajectoryStore, run_id: str, checkpoint_id: str) -> str:
         graph = _graph(saver)
         snapshot = graph.get_state(_thread(run_id, checkpoint_id))
         if snapshot.values is None or not snapshot.next:
-            raise StoreError(f"run {run_id} has no checkpoint {checkpoint_id} to fork from "
-                             f"(see `artloop session history {run_id}`)")  # fmt: skip
+            raise StoreError(
+                f"run {run_id} has no checkpoint {checkpoint_id} to fork from "
+                f"(see `artloop session history {run_id}`)"
+            )
         new_id = new_run_id()
         config = {
             **run["config"],

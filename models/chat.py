@@ -18,20 +18,28 @@ def build_chat_model(cfg: ChatConfig) -> BaseChatModel:
         from artloop.models.inprocess import ChatQwen2VLLocal
 
         return ChatQwen2VLLocal(
-            model=cfg.model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            device=cfg.device, dtype=cfg.dtype, batch_window_ms=cfg.batch_window_ms,
+            model=cfg.model,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            batch_window_ms=cfg.batch_window_ms,
             max_batch=cfg.max_concurrent_calls,
-        )  # fmt: skip
+        )
     if cfg.backend == "openai":
         from langchain_openai import ChatOpenAI
 
         if not cfg.base_url:
             raise ConfigError("chat.base_url: required for the openai backend")
         return ChatOpenAI(
-            base_url=cfg.base_url, api_key=cfg.api_key, model=cfg.model,
-            temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, timeout=cfg.timeout_s,
+            base_url=cfg.base_url,
+            api_key=cfg.api_key,
+            model=cfg.model,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_new_tokens,
+            timeout=cfg.timeout_s,
             max_retries=0,  # retries are artloop's (tenacity, CallPolicy), with one clear error
-        )  # fmt: skip
+        )
     if not cfg.custom_class or ":" not in cfg.custom_class:
         raise ConfigError("chat.custom_class: expected 'package.module:ClassName'")
     module, _, name = cfg.custom_class.partition(":")
@@ -41,8 +49,10 @@ def build_chat_model(cfg: ChatConfig) -> BaseChatModel:
         raise ConfigError(f"chat.custom_class: cannot import {cfg.custom_class}: {e}") from None
     # Checked before it is called: any other callable (os:system...) would run with the kwargs.
     if not (isinstance(cls, type) and issubclass(cls, BaseChatModel)):
-        raise ConfigError(f"chat.custom_class: {cfg.custom_class} is not a langchain chat model "
-                          f"class (a subclass of BaseChatModel); nothing was called")  # fmt: skip
+        raise ConfigError(
+            f"chat.custom_class: {cfg.custom_class} is not a langchain chat model "
+            f"class (a subclass of BaseChatModel); nothing was called"
+        )
     try:
         return cls(**cfg.custom_kwargs)
     except ValidationError as e:  # its text quotes the values given: secrets too

@@ -169,10 +169,12 @@ class ChatQwen2VLLocal(BaseChatModel):
         requests: list[_Request] = [job.payload for job in jobs]
         _, max_new, temperature = jobs[0].key
         rows = [
-            (processor.apply_chat_template(r.chat, tokenize=False, add_generation_prompt=True),
-             r.images)
+            (
+                processor.apply_chat_template(r.chat, tokenize=False, add_generation_prompt=True),
+                r.images,
+            )
             for r in requests
-        ]  # fmt: skip
+        ]
         # input_ids: (B, T), padded on the left; all but the last column already in the cache.
         inputs = prefill_rows(model, processor, rows, self.device)
         gen: dict[str, Any] = {"max_new_tokens": max_new}
@@ -208,8 +210,11 @@ def _finish(tokenizer, row, prompt_tokens: int, eos: set[int]) -> tuple[str, dic
     ids = row.tolist()
     stop = next((i for i, t in enumerate(ids) if t in eos), None)
     ids = ids if stop is None else ids[: stop + 1]
-    meta = {"prompt_tokens": int(prompt_tokens), "completion_tokens": len(ids),
-            "finish_reason": "length" if stop is None else "stop"}  # fmt: skip
+    meta = {
+        "prompt_tokens": int(prompt_tokens),
+        "completion_tokens": len(ids),
+        "finish_reason": "length" if stop is None else "stop",
+    }
     return tokenizer.decode(ids, skip_special_tokens=True), meta
 
 

@@ -17,17 +17,35 @@ from pydantic import PrivateAttr
 
 DEFAULTS: dict[str, Any] = {
     "EnhancedPrompt": {"prompt": "a red fox in fresh snow, golden hour", "negative_prompt": "blur"},
-    "ImageFacts": {"description": "a fox", "objects": [{"label": "fox", "box": [100, 200, 600, 900]}],
-                   "lighting": "soft", "palette": "white and orange"},
-    "Critique": {"artifacts": [{"kind": "blur", "severity": 2, "box": [100, 200, 600, 900], "note": "soft fur"}],
-                 "aesthetics": [{"aspect": "exposure", "rating": 6, "note": "a bit dark"}],
-                 "prompt_alignment": 7, "missing": [], "summary": "blurry fox"},
-    "EditPlan": {"revised_prompt": "a sharp red fox in fresh snow", "negative_prompt": "blur",
-                 "regional_edits": [{"box": [100, 200, 600, 900], "prompt": "sharp fur", "strength": 0.5}],
-                 "params": {"guidance_scale": 6.0, "num_inference_steps": None, "strength": None},
-                 "rationale": "sharpen the fox"},
-    "Verdict": {"verdict": "revise", "score": 5.0, "better_than_before": True, "reasons": ["still soft"]},
-}  # fmt: skip
+    "ImageFacts": {
+        "description": "a fox",
+        "objects": [{"label": "fox", "box": [100, 200, 600, 900]}],
+        "lighting": "soft",
+        "palette": "white and orange",
+    },
+    "Critique": {
+        "artifacts": [
+            {"kind": "blur", "severity": 2, "box": [100, 200, 600, 900], "note": "soft fur"}
+        ],
+        "aesthetics": [{"aspect": "exposure", "rating": 6, "note": "a bit dark"}],
+        "prompt_alignment": 7,
+        "missing": [],
+        "summary": "blurry fox",
+    },
+    "EditPlan": {
+        "revised_prompt": "a sharp red fox in fresh snow",
+        "negative_prompt": "blur",
+        "regional_edits": [{"box": [100, 200, 600, 900], "prompt": "sharp fur", "strength": 0.5}],
+        "params": {"guidance_scale": 6.0, "num_inference_steps": None, "strength": None},
+        "rationale": "sharpen the fox",
+    },
+    "Verdict": {
+        "verdict": "revise",
+        "score": 5.0,
+        "better_than_before": True,
+        "reasons": ["still soft"],
+    },
+}
 
 _TITLE = re.compile(r'"title":"(\w+)","type":"object"\}\s*$')  # the top-level schema
 

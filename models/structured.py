@@ -80,8 +80,12 @@ def transient_errors() -> tuple[type[BaseException], ...]:
         import httpx
         import openai
 
-        errors += [openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError,
-                   httpx.TransportError]  # fmt: skip
+        errors += [
+            openai.APIConnectionError,
+            openai.APITimeoutError,
+            openai.InternalServerError,
+            httpx.TransportError,
+        ]
     except ImportError:
         pass
     return tuple(errors)
@@ -101,8 +105,9 @@ def endpoint(model: BaseChatModel) -> str:
     return str(getattr(model, "openai_api_base", None) or backend_name(model))
 
 
-def call_with_retries(runnable, messages: list[BaseMessage], model: BaseChatModel,
-                      policy: CallPolicy):  # fmt: skip
+def call_with_retries(
+    runnable, messages: list[BaseMessage], model: BaseChatModel, policy: CallPolicy
+):
     """`runnable.invoke(messages)`, retried with exponential backoff on transient errors;
     then ChatServerError naming the server and the cause."""
     try:
@@ -241,11 +246,15 @@ def invoke_structured(
         except InvalidOutput as e:
             failures += 1
             # Repair: the next attempt sees its own answer and what was wrong with it.
-            history.extend([
-                AIMessage(content=e.raw[:2000] or "(no answer)"),
-                HumanMessage(content=f"That answer is invalid ({e}). Reply again with only a "
-                                     f"JSON object that matches the schema."),
-            ])  # fmt: skip
+            history.extend(
+                [
+                    AIMessage(content=e.raw[:2000] or "(no answer)"),
+                    HumanMessage(
+                        content=f"That answer is invalid ({e}). Reply again with only a "
+                        f"JSON object that matches the schema."
+                    ),
+                ]
+            )
             raise
 
     try:

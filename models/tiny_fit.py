@@ -27,15 +27,47 @@ FIT_CONFIG: dict = {
     # (t=751) still holds ~22% of the image, so a model reads the brightness off the noise mean
     # it starts from (0) and cannot learn to draw darker images: a LoRA trained on images 0.2
     # darker moved samples by 0.00, by 0.05 with trailing steps alone.
-    "scheduler": {**SD_CONFIG["scheduler"], "prediction_type": "v_prediction",
-                  "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
-    "fit": {"steps": 300, "batch_size": 32, "learning_rate": 1e-3, "resolution": 64,
-            "grid": 2, "cfg_dropout": 0.1, "seed": 0},
-}  # fmt: skip
+    "scheduler": {
+        **SD_CONFIG["scheduler"],
+        "prediction_type": "v_prediction",
+        "rescale_betas_zero_snr": True,
+        "timestep_spacing": "trailing",
+    },
+    "fit": {
+        "steps": 300,
+        "batch_size": 32,
+        "learning_rate": 1e-3,
+        "resolution": 64,
+        "grid": 2,
+        "cfg_dropout": 0.1,
+        "seed": 0,
+    },
+}
 
 # Captions for the fit: conditioning is shared by all images (the data has no content), but
 # the model sees real prompt embeddings, and the empty prompt, as in pretraining.
-_SUBJECTS = ["fox", "castle", "lighthouse", "forest", "street", "lake", "cat", "garden", "harbour", "desert", "robot", "violin", "bridge", "owl", "ship", "tower", "dragon", "flower", "mountain", "river"]  # fmt: skip
+_SUBJECTS = [
+    "fox",
+    "castle",
+    "lighthouse",
+    "forest",
+    "street",
+    "lake",
+    "cat",
+    "garden",
+    "harbour",
+    "desert",
+    "robot",
+    "violin",
+    "bridge",
+    "owl",
+    "ship",
+    "tower",
+    "dragon",
+    "flower",
+    "mountain",
+    "river",
+]
 
 
 def colour_fields(n: int, size: int, grid: int, generator: torch.Generator) -> torch.Tensor:

@@ -14,10 +14,21 @@ from pathlib import Path
 from artloop.models.tiny import build_cached
 
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 # Qwen2-VL-Instruct's chat template (image and video parts become vision placeholders).
 CHAT_TEMPLATE = (
@@ -40,15 +51,20 @@ CHAT_TEMPLATE = (
 
 CONFIG = {
     "vocab_size": 4096,  # BPE vocabulary before special tokens
-    "text": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2},
+    "text": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
     "vision": {"depth": 2, "embed_dim": 32, "num_heads": 2},
     # Image tokens per image are bounded: at most 16x16 patches of 14 px -> 64 merged tokens.
     "min_pixels": 56 * 56,
     "max_pixels": 28 * 28 * 64,
     "seed": 0,
     "builder": 2,  # bump when the builder's output changes: the cache key is this dict's hash
-}  # fmt: skip
+}
 
 
 def _corpus() -> list[str]:

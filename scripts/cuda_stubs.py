@@ -21,8 +21,9 @@ PACKAGES = ("torchvision",)
 
 
 def undefined_symbols(lib: Path) -> list[str]:
-    out = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["nm", "-D", "--undefined-only", str(lib)], capture_output=True, text=True, check=True
+    ).stdout
     return [line.split()[-1] for line in out.splitlines() if line.strip()]
 
 
@@ -45,15 +46,24 @@ def main(site_packages: str, out_dir: str) -> None:
             if re.fullmatch(r"_ZN.*E", name) and not name.endswith("Ev"):
                 lines.append(f"void *{name} = 0;")
             elif name == "__cudaRegisterFatBinary":
-                lines.append("static void *handle[4]; void **__cudaRegisterFatBinary(void *f) "
-                             "{ (void)f; return handle; }")  # fmt: skip
+                lines.append(
+                    "static void *handle[4]; void **__cudaRegisterFatBinary(void *f) "
+                    "{ (void)f; return handle; }"
+                )
             else:
                 lines.append(f"long {name}(void) {{ return 0; }}")
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp) / "stub.c"
             src.write_text("\n".join(lines) + "\n")
-            cmd = ["gcc", "-shared", "-fPIC", "-o", str(out / soname), str(src),
-                   f"-Wl,-soname,{soname}"]  # fmt: skip
+            cmd = [
+                "gcc",
+                "-shared",
+                "-fPIC",
+                "-o",
+                str(out / soname),
+                str(src),
+                f"-Wl,-soname,{soname}",
+            ]
             if key == "cudart":  # torchvision asks for versioned cudart symbols
                 script = Path(tmp) / "version.map"
                 script.write_text(f"{soname} {{ global: *; }};\n")

@@ -55,15 +55,19 @@ def read_token(token_file: Path | None) -> str | None:
 def check_serve(host: str, port: int, token: str | None) -> str | None:
     """Refuse a bind that would go wrong, before anything starts (see the module); the token."""
     if token is not None and not token.strip():
-        raise UIError(f"the UI token is blank: a password of spaces protects nothing (set "
-                      f"{TOKEN_ENV} or --token-file to a real one)")  # fmt: skip
+        raise UIError(
+            f"the UI token is blank: a password of spaces protects nothing (set "
+            f"{TOKEN_ENV} or --token-file to a real one)"
+        )
     if not 1 <= port <= 65535:
         raise UIError(f"port {port} is not a TCP port (1-65535)")
     if not host.strip():
         raise UIError("the host is empty: give an address to bind (default 127.0.0.1)")
     if host not in LOOPBACK and not token:
-        raise UIError(f"binding {host} exposes the UI beyond this machine: set a token "
-                      f"({TOKEN_ENV} or --token-file)")  # fmt: skip
+        raise UIError(
+            f"binding {host} exposes the UI beyond this machine: set a token "
+            f"({TOKEN_ENV} or --token-file)"
+        )
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, kind, proto) as probe:  # what uvicorn will do, at once
@@ -79,8 +83,13 @@ class LoginLimiter:
     are refused until the oldest of them is `window_s` old. An attempt counts as failed from the
     moment it arrives (a burst in parallel is counted too); a success clears the client."""
 
-    def __init__(self, max_failures: int = 5, window_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic, max_clients: int = 10_000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        max_failures: int = 5,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 10_000,
+    ) -> None:
         self.max_failures, self.window_s, self.clock = max_failures, window_s, clock
         self.max_clients = max_clients
         self._failures: dict[str, deque[float]] = {}
@@ -106,9 +115,17 @@ class LoginLimiter:
 
 async def _answer(send: Send, status: int, detail: str, headers: tuple = ()) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *headers]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -130,8 +147,13 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 class Guard:
     """ASGI middleware: body and image limits on every route that takes data, login limits."""
 
-    def __init__(self, app: Callable, max_bytes: int = MAX_UPLOAD_BYTES,
-                 max_pixels: int = MAX_PIXELS, logins: LoginLimiter | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        app: Callable,
+        max_bytes: int = MAX_UPLOAD_BYTES,
+        max_pixels: int = MAX_PIXELS,
+        logins: LoginLimiter | None = None,
+    ) -> None:
         self.app, self.max_bytes, self.max_pixels = app, max_bytes, max_pixels
         self.logins = logins or LoginLimiter()
 
@@ -142,8 +164,12 @@ class Guard:
         login = scope["path"].rstrip("/").endswith("/login")
         if login and (wait := self.logins.wait(client)):
             retry = str(math.ceil(wait))
-            return await _answer(send, 429, f"too many failed logins from {client}: try again "
-                                 f"in {retry} s", ((b"retry-after", retry.encode()),))  # fmt: skip
+            return await _answer(
+                send,
+                429,
+                f"too many failed logins from {client}: try again in {retry} s",
+                ((b"retry-after", retry.encode()),),
+            )
         body, size = await self._read(receive)
         if body is None:
             if size is not None:  # None: the client went away

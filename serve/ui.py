@@ -47,8 +47,12 @@ def gallery(store: Any, v: SessionView) -> list[tuple[str, str]]:
     for step in v.steps:
         n, who = step["iteration"] + 1, step.get("decided_by", {}).get("verdict", "agent")
         items.append((str(store.images.path(step["image"])), f"{n}: generated"))
-        items.append((str(store.images.path(step["edited_image"])),
-                      f"{n}: edited, {step.get('verdict')} {step.get('score')} ({who})"))  # fmt: skip
+        items.append(
+            (
+                str(store.images.path(step["edited_image"])),
+                f"{n}: edited, {step.get('verdict')} {step.get('score')} ({who})",
+            )
+        )
     if v.pause and v.iteration >= len(v.steps):
         for key, what in (("image", "generated"), ("edited_image", "edited")):
             if v.pause.get(key):
@@ -58,9 +62,14 @@ def gallery(store: Any, v: SessionView) -> list[tuple[str, str]]:
 
 def findings(v: SessionView) -> dict:
     """The agents' outputs per iteration, and what waits for the person."""
-    out: dict[str, Any] = {f"iteration {s['iteration'] + 1}": {"agents": s.get("agents", {}),
-                           "decided_by": s.get("decided_by", {}), "human": s.get("human", {})}
-                           for s in v.steps}  # fmt: skip
+    out: dict[str, Any] = {
+        f"iteration {s['iteration'] + 1}": {
+            "agents": s.get("agents", {}),
+            "decided_by": s.get("decided_by", {}),
+            "human": s.get("human", {}),
+        }
+        for s in v.steps
+    }
     if v.pause:
         out["waiting for you"] = {"pause": v.pause["pause"], "proposal": v.pause["proposal"]}
     return out
@@ -68,8 +77,10 @@ def findings(v: SessionView) -> dict:
 
 def status_line(v: SessionView) -> str:
     if v.pause:
-        return (f"**{v.run_id}**: paused at **{v.pause['pause']}** (iteration {v.iteration + 1}) "
-                f"- your turn")  # fmt: skip
+        return (
+            f"**{v.run_id}**: paused at **{v.pause['pause']}** (iteration {v.iteration + 1}) "
+            f"- your turn"
+        )
     best = f", best score {v.best_score}" if v.best_score is not None else ""
     return f"**{v.run_id}**: {v.status} after {len(v.steps)} iteration(s){best}"
 
@@ -105,28 +116,52 @@ def draw_boxes(path: str, boxes: list[list[int]], out_dir: Path) -> str:
     draw = ImageDraw.Draw(image)
     w, h = image.size
     for x1, y1, x2, y2 in boxes:
-        draw.rectangle((x1 * w / 1000, y1 * h / 1000, x2 * w / 1000, y2 * h / 1000),
-                       outline=(255, 64, 64), width=max(1, w // 128))  # fmt: skip
+        draw.rectangle(
+            (x1 * w / 1000, y1 * h / 1000, x2 * w / 1000, y2 * h / 1000),
+            outline=(255, 64, 64),
+            width=max(1, w // 128),
+        )
     out = out_dir / f"boxes-{abs(hash((path, json.dumps(boxes))))}.png"
     image.save(out)
     return str(out)
 
 
-def answer_from(action: str, point: str, prompt: str, negative: str, seed: Any, steps: Any,
-                guidance: Any, regions: Any) -> dict:  # fmt: skip
+def answer_from(
+    action: str,
+    point: str,
+    prompt: str,
+    negative: str,
+    seed: Any,
+    steps: Any,
+    guidance: Any,
+    regions: Any,
+) -> dict:
     """The HumanAction fields from the pause panel's inputs (checked by the graph's rules)."""
     if action != "edit":
         return {"action": action}
     if point == "prompt":
-        params = {k: v for k, v in (("seed", seed), ("num_inference_steps", steps),
-                                    ("guidance_scale", guidance)) if v not in (None, "")}  # fmt: skip
+        params = {
+            k: v
+            for k, v in (
+                ("seed", seed),
+                ("num_inference_steps", steps),
+                ("guidance_scale", guidance),
+            )
+            if v not in (None, "")
+        }
         params = {k: (float(v) if k == "guidance_scale" else int(v)) for k, v in params.items()}
         return {"action": "edit", "prompt": prompt, "negative_prompt": negative, "params": params}
     rows = regions.values.tolist() if hasattr(regions, "values") else (regions or [])
     rows = [r for r in rows if any(str(c).strip() for c in r)]
     try:
-        boxes = [{"box": [int(float(c)) for c in r[:4]], "prompt": str(r[4]),
-                  "strength": float(r[5] or 0.6)} for r in rows]  # fmt: skip
+        boxes = [
+            {
+                "box": [int(float(c)) for c in r[:4]],
+                "prompt": str(r[4]),
+                "strength": float(r[5] or 0.6),
+            }
+            for r in rows
+        ]
     except (ValueError, IndexError) as e:
         raise HumanActionError(
             f"a box edit row is not x1, y1, x2, y2, prompt, strength: {e}"
@@ -155,13 +190,28 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         prompt = proposal.get("prompt") or proposal.get("revised_prompt") or ""
         params = proposal.get("params", {}) if point == "prompt" else {}
         focus = focus_image(store, v)  # shown, and kept server-side (`shown`) to draw boxes on
-        return (run_id, log, status_line(v), focus, gallery(store, v), findings(v),
-                gr.update(visible=paused), point, prompt, proposal.get("negative_prompt", ""),
-                params.get("seed"), params.get("num_inference_steps"), params.get("guidance_scale"),
-                regions_from_proposal(v), [], *[gr.update(interactive=point == "verdict")] * 2,
-                gr.update(interactive=point in ("prompt", "plan")),
-                gr.update(visible=point == "prompt"), gr.update(visible=point == "plan"),
-                focus)  # fmt: skip
+        return (
+            run_id,
+            log,
+            status_line(v),
+            focus,
+            gallery(store, v),
+            findings(v),
+            gr.update(visible=paused),
+            point,
+            prompt,
+            proposal.get("negative_prompt", ""),
+            params.get("seed"),
+            params.get("num_inference_steps"),
+            params.get("guidance_scale"),
+            regions_from_proposal(v),
+            [],
+            *[gr.update(interactive=point == "verdict")] * 2,
+            gr.update(interactive=point in ("prompt", "plan")),
+            gr.update(visible=point == "prompt"),
+            gr.update(visible=point == "plan"),
+            focus,
+        )
 
     def stream(work, run_id: str, log: str) -> Iterator[tuple]:
         """Run `work(on_update)` in a thread; yield the screen after every node."""
@@ -196,9 +246,13 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         run_id = new_run_id()
         local = replace(ctx, loop=ctx.loop.model_copy(update={"max_iters": int(max_iters)}))
         config = {"loop": local.loop.model_dump(), "ui": True}
-        yield from stream(lambda cb: run_session(local, prompt=prompt, run_id=run_id, config=config,
-                                                 pause_at=pause_at, on_update=cb),
-                          run_id, f"session {run_id}: {prompt}\n")  # fmt: skip
+        yield from stream(
+            lambda cb: run_session(
+                local, prompt=prompt, run_id=run_id, config=config, pause_at=pause_at, on_update=cb
+            ),
+            run_id,
+            f"session {run_id}: {prompt}\n",
+        )
 
     def resume(run_id: str, log: str, answer: dict | None) -> Iterator[tuple]:
         if not run_id:
@@ -213,8 +267,11 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
                 check_action(v.pause["pause"], answer)
         except (HumanActionError, StoreError) as e:
             raise gr.Error(str(e)) from None
-        yield from stream(lambda cb: run_session(local, run_id=run_id, answer=answer, on_update=cb),
-                          run_id, log + f"answer: {json.dumps(answer)}\n")  # fmt: skip
+        yield from stream(
+            lambda cb: run_session(local, run_id=run_id, answer=answer, on_update=cb),
+            run_id,
+            log + f"answer: {json.dumps(answer)}\n",
+        )
 
     def answer(action: str):
         def handler(run_id, log, point, prompt, negative, seed, steps, guidance, regions):
@@ -258,8 +315,11 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
 
     def sessions_list() -> gr.update:
         runs = store.list_runs(200)
-        return gr.update(choices=[(f"{r['run_id']}  {r['status']}  {r['prompt'][:60]}", r["run_id"])
-                                  for r in runs])  # fmt: skip
+        return gr.update(
+            choices=[
+                (f"{r['run_id']}  {r['status']}  {r['prompt'][:60]}", r["run_id"]) for r in runs
+            ]
+        )
 
     def open_session(run_id: str | None):
         if not run_id:
@@ -285,8 +345,12 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt", lines=2)
-                pause_at = gr.CheckboxGroup(["prompt", "plan", "verdict"], value=["plan", "verdict"],
-                                            label="Pause for me at", elem_id="pause-at")  # fmt: skip
+                pause_at = gr.CheckboxGroup(
+                    ["prompt", "plan", "verdict"],
+                    value=["plan", "verdict"],
+                    label="Pause for me at",
+                    elem_id="pause-at",
+                )
                 max_iters = gr.Slider(
                     1, 10, value=ctx.loop.max_iters, step=1, label="Iterations at most"
                 )
@@ -300,8 +364,12 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
                 export_file = gr.File(label="Export", elem_id="export-file")
             with gr.Column(scale=2):
                 status = gr.Markdown("No session yet.", elem_id="status")
-                image = gr.Image(label="Image: click two opposite corners to draw a box",
-                                 type="filepath", interactive=False, elem_id="canvas")  # fmt: skip
+                image = gr.Image(
+                    label="Image: click two opposite corners to draw a box",
+                    type="filepath",
+                    interactive=False,
+                    elem_id="canvas",
+                )
                 with gr.Group(visible=False, elem_id="pause-panel") as panel:
                     point = gr.Textbox(label="Pause", interactive=False, elem_id="pause-point")
                     edit_prompt = gr.Textbox(label="Prompt", elem_id="edit-prompt")
@@ -316,8 +384,12 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
                             local_prompt = gr.Textbox(label="Local prompt", elem_id="local-prompt")
                             strength = gr.Slider(0.1, 1.0, value=0.6, step=0.05, label="Strength")
                         add_btn = gr.Button("Add box edit", elem_id="add-box")
-                        regions = gr.Dataframe(headers=REGION_COLUMNS, interactive=True,
-                                               elem_id="regions", label="Box edits (edit or delete rows)")  # fmt: skip
+                        regions = gr.Dataframe(
+                            headers=REGION_COLUMNS,
+                            interactive=True,
+                            elem_id="regions",
+                            label="Box edits (edit or delete rows)",
+                        )
                     with gr.Row():
                         agent_btn = gr.Button("Let the agent decide", elem_id="agent")
                         edit_btn = gr.Button("Apply my edit", variant="primary", elem_id="apply")
@@ -328,19 +400,46 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
                 shots = gr.Gallery(label="Iterations", columns=2, height=420, elem_id="gallery")
                 found = gr.JSON(label="Agents' findings", elem_id="findings")
 
-        outputs = [run_id, log, status, image, shots, found, panel, point, edit_prompt,
-                   edit_negative, seed, steps, guidance, regions, clicks, accept_btn, reject_btn,
-                   edit_btn, params_row, boxes_col, shown]  # fmt: skip
+        outputs = [
+            run_id,
+            log,
+            status,
+            image,
+            shots,
+            found,
+            panel,
+            point,
+            edit_prompt,
+            edit_negative,
+            seed,
+            steps,
+            guidance,
+            regions,
+            clicks,
+            accept_btn,
+            reject_btn,
+            edit_btn,
+            params_row,
+            boxes_col,
+            shown,
+        ]
         start_btn.click(start, [prompt, pause_at, max_iters], outputs)
         inputs = [run_id, log, point, edit_prompt, edit_negative, seed, steps, guidance, regions]
-        for button, action in ((agent_btn, "agent"), (edit_btn, "edit"), (accept_btn, "accept"),
-                               (reject_btn, "reject")):  # fmt: skip
+        for button, action in (
+            (agent_btn, "agent"),
+            (edit_btn, "edit"),
+            (accept_btn, "accept"),
+            (reject_btn, "reject"),
+        ):
             button.click(answer(action), inputs, outputs)
         continue_btn.click(resume_chosen, [past, log], outputs)
         # The image path comes from the server's State, not the client: no route takes an image.
         image.select(click, [shown, clicks], [box, clicks])
-        add_btn.click(add_box, [box, local_prompt, strength, regions, shown],
-                      [regions, box, local_prompt, image])  # fmt: skip
+        add_btn.click(
+            add_box,
+            [box, local_prompt, strength, regions, shown],
+            [regions, box, local_prompt, image],
+        )
         refresh_btn.click(sessions_list, None, past)
         open_btn.click(open_session, past, outputs)
         export_btn.click(export, run_id, export_file)
@@ -348,8 +447,13 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
     return app
 
 
-def serve(ctx: RefineContext, host: str = "127.0.0.1", port: int = 7860,
-          token: str | None = None, on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+def serve(
+    ctx: RefineContext,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    token: str | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     """Launch the UI and block; `on_ready` is called once it listens. A non-loopback `host`
     requires a `token`; a bind that cannot work raises UIError before anything starts."""
     import secrets
@@ -364,11 +468,17 @@ def serve(ctx: RefineContext, host: str = "127.0.0.1", port: int = 7860,
         with open_checkpointer(ctx.store):  # the UI's one saver for all its sessions
             app = build_app(ctx)
             try:
-                app.launch(server_name=host, server_port=port, auth=auth,
-                           max_file_size=MAX_UPLOAD_BYTES, prevent_thread_lock=True,
-                           app_kwargs={"middleware": [Middleware(Guard)]},
-                           allowed_paths=[str(ctx.store.images.root), str(ui_dir(ctx))],
-                           show_error=True, quiet=True)  # fmt: skip
+                app.launch(
+                    server_name=host,
+                    server_port=port,
+                    auth=auth,
+                    max_file_size=MAX_UPLOAD_BYTES,
+                    prevent_thread_lock=True,
+                    app_kwargs={"middleware": [Middleware(Guard)]},
+                    allowed_paths=[str(ctx.store.images.root), str(ui_dir(ctx))],
+                    show_error=True,
+                    quiet=True,
+                )
             except OSError as e:  # the port was taken since check_serve
                 raise UIError(f"cannot listen on {host}:{port}: {e}") from None
             if on_ready is not None:

@@ -32,32 +32,54 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def tiny_cpu_config(vllm: str, port: int, **overrides) -> ServeConfig:
     """The tiny Qwen2-VL on vLLM's CPU build, as the tests and benchmarks start it: float32,
     a 4096-token context, eager (no graph capture on CPU)."""
-    return ServeConfig(model="tiny-qwen2vl", dtype="float32", max_model_len=4096,
-                       enforce_eager=True, vllm=vllm, port=port, **overrides)  # fmt: skip
+    return ServeConfig(
+        model="tiny-qwen2vl",
+        dtype="float32",
+        max_model_len=4096,
+        enforce_eager=True,
+        vllm=vllm,
+        port=port,
+        **overrides,
+    )
 
 
 def vllm_command(cfg: ServeConfig, model_path: str) -> list[str]:
     """The `vllm serve` command line for this config (the API key travels in the environment,
     not on the command line, where `ps` would show it)."""
     if cfg.host not in LOOPBACK and cfg.api_key is None:
-        raise ServerError(f"binding to {cfg.host} exposes the server: set serve.api_key "
-                          f"(ARTLOOP_SERVE__API_KEY) or bind 127.0.0.1")  # fmt: skip
+        raise ServerError(
+            f"binding to {cfg.host} exposes the server: set serve.api_key "
+            f"(ARTLOOP_SERVE__API_KEY) or bind 127.0.0.1"
+        )
     exe = shutil.which(cfg.vllm) or cfg.vllm
     if not Path(exe).is_file():
         raise ServerError(f"vllm executable not found: {cfg.vllm!r} (set serve.vllm or PATH)")
     cmd = [
-        exe, "serve", model_path,
-        "--served-model-name", cfg.served_model_name or cfg.model,
-        "--host", cfg.host, "--port", str(cfg.port),
-        "--dtype", cfg.dtype,
-        "--max-model-len", str(cfg.max_model_len),
-        "--tensor-parallel-size", str(cfg.tensor_parallel_size),
-        "--limit-mm-per-prompt", json.dumps({"image": cfg.max_images_per_prompt, "video": 0}),
-        "--structured-outputs-config", json.dumps({
-            "backend": cfg.structured_outputs_backend,
-            "disable_any_whitespace": cfg.compact_json,
-        }),
-    ]  # fmt: skip
+        exe,
+        "serve",
+        model_path,
+        "--served-model-name",
+        cfg.served_model_name or cfg.model,
+        "--host",
+        cfg.host,
+        "--port",
+        str(cfg.port),
+        "--dtype",
+        cfg.dtype,
+        "--max-model-len",
+        str(cfg.max_model_len),
+        "--tensor-parallel-size",
+        str(cfg.tensor_parallel_size),
+        "--limit-mm-per-prompt",
+        json.dumps({"image": cfg.max_images_per_prompt, "video": 0}),
+        "--structured-outputs-config",
+        json.dumps(
+            {
+                "backend": cfg.structured_outputs_backend,
+                "disable_any_whitespace": cfg.compact_json,
+            }
+        ),
+    ]
     if cfg.max_image_pixels:
         cmd += ["--mm-processor-kwargs", json.dumps({"max_pixels": cfg.max_image_pixels})]
     if cfg.enforce_eager:
@@ -109,18 +131,23 @@ class VLMServer:
             env["VLLM_API_KEY"] = self.cfg.api_key.get_secret_value()
         log = self.log_path.open("ab")
         # Its own process group: stop() signals vLLM and every worker it started.
-        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while not self.healthy():
             if self.process.poll() is not None:
-                raise ServerError(f"vLLM exited with status {self.process.returncode} before it "
-                                  f"was healthy; last log lines:\n{self.tail()}")  # fmt: skip
+                raise ServerError(
+                    f"vLLM exited with status {self.process.returncode} before it "
+                    f"was healthy; last log lines:\n{self.tail()}"
+                )
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServerError(f"vLLM was not healthy after {self.cfg.startup_timeout_s:.0f}s; "
-                                  f"last log lines:\n{self.tail()}")  # fmt: skip
+                raise ServerError(
+                    f"vLLM was not healthy after {self.cfg.startup_timeout_s:.0f}s; "
+                    f"last log lines:\n{self.tail()}"
+                )
             time.sleep(1.0)
         return self
 

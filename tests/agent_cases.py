@@ -13,8 +13,13 @@ from PIL import Image
 
 CALLS = 20  # per agent, against the vLLM server
 FEW_CALLS = 4  # per agent, in-process
-PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "portrait of an old sailor",
-           "a bowl of ramen, studio light", "a city street in the rain"]  # fmt: skip
+PROMPTS = [
+    "a red fox in the snow",
+    "a lighthouse at dusk",
+    "portrait of an old sailor",
+    "a bowl of ramen, studio light",
+    "a city street in the rain",
+]
 
 
 def image(i: int) -> Image.Image:
@@ -23,16 +28,49 @@ def image(i: int) -> Image.Image:
 
 
 CASES = {
-    "enhance": (EnhancedPrompt, lambda m, i: agents.enhance(m, PROMPTS[i % 5],
-                previous_prompt="a fox" if i % 2 else None, feedback=["too dark"] if i % 2 else None)),
-    "data_cot": (ImageFacts, lambda m, i: agents.data_cot(m, image(i), PROMPTS[i % 5], measure(image(i)))),
-    "concept_cot": (Critique, lambda m, i: agents.concept_cot(m, image(i), PROMPTS[i % 5],
-                    ImageFacts(**DEFAULTS["ImageFacts"]), measure(image(i)))),
-    "thesis_cot": (EditPlan, lambda m, i: agents.thesis_cot(m, image(i), PROMPTS[i % 5], "a fox",
-                   {"seed": i, "guidance_scale": 5.0}, Critique(**DEFAULTS["Critique"]))),
-    "validate": (Verdict, lambda m, i: agents.validate(m, image(i), image(i + 1), PROMPTS[i % 5],
-                 EditPlan(**DEFAULTS["EditPlan"]), measure(image(i)), measure(image(i + 1)))),
-}  # fmt: skip
+    "enhance": (
+        EnhancedPrompt,
+        lambda m, i: agents.enhance(
+            m,
+            PROMPTS[i % 5],
+            previous_prompt="a fox" if i % 2 else None,
+            feedback=["too dark"] if i % 2 else None,
+        ),
+    ),
+    "data_cot": (
+        ImageFacts,
+        lambda m, i: agents.data_cot(m, image(i), PROMPTS[i % 5], measure(image(i))),
+    ),
+    "concept_cot": (
+        Critique,
+        lambda m, i: agents.concept_cot(
+            m, image(i), PROMPTS[i % 5], ImageFacts(**DEFAULTS["ImageFacts"]), measure(image(i))
+        ),
+    ),
+    "thesis_cot": (
+        EditPlan,
+        lambda m, i: agents.thesis_cot(
+            m,
+            image(i),
+            PROMPTS[i % 5],
+            "a fox",
+            {"seed": i, "guidance_scale": 5.0},
+            Critique(**DEFAULTS["Critique"]),
+        ),
+    ),
+    "validate": (
+        Verdict,
+        lambda m, i: agents.validate(
+            m,
+            image(i),
+            image(i + 1),
+            PROMPTS[i % 5],
+            EditPlan(**DEFAULTS["EditPlan"]),
+            measure(image(i)),
+            measure(image(i + 1)),
+        ),
+    ),
+}
 
 
 def check_answers(schema, results: list[Structured], backend: str, calls: int = CALLS) -> None:

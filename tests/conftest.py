@@ -192,10 +192,13 @@ def make_ctx(store, sd_tool, chat, **loop):
 
     sd_tool.store = store.images
     return RefineContext(
-        chat=chat, diffusion=sd_tool, store=store,
-        loop=LoopConfig(**{"max_iters": 3, **loop}), chat_config=ChatConfig(retry_backoff_s=0),
+        chat=chat,
+        diffusion=sd_tool,
+        store=store,
+        loop=LoopConfig(**{"max_iters": 3, **loop}),
+        chat_config=ChatConfig(retry_backoff_s=0),
         diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
-    )  # fmt: skip
+    )
 
 
 # --- a throwaway PostgreSQL server (the Postgres checkpointer's tests) --------------------------
@@ -221,12 +224,28 @@ def postgres_url():
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_user:
         shutil.chown(data, "postgres", "postgres")
-    subprocess.run([*as_user, f"{bin_dir}/initdb", "-D", f"{data}/db", "-A", "trust",
-                    "-U", "postgres"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*as_user, f"{bin_dir}/initdb", "-D", f"{data}/db", "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
-    server = subprocess.Popen([*as_user, f"{bin_dir}/postgres", "-D", f"{data}/db", "-p", str(port),
-                               "-h", "127.0.0.1", "-k", data], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            *as_user,
+            f"{bin_dir}/postgres",
+            "-D",
+            f"{data}/db",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            data,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     import psycopg
 

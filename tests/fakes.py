@@ -83,10 +83,17 @@ class FaultProxy:
                 import time
 
                 time.sleep(proxy.delay_s)
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() in ("content-type", "authorization")}  # fmt: skip
-                req = urllib.request.Request(proxy.upstream + self.path, data=body or None,
-                                             headers=headers, method=self.command)  # fmt: skip
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() in ("content-type", "authorization")
+                }
+                req = urllib.request.Request(
+                    proxy.upstream + self.path,
+                    data=body or None,
+                    headers=headers,
+                    method=self.command,
+                )
                 try:
                     with urllib.request.urlopen(req, timeout=600) as r:
                         self._reply(r.status, r.read())

@@ -26,8 +26,9 @@ def cli(*args: str, **env: str) -> Result:
 
 def artloop(*args: str, **env: str) -> subprocess.CompletedProcess:
     """The installed command in a fresh process: what a user's terminal shows."""
-    return subprocess.run([ARTLOOP, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})  # fmt: skip
+    return subprocess.run(
+        [ARTLOOP, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
 
 
 def one_line(proc: Result | subprocess.CompletedProcess, code: int, message: str) -> None:
@@ -50,8 +51,18 @@ def a_store(home: Path, prompt: str = "a red fox", runs: int = 3) -> TrajectoryS
         run_id = f"{r:016x}"
         store.create_run(run_id, prompt, {}, {}, "v1")
         for i in range(12):  # enough steps for their rows to fill many pages
-            store.put_step(run_id, i, {"iteration": i, "prompt": prompt, "params": {"seed": 0},
-                                       "image": None, "timings": {}, "pad": "x" * 3000})  # fmt: skip
+            store.put_step(
+                run_id,
+                i,
+                {
+                    "iteration": i,
+                    "prompt": prompt,
+                    "params": {"seed": 0},
+                    "image": None,
+                    "timings": {},
+                    "pad": "x" * 3000,
+                },
+            )
         store.finish_run(run_id, "max_iters", best_score=5.0)
     return store
 
@@ -66,12 +77,18 @@ def test_a_store_that_is_not_a_database(tmp_path):
     assert found.returncode == 1 and "Traceback" not in found.stderr, found.stderr
     assert "artloop.sqlite: not a readable SQLite database" in found.stdout
     one_line(artloop("list", *where), 2, "artloop.sqlite is not a readable SQLite database")
-    for args in (["list"], ["show", RUN], ["export", str(tmp_path / "out"), "--format", "raw"],
-                 ["session", "list"], ["session", "history", RUN]):  # fmt: skip
+    for args in (
+        ["list"],
+        ["show", RUN],
+        ["export", str(tmp_path / "out"), "--format", "raw"],
+        ["session", "list"],
+        ["session", "history", RUN],
+    ):
         one_line(cli(*args, *where), 2, "artloop.sqlite is not a readable SQLite database")
     config = tmp_path / "scripted.toml"
-    config.write_text('[chat]\nbackend = "custom"\n'
-                      'custom_class = "artloop.models.scripted:ScriptedChat"\n')  # fmt: skip
+    config.write_text(
+        '[chat]\nbackend = "custom"\ncustom_class = "artloop.models.scripted:ScriptedChat"\n'
+    )
     one_line(
         cli("run", "a fox", "--config", str(config), *where),
         2,
@@ -111,9 +128,11 @@ def test_export_targets_that_cannot_be_written(tmp_path):
     store = a_store(tmp_path / "home")
     (tmp_path / "a-file").write_text("x")
     where = ["--home", str(store.home)]
-    for target, message in (("/sys/artloop-export", "cannot write to /sys: "),
-                            ("/proc/artloop-export", "cannot write to /proc: "),
-                            (str(tmp_path / "a-file" / "out"), "a-file is a file, not a directory")):  # fmt: skip
+    for target, message in (
+        ("/sys/artloop-export", "cannot write to /sys: "),
+        ("/proc/artloop-export", "cannot write to /proc: "),
+        (str(tmp_path / "a-file" / "out"), "a-file is a file, not a directory"),
+    ):
         one_line(cli("export", target, "--format", "prompts", *where), 2, message)
     assert (tmp_path / "a-file").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "home"]  # no temp dirs
@@ -131,8 +150,15 @@ def test_debug_shows_the_traceback(tmp_path):
         assert shown.stderr.strip().splitlines()[-1] == plain.stderr.strip()
 
 
-READ_ONLY = (["doctor"], ["list"], ["show", RUN], ["export", "{out}", "--format", "raw"],
-             ["session", "list"], ["session", "show", RUN], ["session", "history", RUN])  # fmt: skip
+READ_ONLY = (
+    ["doctor"],
+    ["list"],
+    ["show", RUN],
+    ["export", "{out}", "--format", "raw"],
+    ["session", "list"],
+    ["session", "show", RUN],
+    ["session", "history", RUN],
+)
 
 
 def test_read_only_commands_never_create_a_home(tmp_path):
@@ -150,8 +176,12 @@ def test_an_empty_home_is_refused(tmp_path, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    for args in (["list", "--home", ""], ["run", "a fox", "--home", ""],
-                 ["batch", "prompts.txt", "--home", ""], ["session", "list", "--home", ""]):  # fmt: skip
+    for args in (
+        ["list", "--home", ""],
+        ["run", "a fox", "--home", ""],
+        ["batch", "prompts.txt", "--home", ""],
+        ["session", "list", "--home", ""],
+    ):
         one_line(cli(*args), 2, "invalid config: home: is empty")
     one_line(cli("list", ARTLOOP_HOME=""), 2, "invalid config: home: is empty")
     assert list(cwd.iterdir()) == []  # nothing was written into the working directory
@@ -204,8 +234,10 @@ def test_doctor_reports_a_damaged_export_instead_of_crashing(tmp_path):
         f.write("{not json\n")
     (tmp_path / "prompts" / "data").mkdir()  # a truncated parquet file
     (tmp_path / "prompts" / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 garbage")
-    for fmt, finding in (("raw", "steps.jsonl:25: not a step record"),
-                         ("prompts", "train-00000-of-00001.parquet: not a readable parquet file")):  # fmt: skip
+    for fmt, finding in (
+        ("raw", "steps.jsonl:25: not a step record"),
+        ("prompts", "train-00000-of-00001.parquet: not a readable parquet file"),
+    ):
         checked = cli("doctor", "--export", str(tmp_path / fmt))
         assert checked.exit_code == 1 and checked.exception.code == 1, checked.output
         assert f"error: {finding}" in checked.stdout, checked.stdout

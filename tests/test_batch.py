@@ -32,8 +32,10 @@ def test_batched_images_equal_unbatched(store, sd_tool):
     params = [GenParams(width=64, height=64, num_inference_steps=2, seed=s) for s in range(4)]
     prompts = ["a red fox", "a lighthouse", "a city street", "a bowl of fruit"]
     alone = [sd_tool.text_to_image(p, "", q) for p, q in zip(prompts, params, strict=True)]
-    edits = [sd_tool.inpaint(a, (100, 100, 600, 700), "a hat", "", q, 0.6)
-             for a, q in zip(alone, params, strict=True)]  # fmt: skip
+    edits = [
+        sd_tool.inpaint(a, (100, 100, 600, 700), "a hat", "", q, 0.6)
+        for a, q in zip(alone, params, strict=True)
+    ]
     sd_tool.set_batching(300)
     try:
         together, edited = [None] * 4, [None] * 4
@@ -59,8 +61,10 @@ def test_prompts_file(tmp_path):
     f = tmp_path / "p.txt"  # a text file: a line is a prompt, or a JSON object
     f.write_text('a red fox\n\n{"prompt": "a lighthouse", "seed": 7, "tags": ["sea"]}\n')
     items = read_prompts(f)
-    assert [(i.prompt, i.seed, i.tags) for i in items] == [("a red fox", None, []),
-                                                         ("a lighthouse", 7, ["sea"])]  # fmt: skip
+    assert [(i.prompt, i.seed, i.tags) for i in items] == [
+        ("a red fox", None, []),
+        ("a lighthouse", 7, ["sea"]),
+    ]
     assert (
         item_run_id("b", 0, items[0])
         == item_run_id("b", 0, items[0])
@@ -74,16 +78,27 @@ def test_prompts_file(tmp_path):
         read_prompts(f)
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ('{"prompt": "a fox"}\nan owl\n', "p.jsonl:2: not JSON (Expecting value at column 1); each "
-                                       "line of a .jsonl file is one JSON object"),
-    ('{"prompt": "a fox"}\n["an owl"]\n', "p.jsonl:2: an array, not a JSON object with a prompt"),
-    ('"an owl"\n', "p.jsonl:1: a string, not a JSON object with a prompt"),
-    ('{"prompt": "a fox"}\n{"prompt": "  "}\n', "p.jsonl:2: prompt: is empty"),
-    ('{"prompt": 7}\n', "p.jsonl:1: prompt: Input should be a valid string"),
-    ('{"prompt": "%s"}\n' % ("x" * (MAX_PROMPT_CHARS + 1)),
-     f"p.jsonl:1: prompt: is {MAX_PROMPT_CHARS + 1} characters; the limit is {MAX_PROMPT_CHARS}"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '{"prompt": "a fox"}\nan owl\n',
+            "p.jsonl:2: not JSON (Expecting value at column 1); each "
+            "line of a .jsonl file is one JSON object",
+        ),
+        (
+            '{"prompt": "a fox"}\n["an owl"]\n',
+            "p.jsonl:2: an array, not a JSON object with a prompt",
+        ),
+        ('"an owl"\n', "p.jsonl:1: a string, not a JSON object with a prompt"),
+        ('{"prompt": "a fox"}\n{"prompt": "  "}\n', "p.jsonl:2: prompt: is empty"),
+        ('{"prompt": 7}\n', "p.jsonl:1: prompt: Input should be a valid string"),
+        (
+            '{"prompt": "%s"}\n' % ("x" * (MAX_PROMPT_CHARS + 1)),
+            f"p.jsonl:1: prompt: is {MAX_PROMPT_CHARS + 1} characters; the limit is {MAX_PROMPT_CHARS}",
+        ),
+    ],
+)
 def test_jsonl_lines_are_json_objects(tmp_path, text, message):
     f = tmp_path / "p.jsonl"
     f.write_text(text)
@@ -118,16 +133,19 @@ def test_cli_checks_every_line_before_any_session(tmp_path):
     result = CliRunner().invoke(app, ["batch", str(f), "--home", str(home)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"error: {f}:3: not JSON (Expecting value at column 1); each line of a "
-                     ".jsonl file is one JSON object"], result.stderr  # fmt: skip
+    assert lines == [
+        f"error: {f}:3: not JSON (Expecting value at column 1); each line of a "
+        ".jsonl file is one JSON object"
+    ], result.stderr
     assert TrajectoryStore(home).list_runs() == []
 
 
 def test_concurrent_resumable_and_failures_isolated(store, batching, tmp_path):
     marker = tmp_path / "poison"
     marker.touch()  # while it exists, sessions about "unlucky" prompts lose the chat server
-    chat = PoisonedChat(poison="unlucky", marker=str(marker),
-                        scripts={"Verdict": [verdict("accept", 9.0)]})  # fmt: skip
+    chat = PoisonedChat(
+        poison="unlucky", marker=str(marker), scripts={"Verdict": [verdict("accept", 9.0)]}
+    )
     ctx = make_ctx(store, batching, chat, max_iters=2)
     f = tmp_path / "prompts.txt"
     f.write_text("a red fox\nan unlucky black cat\na lighthouse\na city street\na bowl of fruit\n")
@@ -145,7 +163,8 @@ def test_concurrent_resumable_and_failures_isolated(store, batching, tmp_path):
     spent = add_up(list(run["steps"][0]["accounting"].values()))
     assert spent["diffusion"] > 0 and spent["vlm"] > 0 and spent["framework"] >= 0
     assert sum(spent[k] for k in ("diffusion", "vlm", "wait", "framework")) == pytest.approx(
-        spent["total"], rel=1e-6)  # fmt: skip
+        spent["total"], rel=1e-6
+    )
 
     marker.unlink()  # the server is back: a re-run skips the four and finishes the failed one
     again = asyncio.run(run_batch(ctx, items, name="t", concurrency=5))
@@ -159,8 +178,19 @@ def test_cli_batch(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text('a red fox\n{"prompt": "a lighthouse", "seed": 3}\n')
     artloop = str(Path(sys.executable).with_name("artloop"))
-    args = [artloop, "batch", str(f), "--concurrency", "2", "--max-iters", "1",
-            "--batch-window-ms", "50", "--home", str(tmp_path / "home")]  # fmt: skip
+    args = [
+        artloop,
+        "batch",
+        str(f),
+        "--concurrency",
+        "2",
+        "--max-iters",
+        "1",
+        "--batch-window-ms",
+        "50",
+        "--home",
+        str(tmp_path / "home"),
+    ]
     first = subprocess.run(args, capture_output=True, text=True, timeout=600, env=os.environ)
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["done"] == 2
@@ -171,8 +201,12 @@ def test_cli_batch(tmp_path):
     lighthouse = next(r for r in runs if r["prompt"] == "a lighthouse")
     step = TrajectoryStore(tmp_path / "home").get_run(lighthouse["run_id"])["steps"][0]
     assert step["params"]["seed"] == 3
-    shown = subprocess.run([artloop, "show", lighthouse["run_id"], "--home", str(tmp_path / "home")],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    shown = subprocess.run(
+        [artloop, "show", lighthouse["run_id"], "--home", str(tmp_path / "home")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "time spent: diffusion" in shown.stdout
     bad = subprocess.run(
         [artloop, "batch", str(tmp_path / "none.txt")], capture_output=True, text=True
@@ -225,10 +259,18 @@ def test_ctrl_c_stops_the_batch_and_its_summary_agrees_with_the_store(tmp_path):
     )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a red fox, take {i}\n" for i in range(8)))
-    batch = [str(Path(sys.executable).with_name("artloop")), "batch", str(prompts),
-             "--concurrency", "2", "--config", str(config)]  # fmt: skip
-    proc = subprocess.Popen(batch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    batch = [
+        str(Path(sys.executable).with_name("artloop")),
+        "batch",
+        str(prompts),
+        "--concurrency",
+        "2",
+        "--config",
+        str(config),
+    ]
+    proc = subprocess.Popen(
+        batch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     store, deadline = TrajectoryStore(tmp_path / "home"), time.monotonic() + 300
     while not any(r["status"] in FINAL_STATUSES for r in store.list_runs(limit=-1)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()

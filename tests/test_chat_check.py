@@ -64,11 +64,22 @@ def test_a_refused_key_is_named(server):
 def test_cli_stops_before_the_run(server, tmp_path):
     url, code = server
     out = subprocess.run(
-        [str(Path(sys.executable).with_name("artloop")), "run", "a fox", "--chat-backend",
-         "openai", "--base-url", url, "--home", str(tmp_path / "home")],
-        capture_output=True, text=True, timeout=120,
+        [
+            str(Path(sys.executable).with_name("artloop")),
+            "run",
+            "a fox",
+            "--chat-backend",
+            "openai",
+            "--base-url",
+            url,
+            "--home",
+            str(tmp_path / "home"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "ARTLOOP_CHAT__API_KEY": "a-wrong-key"},
-    )  # fmt: skip
+    )
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and f"refused the API key ({code} " in out.stderr
     assert "a-wrong-key" not in out.stderr + out.stdout

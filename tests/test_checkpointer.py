@@ -33,9 +33,12 @@ def test_the_owner_s_saver_is_shared_by_its_sessions_and_closed_when_it_ends(sto
             used.append(saver)
 
     with open_checkpointer(store) as owned:
-        threads = [threading.Thread(target=run_session, args=(ctx,),
-                                    kwargs={"prompt": f"a fox {i}", "on_update": note})
-                   for i in range(2)]  # fmt: skip
+        threads = [
+            threading.Thread(
+                target=run_session, args=(ctx,), kwargs={"prompt": f"a fox {i}", "on_update": note}
+            )
+            for i in range(2)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -49,8 +52,9 @@ def test_the_owner_s_saver_is_shared_by_its_sessions_and_closed_when_it_ends(sto
 
 
 @pytest.mark.postgres
-def test_a_batch_sets_postgres_up_once_and_leaves_no_connection(postgres_url, tmp_path, sd_tool,
-                                                                monkeypatch):  # fmt: skip
+def test_a_batch_sets_postgres_up_once_and_leaves_no_connection(
+    postgres_url, tmp_path, sd_tool, monkeypatch
+):
     import psycopg
     from langgraph.checkpoint.postgres import PostgresSaver
 
@@ -60,16 +64,24 @@ def test_a_batch_sets_postgres_up_once_and_leaves_no_connection(postgres_url, tm
 
     def ours() -> int:  # the checkpointer's connections to the server now
         with psycopg.connect(postgres_url) as db:
-            return db.execute("SELECT count(*) FROM pg_stat_activity "
-                              "WHERE application_name = 'artloop'").fetchone()[0]  # fmt: skip
+            return db.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'artloop'"
+            ).fetchone()[0]
 
     during = []
     store = TrajectoryStore(tmp_path / "home", checkpointer=postgres_url)
     ctx = make_ctx(store, sd_tool, ScriptedChat(), max_iters=1)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red fox\na lighthouse\na city street\n")
-    result = asyncio.run(run_batch(ctx, read_prompts(prompts), name="pg", concurrency=3,
-                                   on_progress=lambda r: during.append(ours())))  # fmt: skip
+    result = asyncio.run(
+        run_batch(
+            ctx,
+            read_prompts(prompts),
+            name="pg",
+            concurrency=3,
+            on_progress=lambda r: during.append(ours()),
+        )
+    )
     assert (result.done, result.failed) == (3, 0), result.errors
     assert len(setups) == 1  # one pool for the batch, its tables checked once
     assert max(during) in range(1, 5)  # the pool's connections, while sessions run
@@ -126,7 +138,7 @@ def test_the_cli_refuses_an_unreachable_checkpointer_before_storing_anything(tmp
         f'home = "{tmp_path / "home"}"\ncheckpointer = "postgresql://me:s3cret@127.0.0.1:{free_port()}/db"\n'
         '[chat]\nbackend = "custom"\ncustom_class = "artloop.models.scripted:ScriptedChat"\n'
         "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 1\n"
-    )  # fmt: skip
+    )
     (tmp_path / "p.txt").write_text("a red fox\n")
     args = [str(tmp_path / "p.txt") if a == "PROMPTS" else a for a in command]
     result = CliRunner().invoke(app, [*args, "--config", str(cfg)])

@@ -20,16 +20,30 @@ ARTLOOP = str(Path(sys.executable).with_name("artloop"))
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The installed `artloop` command, in a fresh process, as a user runs it."""
-    return subprocess.run([ARTLOOP, *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})  # fmt: skip
+    return subprocess.run(
+        [ARTLOOP, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """One real run on the embedded default: tiny Qwen2-VL in-process + tiny SD."""
     home = tmp_path_factory.mktemp("home")
-    proc = cli("run", "a red fox in the snow", "--max-iters", "2", "--home", str(home), "--json",
-               "--tag", "demo")  # fmt: skip
+    proc = cli(
+        "run",
+        "a red fox in the snow",
+        "--max-iters",
+        "2",
+        "--home",
+        str(home),
+        "--json",
+        "--tag",
+        "demo",
+    )
     assert proc.returncode == 0, proc.stderr
     return home, json.loads(proc.stdout), proc.stderr
 
@@ -95,8 +109,17 @@ def test_show(finished):
 
 @pytest.mark.slow
 def test_run_with_flux(tmp_path):
-    proc = cli("run", "a lighthouse", "--max-iters", "1", "--diffusion-model", "tiny-flux",
-               "--home", str(tmp_path), "--json")  # fmt: skip
+    proc = cli(
+        "run",
+        "a lighthouse",
+        "--max-iters",
+        "1",
+        "--diffusion-model",
+        "tiny-flux",
+        "--home",
+        str(tmp_path),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     run = TrajectoryStore(tmp_path).get_run(json.loads(proc.stdout)["run_id"])
     assert run["models"]["diffusion"]["family"] == "flux" and len(run["steps"]) == 1
@@ -125,26 +148,52 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "empty prompt": (["run", ""], "prompt is empty"),
         "whitespace prompt": (["run", "  \t "], "prompt is empty"),
         "huge prompt": (["run", "x" * 100_000], "prompt is 100000 characters; the limit is 2000"),
-        "non-UTF-8 prompt": (["run", "a caf\udce9 fox"], "prompt is not UTF-8 text (a bad byte at position 5)"),
+        "non-UTF-8 prompt": (
+            ["run", "a caf\udce9 fox"],
+            "prompt is not UTF-8 text (a bad byte at position 5)",
+        ),
         "non-UTF-8 prompts file": (["batch", str(latin1)], "cannot read prompts file"),
-        "unknown diffusion model": (["run", "a fox", "--diffusion-model", "nosuch/model"], "nosuch/model"),
-        "diffusion model path missing": (["run", "a fox", "--diffusion-model", "/no/such/dir"], "unknown model '/no/such/dir'"),
-        "unknown chat model": (["run", "a fox", "--chat-model", "./no-such-model"], "chat.model: unknown model './no-such-model'"),
-        "unreachable server": (["run", "a fox", "--chat-backend", "openai", "--base-url", "http://127.0.0.1:9/v1"],
-                               "cannot reach chat server at http://127.0.0.1:9/v1"),
-        "openai without url": (["run", "a fox", "--chat-backend", "openai"], "chat.base_url: required"),
+        "unknown diffusion model": (
+            ["run", "a fox", "--diffusion-model", "nosuch/model"],
+            "nosuch/model",
+        ),
+        "diffusion model path missing": (
+            ["run", "a fox", "--diffusion-model", "/no/such/dir"],
+            "unknown model '/no/such/dir'",
+        ),
+        "unknown chat model": (
+            ["run", "a fox", "--chat-model", "./no-such-model"],
+            "chat.model: unknown model './no-such-model'",
+        ),
+        "unreachable server": (
+            ["run", "a fox", "--chat-backend", "openai", "--base-url", "http://127.0.0.1:9/v1"],
+            "cannot reach chat server at http://127.0.0.1:9/v1",
+        ),
+        "openai without url": (
+            ["run", "a fox", "--chat-backend", "openai"],
+            "chat.base_url: required",
+        ),
         "bad backend": (["run", "a fox", "--chat-backend", "magic"], "chat.backend"),
         "bad max iters": (["run", "a fox", "--max-iters", "0"], "loop.max_iters"),
         "unknown judge": (["run", "a fox", "--judge", "darknes"], "loop.judge"),
         "bad config file": (["run", "a fox", "--config", str(bad_toml)], "loop.max_iters"),
-        "missing config file": (["run", "a fox", "--config", str(tmp_path / "nope.toml")], "config file not found"),
+        "missing config file": (
+            ["run", "a fox", "--config", str(tmp_path / "nope.toml")],
+            "config file not found",
+        ),
         "home not writable": (["run", "a fox", "--home", str(blocker / "home")], "is not writable"),
         "unknown run": (["show", "0123456789abcdef"], "no run 0123456789abcdef"),
         "malformed run id": (["show", "../../etc"], "not a run id"),
         "resume unknown run": (["resume", "0123456789abcdef"], "no run 0123456789abcdef"),
-        "export into the home": (["export", "{home}/out", "--format", "raw"], "inside the artloop home"),
-        "unknown export format": (["export", str(tmp_path / "out"), "--format", "csv"], "unknown format 'csv'"),
-    }  # fmt: skip
+        "export into the home": (
+            ["export", "{home}/out", "--format", "raw"],
+            "inside the artloop home",
+        ),
+        "unknown export format": (
+            ["export", str(tmp_path / "out"), "--format", "csv"],
+            "unknown format 'csv'",
+        ),
+    }
 
 
 @pytest.mark.slow
@@ -177,8 +226,8 @@ def test_failed_run_resumes_from_the_cli(tmp_path):
         f'home = "{tmp_path / "home"}"\n[chat]\nbackend = "custom"\ncustom_class = "fakes:FlakyChat"\n'
         "max_retries = 1\nretry_backoff_s = 0\n"
         f'[chat.custom_kwargs]\nmarker = "{marker}"\nfail_on = 7\nfailures = 2\n'
-        '[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 2\nplateau_patience = 5\n'
-    )  # fmt: skip
+        "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 2\nplateau_patience = 5\n"
+    )
     runner = CliRunner()
     failed = runner.invoke(app, ["run", "a fox", "--config", str(config)])
     assert failed.exit_code == 1, failed.output

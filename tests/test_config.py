@@ -30,13 +30,16 @@ def test_layering(tmp_path, monkeypatch):
     assert cfg.diffusion.seed == 0  # a None flag is "not given"
 
 
-@pytest.mark.parametrize(("overrides", "field"), [
-    ({"loop.max_iters": 0}, "loop.max_iters"),
-    ({"chat.temperature": "hot"}, "chat.temperature"),
-    ({"chat.backend": "magic"}, "chat.backend"),
-    ({"diffusion.width": 10_000}, "diffusion.width"),
-    ({"loop.bogus": 1}, "loop.bogus"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"loop.max_iters": 0}, "loop.max_iters"),
+        ({"chat.temperature": "hot"}, "chat.temperature"),
+        ({"chat.backend": "magic"}, "chat.backend"),
+        ({"diffusion.width": 10_000}, "diffusion.width"),
+        ({"loop.bogus": 1}, "loop.bogus"),
+    ],
+)
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=rf"invalid config: {field}: "):
         load_config(None, overrides)

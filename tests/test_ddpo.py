@@ -72,8 +72,14 @@ def test_rewards_by_name():
 def test_trainer_mechanics(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\na lighthouse\n\na city street\n")
-    cfg = DDPOConfig(data=str(prompts), output_dir=str(tmp_path / "lora"), train_steps=4,
-                     inner_epochs=2, sample_steps=4, batch_size=2)  # fmt: skip
+    cfg = DDPOConfig(
+        data=str(prompts),
+        output_dir=str(tmp_path / "lora"),
+        train_steps=4,
+        inner_epochs=2,
+        sample_steps=4,
+        batch_size=2,
+    )
     summary = train_ddpo(cfg, progress=False)
     # First step of a round: the policy that sampled is the one scored, ratio 1, loss -mean(adv) = 0.
     assert abs(summary["first_loss"]) < 1e-5
@@ -99,7 +105,20 @@ def test_config_and_cli_errors(tmp_path):
     unknown = runner.invoke(app, ["train", "ddpo", "--data", "x", "--reward", "beauty"])
     assert unknown.exit_code == 2 and "choose from brightness" in unknown.stderr
     (tmp_path / "p.txt").write_text("a fox\n")
-    ok = runner.invoke(app, ["train", "ddpo", "--data", str(tmp_path / "p.txt"), "--output-dir",
-                             str(tmp_path / "o"), "--train-steps", "1", "--sample-steps", "2"])  # fmt: skip
+    ok = runner.invoke(
+        app,
+        [
+            "train",
+            "ddpo",
+            "--data",
+            str(tmp_path / "p.txt"),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--train-steps",
+            "1",
+            "--sample-steps",
+            "2",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout.strip().splitlines()[-1])["steps"] == 1

@@ -26,16 +26,34 @@ def lora(tmp_path_factory):
     (root / "data" / "data").mkdir(parents=True)
     ds = datasets.Dataset.from_dict({"image": images, "text": ["a red fox"] * 4})
     ds.cast_column("image", datasets.Image()).to_parquet(root / "data" / "data" / "train.parquet")
-    train_sft(SFTConfig(data=str(root / "data"), output_dir=str(root / "lora"), resolution=64,
-                        train_steps=20, learning_rate=1e-2), progress=False)  # fmt: skip
+    train_sft(
+        SFTConfig(
+            data=str(root / "data"),
+            output_dir=str(root / "lora"),
+            resolution=64,
+            train_steps=20,
+            learning_rate=1e-2,
+        ),
+        progress=False,
+    )
     (root / "prompts.txt").write_text("a red fox\na lighthouse\n")
     return root
 
 
 def config(root, out, **kw) -> EvalConfig:
-    return EvalConfig(**{"prompts": str(root / "prompts.txt"), "lora": [str(root / "lora")],
-                         "output_dir": str(out), "seeds": [0, 1], "scorers": ["darkness", "contrast"],
-                         "width": 64, "height": 64, "steps": 2, **kw})  # fmt: skip
+    return EvalConfig(
+        **{
+            "prompts": str(root / "prompts.txt"),
+            "lora": [str(root / "lora")],
+            "output_dir": str(out),
+            "seeds": [0, 1],
+            "scorers": ["darkness", "contrast"],
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+            **kw,
+        }
+    )
 
 
 def test_base_vs_lora_table_and_grid(lora, tmp_path):
@@ -87,16 +105,24 @@ def test_a_file_that_is_not_a_lora_is_one_line(tmp_path):
     (tmp_path / "p.txt").write_text("a fox\n")
     artloop = str(Path(sys.executable).with_name("artloop"))
     for lora in ("unet", "model.safetensors"):
-        out = subprocess.run([artloop, "eval", "--lora", str(tmp_path / lora), "--prompts",
-                              str(tmp_path / "p.txt")], capture_output=True, text=True, timeout=120)  # fmt: skip
+        out = subprocess.run(
+            [artloop, "eval", "--lora", str(tmp_path / lora), "--prompts", str(tmp_path / "p.txt")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 2, out.stderr
         assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: EvalConfig.lora: ")
         assert "is not a LoRA (2 of its 2 tensors are not LoRA weights, e.g. 'conv_in" in out.stderr
 
 
-@pytest.mark.parametrize(("model", "problem"), [
-    ("tiny-sdxl", "does not fit this model (size mismatch for "),
-    ("tiny-flux", "holds no weights for this model (a LoRA for another model family?)")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [
+        ("tiny-sdxl", "does not fit this model (size mismatch for "),
+        ("tiny-flux", "holds no weights for this model (a LoRA for another model family?)"),
+    ],
+)
 def test_a_lora_of_another_family_is_named(lora, tmp_path, model, problem):
     with pytest.raises(TrainerConfigError, match=r"^EvalConfig\.lora: .*" + re.escape(problem)):
         evaluate(config(lora, tmp_path, model=model))

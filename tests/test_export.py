@@ -35,30 +35,55 @@ def runs(tmp_path_factory, _sd_pipeline_cache):
     store = TrajectoryStore(tmp_path_factory.mktemp("export") / "home")
 
     def session(verdicts, prompt, chat_config=None, **kw):
-        ctx = make_ctx(store, _sd_pipeline_cache, ScriptedChat(scripts=verdicts),
-                       max_iters=kw.pop("max_iters", 3), plateau_patience=5)  # fmt: skip
+        ctx = make_ctx(
+            store,
+            _sd_pipeline_cache,
+            ScriptedChat(scripts=verdicts),
+            max_iters=kw.pop("max_iters", 3),
+            plateau_patience=5,
+        )
         if chat_config:
             ctx = replace(ctx, chat_config=chat_config)
         return run_session(ctx, prompt=prompt, **kw).run_id
 
     ids = {
-        "accepted": session({"Verdict": [worse("reject", 3.0), verdict("accept", 9.0)]}, "a red fox"),
-        "max_iters": session({"Verdict": [worse("revise", 4.0), verdict("revise", 5.0)]},
-                             "a blue bird", max_iters=2),
-    }  # fmt: skip
+        "accepted": session(
+            {"Verdict": [worse("reject", 3.0), verdict("accept", 9.0)]}, "a red fox"
+        ),
+        "max_iters": session(
+            {"Verdict": [worse("revise", 4.0), verdict("revise", 5.0)]}, "a blue bird", max_iters=2
+        ),
+    }
     with pytest.raises(ChatServerError):
-        session({"EditPlan": [DEFAULTS["EditPlan"], ConnectionError("server went away")]},
-                "a failed cat", run_id="00000000000000fa")  # fmt: skip
+        session(
+            {"EditPlan": [DEFAULTS["EditPlan"], ConnectionError("server went away")]},
+            "a failed cat",
+            run_id="00000000000000fa",
+        )
     ids["failed"] = "00000000000000fa"
     url = f"http://bob:{SECRET}@vlm.local:8000/v1"
-    openai = ChatConfig(backend="openai", base_url=url, model="Qwen/Qwen2-VL-7B-Instruct",
-                        api_key=SECRET, retry_backoff_s=0)  # fmt: skip
-    ids["quick"] = session({"Verdict": [verdict("accept", 8.0)]}, "a red fox", openai,
-                           config={"chat": {"base_url": url, "api_key": "***"}})  # fmt: skip
+    openai = ChatConfig(
+        backend="openai",
+        base_url=url,
+        model="Qwen/Qwen2-VL-7B-Instruct",
+        api_key=SECRET,
+        retry_backoff_s=0,
+    )
+    ids["quick"] = session(
+        {"Verdict": [verdict("accept", 8.0)]},
+        "a red fox",
+        openai,
+        config={"chat": {"base_url": url, "api_key": "***"}},
+    )
     ids["interrupted"] = session({}, "an owl", interrupt_before=["edit"])
     statuses = {k: store.get_run(v)["status"] for k, v in ids.items()}
-    assert statuses == {"accepted": "accepted", "max_iters": "max_iters", "failed": "failed",
-                        "quick": "accepted", "interrupted": "interrupted"}  # fmt: skip
+    assert statuses == {
+        "accepted": "accepted",
+        "max_iters": "max_iters",
+        "failed": "failed",
+        "quick": "accepted",
+        "interrupted": "interrupted",
+    }
     return store, ids
 
 
@@ -79,8 +104,12 @@ def test_sft_parquet_and_imagefolder(runs, tmp_path):
     result = export_dataset(store, tmp_path / "sft", "sft")
     assert (result.rows, result.runs_kept, result.runs_considered) == (3, 3, 5)
     out = tmp_path / "sft"
-    ds = load_dataset("parquet", data_files=str(out / "data/train-00000-of-00001.parquet"),
-                      split="train", cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    ds = load_dataset(
+        "parquet",
+        data_files=str(out / "data/train-00000-of-00001.parquet"),
+        split="train",
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert ds.column_names == ["image", "text", "run_id", "score", "gain"]
     assert ds["run_id"] == [ids[k] for k in FINISHED] and ds["gain"] == [6.0, 1.0, 0.0]
     for row in ds:
@@ -89,8 +118,9 @@ def test_sft_parquet_and_imagefolder(runs, tmp_path):
         assert np.array_equal(pixels(row["image"]), pixels(store.images.get(run["final_image"])))
         assert row["score"] == run["best_score"]
     # The imagefolder layout diffusers' train_text_to_image_lora.py reads, loaded offline.
-    folder = load_dataset("imagefolder", data_dir=str(out / "imagefolder"),
-                          cache_dir=str(tmp_path / "cache"))["train"]  # fmt: skip
+    folder = load_dataset(
+        "imagefolder", data_dir=str(out / "imagefolder"), cache_dir=str(tmp_path / "cache")
+    )["train"]
     assert sorted(folder["text"]) == sorted(ds["text"]) and len(folder) == 3
     meta = [json.loads(line) for line in (out / "imagefolder/train/metadata.jsonl").open()]
     assert meta[0] == {"file_name": f"{ids['accepted']}.png", "text": "a red fox"}
@@ -106,8 +136,12 @@ def test_sft_parquet_and_imagefolder(runs, tmp_path):
 def test_dpo_pairs_follow_the_verdicts(runs, tmp_path):
     store, ids = runs
     export_dataset(store, tmp_path / "dpo", "dpo")
-    ds = load_dataset("parquet", data_files=str(tmp_path / "dpo" / export_mod.PARQUET),
-                      split="train", cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    ds = load_dataset(
+        "parquet",
+        data_files=str(tmp_path / "dpo" / export_mod.PARQUET),
+        split="train",
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert ds.features["jpg_0"].dtype == "binary" and ds.features["label_0"].dtype == "float64"
     rows = {k: [r for r in ds if r["run_id"] == ids[k]] for k in FINISHED}
     assert {r["run_id"] for r in ds} == {ids[k] for k in FINISHED}  # nothing from failed runs
@@ -124,8 +158,11 @@ def test_dpo_pairs_follow_the_verdicts(runs, tmp_path):
         ("best_worst", 1.0),
     ]
     assert [r["source"] for r in rows["quick"]] == ["edit"]  # one step: no best/worst pair
-    expected = [(reject["image"], reject["edited_image"]), (accept["image"], accept["edited_image"]),
-                (accept["result_image"], reject["result_image"])]  # fmt: skip
+    expected = [
+        (reject["image"], reject["edited_image"]),
+        (accept["image"], accept["edited_image"]),
+        (accept["result_image"], reject["result_image"]),
+    ]
     for row, (first, second) in zip(rows["accepted"], expected, strict=True):
         assert row["caption"] == "a red fox"
         pngs = [pixels(store.images.get(d)) for d in (first, second)]
@@ -147,9 +184,14 @@ def test_dpo_pairs_follow_the_verdicts(runs, tmp_path):
     ],
 )
 def test_dpo_edit_pair_label_follows_the_judges_comparison(validator, person, label_0):
-    step = {"image": "a" * 64, "edited_image": "b" * 64, "agents": {"validate": validator},
-            "verdict": person or validator["verdict"], "score": validator["score"],
-            "decided_by": {"verdict": "human" if person else "agent"}}  # fmt: skip
+    step = {
+        "image": "a" * 64,
+        "edited_image": "b" * 64,
+        "agents": {"validate": validator},
+        "verdict": person or validator["verdict"],
+        "score": validator["score"],
+        "decided_by": {"verdict": "human" if person else "agent"},
+    }
     pairs = list(export_mod.dpo_pairs({"steps": [step]}))
     assert pairs == ([] if label_0 is None else [("a" * 64, "b" * 64, label_0, "edit")])
 
@@ -281,14 +323,38 @@ def test_cli(runs, tmp_path):
     store, ids = runs
     runner = CliRunner()
     home = ["--home", str(store.home)]
-    done = runner.invoke(app, ["export", str(tmp_path / "ds"), "--format", "dpo", "--run",
-                               ids["accepted"], "--since", "2000-01-01", "--json", *home])  # fmt: skip
+    done = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "ds"),
+            "--format",
+            "dpo",
+            "--run",
+            ids["accepted"],
+            "--since",
+            "2000-01-01",
+            "--json",
+            *home,
+        ],
+    )
     assert done.exit_code == 0, done.output
     summary = json.loads(done.stdout)
     assert summary["rows"] == 3 and summary["path"] == str((tmp_path / "ds").resolve())
     assert summary["filters"]["run_ids"] == [ids["accepted"]]
-    text = runner.invoke(app, ["export", str(tmp_path / "p"), "--format", "prompts",
-                               "--accepted-only", "--top-fraction", "1", *home])  # fmt: skip
+    text = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "p"),
+            "--format",
+            "prompts",
+            "--accepted-only",
+            "--top-fraction",
+            "1",
+            *home,
+        ],
+    )
     assert text.exit_code == 0 and "exported 2 prompts row(s) from 2 run(s)" in text.stdout
     bad = {
         "top fraction": (["--format", "sft", "--top-fraction", "2"], "top_fraction must be in"),

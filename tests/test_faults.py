@@ -65,8 +65,13 @@ def test_sigkill_during_a_batch_loses_nothing(tmp_path):
         # Kill once some (a random number of) further sessions have finished, a random
         # fraction of a second later: mid-step, mid-write or mid-diffusion.
         target = min(SESSIONS - 1, len(kept) + rng.randint(1, 3))
-        proc = subprocess.Popen(batch, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            batch,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 300
         if SESSIONS - len(kept) > CONCURRENCY:
             while len(_finished(store)) < target and proc.poll() is None:
@@ -109,8 +114,12 @@ def test_sigkill_during_a_batch_loses_nothing(tmp_path):
     assert report["checked"]["images"] == len(images)  # every image was re-hashed
 
     export = tmp_path / "export"
-    out = subprocess.run([ARTLOOP, "export", str(export), "--format", "raw", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [ARTLOOP, "export", str(export), "--format", "raw", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     checked = _doctor("--export", str(export))
     assert checked.returncode == 0 and "ok" in checked.stdout, checked.stdout
@@ -226,8 +235,12 @@ def test_a_corrupt_lora_is_a_clear_error(tmp_path):
     with pytest.raises(TrainerConfigError, match=r"EvalConfig.lora: .* is not a readable LoRA"):
         check_lora(lora, "EvalConfig.lora")
     (tmp_path / "p.txt").write_text("a fox\n")
-    out = subprocess.run([ARTLOOP, "eval", "--lora", str(lora), "--prompts", str(tmp_path / "p.txt")],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [ARTLOOP, "eval", "--lora", str(lora), "--prompts", str(tmp_path / "p.txt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "not a readable LoRA" in out.stderr + out.stdout
 
 

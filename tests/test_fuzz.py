@@ -22,17 +22,29 @@ from hypothesis import strategies as st
 from langchain_core.messages import HumanMessage
 from PIL import Image
 
-SCHEMAS = [schemas.EnhancedPrompt, schemas.ImageFacts, schemas.Critique, schemas.EditPlan,
-           schemas.Verdict, schemas.Rating, schemas.ArtifactAnswer]  # fmt: skip
+SCHEMAS = [
+    schemas.EnhancedPrompt,
+    schemas.ImageFacts,
+    schemas.Critique,
+    schemas.EditPlan,
+    schemas.Verdict,
+    schemas.Rating,
+    schemas.ArtifactAnswer,
+]
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Any JSON value, with numbers far outside every schema's ranges (and boxes of any shape).
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(10**6), 10**6)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5)
+    ),
     max_leaves=20,
-)  # fmt: skip
+)
 
 
 def _answers(schema) -> st.SearchStrategy[str]:
@@ -40,8 +52,12 @@ def _answers(schema) -> st.SearchStrategy[str]:
     names holding wrong or out-of-range values (the hard case: it almost validates)."""
     fields = list(schema.model_fields)
     near = st.fixed_dictionaries({}, optional={f: json_values for f in fields}).map(json.dumps)
-    return st.one_of(st.text(max_size=200), json_values.map(json.dumps), near,
-                     st.sampled_from(["", "   ", "```json\n```", "{", "null", "[]", "{}"]))  # fmt: skip
+    return st.one_of(
+        st.text(max_size=200),
+        json_values.map(json.dumps),
+        near,
+        st.sampled_from(["", "   ", "```json\n```", "{", "null", "[]", "{}"]),
+    )
 
 
 def _holds(schema, out) -> None:
@@ -86,12 +102,17 @@ def test_parse_never_crashes(schema):
 @given(answers=st.lists(_answers(schemas.Verdict), min_size=1, max_size=4))
 def test_repair_loop_ends_in_an_answer_or_one_clear_error(answers):
     chat = ScriptedChat(scripts={"Verdict": answers})
-    messages = [HumanMessage(content="judge. " + json.dumps(schemas.Verdict.model_json_schema(),
-                                                             separators=(",", ":")))]  # fmt: skip
+    messages = [
+        HumanMessage(
+            content="judge. "
+            + json.dumps(schemas.Verdict.model_json_schema(), separators=(",", ":"))
+        )
+    ]
     policy = CallPolicy(attempts=3, backoff_s=0)
     try:
-        result = invoke_structured(chat, messages, schemas.Verdict, agent="validator",
-                                   policy=policy)  # fmt: skip
+        result = invoke_structured(
+            chat, messages, schemas.Verdict, agent="validator", policy=policy
+        )
     except StructuredOutputError as e:
         assert "validator" in str(e) and "after 3 attempts" in str(e)
         assert len(chat.calls) == 3  # every attempt was made, and counted
@@ -107,9 +128,14 @@ def _images(n: int) -> list[Image.Image]:
 RATING = {"score": 7.0, "reasons": ["fine"]}
 
 
-@pytest.mark.parametrize("make", [lambda c: vlm_reward(c),
-                                  lambda c: synartifact_reward(c, embed=lambda t: np.ones((len(t), 4)))],
-                         ids=["vlm", "synartifact"])  # fmt: skip
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda c: vlm_reward(c),
+        lambda c: synartifact_reward(c, embed=lambda t: np.ones((len(t), 4))),
+    ],
+    ids=["vlm", "synartifact"],
+)
 def test_a_constant_judge_never_becomes_a_reward(make):
     constant = ScriptedChat(scripts={"Rating": [RATING], "ArtifactAnswer": [{"answer": "blur"}]})
     with pytest.raises(BrokenJudgeError, match="same answer for all 4 different images"):
@@ -120,8 +146,12 @@ def test_a_constant_judge_never_becomes_a_reward(make):
 
 
 def test_a_judge_that_varies_is_used_and_its_failures_counted():
-    answers = ["not json", RATING, {"score": 3.0, "reasons": ["dark"]}, {"score": 9.0,
-               "reasons": ["good"]}]  # fmt: skip
+    answers = [
+        "not json",
+        RATING,
+        {"score": 3.0, "reasons": ["dark"]},
+        {"score": 9.0, "reasons": ["good"]},
+    ]
     chat = ScriptedChat(scripts={"Rating": answers})
     scores, info = vlm_reward(chat, CallPolicy(backoff_s=0))(_images(3), ["a fox"] * 3, [{}] * 3)
     assert scores.tolist() == pytest.approx([0.7, 0.3, 0.9])
@@ -137,8 +167,9 @@ def test_a_constant_validator_is_refused_across_sessions(store, sd_tool):
     from artloop.graphs.runner import run_session
     from conftest import make_ctx, verdict
 
-    ctx = make_ctx(store, sd_tool, ScriptedChat(scripts={"Verdict": [verdict("accept", 9.0)]}),
-                   max_iters=1)  # fmt: skip
+    ctx = make_ctx(
+        store, sd_tool, ScriptedChat(scripts={"Verdict": [verdict("accept", 9.0)]}), max_iters=1
+    )
     outcomes = []
     for seed in range(8):  # the sessions of a batch share the context, and so the watch
         config = ctx.diffusion_config.model_copy(update={"seed": seed})

@@ -29,10 +29,14 @@ def test_accept_needs_the_threshold(store, sd_tool):
 
 
 def test_max_iters_gives_up_with_the_best_image(store, sd_tool):
-    chat = ScriptedChat(scripts={"Verdict": [verdict("revise", 4.0), verdict("revise", 6.0),
-                                             verdict("revise", 5.0)]})  # fmt: skip
-    summary = run_session(make_ctx(store, sd_tool, chat, max_iters=3, plateau_patience=5),
-                          prompt="a fox")  # fmt: skip
+    chat = ScriptedChat(
+        scripts={
+            "Verdict": [verdict("revise", 4.0), verdict("revise", 6.0), verdict("revise", 5.0)]
+        }
+    )
+    summary = run_session(
+        make_ctx(store, sd_tool, chat, max_iters=3, plateau_patience=5), prompt="a fox"
+    )
     assert (summary.status, summary.scores, summary.best_score) == ("max_iters", [4, 6, 5], 6.0)
     run = store.get_run(summary.run_id)
     assert [s["iteration"] for s in run["steps"]] == [0, 1, 2]
@@ -49,8 +53,11 @@ def test_a_rejected_edit_keeps_the_image_before_it(store, sd_tool):
 
 
 def test_plateau_stops_early(store, sd_tool):
-    chat = ScriptedChat(scripts={"Verdict": [verdict("revise", 5.0), verdict("revise", 5.1),
-                                             verdict("revise", 5.2)]})  # fmt: skip
+    chat = ScriptedChat(
+        scripts={
+            "Verdict": [verdict("revise", 5.0), verdict("revise", 5.1), verdict("revise", 5.2)]
+        }
+    )
     ctx = make_ctx(store, sd_tool, chat, max_iters=10, plateau_patience=2, plateau_min_delta=0.25)
     summary = run_session(ctx, prompt="a fox")
     assert (summary.status, summary.iterations) == ("plateau", 3)
@@ -65,8 +72,13 @@ def test_trajectory_records_every_step(store, sd_tool):
     for step in (first, second):
         assert set(step["agents"]) == AGENTS
         assert step["image"] in store.images and step["edited_image"] in store.images
-        assert set(step["timings"]) == AGENTS | {"generate", "edit", "review_prompt",
-                                                  "review_plan", "decide"}  # fmt: skip
+        assert set(step["timings"]) == AGENTS | {
+            "generate",
+            "edit",
+            "review_prompt",
+            "review_plan",
+            "decide",
+        }
         # No pauses asked for: the agents decided everything.
         assert step["decided_by"] == {"prompt": "agent", "plan": "agent", "verdict": "agent"}
         assert set(step["parse_failures"]) == AGENTS
@@ -93,9 +105,12 @@ def test_state_holds_hashes_not_pixels(store, sd_tool):
 
 
 def test_invalid_output_is_repaired_and_counted(store, sd_tool):
-    chat = ScriptedChat(scripts={"Critique": ["not json", {"summary": "wrong shape"},
-                                              DEFAULTS["Critique"]],
-                                 "Verdict": [verdict("accept", 9.0)]})  # fmt: skip
+    chat = ScriptedChat(
+        scripts={
+            "Critique": ["not json", {"summary": "wrong shape"}, DEFAULTS["Critique"]],
+            "Verdict": [verdict("accept", 9.0)],
+        }
+    )
     summary = run_session(make_ctx(store, sd_tool, chat), prompt="a fox")
     step = store.get_run(summary.run_id)["steps"][0]
     assert step["parse_failures"]["concept_cot"] == {"ScriptedChat": 2}
@@ -108,8 +123,10 @@ def test_resume_after_a_fault_mid_run(store, sd_tool, fail_at):
     without re-running what was done and without duplicate steps."""
     scripts = {"Verdict": [verdict("revise", 5.0), verdict("accept", 9.0)]}
     # Iteration 2 hits a connection error at `fail_at` (the first call of it succeeds).
-    scripts[fail_at] = [DEFAULTS[fail_at] if fail_at != "Verdict" else verdict("revise", 5.0),
-                        ConnectionError("server went away")]  # fmt: skip
+    scripts[fail_at] = [
+        DEFAULTS[fail_at] if fail_at != "Verdict" else verdict("revise", 5.0),
+        ConnectionError("server went away"),
+    ]
     broken = ScriptedChat(scripts=scripts)
     with pytest.raises(ChatServerError, match="server went away"):
         run_session(make_ctx(store, sd_tool, broken), prompt="a fox", run_id="00000000000000aa")

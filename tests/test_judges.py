@@ -68,8 +68,9 @@ def test_a_reward_without_a_range_is_refused_as_judge(name):
 
 
 def test_cli_refuses_an_unbounded_judge_in_one_line(tmp_path):
-    result = CliRunner().invoke(app, ["run", "a fox", "--judge", "sharpness",
-                                      "--home", str(tmp_path / "home")])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["run", "a fox", "--judge", "sharpness", "--home", str(tmp_path / "home")]
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -104,8 +105,11 @@ def test_judge_maps_a_rewards_declared_range_onto_0_10():
 
 def test_loop_with_a_darkness_judge_keeps_the_darkened_image(store, sd_tool):
     """The plan asks for exposure 0.6: the edit applies it, the judge measures it and accepts."""
-    plan = {**DEFAULTS["EditPlan"], "regional_edits": [],
-            "params": {"strength": 0.0, "exposure": 0.6}}  # fmt: skip
+    plan = {
+        **DEFAULTS["EditPlan"],
+        "regional_edits": [],
+        "params": {"strength": 0.0, "exposure": 0.6},
+    }
     chat = ScriptedChat(scripts={"EditPlan": [plan]})
     ctx = make_ctx(store, sd_tool, chat, judge="darkness", accept_score=6.0)
     summary = run_session(ctx, prompt="a fox at night")
@@ -121,8 +125,11 @@ def test_loop_with_a_darkness_judge_keeps_the_darkened_image(store, sd_tool):
 
 
 def test_vlm_reward_scales_the_raters_score():
-    chat = ScriptedChat(scripts={"Rating": [{"score": 7.5, "reasons": ["ok"]},
-                                            {"score": 2.0, "reasons": ["blurry"]}]})  # fmt: skip
+    chat = ScriptedChat(
+        scripts={
+            "Rating": [{"score": 7.5, "reasons": ["ok"]}, {"score": 2.0, "reasons": ["blurry"]}]
+        }
+    )
     scores, info = vlm_reward(chat)([GREY, DARKER], ["a", "b"], [{}, {}])
     assert scores.tolist() == pytest.approx([0.75, 0.2]) and info["reasons"][1] == ["blurry"]
 
@@ -171,10 +178,16 @@ def test_synartifact_reward_follows_its_formula():
 
 def test_export_selects_runs_by_tag(store, sd_tool):
     accept = {"Verdict": [{**DEFAULTS["Verdict"], "verdict": "accept", "score": 9.0}]}
-    tagged = run_session(make_ctx(store, sd_tool, ScriptedChat(scripts=accept)),
-                         prompt="a fox", config={"tags": ["night", "study-1"]}).run_id  # fmt: skip
-    run_session(make_ctx(store, sd_tool, ScriptedChat(scripts=accept)), prompt="a cat",
-                config={"tags": ["study-2"]})  # fmt: skip
+    tagged = run_session(
+        make_ctx(store, sd_tool, ScriptedChat(scripts=accept)),
+        prompt="a fox",
+        config={"tags": ["night", "study-1"]},
+    ).run_id
+    run_session(
+        make_ctx(store, sd_tool, ScriptedChat(scripts=accept)),
+        prompt="a cat",
+        config={"tags": ["study-2"]},
+    )
     runs, considered = select_runs(store, ExportFilters(tags=("study-1",)))
     assert considered == 2 and [r["run_id"] for r in runs] == [tagged]
     assert select_runs(store, ExportFilters(tags=("study-1", "study-2")))[0] == []

@@ -24,27 +24,49 @@ pytestmark = pytest.mark.slow  # each test starts `langgraph dev`
 ROOT = Path(__file__).resolve().parents[1]
 ARTLOOP = str(Path(sys.executable).with_name("artloop"))
 # The scripted chat (tests/fakes' model, shipped in the package) and tiny images: fast sessions.
-SCRIPTED = {"ARTLOOP_CHAT__BACKEND": "custom",
-            "ARTLOOP_CHAT__CUSTOM_CLASS": "artloop.models.scripted:ScriptedChat",
-            "ARTLOOP_DIFFUSION__WIDTH": "64", "ARTLOOP_DIFFUSION__HEIGHT": "64",
-            "ARTLOOP_DIFFUSION__STEPS": "2"}  # fmt: skip
+SCRIPTED = {
+    "ARTLOOP_CHAT__BACKEND": "custom",
+    "ARTLOOP_CHAT__CUSTOM_CLASS": "artloop.models.scripted:ScriptedChat",
+    "ARTLOOP_DIFFUSION__WIDTH": "64",
+    "ARTLOOP_DIFFUSION__HEIGHT": "64",
+    "ARTLOOP_DIFFUSION__STEPS": "2",
+}
 
 
 @contextmanager
 def langgraph_dev(tmp_path: Path, **env: str):
     """`langgraph dev` on a free port, its home under `tmp_path`; yields (url, store, process)."""
     port = free_port()
-    env = {**os.environ, "ARTLOOP_HOME": str(tmp_path / "home"), "ARTLOOP_LOOP__MAX_ITERS": "1",
-           "LANGSMITH_TRACING": "false", **env}  # fmt: skip
+    env = {
+        **os.environ,
+        "ARTLOOP_HOME": str(tmp_path / "home"),
+        "ARTLOOP_LOOP__MAX_ITERS": "1",
+        "LANGSMITH_TRACING": "false",
+        **env,
+    }
     log_path = tmp_path / "langgraph.log"
     log = log_path.open("w")
     # --allow-blocking: the nodes run models (blocking by nature) in the server's worker threads.
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("langgraph")), "dev", "--host", "127.0.0.1",
-         "--port", str(port), "--no-browser", "--no-reload", "--allow-blocking",
-         "--config", str(ROOT / "langgraph.json")],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).with_name("langgraph")),
+            "dev",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-browser",
+            "--no-reload",
+            "--allow-blocking",
+            "--config",
+            str(ROOT / "langgraph.json"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     try:
@@ -78,8 +100,12 @@ def server(tmp_path):
 def scripted(tmp_path_factory):
     """One server for the scripted-chat tests. Its sessions are judged by a measured reward
     (darkness: the scripted validator's one answer would trip the broken-judge check)."""
-    with langgraph_dev(tmp_path_factory.mktemp("scripted"), **SCRIPTED,
-                       ARTLOOP_LOOP__JUDGE="darkness", ARTLOOP_UI_URL=UI) as (url, store, _):  # fmt: skip
+    with langgraph_dev(
+        tmp_path_factory.mktemp("scripted"),
+        **SCRIPTED,
+        ARTLOOP_LOOP__JUDGE="darkness",
+        ARTLOOP_UI_URL=UI,
+    ) as (url, store, _):
         from langgraph_sdk import get_sync_client
 
         yield get_sync_client(url=url), store
@@ -89,8 +115,13 @@ UI = "http://127.0.0.1:7860"  # where `artloop serve ui` would be: pauses link i
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([ARTLOOP, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "300"})  # fmt: skip
+    return subprocess.run(
+        [ARTLOOP, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "300"},
+    )
 
 
 def test_sdk_drives_a_session_through_a_pause(server):
@@ -137,10 +168,18 @@ def test_a_bad_answer_is_asked_again(scripted):
     stream = client.runs.stream(
         thread, "refine", stream_mode="custom", input={"prompt": "a red fox", "pause_at": "plan"}
     )  # one point: a str
-    events = [part.data for part in stream if part.event == "custom"]  # fmt: skip
+    events = [part.data for part in stream if part.event == "custom"]
     started = [e["node"] for e in events if e["event"] == "node_started"]
-    assert started == ["begin", "enhance", "review_prompt", "generate", "data_cot",
-                       "concept_cot", "thesis_cot", "review_plan"]  # fmt: skip
+    assert started == [
+        "begin",
+        "enhance",
+        "review_prompt",
+        "generate",
+        "data_cot",
+        "concept_cot",
+        "thesis_cot",
+        "review_plan",
+    ]
     assert [e["node"] for e in events if e["event"] == "node_finished"] == started[:-1]
     steps = [(e["step"], e["steps"]) for e in events if e["event"] == "diffusion_step"]
     assert steps == [(1, 2), (2, 2)]  # generate: step i of n
@@ -154,11 +193,13 @@ def test_a_bad_answer_is_asked_again(scripted):
     valid = {"action": "edit", "regions": [{"box": [100, 100, 600, 600], "prompt": "a red hat"}]}
     jsonschema.validate(valid, schema)
     bad = [
-        ({"action": "edit", "regions": [{"box": [0, 0, 1200, 500], "prompt": "x"}]},
-         "regions.0.box: Value error, box [0, 0, 1200, 500] is outside 0-1000"),
+        (
+            {"action": "edit", "regions": [{"box": [0, 0, 1200, 500], "prompt": "x"}]},
+            "regions.0.box: Value error, box [0, 0, 1200, 500] is outside 0-1000",
+        ),
         ({"action": "edit", "regions": "a hat, top left"}, "regions: Input should be a valid list"),
         ({"action": "accept"}, "'accept' is not an action at the plan pause"),
-    ]  # fmt: skip
+    ]
     for answer, message in bad:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(answer, schema)  # the schema says so beforehand too
@@ -194,9 +235,11 @@ def test_client_settings_are_honoured_or_refused(scripted):
     client, store = scripted
     before = store.list_runs(limit=-1)
     thread = client.threads.create()["thread_id"]
-    for context, message in [({"loop": {"max_iters": 99}}, "loop.max_iters: Input should be"),
-                             ({"lop": {"max_iters": 2}}, "lop: Extra inputs are not permitted"),
-                             ({"diffusion": {"model": "x"}}, "diffusion.model: Extra inputs")]:  # fmt: skip
+    for context, message in [
+        ({"loop": {"max_iters": 99}}, "loop.max_iters: Input should be"),
+        ({"lop": {"max_iters": 2}}, "lop: Extra inputs are not permitted"),
+        ({"diffusion": {"model": "x"}}, "diffusion.model: Extra inputs"),
+    ]:
         with pytest.raises(Exception, match="invalid context: " + message):
             client.runs.wait(thread, "refine", input={"prompt": "a fox"}, context=context)
     with pytest.raises(Exception, match=r"unknown pause point\(s\) \['sometimes'\]"):
@@ -208,8 +251,9 @@ def test_client_settings_are_honoured_or_refused(scripted):
     # The server's config says 1 iteration; this session asks for 2, at 72 px.
     settings = {"loop": {"max_iters": 2, "accept_score": 10.0}, "diffusion": {"width": 72}}
     thread = client.threads.create()["thread_id"]
-    client.runs.wait(thread, "refine", input={"prompt": "a fox", "pause_at": ["plan"]},
-                     context=settings)  # fmt: skip
+    client.runs.wait(
+        thread, "refine", input={"prompt": "a fox", "pause_at": ["plan"]}, context=settings
+    )
     for iteration in (0, 1):  # the later runs come without a context: the session keeps it
         pause = client.threads.get_state(thread)["interrupts"][0]["value"]
         assert (pause["pause"], pause["iteration"]) == ("plan", iteration)
@@ -225,8 +269,16 @@ def test_cancelled_server_run_reads_cancelled(scripted):
     thread = client.threads.create()["thread_id"]
     long = {"loop": {"max_iters": 50, "plateau_patience": 50, "accept_score": 10.0}}
     run = client.runs.create(thread, "refine", input={"prompt": "a long fox"}, context=long)
-    run_id = wait_for(lambda: next((r["run_id"] for r in store.list_runs()
-                                    if r["prompt"] == "a long fox" and r["iterations"]), None))  # fmt: skip
+    run_id = wait_for(
+        lambda: next(
+            (
+                r["run_id"]
+                for r in store.list_runs()
+                if r["prompt"] == "a long fox" and r["iterations"]
+            ),
+            None,
+        )
+    )
     assert store.get_run(run_id)["status"] == "running"
     client.runs.cancel(thread, run["run_id"], wait=True)
     assert client.runs.get(thread, run["run_id"])["status"] == "interrupted"  # the server's word
@@ -250,27 +302,50 @@ def test_failed_and_crashed_server_runs_read_what_they_are(tmp_path):
     critique = ["not json"] * 3 + [DEFAULTS["Critique"]]  # the first session's 3 attempts fail
     scripts = json.dumps({"scripts": {"Critique": critique}})
     with langgraph_dev(tmp_path, **SCRIPTED, ARTLOOP_CHAT__CUSTOM_KWARGS=scripts) as (
-        url, store, proc,
-    ):  # fmt: skip
+        url,
+        store,
+        proc,
+    ):
         from langgraph_sdk import get_sync_client
 
         client = get_sync_client(url=url)
         with pytest.raises(Exception, match="Critique"):
-            client.runs.wait(client.threads.create()["thread_id"], "refine",
-                             input={"prompt": "a fox"})  # fmt: skip
+            client.runs.wait(
+                client.threads.create()["thread_id"], "refine", input={"prompt": "a fox"}
+            )
         (failed,) = store.list_runs()
         assert failed["status"] == "failed"
         assert "StructuredOutputError: concept_cot: no valid Critique" in failed["error"]
         listed = cli("list", "--home", str(store.home)).stdout
-        assert any(failed["run_id"] in line and "failed: StructuredOutputError" in line
-                   for line in listed.splitlines()), listed  # fmt: skip
+        assert any(
+            failed["run_id"] in line and "failed: StructuredOutputError" in line
+            for line in listed.splitlines()
+        ), listed
 
-        long = {"loop": {"max_iters": 50, "plateau_patience": 50, "judge": "darkness",
-                         "accept_score": 10.0}}  # fmt: skip
-        client.runs.create(client.threads.create()["thread_id"], "refine",
-                           input={"prompt": "a long fox"}, context=long)  # fmt: skip
-        run_id = wait_for(lambda: next((r["run_id"] for r in store.list_runs()
-                                        if r["prompt"] == "a long fox" and r["iterations"]), None))  # fmt: skip
+        long = {
+            "loop": {
+                "max_iters": 50,
+                "plateau_patience": 50,
+                "judge": "darkness",
+                "accept_score": 10.0,
+            }
+        }
+        client.runs.create(
+            client.threads.create()["thread_id"],
+            "refine",
+            input={"prompt": "a long fox"},
+            context=long,
+        )
+        run_id = wait_for(
+            lambda: next(
+                (
+                    r["run_id"]
+                    for r in store.list_runs()
+                    if r["prompt"] == "a long fox" and r["iterations"]
+                ),
+                None,
+            )
+        )
         assert store.get_run(run_id)["status"] == "running"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=20)

@@ -24,8 +24,11 @@ from fakes import ScriptedChat
 
 ARTLOOP = str(Path(sys.executable).with_name("artloop"))
 TESTS = str(Path(__file__).parent)
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])),
-       "COLUMNS": "500"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])),
+    "COLUMNS": "500",
+}
 
 
 def _config(tmp_path: Path, delay_s: float) -> Path:
@@ -35,14 +38,15 @@ def _config(tmp_path: Path, delay_s: float) -> Path:
         f'home = "{tmp_path / "home"}"\n[chat]\nbackend = "custom"\ncustom_class = "fakes:SlowChat"\n'
         f"[chat.custom_kwargs]\ndelay_s = {delay_s}\n"
         "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 2\nplateau_patience = 5\n"
-    )  # fmt: skip
+    )
     return cfg
 
 
 def _interrupted_run(store: TrajectoryStore, sd_tool) -> str:
     """A run stopped before its first node: resuming it does all its work."""
-    s = run_session(make_ctx(store, sd_tool, ScriptedChat()), prompt="a red fox",
-                    interrupt_before=["enhance"])  # fmt: skip
+    s = run_session(
+        make_ctx(store, sd_tool, ScriptedChat()), prompt="a red fox", interrupt_before=["enhance"]
+    )
     assert s.status == "interrupted"
     return s.run_id
 
@@ -61,8 +65,10 @@ def test_two_resumes_at_once_one_works_the_other_names_the_holder(tmp_path, sd_t
     rid = _interrupted_run(store, sd_tool)
     cfg = _config(tmp_path, delay_s=0.5)  # ~5 s of work: the two processes overlap
     args = [ARTLOOP, "resume", rid, "--config", str(cfg), "--json"]
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=ENV) for _ in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 2], outs
@@ -106,8 +112,10 @@ def test_a_sigkilled_holder_does_not_block_the_run(tmp_path, sd_tool):
 def _put_lease(store: TrajectoryStore, rid: str, pid: int, host: str, expires_in: float) -> None:
     now = time.time()
     with sqlite3.connect(store.db_path) as db:
-        db.execute("INSERT OR REPLACE INTO leases VALUES (?, 'someone', ?, ?, ?, ?)",
-                   (rid, pid, host, now, now + expires_in))  # fmt: skip
+        db.execute(
+            "INSERT OR REPLACE INTO leases VALUES (?, 'someone', ?, ?, ?, ?)",
+            (rid, pid, host, now, now + expires_in),
+        )
 
 
 def test_a_dead_or_lapsed_holder_is_taken_over_a_live_one_is_named(store):

@@ -38,8 +38,12 @@ def blank_png(width: int, height: int) -> bytes:
         left -= n
     idat.append(z.flush())
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(idat))
-            + chunk(b"IEND", b""))  # fmt: skip
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", b"".join(idat))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_pil_global_limit_is_left_alone():
@@ -49,9 +53,15 @@ def test_pil_global_limit_is_left_alone():
     assert Image.MAX_IMAGE_PIXELS == PIL_DEFAULT
 
 
-@pytest.mark.parametrize(("size", "ok"), [
-    ((4096, 4096), True), ((4097, 4096), False), ((5000, 5000), False), ((20000, 20000), False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("size", "ok"),
+    [
+        ((4096, 4096), True),
+        ((4097, 4096), False),
+        ((5000, 5000), False),
+        ((20000, 20000), False),
+    ],
+)
 def test_the_limit_is_4096_squared_per_call(size, ok):
     data = io.BytesIO(blank_png(*size))
     if ok:

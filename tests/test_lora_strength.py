@@ -23,13 +23,23 @@ RANK, ALPHA = 4, 16.0  # scale 4: a power of two, so alpha-scaling and scaled we
 
 def image(pipe) -> np.ndarray:
     g = torch.Generator().manual_seed(0)
-    return pipe("a red fox", num_inference_steps=2, height=64, width=64, generator=g,
-                output_type="np").images[0]  # fmt: skip
+    return pipe(
+        "a red fox", num_inference_steps=2, height=64, width=64, generator=g, output_type="np"
+    ).images[0]
 
 
 def train(data, out, model="tiny-sd", **kw) -> SFTConfig:
-    cfg = SFTConfig(data=str(data), output_dir=str(out), model=model, resolution=64, rank=RANK,
-                    lora_alpha=ALPHA, train_steps=3, learning_rate=1e-2, **kw)  # fmt: skip
+    cfg = SFTConfig(
+        data=str(data),
+        output_dir=str(out),
+        model=model,
+        resolution=64,
+        rank=RANK,
+        lora_alpha=ALPHA,
+        train_steps=3,
+        learning_rate=1e-2,
+        **kw,
+    )
     train_sft(cfg, progress=False)
     return cfg
 
@@ -38,8 +48,10 @@ def without_metadata(lora, out, scale: float = 1.0, summary: bool = False):
     """The LoRA as the old code saved it (tensors, no adapter config), its up-projections times
     `scale`; with its train_summary.json beside it when `summary`."""
     out.mkdir()
-    tensors = {k: v * scale if "lora_B" in k or "lora.up" in k else v
-               for k, v in load_file(lora / LORA_FILE).items()}  # fmt: skip
+    tensors = {
+        k: v * scale if "lora_B" in k or "lora.up" in k else v
+        for k, v in load_file(lora / LORA_FILE).items()
+    }
     save_file(tensors, out / LORA_FILE)
     if summary:
         shutil.copy(lora / "train_summary.json", out)
@@ -77,19 +89,30 @@ def loras(tmp_path_factory, sft_data):
     """A LoRA trained at alpha = 4 x rank, and its equivalents as the old code saved them."""
     root = tmp_path_factory.mktemp("alpha")
     train(sft_data, root / "new")
-    return {"new": root / "new",
-            # alpha / rank folded into the weights: the same adapter at diffusers' alpha = rank
-            "folded": without_metadata(root / "new", root / "folded", ALPHA / RANK),
-            "old": without_metadata(root / "new", root / "old", summary=True),
-            "bare": without_metadata(root / "new", root / "bare")}  # fmt: skip
+    return {
+        "new": root / "new",
+        # alpha / rank folded into the weights: the same adapter at diffusers' alpha = rank
+        "folded": without_metadata(root / "new", root / "folded", ALPHA / RANK),
+        "old": without_metadata(root / "new", root / "old", summary=True),
+        "bare": without_metadata(root / "new", root / "bare"),
+    }
 
 
 def test_eval_uses_the_trained_strength(loras, tmp_path):
     (tmp_path / "p.txt").write_text("a red fox\n")
     names = ["new", "folded", "old", "bare"]
-    summary = evaluate(EvalConfig(prompts=str(tmp_path / "p.txt"), output_dir=str(tmp_path / "e"),
-                                  lora=[str(loras[n]) for n in names], seeds=[0], width=64,
-                                  height=64, steps=2, scorers=["darkness"]))  # fmt: skip
+    summary = evaluate(
+        EvalConfig(
+            prompts=str(tmp_path / "p.txt"),
+            output_dir=str(tmp_path / "e"),
+            lora=[str(loras[n]) for n in names],
+            seeds=[0],
+            width=64,
+            height=64,
+            steps=2,
+            scorers=["darkness"],
+        )
+    )
     drawn = {n: summary["results"][str(loras[n])]["images"] for n in names}
     assert drawn["new"] == drawn["folded"] == drawn["old"]  # the same image (content hash)
     assert drawn["bare"] != drawn["new"]  # no config, no summary: it loads, at alpha = rank
@@ -97,9 +120,18 @@ def test_eval_uses_the_trained_strength(loras, tmp_path):
 
 
 def test_preset_is_fused_at_its_trained_strength(loras, sft_data, tmp_path):
-    first = {n: train_sft(SFTConfig(data=str(sft_data), output_dir=str(tmp_path / n),
-                                    resolution=64, train_steps=1, preset_lora=str(loras[n])),
-                          progress=False)["first_loss"]
-             for n in ("new", "folded", "bare")}  # fmt: skip
+    first = {
+        n: train_sft(
+            SFTConfig(
+                data=str(sft_data),
+                output_dir=str(tmp_path / n),
+                resolution=64,
+                train_steps=1,
+                preset_lora=str(loras[n]),
+            ),
+            progress=False,
+        )["first_loss"]
+        for n in ("new", "folded", "bare")
+    }
     assert first["new"] == pytest.approx(first["folded"], abs=1e-6)
     assert first["new"] != pytest.approx(first["bare"], abs=1e-6)

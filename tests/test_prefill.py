@@ -45,13 +45,17 @@ def test_row_prefill_decodes_like_plain_generate(tiny_chat):
 
     def text(prompt: str, with_image: bool) -> str:
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
-        chat = [{"role": "system", "content": "You judge images."},
-                {"role": "user", "content": content}]  # fmt: skip
+        chat = [
+            {"role": "system", "content": "You judge images."},
+            {"role": "user", "content": content},
+        ]
         return processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
-    rows = [(text("describe it", True), [_image(1, (128, 96))]),
-            (text("no image here, only a much longer question " * 4, False), []),
-            (text("what is wrong with it?", True), [_image(2, (64, 200))])]  # fmt: skip
+    rows = [
+        (text("describe it", True), [_image(1, (128, 96))]),
+        (text("no image here, only a much longer question " * 4, False), []),
+        (text("what is wrong with it?", True), [_image(2, (64, 200))]),
+    ]
     gen = {"max_new_tokens": 16, "do_sample": False, "min_new_tokens": 16}
     with torch.inference_mode():
         alone = [

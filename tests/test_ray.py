@@ -23,8 +23,14 @@ def ray_local():
     import ray
 
     env = {k: v for k, v in os.environ.items() if k.startswith(("ARTLOOP_", "HF_"))}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": env}, log_to_driver=False)  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": env},
+        log_to_driver=False,
+    )
     yield ray
     ray.shutdown()
 
@@ -93,8 +99,12 @@ def test_a_driver_that_exits_leaves_no_scratch(tmp_path):
     its runtime_env sets, is gone once the driver has exited."""
     scratch_root = tmp_path / "worker-tmp"
     scratch_root.mkdir()
-    run = subprocess.run([sys.executable, "-c", DRIVER, str(scratch_root), str(tmp_path / "img")],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(scratch_root), str(tmp_path / "img")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[-1] == "1"  # the worker held its image while the driver ran
     assert list(scratch_root.glob("artloop-worker-*")) == []  # (torch may leave its own dirs)

@@ -21,8 +21,7 @@ from typer.testing import CliRunner
 STATUSES = ("running", "paused", "interrupted", "failed", "accepted", "max_iters", "plateau")
 
 # Every op kind the edit node records: a global img2img pass, an inpainting pass, tone factors.
-PLAN = {**DEFAULTS["EditPlan"],
-        "params": {"strength": 0.5, "exposure": 0.6, "contrast": 1.2}}  # fmt: skip
+PLAN = {**DEFAULTS["EditPlan"], "params": {"strength": 0.5, "exposure": 0.6, "contrast": 1.2}}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +29,9 @@ def run(tmp_path_factory, _sd_pipeline_cache):
     from artloop.tools.store import TrajectoryStore
 
     store = TrajectoryStore(tmp_path_factory.mktemp("report") / "home")
-    ctx = make_ctx(store, _sd_pipeline_cache, ScriptedChat(scripts={"EditPlan": [PLAN]}),
-                   max_iters=1)  # fmt: skip
+    ctx = make_ctx(
+        store, _sd_pipeline_cache, ScriptedChat(scripts={"EditPlan": [PLAN]}), max_iters=1
+    )
     return store, run_session(ctx, prompt="a fox <b>at night</b>").run_id
 
 
@@ -69,9 +69,13 @@ def test_report_renders_for_every_status(run, status):
     store, run_id = run
     done = store.get_run(run_id)
     finished = status in ("accepted", "max_iters", "plateau")
-    store.finish_run(run_id, status, final_image=done["final_image"] if finished else None,
-                     best_score=done["best_score"] if finished else None,
-                     error="boom: the server went away" if status == "failed" else None)  # fmt: skip
+    store.finish_run(
+        run_id,
+        status,
+        final_image=done["final_image"] if finished else None,
+        best_score=done["best_score"] if finished else None,
+        error="boom: the server went away" if status == "failed" else None,
+    )
     try:
         # A run reads `running` only while a process holds it (else it reads `interrupted`).
         with hold_run(store, run_id) if status == "running" else contextlib.nullcontext():
@@ -80,8 +84,9 @@ def test_report_renders_for_every_status(run, status):
         assert ("best score" in text) == finished and ("final (best) image" in text) == finished
         assert ("boom: the server went away" in text) == (status == "failed")
     finally:
-        store.finish_run(run_id, done["status"], final_image=done["final_image"],
-                         best_score=done["best_score"])  # fmt: skip
+        store.finish_run(
+            run_id, done["status"], final_image=done["final_image"], best_score=done["best_score"]
+        )
 
 
 def test_run_with_a_tone_plan_writes_its_report(tmp_path):
@@ -94,9 +99,10 @@ def test_run_with_a_tone_plan_writes_its_report(tmp_path):
         'EditPlan = [{revised_prompt = "a dark fox", negative_prompt = "", regional_edits = [], '
         'rationale = "too bright", params = {exposure = 0.6}}]\n'
         "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n"
-    )  # fmt: skip
-    result = CliRunner().invoke(app, ["run", "a fox", "--max-iters", "1", "--config", str(config),
-                                      "--json", "--quiet"])  # fmt: skip
+    )
+    result = CliRunner().invoke(
+        app, ["run", "a fox", "--max-iters", "1", "--config", str(config), "--json", "--quiet"]
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     summary = json.loads(result.stdout)
     text = html.unescape(Path(summary["report"]).read_text(encoding="utf-8"))

@@ -24,28 +24,56 @@ S_KWARG, S_ENV, S_ARG, S_URL = (
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([ARTLOOP, *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "ARTLOOP_DIFFUSION__STEPS": "2",
-                               "ARTLOOP_DIFFUSION__WIDTH": "64", "ARTLOOP_DIFFUSION__HEIGHT": "64"})  # fmt: skip
+    return subprocess.run(
+        [ARTLOOP, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **os.environ,
+            "ARTLOOP_DIFFUSION__STEPS": "2",
+            "ARTLOOP_DIFFUSION__WIDTH": "64",
+            "ARTLOOP_DIFFUSION__HEIGHT": "64",
+        },
+    )
 
 
 def test_masking_by_name_flag_url_and_value():
-    data = {"HF_TOKEN": "a", "apiKey": "b", "X-Api-Key": "c", "max_new_tokens": 9, "unset_key": None,
-            "headers": {"Authorization": "Bearer d"}, "note": f"made with {S_KWARG}",
-            "args": ["--hf-token", "e", "--api-key=f", "--port", "8000"],
-            "url": f"http://bob:{S_URL}@vlm.local/v1"}  # fmt: skip
+    data = {
+        "HF_TOKEN": "a",
+        "apiKey": "b",
+        "X-Api-Key": "c",
+        "max_new_tokens": 9,
+        "unset_key": None,
+        "headers": {"Authorization": "Bearer d"},
+        "note": f"made with {S_KWARG}",
+        "args": ["--hf-token", "e", "--api-key=f", "--port", "8000"],
+        "url": f"http://bob:{S_URL}@vlm.local/v1",
+    }
     assert mask_secrets(data, {S_KWARG}) == {
-        "HF_TOKEN": "***", "apiKey": "***", "X-Api-Key": "***", "max_new_tokens": 9,
-        "unset_key": None, "headers": {"Authorization": "***"}, "note": "made with ***",
+        "HF_TOKEN": "***",
+        "apiKey": "***",
+        "X-Api-Key": "***",
+        "max_new_tokens": 9,
+        "unset_key": None,
+        "headers": {"Authorization": "***"},
+        "note": "made with ***",
         "args": ["--hf-token", "***", "--api-key=***", "--port", "8000"],
         "url": "http://***@vlm.local/v1",
-    }  # fmt: skip
+    }
 
 
 def test_the_config_knows_its_secrets():
-    cfg = load_config(None, {"chat.custom_kwargs": {"api_key": S_KWARG}, "serve.env": {"HF_TOKEN": S_ENV},
-                             "serve.extra_args": ["--hf-token", S_ARG], "tags": [f"by {S_ENV}"],
-                             "checkpointer": f"postgresql://me:{S_URL}@db/x"})  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "chat.custom_kwargs": {"api_key": S_KWARG},
+            "serve.env": {"HF_TOKEN": S_ENV},
+            "serve.extra_args": ["--hf-token", S_ARG],
+            "tags": [f"by {S_ENV}"],
+            "checkpointer": f"postgresql://me:{S_URL}@db/x",
+        },
+    )
     assert cfg.secrets() >= {S_KWARG, S_ENV, S_ARG, S_URL}
     shown = json.dumps(cfg.public_dict()) + repr(cfg)
     assert not any(s in shown for s in (S_KWARG, S_ENV, S_ARG, S_URL)), shown
@@ -53,8 +81,13 @@ def test_the_config_knows_its_secrets():
 
 def test_the_store_masks_what_any_caller_gives_it(store):
     """The LangGraph server path registers runs without the CLI's public_dict: still masked."""
-    store.create_run("0123456789abcdef", "a fox", {"chat": {"custom_kwargs": {"api_key": S_KWARG}}},
-                     {"chat": {"base_url": f"http://u:{S_URL}@h/v1"}}, "v1")  # fmt: skip
+    store.create_run(
+        "0123456789abcdef",
+        "a fox",
+        {"chat": {"custom_kwargs": {"api_key": S_KWARG}}},
+        {"chat": {"base_url": f"http://u:{S_URL}@h/v1"}},
+        "v1",
+    )
     raw = store.db_path.read_bytes()
     assert S_KWARG.encode() not in raw and S_URL.encode() not in raw
     run = store.get_run("0123456789abcdef")
@@ -81,13 +114,17 @@ extra_args = ["--hf-token", "{S_ARG}"]
 [serve.env]
 HF_TOKEN = "{S_ENV}"
 """)
-    run = cli("run", "a red fox", "--max-iters", "1", "--config", str(conf), "--home", str(home),
-              "--json")  # fmt: skip
+    run = cli(
+        "run", "a red fox", "--max-iters", "1", "--config", str(conf), "--home", str(home), "--json"
+    )
     assert run.returncode == 0, run.stderr
     run_id = json.loads(run.stdout)["run_id"]
-    outputs = [run, cli("show", run_id, "--json", "--home", str(home)),
-               cli("list", "--home", str(home)),
-               cli("export", str(out), "--format", "raw", "--home", str(home))]  # fmt: skip
+    outputs = [
+        run,
+        cli("show", run_id, "--json", "--home", str(home)),
+        cli("list", "--home", str(home)),
+        cli("export", str(out), "--format", "raw", "--home", str(home)),
+    ]
     assert all(p.returncode == 0 for p in outputs), [p.stderr for p in outputs]
     shown = json.loads(outputs[1].stdout)["config"]
     assert shown["chat"]["custom_kwargs"]["api_key"] == "***"
@@ -107,10 +144,13 @@ def test_custom_class_must_be_a_chat_model_before_it_is_called(tmp_path):
     """`os:system` with a command as its kwarg: refused in one line, the command never runs."""
     marker = tmp_path / "ran"
     conf = tmp_path / "evil.toml"
-    conf.write_text(f'[chat]\nbackend = "custom"\ncustom_class = "os:system"\n'
-                    f'[chat.custom_kwargs]\ncommand = "touch {marker}"\n')  # fmt: skip
-    proc = cli("run", "a fox", "--max-iters", "1", "--config", str(conf),
-               "--home", str(tmp_path / "home"))  # fmt: skip
+    conf.write_text(
+        f'[chat]\nbackend = "custom"\ncustom_class = "os:system"\n'
+        f'[chat.custom_kwargs]\ncommand = "touch {marker}"\n'
+    )
+    proc = cli(
+        "run", "a fox", "--max-iters", "1", "--config", str(conf), "--home", str(tmp_path / "home")
+    )
     assert proc.returncode == 2 and not marker.exists()
     assert proc.stderr.strip().splitlines() == [
         "error: chat.custom_class: os:system is not a langchain chat model class (a subclass of "
@@ -120,8 +160,13 @@ def test_custom_class_must_be_a_chat_model_before_it_is_called(tmp_path):
         with pytest.raises(ConfigError, match="not a langchain chat model class"):
             build_chat_model(ChatConfig(backend="custom", custom_class=name))
     with pytest.raises(ConfigError, match="refused them: scripts: Input should be a valid dict"):
-        build_chat_model(ChatConfig(backend="custom", custom_kwargs={"scripts": S_KWARG},
-                                    custom_class="artloop.models.scripted:ScriptedChat"))  # fmt: skip
+        build_chat_model(
+            ChatConfig(
+                backend="custom",
+                custom_kwargs={"scripts": S_KWARG},
+                custom_class="artloop.models.scripted:ScriptedChat",
+            )
+        )
 
 
 def test_a_vllm_log_tail_is_shown_without_the_secrets_it_was_given(tmp_path):
@@ -131,10 +176,22 @@ def test_a_vllm_log_tail_is_shown_without_the_secrets_it_was_given(tmp_path):
     exe.write_text('#!/bin/sh\necho "token $HF_TOKEN args $*"\nexit 3\n')
     exe.chmod(0o755)
     conf = tmp_path / "c.toml"
-    conf.write_text(f'home = "{tmp_path / "home"}"\n[serve]\nextra_args = ["--hf-token", '
-                    f'"{S_ARG}"]\n[serve.env]\nHF_TOKEN = "{S_ENV}"\n')  # fmt: skip
-    proc = cli("serve", "vlm", "--model", str(tmp_path), "--vllm", str(exe), "--port", "1",
-               "--config", str(conf))  # fmt: skip
+    conf.write_text(
+        f'home = "{tmp_path / "home"}"\n[serve]\nextra_args = ["--hf-token", '
+        f'"{S_ARG}"]\n[serve.env]\nHF_TOKEN = "{S_ENV}"\n'
+    )
+    proc = cli(
+        "serve",
+        "vlm",
+        "--model",
+        str(tmp_path),
+        "--vllm",
+        str(exe),
+        "--port",
+        "1",
+        "--config",
+        str(conf),
+    )
     assert proc.returncode == 1 and "exited with status 3" in proc.stderr, proc.stderr
     assert "token *** args" in proc.stderr and "--hf-token ***" in proc.stderr
     assert S_ENV not in proc.stderr + proc.stdout and S_ARG not in proc.stderr + proc.stdout

@@ -19,9 +19,15 @@ def fake_exe(tmp_path):
 
 
 def test_command_line_from_config(fake_exe):
-    cfg = ServeConfig(model="Qwen/Qwen2-VL-72B-Instruct", port=8123, tensor_parallel_size=4,
-                      max_image_pixels=1_003_520, enforce_eager=True, vllm=fake_exe,
-                      extra_args=["--gpu-memory-utilization", "0.9"])  # fmt: skip
+    cfg = ServeConfig(
+        model="Qwen/Qwen2-VL-72B-Instruct",
+        port=8123,
+        tensor_parallel_size=4,
+        max_image_pixels=1_003_520,
+        enforce_eager=True,
+        vllm=fake_exe,
+        extra_args=["--gpu-memory-utilization", "0.9"],
+    )
     cmd = vllm_command(cfg, "/models/qwen72b")
     assert cmd[:3] == [fake_exe, "serve", "/models/qwen72b"]
     flags = dict(zip(cmd[3::2], cmd[4::2], strict=False))
@@ -30,7 +36,9 @@ def test_command_line_from_config(fake_exe):
     assert flags["--tensor-parallel-size"] == "4"
     assert json.loads(flags["--limit-mm-per-prompt"]) == {"image": 1, "video": 0}
     assert json.loads(flags["--structured-outputs-config"]) == {
-        "backend": "guidance", "disable_any_whitespace": True}  # fmt: skip
+        "backend": "guidance",
+        "disable_any_whitespace": True,
+    }
     assert json.loads(flags["--mm-processor-kwargs"]) == {"max_pixels": 1_003_520}
     assert "--enforce-eager" in cmd and cmd[-2:] == ["--gpu-memory-utilization", "0.9"]
 

@@ -28,13 +28,21 @@ def test_a_person_takes_every_decision(store, sd_tool):
     assert s.pause["proposal"]["prompt"] and list(s.pause["actions"]) == ["agent", "edit"]
     assert store.get_run(s.run_id)["status"] == "paused"
 
-    s = run_session(ctx, run_id=s.run_id, answer={"action": "edit", "prompt": "a blue fox at dusk",
-                                                  "params": {"seed": 7}})  # fmt: skip
+    s = run_session(
+        ctx,
+        run_id=s.run_id,
+        answer={"action": "edit", "prompt": "a blue fox at dusk", "params": {"seed": 7}},
+    )
     assert s.pause["pause"] == "plan" and s.pause["image"] in store.images
-    s = run_session(ctx, run_id=s.run_id, answer={
-        "action": "edit", "prompt": "a blue fox wearing a red hat",
-        "regions": [{"box": [0, 0, 500, 400], "prompt": "a red woollen hat", "strength": 0.5}],
-    })  # fmt: skip
+    s = run_session(
+        ctx,
+        run_id=s.run_id,
+        answer={
+            "action": "edit",
+            "prompt": "a blue fox wearing a red hat",
+            "regions": [{"box": [0, 0, 500, 400], "prompt": "a red woollen hat", "strength": 0.5}],
+        },
+    )
     assert s.pause["pause"] == "verdict" and s.pause["proposal"]["verdict"] == "revise"
     assert s.pause["edited_image"] in store.images
     s = run_session(ctx, run_id=s.run_id, answer={"action": "accept", "note": "lovely"})
@@ -71,14 +79,20 @@ def test_letting_the_agent_decide(store, sd_tool):
     assert step["plan"]["revised_prompt"] == step["agents"]["thesis_cot"]["revised_prompt"]
 
 
-@pytest.mark.parametrize(("answer", "message"), [
-    ({"action": "edit", "regions": [{"box": [600, 0, 500, 500], "prompt": "x"}]}, "inverted"),
-    ({"action": "edit", "regions": [{"box": [0, 0, 1200, 500], "prompt": "x"}]}, "outside 0-1000"),
-    ({"action": "accept"}, "'accept' is not an action at the plan pause"),
-    ({"action": "edit", "params": {"seed": 1}}, "params cannot be set at the plan pause"),
-    ({"action": "edit", "prompt": ""}, "prompt"),
-    ({"action": "edit", "colour": "red"}, "colour"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ({"action": "edit", "regions": [{"box": [600, 0, 500, 500], "prompt": "x"}]}, "inverted"),
+        (
+            {"action": "edit", "regions": [{"box": [0, 0, 1200, 500], "prompt": "x"}]},
+            "outside 0-1000",
+        ),
+        ({"action": "accept"}, "'accept' is not an action at the plan pause"),
+        ({"action": "edit", "params": {"seed": 1}}, "params cannot be set at the plan pause"),
+        ({"action": "edit", "prompt": ""}, "prompt"),
+        ({"action": "edit", "colour": "red"}, "colour"),
+    ],
+)
 def test_a_bad_answer_is_a_clear_error_and_changes_nothing(store, sd_tool, answer, message):
     ctx = make_ctx(store, sd_tool, ScriptedChat())
     s = run_session(ctx, prompt="a red fox", pause_at=["plan"])
@@ -100,8 +114,10 @@ def test_fork_from_an_earlier_checkpoint(store, sd_tool):
     at = next(p for p in points if p["iteration"] == 1 and p["next"] == ["edit"])
     child_id = sessions.fork(store, parent.run_id, at["checkpoint_id"])
     child = store.get_run(child_id)
-    assert child["config"]["forked_from"] == {"run_id": parent.run_id,
-                                              "checkpoint_id": at["checkpoint_id"]}  # fmt: skip
+    assert child["config"]["forked_from"] == {
+        "run_id": parent.run_id,
+        "checkpoint_id": at["checkpoint_id"],
+    }
     assert child["steps"] == before["steps"][:1]  # the iteration finished before the fork
     assert sessions.view(store, child_id).next == ["edit"]
 
@@ -134,8 +150,9 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "500"}
 
 
 def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([ARTLOOP, *args], input=stdin, capture_output=True, text=True,
-                          timeout=600, env=ENV)  # fmt: skip
+    return subprocess.run(
+        [ARTLOOP, *args], input=stdin, capture_output=True, text=True, timeout=600, env=ENV
+    )
 
 
 @pytest.mark.slow  # CLI processes
@@ -143,8 +160,16 @@ def test_terminal_session_asks_at_each_pause(tmp_path):
     home = str(tmp_path / "home")
     # prompt pause: edit -> prompt, negative (kept), seed 7, steps and guidance (kept);
     # plan pause: the agent's plan; verdict pause: accept.
-    done = cli("session", "new", "a red fox", "--home", home, "--max-iters", "2",
-               stdin="e\na blue fox\n\n7\n\n\na\ny\n")  # fmt: skip
+    done = cli(
+        "session",
+        "new",
+        "a red fox",
+        "--home",
+        home,
+        "--max-iters",
+        "2",
+        stdin="e\na blue fox\n\n7\n\n\na\ny\n",
+    )
     assert done.returncode == 0, done.stderr
     for point in ("prompt", "plan", "verdict"):
         assert f"paused at {point}" in done.stderr
@@ -160,9 +185,25 @@ def test_terminal_session_asks_at_each_pause(tmp_path):
 @pytest.mark.slow
 def test_a_killed_session_resumes_at_its_pause(tmp_path):
     home = str(tmp_path / "home")
-    proc = subprocess.Popen([ARTLOOP, "session", "new", "a red fox", "--home", home,
-                             "--pause-at", "plan", "--max-iters", "1"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            ARTLOOP,
+            "session",
+            "new",
+            "a red fox",
+            "--home",
+            home,
+            "--pause-at",
+            "plan",
+            "--max-iters",
+            "1",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
     watchdog = threading.Timer(300, proc.kill)
     watchdog.start()
     seen = []
@@ -183,8 +224,16 @@ def test_a_killed_session_resumes_at_its_pause(tmp_path):
     assert [(r["run_id"], r["status"]) for r in listed] == [(run_id, "paused")]
 
     answer = {"action": "edit", "regions": [{"box": [100, 100, 600, 600], "prompt": "a red hat"}]}
-    bad = cli("session", "resume", run_id, "--home", home, "--no-wait",
-              "--answer", '{"action": "edit", "regions": [{"box": [600, 0, 100, 50], "prompt": "x"}]}')  # fmt: skip
+    bad = cli(
+        "session",
+        "resume",
+        run_id,
+        "--home",
+        home,
+        "--no-wait",
+        "--answer",
+        '{"action": "edit", "regions": [{"box": [600, 0, 100, 50], "prompt": "x"}]}',
+    )
     assert bad.returncode == 2 and "inverted" in bad.stderr
     done = cli(
         "session", "resume", run_id, "--home", home, "--no-wait", "--answer", json.dumps(answer)
@@ -211,8 +260,12 @@ def test_a_killed_session_resumes_at_its_pause(tmp_path):
 @pytest.mark.postgres
 def test_sessions_in_postgres(postgres_url, tmp_path, sd_tool):
     home = tmp_path / "home"
-    ctx = make_ctx(TrajectoryStore(home, checkpointer=postgres_url), sd_tool,
-                   ScriptedChat(scripts={"Verdict": [verdict("revise", 4.0)]}), max_iters=1)  # fmt: skip
+    ctx = make_ctx(
+        TrajectoryStore(home, checkpointer=postgres_url),
+        sd_tool,
+        ScriptedChat(scripts={"Verdict": [verdict("revise", 4.0)]}),
+        max_iters=1,
+    )
     s = run_session(ctx, prompt="a red fox", pause_at=["plan"])
     assert s.status == "paused"
     # Another process (another UI on the shared server) sees the same pause ...
@@ -246,10 +299,13 @@ def test_an_unreachable_postgres_is_a_clear_error(tmp_path, store):
 
 
 # --- boxes: one check, one policy ------------------------------------------------------------
-@pytest.mark.parametrize(("box", "clipped", "refused"), [
-    ([-50, 20, 1500, 400], [0, 20, 1000, 400], "is outside 0-1000"),
-    ([600, 0, 500, 500.4], [500, 0, 600, 500], "is inverted"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("box", "clipped", "refused"),
+    [
+        ([-50, 20, 1500, 400], [0, 20, 1000, 400], "is outside 0-1000"),
+        ([600, 0, 500, 500.4], [500, 0, 600, 500], "is inverted"),
+    ],
+)
 def test_model_boxes_are_clipped_and_a_persons_refused(sd_tool, box, clipped, refused):
     """One function checks every box: a model's output is repaired, a person's answer (and a
     direct tool call) with the same box is refused, with the same message."""

@@ -34,9 +34,18 @@ def test_valid_first_time():
     assert result.backend == "ScriptedChat"
 
 
-@pytest.mark.parametrize("bad", ["", "   ", "{not json", '{"verdict": "maybe"}', "[]",
-                                 '{"verdict":"accept","score":11,"better_than_before":true,"reasons":["x"]}',
-                                 '{"verdict":"accept","score":5,"better_than_before":true,"reasons":[]}'])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "   ",
+        "{not json",
+        '{"verdict": "maybe"}',
+        "[]",
+        '{"verdict":"accept","score":11,"better_than_before":true,"reasons":["x"]}',
+        '{"verdict":"accept","score":5,"better_than_before":true,"reasons":[]}',
+    ],
+)
 def test_invalid_then_repaired(bad):
     chat = ScriptedChat(scripts={"Verdict": [bad, GOOD]})
     result = ask_verdict(chat)
@@ -60,8 +69,11 @@ def test_repair_shows_the_model_its_error():
 
 def test_gives_up_visibly_after_the_last_attempt():
     chat = ScriptedChat(scripts={"Verdict": ["nope"]})
-    with pytest.raises(StructuredOutputError, match=r"validate: no valid Verdict from the "
-                       r"ScriptedChat backend after 2 attempts; last error: invalid Verdict"):  # fmt: skip
+    with pytest.raises(
+        StructuredOutputError,
+        match=r"validate: no valid Verdict from the "
+        r"ScriptedChat backend after 2 attempts; last error: invalid Verdict",
+    ):
         ask_verdict(chat, attempts=2)
     assert len(chat.calls) == 2
 
@@ -76,8 +88,11 @@ def test_transient_errors_are_retried():
 
 def test_a_dead_server_fails_naming_it_and_the_cause():
     chat = ScriptedChat(scripts={"Verdict": [ConnectionError("connection refused")]})
-    with pytest.raises(ChatServerError, match=r"chat server ScriptedChat failed 3 times; "
-                       r"last error: ConnectionError: connection refused"):  # fmt: skip
+    with pytest.raises(
+        ChatServerError,
+        match=r"chat server ScriptedChat failed 3 times; "
+        r"last error: ConnectionError: connection refused",
+    ):
         ask_verdict(chat)
     assert len(chat.calls) == 3
 
@@ -140,12 +155,15 @@ def test_every_string_list_and_number_is_bounded():
         walk(s, s.get("$defs", {}), cls.__name__)
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ([10, 20, 300, 400], [10, 20, 300, 400]),
-    ([300, 400, 10, 20], [10, 20, 300, 400]),       # inverted corners are ordered
-    ([-50, 20, 1500, 400.4], [0, 20, 1000, 400]),   # out of range is clipped
-    ((1, 2, 3, 4), [1, 2, 3, 4]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ([10, 20, 300, 400], [10, 20, 300, 400]),
+        ([300, 400, 10, 20], [10, 20, 300, 400]),  # inverted corners are ordered
+        ([-50, 20, 1500, 400.4], [0, 20, 1000, 400]),  # out of range is clipped
+        ((1, 2, 3, 4), [1, 2, 3, 4]),
+    ],
+)
 def test_boxes_are_clipped_and_ordered(raw, expected):
     assert normalise_box(raw) == expected
     assert RegionalEdit(box=raw, prompt="x", strength=0.5).box == expected

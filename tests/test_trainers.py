@@ -21,8 +21,17 @@ from typer.testing import CliRunner
 
 
 def config(data, out, **kw) -> SFTConfig:
-    return SFTConfig(**{"data": str(data), "output_dir": str(out), "resolution": 64,
-                        "train_steps": 20, "learning_rate": 1e-3, "checkpoint_every": 10, **kw})  # fmt: skip
+    return SFTConfig(
+        **{
+            "data": str(data),
+            "output_dir": str(out),
+            "resolution": 64,
+            "train_steps": 20,
+            "learning_rate": 1e-3,
+            "checkpoint_every": 10,
+            **kw,
+        }
+    )
 
 
 def generate(pipe) -> np.ndarray:
@@ -33,8 +42,9 @@ def generate(pipe) -> np.ndarray:
 
 
 def test_trains_a_lora_that_diffusers_loads(sft_data, tmp_path):
-    summary = train_sft(config(sft_data, tmp_path / "lora", train_steps=30, learning_rate=1e-2),
-                        progress=False)  # fmt: skip
+    summary = train_sft(
+        config(sft_data, tmp_path / "lora", train_steps=30, learning_rate=1e-2), progress=False
+    )
     assert summary["steps"] == 30 and summary["examples"] == 8
     assert np.mean(summary["losses"][-5:]) < np.mean(summary["losses"][:5])  # steps are noisy
     weights = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
@@ -84,8 +94,10 @@ def test_differential_mode_trains_on_top_of_the_preset(sft_data, tmp_path):
         config(sft_data, tmp_path / "preset", train_steps=20, learning_rate=1e-2), progress=False
     )
     plain = train_sft(config(sft_data, tmp_path / "plain", train_steps=1), progress=False)
-    diff = train_sft(config(sft_data, tmp_path / "diff", train_steps=1,
-                            preset_lora=str(tmp_path / "preset")), progress=False)  # fmt: skip
+    diff = train_sft(
+        config(sft_data, tmp_path / "diff", train_steps=1, preset_lora=str(tmp_path / "preset")),
+        progress=False,
+    )
     assert diff["first_loss"] != plain["first_loss"]  # the preset changed the base it starts from
     saved = load_file(tmp_path / "diff" / "pytorch_lora_weights.safetensors")
     preset = load_file(tmp_path / "preset" / "pytorch_lora_weights.safetensors")
@@ -115,8 +127,21 @@ def test_errors_name_the_problem(tmp_path):
 
 def test_cli(sft_data, tmp_path):
     runner = CliRunner()
-    ok = runner.invoke(app, ["train", "sft", "--data", str(sft_data), "--output-dir", str(tmp_path / "o"),
-                             "--train-steps", "3", "--resolution", "64"])  # fmt: skip
+    ok = runner.invoke(
+        app,
+        [
+            "train",
+            "sft",
+            "--data",
+            str(sft_data),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--train-steps",
+            "3",
+            "--resolution",
+            "64",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout.strip().splitlines()[-1])["steps"] == 3
     missing = runner.invoke(app, ["train", "sft", "--output-dir", str(tmp_path / "o2")])
@@ -134,8 +159,13 @@ def test_dpo_pairs_follow_the_labels(dpo_data):
 
 
 def test_dpo_starts_at_ln2_and_learns_the_preference(dpo_data, tmp_path):
-    cfg = DPOConfig(data=str(dpo_data), output_dir=str(tmp_path / "lora"), resolution=64,
-                    train_steps=20, learning_rate=3e-4)  # fmt: skip
+    cfg = DPOConfig(
+        data=str(dpo_data),
+        output_dir=str(tmp_path / "lora"),
+        resolution=64,
+        train_steps=20,
+        learning_rate=3e-4,
+    )
     summary = train_dpo(cfg, progress=False)
     # The LoRA starts as a no-op (B = 0): policy == reference, so the first loss is ln 2.
     assert summary["first_loss"] == pytest.approx(math.log(2), abs=1e-5)
@@ -147,17 +177,41 @@ def test_dpo_starts_at_ln2_and_learns_the_preference(dpo_data, tmp_path):
     text = family.encode_texts([c for _, _, c in pairs])
     family.pipe.load_lora_weights(tmp_path / "lora")  # diffusers loads the trained LoRA
     with torch.no_grad():  # the DPO loss over every pair, on 16 fixed noise draws
-        loss = np.mean([dpo_loss(family, family.denoiser, chosen, rejected, text,
-                                 torch.Generator().manual_seed(1000 + k), cfg.beta).item()
-                         for k in range(16)])  # fmt: skip
+        loss = np.mean(
+            [
+                dpo_loss(
+                    family,
+                    family.denoiser,
+                    chosen,
+                    rejected,
+                    text,
+                    torch.Generator().manual_seed(1000 + k),
+                    cfg.beta,
+                ).item()
+                for k in range(16)
+            ]
+        )
     # Measured: 0.53 (20 steps at 3e-4, as here; 0.49 after 60 at 1e-4) against ln 2 = 0.693.
     assert loss < math.log(2) - 0.005, f"held-out DPO loss {loss:.4f} did not drop below ln 2"
 
 
 def test_dpo_cli_and_bad_data(dpo_data, sft_data, tmp_path):
     runner = CliRunner()
-    ok = runner.invoke(app, ["train", "dpo", "--data", str(dpo_data), "--output-dir",
-                             str(tmp_path / "o"), "--train-steps", "2", "--resolution", "64"])  # fmt: skip
+    ok = runner.invoke(
+        app,
+        [
+            "train",
+            "dpo",
+            "--data",
+            str(dpo_data),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--train-steps",
+            "2",
+            "--resolution",
+            "64",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout.strip().splitlines()[-1])["steps"] == 2
     wrong = runner.invoke(app, ["train", "dpo", "--data", str(sft_data)])  # an sft export
@@ -176,18 +230,24 @@ def garbage_parquets(root) -> dict[str, str]:
     good = root / "good.parquet"
     images = [Image.new("RGB", (8, 8))] * 2
     datasets.Dataset.from_dict({"image": images, "text": ["a", "b"]}).cast_column(
-        "image", datasets.Image()).to_parquet(good)  # fmt: skip
+        "image", datasets.Image()
+    ).to_parquet(good)
     (root / "noise.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 4)
     (root / "cut.parquet").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     datasets.Dataset.from_dict({"image": [b"\x89PNG, not really"], "text": ["a"]}).to_parquet(
-        root / "bytes.parquet")  # fmt: skip
+        root / "bytes.parquet"
+    )
     datasets.Dataset.from_dict({"image": images, "text": [1, 2]}).cast_column(
-        "image", datasets.Image()).to_parquet(root / "numbers.parquet")  # fmt: skip
+        "image", datasets.Image()
+    ).to_parquet(root / "numbers.parquet")
     datasets.Dataset.from_dict({"image": [], "text": []}).to_parquet(root / "empty.parquet")
-    return {"noise": "is not a readable parquet file (Parquet magic bytes not found",
-            "cut": "is not a readable parquet file", "empty": "holds no rows",
-            "bytes": "row 0 of {} is unreadable (its image bytes are in no format PIL reads)",
-            "numbers": "row 0 of {} is unreadable (expected text, got int)"}  # fmt: skip
+    return {
+        "noise": "is not a readable parquet file (Parquet magic bytes not found",
+        "cut": "is not a readable parquet file",
+        "empty": "holds no rows",
+        "bytes": "row 0 of {} is unreadable (its image bytes are in no format PIL reads)",
+        "numbers": "row 0 of {} is unreadable (expected text, got int)",
+    }
 
 
 def _check_refusal(code: int, stderr: str, data: str, problem: str, out) -> None:

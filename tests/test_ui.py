@@ -52,8 +52,9 @@ def ui(tmp_path, request):
     elif token:
         env["ARTLOOP_UI_TOKEN"] = token
     log = (tmp_path / "ui.log").open("w")
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 120
     while True:
         try:
@@ -76,8 +77,9 @@ def page():
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), headless=True,
-                                    args=["--no-sandbox"])  # fmt: skip
+        browser = p.chromium.launch(
+            executable_path=chromium(), headless=True, args=["--no-sandbox"]
+        )
         yield browser.new_page(viewport={"width": 1600, "height": 1100})
         browser.close()
 
@@ -199,8 +201,10 @@ def test_failed_logins_are_limited(ui):
     assert client.post("/login", data={"username": "me", "password": "s3cret"}).status_code == 200
     wrong = httpx.Client(base_url=url, timeout=30)
     start = time.monotonic()
-    codes = [wrong.post("/login", data={"username": "me", "password": f"guess{i}"}).status_code
-             for i in range(30)]  # fmt: skip
+    codes = [
+        wrong.post("/login", data={"username": "me", "password": f"guess{i}"}).status_code
+        for i in range(30)
+    ]
     assert codes == [400] * 5 + [429] * 25 and time.monotonic() - start < 20
     locked = wrong.post("/login", data={"username": "me", "password": "s3cret"})
     assert locked.status_code == 429 and 0 < int(locked.headers["retry-after"]) <= 60
@@ -224,16 +228,22 @@ def test_login_limiter_lifts_after_its_window():
     assert limiter.wait("a") == 0 and not limiter._failures
 
 
-@pytest.mark.parametrize(("args", "env", "message"), [
-    (["--host", "0.0.0.0", "--token", "   "], {}, "--token would show the password to anyone "
-     "running ps"),
-    (["--host", "0.0.0.0"], {"ARTLOOP_UI_TOKEN": "   "}, "the UI token is blank"),
-    (["--host", "0.0.0.0"], {}, "binding 0.0.0.0 exposes the UI beyond this machine"),
-    (["--port", "99999"], {}, "port 99999 is not a TCP port (1-65535)"),
-    (["--host", "203.0.113.7"], {"ARTLOOP_UI_TOKEN": "t"}, "cannot listen on 203.0.113.7:"),
-    (["--host", "no-such-host.invalid"], {"ARTLOOP_UI_TOKEN": "t"}, "cannot listen on no-such"),
-    (["--port", "IN_USE"], {}, "Address already in use"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["--host", "0.0.0.0", "--token", "   "],
+            {},
+            "--token would show the password to anyone running ps",
+        ),
+        (["--host", "0.0.0.0"], {"ARTLOOP_UI_TOKEN": "   "}, "the UI token is blank"),
+        (["--host", "0.0.0.0"], {}, "binding 0.0.0.0 exposes the UI beyond this machine"),
+        (["--port", "99999"], {}, "port 99999 is not a TCP port (1-65535)"),
+        (["--host", "203.0.113.7"], {"ARTLOOP_UI_TOKEN": "t"}, "cannot listen on 203.0.113.7:"),
+        (["--host", "no-such-host.invalid"], {"ARTLOOP_UI_TOKEN": "t"}, "cannot listen on no-such"),
+        (["--port", "IN_USE"], {}, "Address already in use"),
+    ],
+)
 def test_bad_binds_are_refused_at_once(tmp_path, args, env, message):
     """Before anything loads or binds, and before the URL is printed: one line, exit 2."""
     with socket.socket() as taken:
@@ -243,9 +253,13 @@ def test_bad_binds_are_refused_at_once(tmp_path, args, env, message):
         if "--port" not in args:
             args += ["--port", str(free_port())]
         start = time.monotonic()
-        proc = subprocess.run([ARTLOOP, "serve", "ui", "--home", str(tmp_path / "home"), *args],
-                              env={**os.environ, **env}, capture_output=True, text=True,
-                              timeout=60)  # fmt: skip
+        proc = subprocess.run(
+            [ARTLOOP, "serve", "ui", "--home", str(tmp_path / "home"), *args],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert proc.returncode == 2, proc.stderr
     assert time.monotonic() - start < 15
     lines = proc.stderr.strip().splitlines()

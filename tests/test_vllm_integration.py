@@ -35,12 +35,22 @@ def chat(server: VLMServer, **kw):
 
 
 def context(store, sd_tool, server, **chat_kw) -> RefineContext:
-    model, cfg = chat(server, **chat_kw) if server else (build_chat_model(c := ChatConfig(
-        backend="openai", model="tiny-qwen2vl", **chat_kw)), c)  # fmt: skip
+    model, cfg = (
+        chat(server, **chat_kw)
+        if server
+        else (
+            build_chat_model(c := ChatConfig(backend="openai", model="tiny-qwen2vl", **chat_kw)),
+            c,
+        )
+    )
     return RefineContext(
-        chat=model, diffusion=sd_tool, store=store, loop=LoopConfig(max_iters=2),
-        chat_config=cfg, diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
-    )  # fmt: skip
+        chat=model,
+        diffusion=sd_tool,
+        store=store,
+        loop=LoopConfig(max_iters=2),
+        chat_config=cfg,
+        diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
+    )
 
 
 @pytest.mark.parametrize("agent", list(CASES))
@@ -78,15 +88,43 @@ def test_cli_run_against_the_server(vllm_server, tmp_path):
     secret = "sk-artloop-test-0123456789"
     env = {**os.environ, "ARTLOOP_CHAT__API_KEY": secret}
     proc = subprocess.run(
-        [artloop, "run", "a red fox in the snow", "--max-iters", "2", "--chat-backend", "openai",
-         "--base-url", vllm_server.base_url, "--chat-model", "tiny-qwen2vl",
-         "--home", str(tmp_path / "home"), "--json"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        [
+            artloop,
+            "run",
+            "a red fox in the snow",
+            "--max-iters",
+            "2",
+            "--chat-backend",
+            "openai",
+            "--base-url",
+            vllm_server.base_url,
+            "--chat-model",
+            "tiny-qwen2vl",
+            "--home",
+            str(tmp_path / "home"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
-    export = subprocess.run([artloop, "export", str(tmp_path / "export"), "--format", "raw",
-                             "--home", str(tmp_path / "home")], capture_output=True, text=True,
-                            timeout=300, env=env)  # fmt: skip
+    export = subprocess.run(
+        [
+            artloop,
+            "export",
+            str(tmp_path / "export"),
+            "--format",
+            "raw",
+            "--home",
+            str(tmp_path / "home"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert export.returncode == 0, export.stderr
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(written) > 5 and all(secret.encode() not in p.read_bytes() for p in written)
@@ -95,8 +133,11 @@ def test_cli_run_against_the_server(vllm_server, tmp_path):
     assert run["models"]["chat"]["backend"] == "openai"
     assert run["models"]["chat"]["base_url"] == vllm_server.base_url
     assert all(set(step["agents"]) == AGENTS for step in run["steps"])
-    assert all(f == {"openai": 0} or list(f) == ["openai"]
-               for step in run["steps"] for f in step["parse_failures"].values())  # fmt: skip
+    assert all(
+        f == {"openai": 0} or list(f) == ["openai"]
+        for step in run["steps"]
+        for f in step["parse_failures"].values()
+    )
 
 
 def test_server_killed_mid_run_then_resumed(vllm_server, store, sd_tool):
@@ -137,8 +178,15 @@ def test_a_failing_or_slow_server_then_resume(vllm_server, store, sd_tool, fault
         "5xx": "00000000000000c2",
         "slow": "00000000000000c3",
     }[fault]
-    ctx = context(store, sd_tool, None, base_url=proxy.base_url, max_retries=2, retry_backoff_s=0.1,
-                  timeout_s=4.0)  # fmt: skip
+    ctx = context(
+        store,
+        sd_tool,
+        None,
+        base_url=proxy.base_url,
+        max_retries=2,
+        retry_backoff_s=0.1,
+        timeout_s=4.0,
+    )
     injected: list[int] = []
 
     def inject(node: str, update: dict) -> None:
@@ -172,7 +220,12 @@ def test_a_failing_or_slow_server_then_resume(vllm_server, store, sd_tool, fault
 def test_a_bad_flag_fails_with_the_log(vllm_exe, tmp_path):
     from conftest import free_port
 
-    cfg = ServeConfig(model="tiny-qwen2vl", vllm=vllm_exe, port=free_port(),
-                      extra_args=["--no-such-flag"], startup_timeout_s=300)  # fmt: skip
+    cfg = ServeConfig(
+        model="tiny-qwen2vl",
+        vllm=vllm_exe,
+        port=free_port(),
+        extra_args=["--no-such-flag"],
+        startup_timeout_s=300,
+    )
     with pytest.raises(ServerError, match=r"(?s)exited with status \d+.*no-such-flag"):
         VLMServer(cfg, tmp_path / "log").start()

@@ -50,8 +50,13 @@ def breakdown(entries: dict[str, float], total: float) -> dict[str, float]:
     wait = entries["diffusion_wait"] + entries["vlm_wait"]
     diffusion = entries["diffusion"] - entries["diffusion_wait"]
     vlm = entries["vlm"] - entries["vlm_wait"]
-    return {"diffusion": diffusion, "vlm": vlm, "wait": wait,
-            "framework": max(0.0, total - diffusion - vlm - wait), "total": total}  # fmt: skip
+    return {
+        "diffusion": diffusion,
+        "vlm": vlm,
+        "wait": wait,
+        "framework": max(0.0, total - diffusion - vlm - wait),
+        "total": total,
+    }
 
 
 def add_up(parts: list[dict[str, float]]) -> dict[str, float]:

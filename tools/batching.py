@@ -210,8 +210,11 @@ class Batcher:
             results = [e] * len(jobs)
         self.busy_s += time.perf_counter() - now
         if not isinstance(results, list | tuple) or len(results) != len(jobs):
-            got = (f"{len(results)} results" if isinstance(results, list | tuple)
-                   else f"a {type(results).__name__}")  # fmt: skip
+            got = (
+                f"{len(results)} results"
+                if isinstance(results, list | tuple)
+                else f"a {type(results).__name__}"
+            )
             results = [BatchError(f"run_batch returned {got} for {len(jobs)} jobs")] * len(jobs)
         for job, result in zip(jobs, results, strict=True):
             _settle(job, result)

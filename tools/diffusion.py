@@ -305,15 +305,31 @@ class DiffusionTool:
         inputs: tuple[tuple[str, Any], ...] = ()  # per-image pipeline inputs (image, mask_image)
         on_step: Callable[[int, int], None] | None = field(default=None, compare=False)
 
-    def _run(self, task: str, prompt: str, negative_prompt: str, params: GenParams,
-             inputs: dict[str, Any] | None = None, **shared: Any) -> Image.Image:  # fmt: skip
+    def _run(
+        self,
+        task: str,
+        prompt: str,
+        negative_prompt: str,
+        params: GenParams,
+        inputs: dict[str, Any] | None = None,
+        **shared: Any,
+    ) -> Image.Image:
         """One image; with batching on, it shares a pipeline call with concurrent requests that
         agree on everything but prompts, seeds and input images (same seeds: same images)."""
-        sample = self._Sample(prompt, negative_prompt or None, int(params.seed),
-                              tuple((inputs or {}).items()), on_step.get())  # fmt: skip
-        common = {"num_inference_steps": params.num_inference_steps,
-                  "guidance_scale": params.guidance_scale, "true_cfg_scale": params.true_cfg_scale,
-                  "max_sequence_length": self.max_sequence_length, **shared}  # fmt: skip
+        sample = self._Sample(
+            prompt,
+            negative_prompt or None,
+            int(params.seed),
+            tuple((inputs or {}).items()),
+            on_step.get(),
+        )
+        common = {
+            "num_inference_steps": params.num_inference_steps,
+            "guidance_scale": params.guidance_scale,
+            "true_cfg_scale": params.true_cfg_scale,
+            "max_sequence_length": self.max_sequence_length,
+            **shared,
+        }
         with timed("diffusion"):
             batcher = self._batcher  # once: set_batching may replace it meanwhile
             if batcher is None:
@@ -394,8 +410,16 @@ class DiffusionTool:
         self._check_params(params, strength)
         width, height = self._size(params)
         init = self._image(image, (width, height))
-        result = self._run("i2i", prompt, negative_prompt, params, {"image": init},
-                           strength=strength, width=width, height=height)  # fmt: skip
+        result = self._run(
+            "i2i",
+            prompt,
+            negative_prompt,
+            params,
+            {"image": init},
+            strength=strength,
+            width=width,
+            height=height,
+        )
         return self.store.put(result)
 
     def inpaint(
@@ -413,9 +437,16 @@ class DiffusionTool:
         width, height = self._size(params)
         init = self._image(image, (width, height))
         mask = box_mask(box, width, height)
-        result = self._run("inpaint", prompt, negative_prompt, params,
-                           {"image": init, "mask_image": mask},
-                           strength=strength, width=width, height=height)  # fmt: skip
+        result = self._run(
+            "inpaint",
+            prompt,
+            negative_prompt,
+            params,
+            {"image": init, "mask_image": mask},
+            strength=strength,
+            width=width,
+            height=height,
+        )
         # The VAE round trip alters every pixel a little (and all of them with a non-inpainting
         # UNet): paste back the original outside the box, with a soft edge against seams.
         feather = mask.filter(ImageFilter.GaussianBlur(radius=max(1, min(width, height) // 128)))

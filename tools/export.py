@@ -134,10 +134,12 @@ def select_runs(store: TrajectoryStore, filters: ExportFilters) -> tuple[list[di
     since = _ts(filters.since) if filters.since else -math.inf
     until = _ts(filters.until) if filters.until else math.inf
     chosen = [
-        r for r in listed
-        if r["status"] in statuses and since <= r["created_at"] < until
+        r
+        for r in listed
+        if r["status"] in statuses
+        and since <= r["created_at"] < until
         and (not filters.run_ids or r["run_id"] in filters.run_ids)
-    ]  # fmt: skip
+    ]
     runs = [store.get_run(r["run_id"]) for r in sorted(chosen, key=lambda r: r["created_at"])]
     runs = [r | {"gain": gain(r)} for r in runs if r["steps"]]
     runs = [r for r in runs if set(filters.tags) <= set(r["config"].get("tags", []))]
@@ -196,14 +198,25 @@ def _write_sft(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
         (folder / f"{run['run_id']}.png").write_bytes(_png(store, run["final_image"]))
     metadata = ({"file_name": f"{r['run_id']}.png", "text": r["prompt"]} for r in kept)
     _write_jsonl(folder / "metadata.jsonl", metadata)
-    features = Features({"image": Image(), "text": Value("string"), "run_id": Value("string"),
-                         "score": Value("float64"), "gain": Value("float64")})  # fmt: skip
+    features = Features(
+        {
+            "image": Image(),
+            "text": Value("string"),
+            "run_id": Value("string"),
+            "score": Value("float64"),
+            "gain": Value("float64"),
+        }
+    )
 
     def row(run: dict[str, Any]) -> dict[str, Any]:
         name = f"{run['run_id']}.png"
-        return {"image": {"bytes": (folder / name).read_bytes(), "path": name},
-                "text": run["prompt"], "run_id": run["run_id"], "score": run["best_score"],
-                "gain": run["gain"]}  # fmt: skip
+        return {
+            "image": {"bytes": (folder / name).read_bytes(), "path": name},
+            "text": run["prompt"],
+            "run_id": run["run_id"],
+            "score": run["best_score"],
+            "gain": run["gain"],
+        }
 
     return _write_parquet(out / PARQUET, features, map(row, kept))
 
@@ -251,15 +264,30 @@ def _write_dpo(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
         )
         return buf.getvalue()
 
-    features = Features({"caption": Value("string"), "jpg_0": Value("binary"),
-                         "jpg_1": Value("binary"), "label_0": Value("float64"),
-                         "label_1": Value("float64"), "run_id": Value("string"),
-                         "source": Value("string")})  # fmt: skip
+    features = Features(
+        {
+            "caption": Value("string"),
+            "jpg_0": Value("binary"),
+            "jpg_1": Value("binary"),
+            "label_0": Value("float64"),
+            "label_1": Value("float64"),
+            "run_id": Value("string"),
+            "source": Value("string"),
+        }
+    )
     rows = (
-        {"caption": run["prompt"], "jpg_0": jpeg(a), "jpg_1": jpeg(b), "label_0": label,
-         "label_1": 1.0 - label, "run_id": run["run_id"], "source": source}
-        for run in runs for a, b, label, source in dpo_pairs(run)
-    )  # fmt: skip
+        {
+            "caption": run["prompt"],
+            "jpg_0": jpeg(a),
+            "jpg_1": jpeg(b),
+            "label_0": label,
+            "label_1": 1.0 - label,
+            "run_id": run["run_id"],
+            "source": source,
+        }
+        for run in runs
+        for a, b, label, source in dpo_pairs(run)
+    )
     return _write_parquet(out / PARQUET, features, rows)
 
 
@@ -279,8 +307,16 @@ def step_images(step: dict[str, Any]) -> list[str]:
 
 def _write_raw(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
     (out / "images").mkdir()
-    run_keys = ("run_id", "prompt", "status", "models", "prompts_version", "created_at",
-                "best_score", "final_image")  # fmt: skip
+    run_keys = (
+        "run_id",
+        "prompt",
+        "status",
+        "models",
+        "prompts_version",
+        "created_at",
+        "best_score",
+        "final_image",
+    )
     for digest in {d for r in runs for s in r["steps"] for d in step_images(s)}:
         (out / "images" / f"{digest}.png").write_bytes(_png(store, digest))
     records = (
@@ -292,8 +328,11 @@ def _write_raw(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
 
 
 WRITERS: dict[str, Callable[[TrajectoryStore, list[dict], Path], int]] = {
-    "sft": _write_sft, "dpo": _write_dpo, "prompts": _write_prompts, "raw": _write_raw,
-}  # fmt: skip
+    "sft": _write_sft,
+    "dpo": _write_dpo,
+    "prompts": _write_prompts,
+    "raw": _write_raw,
+}
 
 
 # --- the card ---------------------------------------------------------------------------------
@@ -337,15 +376,29 @@ def _write_card(out: Path, result: ExportResult, runs: list[dict]) -> None:
     }
     front = ["---"]
     if result.format in ("sft", "dpo"):
-        front += ["configs:", "- config_name: default", "  data_files:", "  - split: train",
-                  "    path: data/train-*"]  # fmt: skip
+        front += [
+            "configs:",
+            "- config_name: default",
+            "  data_files:",
+            "  - split: train",
+            "    path: data/train-*",
+        ]
     front += ["task_categories:", "- text-to-image", "tags:", "- artloop", "- synthetic", "---"]
     body = [
-        f"# artloop trajectories: {result.format}", "", ABOUT[result.format], "",
+        f"# artloop trajectories: {result.format}",
+        "",
+        ABOUT[result.format],
+        "",
         f"Exported by artloop {__version__} from {result.runs_kept} of "
-        f"{result.runs_considered} runs ({result.rows} rows).", "", "## Provenance", "",
-        "```json", json.dumps(provenance, indent=2, ensure_ascii=False), "```", "",
-    ]  # fmt: skip
+        f"{result.runs_considered} runs ({result.rows} rows).",
+        "",
+        "## Provenance",
+        "",
+        "```json",
+        json.dumps(provenance, indent=2, ensure_ascii=False),
+        "```",
+        "",
+    ]
     (out / "README.md").write_text("\n".join(front + body), encoding="utf-8")
 
 
@@ -375,13 +428,16 @@ def _replaceable(out: Path) -> None:
     """--overwrite replaces only an earlier export: its card, and nothing an export does not
     write (a user's file in it, or an unrelated directory, is refused, naming why)."""
     if provenance(out) is None:
-        raise ExportError(f"{out} is not an earlier artloop export (no artloop dataset card "
-                          "README.md); not replacing it")  # fmt: skip
+        raise ExportError(
+            f"{out} is not an earlier artloop export (no artloop dataset card "
+            "README.md); not replacing it"
+        )
     for path in sorted(out.rglob("*")):
         name = path.relative_to(out).as_posix()
         if path.is_symlink() or not _EXPORT_FILES.fullmatch(name):
-            raise ExportError(f"{out} holds {name}, which no artloop export writes; "
-                              "not replacing it")  # fmt: skip
+            raise ExportError(
+                f"{out} holds {name}, which no artloop export writes; not replacing it"
+            )
 
 
 # --- the export -------------------------------------------------------------------------------
@@ -445,8 +501,14 @@ def export_dataset(
         if rows == 0:
             matching = f"the {len(runs)} run(s) matching: {filters.describe()}"
             raise ExportError(f"no {fmt} rows from {matching}")
-        result = ExportResult(path=out, format=fmt, rows=rows, runs_considered=considered,
-                              runs_kept=len(runs), filters=filters.as_dict())  # fmt: skip
+        result = ExportResult(
+            path=out,
+            format=fmt,
+            rows=rows,
+            runs_considered=considered,
+            runs_kept=len(runs),
+            filters=filters.as_dict(),
+        )
         _write_card(tmp, result, runs)
         _publish(tmp, out)
     except BaseException as e:

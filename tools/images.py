@@ -45,12 +45,16 @@ def _opened(source: str | Path | IO[bytes], max_pixels: int) -> Iterator[Image.I
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as im:
                 if (pixels := im.width * im.height) > max_pixels:
-                    raise ImageTooLarge(f"image too large: {im.width}x{im.height} = {pixels} "
-                                        f"pixels; the limit is {_limit(max_pixels)}")  # fmt: skip
+                    raise ImageTooLarge(
+                        f"image too large: {im.width}x{im.height} = {pixels} "
+                        f"pixels; the limit is {_limit(max_pixels)}"
+                    )
                 yield im
     except Image.DecompressionBombError:  # past twice PIL's limit: larger than ours anyway
-        raise ImageTooLarge(f"image too large: over {2 * Image.MAX_IMAGE_PIXELS} pixels; "
-                            f"the limit is {_limit(max_pixels)}") from None  # fmt: skip
+        raise ImageTooLarge(
+            f"image too large: over {2 * Image.MAX_IMAGE_PIXELS} pixels; "
+            f"the limit is {_limit(max_pixels)}"
+        ) from None
     except ImageStoreError:
         raise
     except Exception as e:  # PIL raises many types for bad bytes
@@ -147,9 +151,11 @@ def adjust_tone(
     from PIL import ImageEnhance
 
     image = image.convert("RGB")
-    for factor, enhancer in ((exposure, ImageEnhance.Brightness),
-                             (contrast, ImageEnhance.Contrast),
-                             (saturation, ImageEnhance.Color)):  # fmt: skip
+    for factor, enhancer in (
+        (exposure, ImageEnhance.Brightness),
+        (contrast, ImageEnhance.Contrast),
+        (saturation, ImageEnhance.Color),
+    ):
         if factor is not None and factor != 1.0:
             image = enhancer(image).enhance(factor)
     return image

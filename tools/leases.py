@@ -57,8 +57,7 @@ class Lease:
         self.owner = uuid.uuid4().hex
         self.lost = False
         self._stop = threading.Event()
-        self._renewer = threading.Thread(target=self._renew, daemon=True,
-                                         name=f"lease-{run_id}")  # fmt: skip
+        self._renewer = threading.Thread(target=self._renew, daemon=True, name=f"lease-{run_id}")
 
     def _holder(self) -> sqlite3.Row | None:
         with self.store._connect() as db:
@@ -85,13 +84,21 @@ class Lease:
                     if db.execute(
                         "UPDATE leases SET owner = ?, pid = ?, since = ?, expires_at = ? "
                         "WHERE run_id = ? AND owner = ?",
-                        (self.owner, os.getpid(), now, now + self.seconds, self.run_id,
-                         holder["owner"]),
-                    ).rowcount:  # fmt: skip
+                        (
+                            self.owner,
+                            os.getpid(),
+                            now,
+                            now + self.seconds,
+                            self.run_id,
+                            holder["owner"],
+                        ),
+                    ).rowcount:
                         break
                 continue
-            raise RunBusyError(f"run {self.run_id} is being worked on by {_who(holder)}: "
-                               f"wait for it to stop, then resume it")  # fmt: skip
+            raise RunBusyError(
+                f"run {self.run_id} is being worked on by {_who(holder)}: "
+                f"wait for it to stop, then resume it"
+            )
         else:
             raise RunBusyError(f"run {self.run_id} is contended: try again")
         self._renewer.start()
@@ -114,8 +121,10 @@ class Lease:
         if self.lost:
             holder = self._holder()
             who = _who(holder) if holder is not None else "another session"
-            raise RunBusyError(f"run {self.run_id} was taken over by {who} while this session "
-                               f"stalled: this one stopped")  # fmt: skip
+            raise RunBusyError(
+                f"run {self.run_id} was taken over by {who} while this session "
+                f"stalled: this one stopped"
+            )
 
     def release(self) -> None:
         self._stop.set()

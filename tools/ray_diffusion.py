@@ -25,13 +25,21 @@ from artloop.tools.images import ImageStore
 class DiffusionWorker:
     """What runs inside each actor: a DiffusionTool over a scratch image store."""
 
-    def __init__(self, model: str, family: str, device: str, dtype: str, window_ms: float,
-                 max_batch: int) -> None:  # fmt: skip
+    def __init__(
+        self, model: str, family: str, device: str, dtype: str, window_ms: float, max_batch: int
+    ) -> None:
         # Removed by close(), else when this object is collected or the process exits cleanly.
         self.scratch = tempfile.TemporaryDirectory(prefix="artloop-worker-")
         self.store = ImageStore(self.scratch.name)
-        self.tool = DiffusionTool(model, store=self.store, family=family, device=device,
-                                  dtype=dtype, batch_window_ms=window_ms, max_batch=max_batch)  # fmt: skip
+        self.tool = DiffusionTool(
+            model,
+            store=self.store,
+            family=family,
+            device=device,
+            dtype=dtype,
+            batch_window_ms=window_ms,
+            max_batch=max_batch,
+        )
 
     def call(self, method: str, image: bytes | None, *args: Any) -> bytes:
         """Run `method` (text_to_image, image_to_image, inpaint); the result's PNG bytes."""
@@ -54,9 +62,19 @@ class DiffusionWorker:
 class RayDiffusion:
     """The DiffusionTool interface, served by `workers` Ray actors (round robin per call)."""
 
-    def __init__(self, model: str, store: ImageStore, *, workers: int = 1,
-                 gpus_per_worker: float = 0.0, family: str = "auto", device: str = "cpu",
-                 dtype: str = "float32", batch_window_ms: float = 0.0, max_batch: int = 16) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        store: ImageStore,
+        *,
+        workers: int = 1,
+        gpus_per_worker: float = 0.0,
+        family: str = "auto",
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_window_ms: float = 0.0,
+        max_batch: int = 16,
+    ) -> None:
         import ray
 
         if not ray.is_initialized():
@@ -64,8 +82,10 @@ class RayDiffusion:
         self.store = store
         self._local = DiffusionTool(model, store=store, family=family, device=device, dtype=dtype)
         actor = ray.remote(DiffusionWorker).options(num_gpus=gpus_per_worker, max_concurrency=64)
-        self._workers = [actor.remote(model, family, device, dtype, batch_window_ms, max_batch)
-                         for _ in range(workers)]  # fmt: skip
+        self._workers = [
+            actor.remote(model, family, device, dtype, batch_window_ms, max_batch)
+            for _ in range(workers)
+        ]
         self._turn = itertools.count()
         self._lock = threading.Lock()
         # Registered after `import ray` registered ray.shutdown, so it runs first: Ray is up.
@@ -118,12 +138,20 @@ class RayDiffusion:
     def text_to_image(self, prompt: str, negative_prompt: str, params: GenParams) -> str:
         return self._call("text_to_image", None, prompt, negative_prompt, params)
 
-    def image_to_image(self, image: str, prompt: str, negative_prompt: str, params: GenParams,
-                       strength: float) -> str:  # fmt: skip
+    def image_to_image(
+        self, image: str, prompt: str, negative_prompt: str, params: GenParams, strength: float
+    ) -> str:
         return self._call("image_to_image", image, prompt, negative_prompt, params, strength)
 
-    def inpaint(self, image: str, box: tuple[int, int, int, int], prompt: str,
-                negative_prompt: str, params: GenParams, strength: float) -> str:  # fmt: skip
+    def inpaint(
+        self,
+        image: str,
+        box: tuple[int, int, int, int],
+        prompt: str,
+        negative_prompt: str,
+        params: GenParams,
+        strength: float,
+    ) -> str:
         return self._call("inpaint", image, box, prompt, negative_prompt, params, strength)
 
     @property

@@ -26,8 +26,11 @@ _env.filters["when"] = lambda t: datetime.fromtimestamp(t, UTC).strftime("%Y-%m-
 def describe_op(op: dict) -> str:
     """One edit op's caption from whatever it recorded (img2img and inpaint have a strength,
     tone has its factors, a later kind has its own): the template assumes no field."""
-    details = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-               for k, v in op.items() if k not in ("op", "image", "prompt")]  # fmt: skip
+    details = [
+        f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in op.items()
+        if k not in ("op", "image", "prompt")
+    ]
     caption = f"{op.get('op', 'edit')} ({', '.join(details)})" if details else op.get("op", "edit")
     return f"{caption}: {op['prompt']}" if op.get("prompt") else caption
 

@@ -41,8 +41,10 @@ class Reward:
         if self.normalise is not None:
             return None
         if self.range is None:
-            return (f"reward {self.name!r} has no declared range (or normaliser) to put its "
-                    "scores on the 0-10 scale")  # fmt: skip
+            return (
+                f"reward {self.name!r} has no declared range (or normaliser) to put its "
+                "scores on the 0-10 scale"
+            )
         lo, hi = self.range
         if not lo < hi:
             return f"reward {self.name!r} declares an empty range {self.range}"
@@ -119,9 +121,12 @@ def _statistic(key: str, sign: float = 1.0, offset: float = 0.0) -> RewardFn:
 # Ranges from tools/image_facts.py's definitions; sharpness (Laplacian variance) and
 # colourfulness (Hasler-Suesstrunk M3) have no upper bound.
 _RANGES: dict[str, tuple[float, float] | None] = {
-    "brightness": (0.0, 1.0), "contrast": (0.0, 0.5), "saturation": (0.0, 1.0),
-    "sharpness": None, "colourfulness": None,
-}  # fmt: skip
+    "brightness": (0.0, 1.0),
+    "contrast": (0.0, 0.5),
+    "saturation": (0.0, 1.0),
+    "sharpness": None,
+    "colourfulness": None,
+}
 for _key, _range in _RANGES.items():
     reward(_key, range=_range)(_statistic(_key))
 reward("darkness", range=(0.0, 1.0))(_statistic("brightness", sign=-1.0, offset=1.0))
@@ -192,8 +197,10 @@ def vlm_reward(chat: Any = None, policy: Any = None) -> RewardFn:
         from artloop.models.structured import CallPolicy
 
         model = chat if chat is not None else _config_chat()
-        calls = [rate(model, im, p, policy=policy or CallPolicy())
-                 for im, p in zip(images, prompts, strict=True)]  # fmt: skip
+        calls = [
+            rate(model, im, p, policy=policy or CallPolicy())
+            for im, p in zip(images, prompts, strict=True)
+        ]
         ratings = [c.output for c in calls]
         check_judge(images, [r.model_dump_json() for r in ratings], "vlm")
         return np.array([r.score / 10 for r in ratings]), {
@@ -219,8 +226,13 @@ def clip_text_embedder(model: str) -> Callable[[list[str]], np.ndarray]:
 
     def embed(texts: list[str]) -> np.ndarray:
         with torch.no_grad():
-            ids = tokenizer(texts, padding="max_length", truncation=True,
-                            max_length=tokenizer.model_max_length, return_tensors="pt")  # fmt: skip
+            ids = tokenizer(
+                texts,
+                padding="max_length",
+                truncation=True,
+                max_length=tokenizer.model_max_length,
+                return_tensors="pt",
+            )
             pooled = encoder(ids.input_ids).pooler_output.float()  # (N, D)
         return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
@@ -234,8 +246,9 @@ def _config_embedder() -> Callable[[list[str]], np.ndarray]:
     return clip_text_embedder(load_config().diffusion.model)
 
 
-def synartifact_reward(chat: Any = None, embed: Any = None, alpha: float = 0.1,
-                       beta: float = 0.0, policy: Any = None) -> RewardFn:  # fmt: skip
+def synartifact_reward(
+    chat: Any = None, embed: Any = None, alpha: float = 0.1, beta: float = 0.0, policy: Any = None
+) -> RewardFn:
     """SynArtifact (arXiv 2402.18068): ask the VLM which artifacts the image shows, then
     r = sim("No artifacts", answer) - alpha * sum_k sim(class_k, answer) + beta,
     with sim the cosine similarity of text embeddings (CLIP's text encoder by default)."""
@@ -248,8 +261,10 @@ def synartifact_reward(chat: Any = None, embed: Any = None, alpha: float = 0.1,
         from artloop.prompts import artifact_taxonomy
 
         model = chat if chat is not None else _config_chat()
-        calls = [spot_artifacts(model, im, p, policy=policy or CallPolicy())
-                 for im, p in zip(images, prompts, strict=True)]  # fmt: skip
+        calls = [
+            spot_artifacts(model, im, p, policy=policy or CallPolicy())
+            for im, p in zip(images, prompts, strict=True)
+        ]
         answers = [c.output.answer for c in calls]
         check_judge(images, answers, "synartifact")
         embedder = embed or _config_embedder()  # the same one on every call

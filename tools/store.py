@@ -115,8 +115,10 @@ class TrajectoryStore:
         except sqlite3.DatabaseError as e:
             if not _damaged(e):
                 raise
-            raise StoreError(f"{self.db_path} is not a readable SQLite database ({e}); "
-                             "`artloop doctor` checks the store") from e  # fmt: skip
+            raise StoreError(
+                f"{self.db_path} is not a readable SQLite database ({e}); "
+                "`artloop doctor` checks the store"
+            ) from e
         finally:
             db.close()
 
@@ -128,9 +130,16 @@ class TrajectoryStore:
             db.execute(
                 "INSERT OR IGNORE INTO runs (run_id, prompt, status, created_at, updated_at, "
                 "config, models, prompts_version) VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
-                (check_run_id(run_id), prompt, now, now, json.dumps(mask_secrets(config)),
-                 json.dumps(mask_secrets(models)), prompts_version),
-            )  # fmt: skip
+                (
+                    check_run_id(run_id),
+                    prompt,
+                    now,
+                    now,
+                    json.dumps(mask_secrets(config)),
+                    json.dumps(mask_secrets(models)),
+                    prompts_version,
+                ),
+            )
 
     def put_step(self, run_id: str, iteration: int, record: dict[str, Any]) -> None:
         """Insert or replace the record of one iteration."""
@@ -158,9 +167,16 @@ class TrajectoryStore:
             db.execute(
                 "UPDATE runs SET status = ?, final_image = ?, best_score = ?, error = ?, "
                 "pause = ?, updated_at = ? WHERE run_id = ?",
-                (status, final_image, best_score, error, pause and json.dumps(pause),
-                 time.time(), check_run_id(run_id)),
-            )  # fmt: skip
+                (
+                    status,
+                    final_image,
+                    best_score,
+                    error,
+                    pause and json.dumps(pause),
+                    time.time(),
+                    check_run_id(run_id),
+                ),
+            )
 
     def revoke(self, run_id: str, error: str) -> None:
         """Mark a finished run failed (its verdicts are not to be trusted), keeping its steps,
@@ -201,9 +217,13 @@ class TrajectoryStore:
             return runs
         try:
             marks = ", ".join("?" * len(running))
-            held = {lease["run_id"]: lease for lease in db.execute(
-                f"SELECT run_id, pid, host FROM leases WHERE run_id IN ({marks})",
-                [r["run_id"] for r in running])}  # fmt: skip
+            held = {
+                lease["run_id"]: lease
+                for lease in db.execute(
+                    f"SELECT run_id, pid, host FROM leases WHERE run_id IN ({marks})",
+                    [r["run_id"] for r in running],
+                )
+            }
         except sqlite3.OperationalError:  # a store made before leases: nothing holds its runs
             held = {}
         for run in running:

@@ -55,13 +55,25 @@ def typer_command(cls: type[C], run: Callable[[C], Any]) -> Callable[..., Any]:
     import typer
 
     hints = typing.get_type_hints(cls)
-    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
-              annotation=Annotated[Path | None, typer.Option(help="TOML file with these fields")])]  # fmt: skip
+    params = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Path | None, typer.Option(help="TOML file with these fields")],
+        )
+    ]
     for f in dataclasses.fields(cls):
         option = typer.Option(help=f.metadata.get("help", ""), show_default=False)
         kind = hints[f.name]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                        annotation=Annotated[kind | None, option]))  # fmt: skip
+        params.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[kind | None, option],
+            )
+        )
 
     def command(**kwargs: Any) -> Any:
         try:
@@ -84,8 +96,11 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float) -> list[torch.nn.Pa
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGETS))  # fmt: skip
+    unet.add_adapter(
+        LoraConfig(
+            r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+        )
+    )
     return [p for p in unet.parameters() if p.requires_grad]
 
 
@@ -115,8 +130,10 @@ def check_lora(lora: str | Path, field: str) -> None:
     others = [k for k in keys if "lora" not in k.lower()]
     if not keys or others:
         what = f"e.g. {others[0]!r}" if others else "it holds no tensors"
-        raise TrainerConfigError(f"{field}: {path} is not a LoRA ({len(others)} of its "
-                                 f"{len(keys)} tensors are not LoRA weights, {what})")  # fmt: skip
+        raise TrainerConfigError(
+            f"{field}: {path} is not a LoRA ({len(others)} of its "
+            f"{len(keys)} tensors are not LoRA weights, {what})"
+        )
 
 
 def lora_weight(path: Path) -> float:
@@ -157,8 +174,9 @@ def load_lora(pipe: Any, lora: str | Path, adapter_name: str, field: str) -> flo
     finally:
         peft_log.setLevel(level)
     if adapter_name not in {a for names in pipe.get_list_adapters().values() for a in names}:
-        raise TrainerConfigError(f"{field}: {path} holds no weights for this model "
-                                 "(a LoRA for another model family?)")  # fmt: skip
+        raise TrainerConfigError(
+            f"{field}: {path} holds no weights for this model (a LoRA for another model family?)"
+        )
     return lora_weight(path)
 
 
@@ -177,8 +195,11 @@ class LoRATrainConfig:
 
     data: str = help_field("", help="Dataset: an `artloop export` directory or a parquet file")
     output_dir: str = help_field("artloop-lora", help="Where the LoRA and checkpoints go")
-    model: str = help_field("tiny-sd", help="Base model: a tiny name (tiny-sd, tiny-sdxl, "
-                            "tiny-flux), or an SD 1.5 / SDXL / FLUX id or path")  # fmt: skip
+    model: str = help_field(
+        "tiny-sd",
+        help="Base model: a tiny name (tiny-sd, tiny-sdxl, "
+        "tiny-flux), or an SD 1.5 / SDXL / FLUX id or path",
+    )
     resolution: int = help_field(256, help="Training resolution (images are resized + cropped)")
     rank: int = help_field(8, help="LoRA rank")
     lora_alpha: float = help_field(8.0, help="LoRA alpha (scale = alpha / rank)")
@@ -189,20 +210,28 @@ class LoRATrainConfig:
     seed: int = help_field(0, help="Seed for the LoRA's init, batches, noise and timesteps")
     checkpoint_every: int = help_field(100, help="Save a resumable checkpoint every N steps")
     resume: bool = help_field(True, help="Continue from output_dir/checkpoint when it exists")
-    preset_lora: str | None = help_field(None, help="ArtAug differential mode: a LoRA (its "
-                                         "directory or .safetensors file) fused into the base "
-                                         "first; the new LoRA learns the rest")  # fmt: skip
+    preset_lora: str | None = help_field(
+        None,
+        help="ArtAug differential mode: a LoRA (its "
+        "directory or .safetensors file) fused into the base "
+        "first; the new LoRA learns the rest",
+    )
     mixed_precision: str = help_field("no", help="no | fp16 | bf16 (accelerate)")
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         if not self.data:
             raise TrainerConfigError(f"{name}.data: required (an export directory or a parquet)")
-        checks = {"resolution": self.resolution >= 64, "rank": self.rank >= 1,
-                  "learning_rate": self.learning_rate > 0, "train_steps": self.train_steps >= 1,
-                  "batch_size": self.batch_size >= 1, "checkpoint_every": self.checkpoint_every >= 1,
-                  "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
-                  "mixed_precision": self.mixed_precision in ("no", "fp16", "bf16")}  # fmt: skip
+        checks = {
+            "resolution": self.resolution >= 64,
+            "rank": self.rank >= 1,
+            "learning_rate": self.learning_rate > 0,
+            "train_steps": self.train_steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "checkpoint_every": self.checkpoint_every >= 1,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
+            "mixed_precision": self.mixed_precision in ("no", "fp16", "bf16"),
+        }
         for field, ok in checks.items():
             if not ok:
                 raise TrainerConfigError(f"{name}.{field}: invalid value {getattr(self, field)!r}")
@@ -214,10 +243,13 @@ class LoRATrainConfig:
 class DenoisingTrainConfig(LoRATrainConfig):
     """A trainer on the denoising loss (sft, dpo)."""
 
-    caption_dropout: float = help_field(0.1, help="Share of examples trained with the empty "
-                                        "prompt, so that the unconditional prediction, which "
-                                        "guidance subtracts, learns the change too (diffusers' "
-                                        "--proportion_empty_prompts)")  # fmt: skip
+    caption_dropout: float = help_field(
+        0.1,
+        help="Share of examples trained with the empty "
+        "prompt, so that the unconditional prediction, which "
+        "guidance subtracts, learns the change too (diffusers' "
+        "--proportion_empty_prompts)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -233,8 +265,10 @@ def drop_captions(cond: Cond, empty: Cond, p: float, g: torch.Generator) -> Cond
     import torch
 
     dropped = torch.rand(next(iter(cond.values())).shape[0], generator=g) < p  # (B,)
-    return {k: torch.where(dropped.view(-1, *[1] * (v.ndim - 1)).to(v.device), empty[k].to(v), v)
-            for k, v in cond.items()}  # fmt: skip
+    return {
+        k: torch.where(dropped.view(-1, *[1] * (v.ndim - 1)).to(v.device), empty[k].to(v), v)
+        for k, v in cond.items()
+    }
 
 
 def parquet_rows(data: str, columns: set[str], owner: str) -> Any:
@@ -338,17 +372,25 @@ def load_base(cfg: LoRATrainConfig) -> Family:
     except DiffusionError as e:
         raise TrainerConfigError(f"{name}.model: {e}") from None
     if cfg.resolution % SIZE_MULTIPLE[family]:
-        raise TrainerConfigError(f"{name}.resolution: {cfg.resolution} is not a multiple of "
-                                 f"{SIZE_MULTIPLE[family]} ({family} latents)")  # fmt: skip
+        raise TrainerConfigError(
+            f"{name}.resolution: {cfg.resolution} is not a multiple of "
+            f"{SIZE_MULTIPLE[family]} ({family} latents)"
+        )
     pipe = tool.pipeline
     if cfg.preset_lora:
         fuse_preset_lora(pipe, cfg.preset_lora, f"{name}.preset_lora")
     return FAMILIES[family](pipe, tool.max_sequence_length)
 
 
-def train_lora(cfg: LoRATrainConfig, family: Family, examples: int,
-               loss_at: Callable[[Any, torch.Tensor, torch.Generator, int], torch.Tensor],
-               name: str, progress: bool = True, extra: dict | None = None) -> dict[str, Any]:  # fmt: skip
+def train_lora(
+    cfg: LoRATrainConfig,
+    family: Family,
+    examples: int,
+    loss_at: Callable[[Any, torch.Tensor, torch.Generator, int], torch.Tensor],
+    name: str,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> dict[str, Any]:
     """The loop every trainer shares: a LoRA on the denoiser (UNet or transformer), AdamW,
     accelerate, checkpoints.
 
@@ -367,9 +409,11 @@ def train_lora(cfg: LoRATrainConfig, family: Family, examples: int,
     out.mkdir(parents=True, exist_ok=True)
     # cpu=True where there is no GPU: only then does accelerate read torchrun's environment as
     # several CPU processes (gloo) instead of one.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=cfg.mixed_precision,
-                              cpu=not torch.cuda.is_available())  # fmt: skip
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+    )
     family.pipe.to(accelerator.device)
     unet = family.denoiser
     torch.manual_seed(cfg.seed)  # the LoRA's initial weights
@@ -387,8 +431,9 @@ def train_lora(cfg: LoRATrainConfig, family: Family, examples: int,
     while step < cfg.train_steps:
         for micro in range(cfg.gradient_accumulation_steps):
             # Each process draws its own batch (data parallel); one process matches earlier runs.
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro
-                                              + accelerator.process_index * 7_919)  # fmt: skip
+            g = torch.Generator().manual_seed(
+                cfg.seed * 1_000_003 + step * 101 + micro + accelerator.process_index * 7_919
+            )
             idx = torch.randint(0, examples, (cfg.batch_size,), generator=g)  # with replacement
             with accelerator.accumulate(unet):
                 loss = loss_at(unet, idx, g, step)
@@ -412,29 +457,46 @@ def train_lora(cfg: LoRATrainConfig, family: Family, examples: int,
     lora = out / LORA_FILE
     if main:
         family.save_lora(accelerator.unwrap_model(unet), out)
-    summary = {"steps": step, "trained_steps": step - first_step, "examples": examples,
-               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "losses": losses, "loop_s": loop_s,
-               "steps_per_s": (step - first_step) / loop_s if loop_s > 0 else math.nan,
-               "lora": str(lora), "family": family.name, "lora_norm_per_process": norms,
-               "processes": accelerator.num_processes, "main_process": main, **(extra or {}),
-               "config": dataclasses.asdict(cfg)}  # fmt: skip
+    summary = {
+        "steps": step,
+        "trained_steps": step - first_step,
+        "examples": examples,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "loop_s": loop_s,
+        "steps_per_s": (step - first_step) / loop_s if loop_s > 0 else math.nan,
+        "lora": str(lora),
+        "family": family.name,
+        "lora_norm_per_process": norms,
+        "processes": accelerator.num_processes,
+        "main_process": main,
+        **(extra or {}),
+        "config": dataclasses.asdict(cfg),
+    }
     if main:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 # --- checkpoints (safetensors + JSON) -------------------------------------------------------------
-def save_checkpoint(ckpt: Path, step: int, unet: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict | None = None) -> None:  # fmt: skip
+def save_checkpoint(
+    ckpt: Path,
+    step: int,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict | None = None,
+) -> None:
     """LoRA weights, optimizer state and the step, written atomically (a dir renamed in place)."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()},
-              tmp / "lora.safetensors")  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()},
+        tmp / "lora.safetensors",
+    )
     state = optimizer.state_dict()
     tensors = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "optimizer.safetensors")

@@ -36,11 +36,15 @@ class DDPOConfig(LoRATrainConfig):
 
     reward: str = help_field("darkness", help="Reward name: " + ", ".join(sorted(REWARDS)))
     sample_steps: int = help_field(10, help="DDIM steps per sampled image")
-    eta: float = help_field(1.0, help="Sampling noise (> 0: a stochastic policy with "
-                            "log-probs): DDIM's eta, or the flow SDE's noise level for FLUX "
-                            "(Flow-GRPO used 0.7)")  # fmt: skip
-    guidance_scale: float = help_field(5.0, help="Classifier-free guidance while sampling "
-                                       "(not FLUX: it is guidance-distilled)")  # fmt: skip
+    eta: float = help_field(
+        1.0,
+        help="Sampling noise (> 0: a stochastic policy with "
+        "log-probs): DDIM's eta, or the flow SDE's noise level for FLUX "
+        "(Flow-GRPO used 0.7)",
+    )
+    guidance_scale: float = help_field(
+        5.0, help="Classifier-free guidance while sampling (not FLUX: it is guidance-distilled)"
+    )
     inner_epochs: int = help_field(2, help="Optimizer steps on each sampled batch (PPO)")
     clip_range: float = help_field(0.2, help="PPO clip range of the importance ratio")
     learning_rate: float = help_field(3e-4, help="AdamW learning rate")
@@ -52,17 +56,27 @@ class DDPOConfig(LoRATrainConfig):
             get_reward(self.reward)
         except KeyError as e:  # an unknown name fails here, naming the choices
             raise TrainerConfigError(f"DDPOConfig.reward: {e.args[0]}") from None
-        for name, ok in {"sample_steps": self.sample_steps >= 2, "eta": self.eta > 0,
-                         "inner_epochs": self.inner_epochs >= 1, "clip_range": self.clip_range > 0}.items():  # fmt: skip
+        for name, ok in {
+            "sample_steps": self.sample_steps >= 2,
+            "eta": self.eta > 0,
+            "inner_epochs": self.inner_epochs >= 1,
+            "clip_range": self.clip_range > 0,
+        }.items():
             if not ok:
                 raise TrainerConfigError(
                     f"DDPOConfig.{name}: invalid value {getattr(self, name)!r}"
                 )
 
 
-def ddim_step_with_logprob(scheduler, pred: torch.Tensor, t: int, sample: torch.Tensor,
-                           eta: float, generator: torch.Generator | None = None,
-                           prev_sample: torch.Tensor | None = None):  # fmt: skip
+def ddim_step_with_logprob(
+    scheduler,
+    pred: torch.Tensor,
+    t: int,
+    sample: torch.Tensor,
+    eta: float,
+    generator: torch.Generator | None = None,
+    prev_sample: torch.Tensor | None = None,
+):
     """One DDIM step that also returns log p(prev_sample | sample): (B,). `pred` is the UNet's
     output: noise, or velocity for a v-prediction scheduler. Given `prev_sample`, scores it
     instead of sampling (the PPO re-evaluation)."""
@@ -89,10 +103,16 @@ def ddim_step_with_logprob(scheduler, pred: torch.Tensor, t: int, sample: torch.
     return prev_sample, log_prob.mean(dim=tuple(range(1, sample.ndim)))
 
 
-def flow_sde_step_with_logprob(pred: torch.Tensor, sigma: float, sigma_next: float,
-                               sigma_max: float, sample: torch.Tensor, noise_level: float,
-                               generator: torch.Generator | None = None,
-                               prev_sample: torch.Tensor | None = None):  # fmt: skip
+def flow_sde_step_with_logprob(
+    pred: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    sigma_max: float,
+    sample: torch.Tensor,
+    noise_level: float,
+    generator: torch.Generator | None = None,
+    prev_sample: torch.Tensor | None = None,
+):
     """One step of the SDE that has rectified flow's marginals (Flow-GRPO, Liu et al. 2025), with
     log p(prev_sample | sample): (B,). `pred` is the velocity n - x0 at flow time `sigma`; the
     step goes to `sigma_next` < sigma. noise_level -> 0 gives the plain Euler (ODE) step."""
@@ -101,13 +121,18 @@ def flow_sde_step_with_logprob(pred: torch.Tensor, sigma: float, sigma_next: flo
     dt = sigma_next - sigma  # < 0: from noise (1) towards data (0)
     # sigma_t = a * sqrt(s / (1 - s)); at s = 1 it is infinite, so the first step uses s_max.
     std_t = noise_level * math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma)))
-    mean = (sample * (1 + std_t**2 / (2 * sigma) * dt)
-            + pred * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt)  # fmt: skip
+    mean = (
+        sample * (1 + std_t**2 / (2 * sigma) * dt)
+        + pred * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    )
     std = std_t * math.sqrt(-dt)
     if prev_sample is None:
         prev_sample = mean + std * torch.randn(sample.shape, generator=generator).to(sample)
-    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * std**2)
-                - math.log(std) - math.log(math.sqrt(2 * math.pi)))  # fmt: skip
+    log_prob = (
+        -((prev_sample.detach() - mean) ** 2) / (2 * std**2)
+        - math.log(std)
+        - math.log(math.sqrt(2 * math.pi))
+    )
     return prev_sample, log_prob.mean(dim=tuple(range(1, sample.ndim)))
 
 
@@ -126,22 +151,26 @@ class Chain:
         else:
             # set_alpha_to_one=False (SD 1.5's own setting): with True (the default that SDXL's
             # Euler config falls back to), the last step is deterministic and has no log-prob.
-            self.scheduler = DDIMScheduler.from_config(family.pipe.scheduler.config,
-                                                       set_alpha_to_one=False)  # fmt: skip
+            self.scheduler = DDIMScheduler.from_config(
+                family.pipe.scheduler.config, set_alpha_to_one=False
+            )
             self.scheduler.set_timesteps(steps)
             self.timesteps = list(self.scheduler.timesteps)
 
     def step(self, i: int, pred, sample, g=None, prev_sample=None):
         if self.flow:
             s = self.sigmas
-            return flow_sde_step_with_logprob(pred, s[i], s[i + 1], s[1], sample, self.eta,
-                                              g, prev_sample)  # fmt: skip
-        return ddim_step_with_logprob(self.scheduler, pred, int(self.timesteps[i]), sample,
-                                      self.eta, g, prev_sample)  # fmt: skip
+            return flow_sde_step_with_logprob(
+                pred, s[i], s[i + 1], s[1], sample, self.eta, g, prev_sample
+            )
+        return ddim_step_with_logprob(
+            self.scheduler, pred, int(self.timesteps[i]), sample, self.eta, g, prev_sample
+        )
 
 
-def guided_prediction(family: Family, denoiser, latents, t, cond: Cond, uncond: Cond,
-                      guidance: float):  # fmt: skip
+def guided_prediction(
+    family: Family, denoiser, latents, t, cond: Cond, uncond: Cond, guidance: float
+):
     """The denoiser's output with classifier-free guidance (FLUX: guidance-distilled, one pass)."""
     import torch
 
@@ -152,8 +181,9 @@ def guided_prediction(family: Family, denoiser, latents, t, cond: Cond, uncond: 
     return e_uncond + guidance * (e_text - e_uncond)
 
 
-def sample_with_logprobs(family: Family, denoiser, chain: Chain, cond: Cond, uncond: Cond,
-                         cfg: DDPOConfig, g):  # fmt: skip
+def sample_with_logprobs(
+    family: Family, denoiser, chain: Chain, cond: Cond, uncond: Cond, cfg: DDPOConfig, g
+):
     """Sample a batch: the latents chain (T+1, B, ...), log-probs (T, B), images."""
     import torch
 
@@ -164,8 +194,9 @@ def sample_with_logprobs(family: Family, denoiser, chain: Chain, cond: Cond, unc
     states, log_probs = [latents], []
     with torch.no_grad():
         for i, t in enumerate(chain.timesteps):
-            pred = guided_prediction(family, denoiser, latents, t.to(latents.device), cond,
-                                     uncond, cfg.guidance_scale)  # fmt: skip
+            pred = guided_prediction(
+                family, denoiser, latents, t.to(latents.device), cond, uncond, cfg.guidance_scale
+            )
             latents, lp = chain.step(i, pred, latents, g)
             states.append(latents)
             log_probs.append(lp)
@@ -213,8 +244,9 @@ def train_ddpo(cfg: DDPOConfig, progress: bool = True) -> dict[str, Any]:
         cond, unc, states, old_lp, adv = batches[round_]  # with the prompts it was sampled for
         losses = []
         for j, t in enumerate(chain.timesteps):  # every denoising step of the chain
-            pred = guided_prediction(family, denoiser, states[j], t.to(d), cond, unc,
-                                     cfg.guidance_scale)  # fmt: skip
+            pred = guided_prediction(
+                family, denoiser, states[j], t.to(d), cond, unc, cfg.guidance_scale
+            )
             _, new_lp = chain.step(j, pred, states[j], prev_sample=states[j + 1])
             losses.append(ppo_loss(new_lp, old_lp[j], adv.to(d), cfg.clip_range))
         return torch.stack(losses).mean()

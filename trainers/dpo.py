@@ -34,8 +34,11 @@ from PIL import Image
 class DPOConfig(DenoisingTrainConfig):
     """Train a LoRA with Diffusion-DPO on preference pairs (AGFSync)."""
 
-    beta: float = help_field(5000.0, help="KL strength: how far the policy may move from the "
-                             "reference (Diffusion-DPO used 5000 for SD1.5)")  # fmt: skip
+    beta: float = help_field(
+        5000.0,
+        help="KL strength: how far the policy may move from the "
+        "reference (Diffusion-DPO used 5000 for SD1.5)",
+    )
     learning_rate: float = help_field(1e-5, help="AdamW learning rate")
 
     def __post_init__(self) -> None:

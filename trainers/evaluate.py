@@ -34,10 +34,14 @@ class EvalConfig:
     )
     output_dir: str = help_field("artloop-eval", help="Where results.json/.md and grid.png go")
     model: str = help_field("tiny-sd", help="Base model")
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2],
-                             metadata={"help": "Seeds (repeat), the same for every model"})  # fmt: skip
-    scorers: list[str] = field(default_factory=lambda: ["brightness", "contrast", "sharpness"],
-                               metadata={"help": "Reward names to score with (repeat)"})  # fmt: skip
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2],
+        metadata={"help": "Seeds (repeat), the same for every model"},
+    )
+    scorers: list[str] = field(
+        default_factory=lambda: ["brightness", "contrast", "sharpness"],
+        metadata={"help": "Reward names to score with (repeat)"},
+    )
     width: int = help_field(256, help="Image width")
     height: int = help_field(256, help="Image height")
     steps: int = help_field(4, help="Inference steps")
@@ -81,8 +85,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         else:
             pipe.enable_lora()
             pipe.set_adapters([f"lora{i - 1}"], adapter_weights=[weights[i - 1]])
-        params = [GenParams(width=cfg.width, height=cfg.height, num_inference_steps=cfg.steps,
-                            guidance_scale=cfg.guidance_scale, seed=s) for _, s in cells]  # fmt: skip
+        params = [
+            GenParams(
+                width=cfg.width,
+                height=cfg.height,
+                num_inference_steps=cfg.steps,
+                guidance_scale=cfg.guidance_scale,
+                seed=s,
+            )
+            for _, s in cells
+        ]
         hashes = [tool.text_to_image(p, "", gp) for (p, _), gp in zip(cells, params, strict=True)]
         images[variant] = [tool.store.get(h) for h in hashes]
         scores = {}
@@ -90,11 +102,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             values, _ = get_reward(name)(
                 images[variant], [p for p, _ in cells], [{} for _ in cells]
             )
-            scores[name] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
-                            "values": [float(v) for v in values]}  # fmt: skip
+            scores[name] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values)),
+                "values": [float(v) for v in values],
+            }
         results[variant] = {"scores": scores, "images": hashes}
-    summary = {"config": asdict(cfg), "cells": [{"prompt": p, "seed": s} for p, s in cells],
-               "results": results}  # fmt: skip
+    summary = {
+        "config": asdict(cfg),
+        "cells": [{"prompt": p, "seed": s} for p, s in cells],
+        "results": results,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(markdown_table(variants, cfg.scorers, results))

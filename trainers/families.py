@@ -107,14 +107,19 @@ class SDFamily:
         import torch
 
         noise = torch.randn(latents.shape, generator=g).to(latents)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          generator=g).to(latents.device)  # fmt: skip
+        t = torch.randint(
+            0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g
+        ).to(latents.device)
         return noise, t
 
     def noised(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
         """(noisy latents, the denoiser's target: the noise, or the velocity)."""
         s = self.scheduler
-        target = s.get_velocity(latents, noise, t) if s.config.prediction_type == "v_prediction" else noise  # fmt: skip
+        target = (
+            s.get_velocity(latents, noise, t)
+            if s.config.prediction_type == "v_prediction"
+            else noise
+        )
         return s.add_noise(latents, noise, t), target
 
     def predict(self, denoiser: Any, noisy: torch.Tensor, t: torch.Tensor, cond: Cond):
@@ -132,9 +137,15 @@ class SDFamily:
         file's metadata: without it `load_lora_weights` assumes alpha = rank, which loads a LoRA
         trained at another alpha at the wrong strength."""
         type(self.pipe).save_lora_weights(
-            out_dir, safe_serialization=True, **{
+            out_dir,
+            safe_serialization=True,
+            **{
                 f"{self.component}_lora_layers": self.lora_layers(denoiser),
-                f"{self.component}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()})  # fmt: skip
+                f"{self.component}_lora_adapter_metadata": denoiser.peft_config[
+                    "default"
+                ].to_dict(),
+            },
+        )
 
 
 class SDXLFamily(SDFamily):
@@ -164,8 +175,10 @@ class SDXLFamily(SDFamily):
         # Trained at a square crop of the whole image: original = target size, crop at (0, 0).
         side_h, side_w = (n * self.pipe.vae_scale_factor for n in noisy.shape[-2:])
         time_ids = torch.tensor([side_h, side_w, 0, 0, side_h, side_w], dtype=noisy.dtype)
-        added = {"text_embeds": cond["pooled"],
-                 "time_ids": time_ids.to(noisy.device).expand(noisy.shape[0], -1)}  # fmt: skip
+        added = {
+            "text_embeds": cond["pooled"],
+            "time_ids": time_ids.to(noisy.device).expand(noisy.shape[0], -1),
+        }
         return denoiser(
             noisy, t, encoder_hidden_states=cond["text"], added_cond_kwargs=added
         ).sample
@@ -188,9 +201,11 @@ class FluxFamily(SDFamily):
 
         with torch.no_grad():
             embeds, pooled, _ = self.pipe.encode_prompt(
-                texts, prompt_2=None, device=self.pipe.text_encoder.device,
+                texts,
+                prompt_2=None,
+                device=self.pipe.text_encoder.device,
                 max_sequence_length=self.max_sequence_length,
-            )  # fmt: skip
+            )
         return {"text": embeds.float(), "pooled": pooled.float()}
 
     def sample_noise(self, latents: torch.Tensor, g: torch.Generator):
@@ -214,11 +229,20 @@ class FluxFamily(SDFamily):
         img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
         txt_ids = torch.zeros(cond["text"].shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         model = getattr(denoiser, "module", denoiser)  # accelerate may wrap it
-        guidance = (torch.full((b,), self.guidance, device=noisy.device)
-                    if model.config.guidance_embeds else None)  # fmt: skip
-        out = denoiser(hidden_states=tokens, timestep=t.expand(b), guidance=guidance,
-                       pooled_projections=cond["pooled"], encoder_hidden_states=cond["text"],
-                       txt_ids=txt_ids, img_ids=img_ids).sample  # fmt: skip
+        guidance = (
+            torch.full((b,), self.guidance, device=noisy.device)
+            if model.config.guidance_embeds
+            else None
+        )
+        out = denoiser(
+            hidden_states=tokens,
+            timestep=t.expand(b),
+            guidance=guidance,
+            pooled_projections=cond["pooled"],
+            encoder_hidden_states=cond["text"],
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+        ).sample
         out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(b, c, h, w)
 

@@ -44,8 +44,9 @@ def load_rows(data: str) -> list[tuple[Image.Image, str]]:
     )
 
 
-def diffusion_loss(family: Family, denoiser: Any, latents: torch.Tensor, cond: Cond,
-                   generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+def diffusion_loss(
+    family: Family, denoiser: Any, latents: torch.Tensor, cond: Cond, generator: torch.Generator
+) -> torch.Tensor:
     """The denoising loss on one batch: noise, a random timestep, predict the family's target
     (noise, velocity, or the flow n - x0)."""
     import torch.nn.functional as F
