@@ -35,7 +35,7 @@ class _Commands(TyperGroup):
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except Exception as e:
-            from artloop.tools.store import StoreError
+            from artloop.store.trajectories import StoreError
 
             if isinstance(e, StoreError):
                 fail(str(e))
@@ -163,7 +163,7 @@ def _stored_loop(cfg, run_id: str | None):
     """`cfg` with the loop settings stored with run `run_id`."""
     from artloop.config import LoopConfig
     from artloop.graphs.context import open_store
-    from artloop.tools.store import StoreError
+    from artloop.store.trajectories import StoreError
 
     try:
         stored = open_store(cfg).get_run(run_id or "")["config"].get("loop")
@@ -195,9 +195,9 @@ def _execute(
     from artloop.graphs.runner import CheckpointerError, open_checkpointer, run_session
     from artloop.models.chat import check_chat_model
     from artloop.models.structured import ChatServerError, StructuredOutputError
+    from artloop.store.report import write_report
+    from artloop.store.trajectories import new_run_id
     from artloop.tools.diffusion import DiffusionError
-    from artloop.tools.report import write_report
-    from artloop.tools.store import new_run_id
 
     try:
         if prompt is None:  # a resumed run keeps the loop rules it started with
@@ -322,7 +322,7 @@ def _store(home: str | None, config: Path | None):
     """The store of an existing home, for the commands that only read it: a mistyped --home is
     an error, not a new empty home."""
     from artloop.graphs.context import open_store
-    from artloop.tools.store import StoreError
+    from artloop.store.trajectories import StoreError
 
     try:
         return open_store(_config(config, {"home": home}, create_home=False), create=False)
@@ -335,8 +335,8 @@ def show(
     run_id: str, home: HomeOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Print a trajectory."""
-    from artloop.tools.report import spent
-    from artloop.tools.store import StoreError
+    from artloop.store.report import spent
+    from artloop.store.trajectories import StoreError
 
     try:
         run = _store(home, config).get_run(run_id)
@@ -397,7 +397,7 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Export finished runs as a training dataset (Hugging Face parquet, imagefolder, jsonl)."""
-    from artloop.tools.export import ExportError, ExportFilters, export_dataset, parse_when
+    from artloop.store.export import ExportError, ExportFilters, export_dataset, parse_when
 
     try:
         filters = ExportFilters(
@@ -442,7 +442,7 @@ def doctor(
     as_json: JsonOpt = False,
 ) -> None:
     """Check the store's integrity (or an export's); exit 1 when anything is broken."""
-    from artloop.tools.doctor import check_export, check_store, describe
+    from artloop.store.doctor import check_export, check_store, describe
 
     if export_dir is not None and not export_dir.is_dir():
         fail(f"no export directory at {export_dir}")

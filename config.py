@@ -230,17 +230,8 @@ class LoopConfig(_Section):
         "vlm",
         description="Who validates: vlm (the validator agent) or a "
         "reward with a declared range, e.g. darkness: score = that reward "
-        "mapped onto 0-10",
+        "mapped onto 0-10 (checked by graphs/context.check_judge)",
     )
-
-    @field_validator("judge")
-    @classmethod
-    def _known_judge(cls, value: str) -> str:
-        from artloop.tools.rewards import judge_reward
-
-        if value != "vlm":
-            judge_reward(value)  # a reward judges only on a declared scale: ValueError says why
-        return value
 
 
 class ServeConfig(_Section):

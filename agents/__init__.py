@@ -9,13 +9,12 @@ from artloop.agents.data_cot import data_cot
 from artloop.agents.enhancer import enhance
 from artloop.agents.rater import rate, spot_artifacts
 from artloop.agents.thesis_cot import thesis_cot
-from artloop.agents.validator import judge_by_reward, validate
+from artloop.agents.validator import validate
 
 __all__ = [
     "concept_cot",
     "data_cot",
     "enhance",
-    "judge_by_reward",
     "rate",
     "spot_artifacts",
     "thesis_cot",

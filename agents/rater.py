@@ -1,4 +1,4 @@
-"""Rater and artifact spotter: single-image judgements used as rewards (tools/rewards.py)."""
+"""Rater and artifact spotter: single-image judgements used as rewards (rewards/)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 from artloop.agents.base import ask
@@ -46,30 +45,4 @@ def validate(
         policy=replace(policy, image_max_side=2 * policy.image_max_side),
         stats_before=stats_before,
         stats_after=stats_after,
-    )
-
-
-def judge_by_reward(
-    before: Image.Image, after: Image.Image, prompt: str, reward: str, accept_score: float
-) -> Structured[Verdict]:
-    """A measured judge in the validator's place: the score is the image kept's `reward` (a name
-    from tools/rewards.py with a declared range or normaliser) mapped onto 0-10, 10 the best
-    end; it accepts a better image that reaches `accept_score` and rejects a worse one. For
-    preferences a metric states exactly, e.g. "dark, subdued images" = darkness, and for loops
-    that must not depend on a VLM's taste. A reward with no scale is refused (ValueError): its
-    score could not be compared with `accept_score`."""
-    from artloop.tools.rewards import judge_reward
-
-    entry = judge_reward(reward)
-    start = time.perf_counter()
-    (b, a), _ = entry.fn([before, after], [prompt, prompt], [{}, {}])
-    b, a = float(b), float(a)
-    better = entry.better(a, b)
-    # The score is that of the image the iteration keeps: a rejected edit keeps the one before.
-    score = round(10.0 * entry.unit(a if better else b), 1)
-    verdict = ("accept" if score >= accept_score else "revise") if better else "reject"
-    reason = f"{reward} {b:.3f} -> {a:.3f} ({'better' if better else 'not better'})"
-    out = Verdict(verdict=verdict, score=score, better_than_before=better, reasons=[reason])
-    return Structured(
-        output=out, backend=f"reward:{reward}", failures=0, seconds=time.perf_counter() - start
     )

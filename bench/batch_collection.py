@@ -27,9 +27,9 @@ from artloop.graphs.batch import BatchItem, run_batch
 from artloop.graphs.context import RefineContext
 from artloop.graphs.runner import run_session
 from artloop.models.chat import build_chat_model
-from artloop.tools.accounting import add_up
+from artloop.runtime.accounting import add_up
+from artloop.store.trajectories import TrajectoryStore
 from artloop.tools.diffusion import DiffusionTool
-from artloop.tools.store import TrajectoryStore
 
 PROMPTS = [
     "a red fox in the snow",

@@ -19,8 +19,8 @@ import numpy as np
 from artloop.config import ArtloopConfig
 from artloop.graphs.context import build_context
 from artloop.graphs.runner import run_session
-from artloop.tools.export import ExportFilters, export_dataset
-from artloop.tools.store import TrajectoryStore
+from artloop.store.export import ExportFilters, export_dataset
+from artloop.store.trajectories import TrajectoryStore
 from artloop.trainers.ddpo import DDPOConfig, train_ddpo
 from artloop.trainers.dpo import DPOConfig, train_dpo
 from artloop.trainers.evaluate import EvalConfig, evaluate
@@ -61,7 +61,7 @@ class EffectStudy:
     """Settings of one study; the defaults are the ones measured in the closing note."""
 
     work_dir: Path
-    model: str = "tiny-sd-fit"  # a random UNet cannot be shifted: see models/tiny_fit.py
+    model: str = "tiny-sd-fit"  # a random UNet cannot be shifted: see models/tiny/fit.py
     agents: str = "scripted"  # or "tiny-vlm": the in-process tiny Qwen2-VL plans
     sessions: int = 8
     size: int = 64

@@ -1,7 +1,7 @@
 """How much of an image statistic survives the tiny VAE. Prints the decoded brightness across
 prompts, seeds and guidance, across shifted latents, and through an encode/decode round trip of
 inputs of known brightness. A random VAE kept none (0.456..0.461 for everything); the hand-set
-one of models/tiny_vae.py keeps it (round trip 0.25 / 0.50 / 0.75 -> 0.2501 / 0.5001 / 0.7501).
+one of models/tiny/vae.py keeps it (round trip 0.25 / 0.50 / 0.75 -> 0.2501 / 0.5001 / 0.7501).
 
     .venv/bin/python bench/tiny_vae_probe.py [--model tiny-sd] [--size 128]
 """

@@ -29,9 +29,9 @@ from artloop.models.images import image_part
 from artloop.models.structured import grammar_schema, schema_instructions
 from artloop.prompts import render
 from artloop.serve.vlm import VLMServer, tiny_cpu_config
+from artloop.store.trajectories import TrajectoryStore
 from artloop.tools.diffusion import DiffusionTool
 from artloop.tools.image_facts import measure
-from artloop.tools.store import TrajectoryStore
 from PIL import Image
 
 MODEL = "tiny-qwen2vl"

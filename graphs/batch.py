@@ -27,7 +27,7 @@ from artloop.graphs.context import RefineContext
 from artloop.graphs.refine import NODES
 from artloop.graphs.runner import OnUpdate, open_checkpointer, run_session
 from artloop.graphs.sessions import view
-from artloop.tools.store import FINAL_STATUSES, StoreError
+from artloop.store.trajectories import FINAL_STATUSES, StoreError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 

@@ -149,7 +149,7 @@ def resume(
     if reply is None and wait:  # ask about the pending pause first, if there is one
         from artloop.graphs.context import open_store
         from artloop.graphs.sessions import view
-        from artloop.tools.store import StoreError
+        from artloop.store.trajectories import StoreError
 
         store = open_store(cfg)
         try:
@@ -181,7 +181,7 @@ def _store(home: str | None, config: Path | None):
 
 def _or_fail(fn, *args):
     from artloop.cli import fail
-    from artloop.tools.store import StoreError
+    from artloop.store.trajectories import StoreError
 
     try:
         return fn(*args)

@@ -21,9 +21,9 @@ from artloop.config import (
 )
 from artloop.models.chat import build_chat_model, chat_identity
 from artloop.models.structured import CallPolicy
+from artloop.rewards import JudgeWatch, judge_reward
+from artloop.store.trajectories import TrajectoryStore
 from artloop.tools.diffusion import DiffusionTool
-from artloop.tools.rewards import JudgeWatch
-from artloop.tools.store import TrajectoryStore
 from langchain_core.language_models.chat_models import BaseChatModel
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
@@ -54,6 +54,7 @@ class RefineContext:
         for name, section in SETTINGS.items():  # settings: cheap, from the config alone
             if getattr(self, name) is None:
                 setattr(self, name, getattr(default_config(), section))
+        check_judge(self.loop)  # a client's settings too (`for_server` replaces the loop)
         if self.chat is None or self.diffusion is None or self.store is None:
             base = default_context()  # the models and the store: built once per process
             if self.chat is None:
@@ -79,8 +80,20 @@ class RefineContext:
         return {"chat": chat_identity(self.chat_config), "diffusion": self.diffusion.identity}
 
 
+def check_judge(loop: LoopConfig) -> None:
+    """`loop.judge` is "vlm" (the validator agent) or a reward that can judge: ConfigError naming
+    it otherwise. Checked here, not in config.py: the reward registry is a layer above it."""
+    if loop.judge != "vlm":
+        try:
+            judge_reward(loop.judge)
+        except ValueError as e:
+            raise ConfigError(f"loop.judge: {e}") from None
+
+
 def build_context(config: ArtloopConfig) -> RefineContext:
-    """Construct everything the graph needs; models load lazily on first use."""
+    """Construct everything the graph needs; models load lazily on first use. A bad judge is
+    refused before anything is created."""
+    check_judge(config.loop)
     store = open_store(config)
     d = config.diffusion
     diffusion = DiffusionTool(

@@ -37,13 +37,13 @@ from artloop.graphs.context import RefineContext, RunSettings, for_server, merge
 from artloop.graphs.human import Plan
 from artloop.models.structured import Structured
 from artloop.prompts import PROMPTS_VERSION
-from artloop.tools import leases
-from artloop.tools.accounting import breakdown, ledger
+from artloop.rewards import BrokenJudgeError, judge_by_reward
+from artloop.runtime.accounting import breakdown, ledger
+from artloop.store import leases
+from artloop.store.trajectories import TrajectoryStore, check_run_id, new_run_id
 from artloop.tools.diffusion import GenParams, on_step
 from artloop.tools.image_facts import measure
 from artloop.tools.images import adjust_tone
-from artloop.tools.rewards import BrokenJudgeError
-from artloop.tools.store import TrajectoryStore, check_run_id, new_run_id
 from langchain_core.callbacks import BaseCallbackHandler
 from langgraph.config import get_config
 from langgraph.errors import GraphInterrupt
@@ -60,7 +60,7 @@ class RefineState(TypedDict, total=False):
     current_prompt: str | None  # the last plan's revised prompt, for the next enhance
     feedback: list[str]  # the last verdict's reasons, for the next enhance
     params: dict[str, Any]  # GenParams as a dict: size, steps, guidance, seed
-    step: dict[str, Any]  # the record of the iteration under way (see tools/store.py)
+    step: dict[str, Any]  # the record of the iteration under way (see store/trajectories.py)
     scores: list[float]  # validator score of each finished iteration
     best_image: str | None
     best_score: float | None
@@ -73,7 +73,7 @@ class RefineState(TypedDict, total=False):
 @dataclass
 class _Driven:
     """A session a run of the server's graph works on (not artloop's runner), and its lease:
-    while the run lasts, the store knows a live process works on it (see tools/leases.py)."""
+    while the run lasts, the store knows a live process works on it (see store/leases.py)."""
 
     store: TrajectoryStore
     run_id: str
@@ -411,7 +411,7 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
                 ctx.store.revoke(run_id, f"BrokenJudgeError: {e}")
             raise
     else:  # a measured preference judges instead of the VLM
-        result = agents.judge_by_reward(
+        result = judge_by_reward(
             before, after, state["prompt"], loop.judge, loop.accept_score
         )
     return _agent(step, "validate", result)

@@ -17,8 +17,8 @@ from artloop.graphs.context import RefineContext
 from artloop.graphs.human import check_action, check_pause_at
 from artloop.graphs.refine import builder
 from artloop.prompts import PROMPTS_VERSION
-from artloop.tools.leases import RunBusyError, hold_run
-from artloop.tools.store import TrajectoryStore, check_run_id, new_run_id
+from artloop.store.leases import RunBusyError, hold_run
+from artloop.store.trajectories import TrajectoryStore, check_run_id, new_run_id
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command, StateSnapshot

@@ -11,7 +11,7 @@ from typing import Any
 
 from artloop.graphs.refine import builder
 from artloop.graphs.runner import compiled, open_checkpointer, pending_pause
-from artloop.tools.store import StoreError, TrajectoryStore, check_run_id, new_run_id
+from artloop.store.trajectories import StoreError, TrajectoryStore, check_run_id, new_run_id
 from langgraph.graph import START
 
 # The node whose update leads to each node (to re-enter the graph at a forked checkpoint);

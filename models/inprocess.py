@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from artloop.models.images import from_data_url
-from artloop.tools.batching import Batcher, Job
+from artloop.runtime.batching import Batcher, Job
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
@@ -91,7 +91,7 @@ class ChatQwen2VLLocal(BaseChatModel):
             import torch
             import xgrammar as xgr
             from artloop.models.tiny import resolve_model
-            from artloop.models.tiny_vlm import load_processor
+            from artloop.models.tiny.vlm import load_processor
             from transformers import Qwen2VLForConditionalGeneration
 
             path = resolve_model(self.model)

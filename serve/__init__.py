@@ -1,1 +1,2 @@
-"""Serving: the vLLM launcher for Qwen2-VL and the HTTP API / web UI: not built yet."""
+"""Serving: the vLLM launcher for Qwen2-VL (vlm.py), the web UI for interactive sessions (ui.py)
+and its guards: login, upload and size limits (guard.py)."""

@@ -31,8 +31,8 @@ from artloop.graphs.human import HumanActionError
 from artloop.graphs.runner import CheckpointerError, open_checkpointer, run_session
 from artloop.graphs.sessions import SessionView, view
 from artloop.serve.guard import MAX_UPLOAD_BYTES, Guard, UIError, check_serve
+from artloop.store.trajectories import StoreError
 from artloop.tools.images import ImageStoreError, check_pixels, open_image
-from artloop.tools.store import StoreError
 from PIL import ImageDraw
 from starlette.middleware import Middleware
 
@@ -237,7 +237,7 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
 
     def start(prompt: str, pause_at: list[str], max_iters: float) -> Iterator[tuple]:
         from artloop.config import ConfigError, validate_prompt
-        from artloop.tools.store import new_run_id
+        from artloop.store.trajectories import new_run_id
 
         try:
             prompt = validate_prompt(prompt)
@@ -327,7 +327,7 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         return screen(run_id, f"opened session {run_id}\n")
 
     def export(run_id: str):
-        from artloop.tools.export import ExportError, ExportFilters, export_dataset
+        from artloop.store.export import ExportError, ExportFilters, export_dataset
 
         if not run_id:
             raise gr.Error("no session to export")

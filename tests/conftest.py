@@ -61,7 +61,7 @@ def home(tmp_path):
 
 @pytest.fixture
 def store(home):
-    from artloop.tools.store import TrajectoryStore
+    from artloop.store.trajectories import TrajectoryStore
 
     return TrajectoryStore(home)
 

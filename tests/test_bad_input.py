@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from artloop.cli import app
-from artloop.tools.store import TrajectoryStore
+from artloop.store.trajectories import TrajectoryStore
 from typer.testing import CliRunner, Result
 
 ARTLOOP = str(Path(sys.executable).with_name("artloop"))
@@ -245,7 +245,7 @@ def test_doctor_reports_a_damaged_export_instead_of_crashing(tmp_path):
 
 def test_an_unexpected_error_is_one_line_and_debug_shows_it(tmp_path, monkeypatch):
     """A fault no input causes (injected: a bug): exit 1, one line; --debug gives the traceback."""
-    from artloop.tools import doctor
+    from artloop.store import doctor
 
     def broken(*args, **kwargs):
         raise RuntimeError("internal\nstate lost")

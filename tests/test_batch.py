@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from artloop.config import MAX_PROMPT_CHARS
 from artloop.graphs.batch import BatchError, item_run_id, read_prompts, run_batch
-from artloop.tools.accounting import add_up
+from artloop.runtime.accounting import add_up
+from artloop.store.trajectories import TrajectoryStore
 from artloop.tools.diffusion import GenParams
-from artloop.tools.store import TrajectoryStore
 from conftest import make_ctx, verdict
 from fakes import PoisonedChat
 
@@ -217,7 +217,7 @@ def test_cli_batch(tmp_path):
 def test_batcher_takes_everything_that_queued_while_it_was_busy():
     import time
 
-    from artloop.tools.batching import Batcher
+    from artloop.runtime.batching import Batcher
 
     def slow(jobs):
         time.sleep(0.3)
@@ -249,7 +249,7 @@ def test_ctrl_c_stops_the_batch_and_its_summary_agrees_with_the_store(tmp_path):
     import signal
     import time
 
-    from artloop.tools.store import FINAL_STATUSES
+    from artloop.store.trajectories import FINAL_STATUSES
 
     config = tmp_path / "artloop.toml"
     config.write_text(

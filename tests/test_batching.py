@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
-from artloop.tools import batching
-from artloop.tools.batching import Batcher
+from artloop.runtime import batching
+from artloop.runtime.batching import Batcher
 
 WAIT_S = 5.0
 

@@ -12,7 +12,7 @@ import threading
 import pytest
 from artloop.graphs.batch import read_prompts, run_batch
 from artloop.graphs.runner import CheckpointerError, open_checkpointer, run_session
-from artloop.tools.store import TrajectoryStore
+from artloop.store.trajectories import TrajectoryStore
 from conftest import free_port, make_ctx
 from fakes import ScriptedChat
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from artloop.cli import app
-from artloop.tools.store import TrajectoryStore
+from artloop.store.trajectories import TrajectoryStore
 from typer.testing import CliRunner
 
 AGENTS = {"enhance", "data_cot", "concept_cot", "thesis_cot", "validate"}

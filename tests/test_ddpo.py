@@ -10,7 +10,7 @@ import pytest
 import torch
 from artloop.cli import app
 from artloop.models.tiny import resolve_model
-from artloop.tools.rewards import REWARDS, get_reward, reward
+from artloop.rewards import REWARDS, get_reward, reward
 from artloop.trainers.common import TrainerConfigError
 from artloop.trainers.ddpo import DDPOConfig, ddim_step_with_logprob, ppo_loss, train_ddpo
 from diffusers import DDIMScheduler

@@ -15,9 +15,9 @@ from artloop.config import ChatConfig
 from artloop.graphs.runner import run_session
 from artloop.models.structured import ChatServerError
 from artloop.prompts import PROMPTS_VERSION
-from artloop.tools import export as export_mod
-from artloop.tools.export import ExportError, ExportFilters, export_dataset
-from artloop.tools.store import TrajectoryStore
+from artloop.store import export as export_mod
+from artloop.store.export import ExportError, ExportFilters, export_dataset
+from artloop.store.trajectories import TrajectoryStore
 from datasets import load_dataset
 from fakes import DEFAULTS, ScriptedChat
 from PIL import Image

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from artloop.graphs.batch import item_run_id, read_prompts
-from artloop.tools.doctor import check_store
-from artloop.tools.export import step_images
-from artloop.tools.store import FINAL_STATUSES, TrajectoryStore
+from artloop.store.doctor import check_store
+from artloop.store.export import step_images
+from artloop.store.trajectories import FINAL_STATUSES, TrajectoryStore
 
 ARTLOOP = str(Path(sys.executable).with_name("artloop"))
 SESSIONS = 16
@@ -129,8 +129,8 @@ def test_sigkill_during_a_batch_loses_nothing(tmp_path):
 def test_doctor_finds_broken_stores_and_exports(tmp_path, store, sd_tool):
     """Each kind of damage is an error naming it (so the passing runs above mean something)."""
     from artloop.graphs.runner import run_session
-    from artloop.tools.doctor import check_export
-    from artloop.tools.export import export_dataset
+    from artloop.store.doctor import check_export
+    from artloop.store.export import export_dataset
     from conftest import make_ctx
     from fakes import ScriptedChat
 

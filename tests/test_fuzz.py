@@ -16,7 +16,7 @@ from artloop.models.structured import (
     invoke_structured,
     parse_output,
 )
-from artloop.tools.rewards import BrokenJudgeError, synartifact_reward, vlm_reward
+from artloop.rewards import BrokenJudgeError, synartifact_reward, vlm_reward
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import HumanMessage

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from artloop.agents import judge_by_reward
 from artloop.cli import app
 from artloop.config import ConfigError, load_config
+from artloop.graphs.context import check_judge
 from artloop.graphs.runner import run_session
 from artloop.prompts import artifact_taxonomy
-from artloop.tools.export import ExportFilters, select_runs
-from artloop.tools.image_facts import measure
-from artloop.tools.images import adjust_tone
-from artloop.tools.rewards import (
+from artloop.rewards import (
     REWARDS,
     clip_text_embedder,
+    judge_by_reward,
     reward,
     synartifact_reward,
     vlm_reward,
 )
+from artloop.store.export import ExportFilters, select_runs
+from artloop.tools.image_facts import measure
+from artloop.tools.images import adjust_tone
 from fakes import DEFAULTS, ScriptedChat
 from PIL import Image
 from test_graph import make_ctx
@@ -52,7 +53,7 @@ def test_reward_judge_scores_accepts_and_rejects():
 
 def test_unknown_judge_is_a_config_error_naming_it():
     with pytest.raises(ConfigError, match="judge.*unknown judge 'darknes'"):
-        load_config(overrides={"loop.judge": "darknes"})
+        check_judge(load_config(overrides={"loop.judge": "darknes"}).loop)
 
 
 @pytest.mark.parametrize("name", ["sharpness", "colourfulness", "synartifact"])
@@ -61,7 +62,7 @@ def test_a_reward_without_a_range_is_refused_as_judge(name):
     judge, in the config and in the judge itself, and the refusal says why."""
     why = f"reward '{name}' has no declared range"
     with pytest.raises(ConfigError, match=f"loop.judge.*{why}"):
-        load_config(overrides={"loop.judge": name})
+        check_judge(load_config(overrides={"loop.judge": name}).loop)
     with pytest.raises(ValueError, match=why):
         judge_by_reward(GREY, DARKER, "a fox", name, accept_score=7.0)
     assert name in REWARDS and REWARDS[name].range is None  # still a reward (DDPO, eval)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from artloop.tools.store import TrajectoryStore
+from artloop.store.trajectories import TrajectoryStore
 from conftest import free_port
 
 pytestmark = pytest.mark.slow  # each test starts `langgraph dev`

@@ -1,4 +1,4 @@
-"""One session at a time per run (tools/leases.py): two `artloop resume` of one run at once,
+"""One session at a time per run (store/leases.py): two `artloop resume` of one run at once,
 a holder killed with SIGKILL, a lapsed or dead holder, a session in the same process, a lost
 lease. Real SQLite, real CLI processes, the tiny SD pipeline with a (slowed) scripted chat."""
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from artloop.graphs.runner import open_checkpointer, run_session
-from artloop.tools import leases
-from artloop.tools.leases import HOST, RunBusyError, hold_run
-from artloop.tools.store import TrajectoryStore
+from artloop.store import leases
+from artloop.store.leases import HOST, RunBusyError, hold_run
+from artloop.store.trajectories import TrajectoryStore
 from conftest import make_ctx
 from fakes import ScriptedChat
 

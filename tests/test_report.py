@@ -1,4 +1,4 @@
-"""The HTML report (tools/report.py): rendered for every edit op kind and every run status,
+"""The HTML report (store/report.py): rendered for every edit op kind and every run status,
 and written by `artloop run` after a plan with global tone factors."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from artloop.cli import app
 from artloop.graphs.runner import run_session
-from artloop.tools.leases import hold_run
-from artloop.tools.report import write_report
+from artloop.store.leases import hold_run
+from artloop.store.report import write_report
 from conftest import make_ctx
 from fakes import DEFAULTS, ScriptedChat
 from typer.testing import CliRunner
 
-# Every status a run row can hold (tools/store.py's schema).
+# Every status a run row can hold (store/trajectories.py's schema).
 STATUSES = ("running", "paused", "interrupted", "failed", "accepted", "max_iters", "plateau")
 
 # Every op kind the edit node records: a global img2img pass, an inpainting pass, tone factors.
@@ -26,7 +26,7 @@ PLAN = {**DEFAULTS["EditPlan"], "params": {"strength": 0.5, "exposure": 0.6, "co
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, _sd_pipeline_cache):
-    from artloop.tools.store import TrajectoryStore
+    from artloop.store.trajectories import TrajectoryStore
 
     store = TrajectoryStore(tmp_path_factory.mktemp("report") / "home")
     ctx = make_ctx(

@@ -15,7 +15,7 @@ import pytest
 from artloop.graphs import sessions
 from artloop.graphs.human import HumanActionError
 from artloop.graphs.runner import open_checkpointer, run_session
-from artloop.tools.store import StoreError, TrajectoryStore
+from artloop.store.trajectories import StoreError, TrajectoryStore
 from conftest import make_ctx, verdict
 from fakes import ScriptedChat
 
@@ -60,7 +60,7 @@ def test_a_person_takes_every_decision(store, sd_tool):
     assert step["verdict"] == "accept" and step["agents"]["validate"]["verdict"] == "revise"
 
     # A finished session exports like any other, with the person's decisions in each step.
-    from artloop.tools.export import ExportFilters, export_dataset
+    from artloop.store.export import ExportFilters, export_dataset
 
     export_dataset(store, store.home.parent / "raw", "raw", ExportFilters(run_ids=(s.run_id,)))
     lines = (store.home.parent / "raw" / "steps.jsonl").read_text().splitlines()

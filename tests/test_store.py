@@ -7,8 +7,8 @@ import io
 import threading
 
 import pytest
+from artloop.store.trajectories import StoreError, TrajectoryStore, new_run_id
 from artloop.tools.images import ImageStoreError
-from artloop.tools.store import StoreError, TrajectoryStore, new_run_id
 from PIL import Image
 
 

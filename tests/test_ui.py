@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from artloop.serve.guard import LoginLimiter
 from artloop.serve.ui import UIError, box_from_clicks, serve
-from artloop.tools.store import TrajectoryStore
+from artloop.store.trajectories import TrajectoryStore
 from conftest import free_port, require
 from test_limits import blank_png
 

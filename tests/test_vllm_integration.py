@@ -23,7 +23,7 @@ from artloop.graphs.runner import run_session
 from artloop.models.chat import build_chat_model
 from artloop.models.structured import ChatServerError
 from artloop.serve.vlm import ServerError, VLMServer
-from artloop.tools.store import TrajectoryStore
+from artloop.store.trajectories import TrajectoryStore
 
 pytestmark = pytest.mark.integration
 AGENTS = {"enhance", "data_cot", "concept_cot", "thesis_cot", "validate"}

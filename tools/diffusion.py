@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from artloop.tools.accounting import charge, timed
-from artloop.tools.batching import Batcher
+from artloop.runtime.accounting import charge, timed
+from artloop.runtime.batching import Batcher
 from artloop.tools.images import ImageStore, ImageStoreError
 from PIL import Image, ImageDraw, ImageFilter
 

@@ -17,7 +17,7 @@ import tempfile
 import threading
 from typing import Any
 
-from artloop.tools.accounting import timed
+from artloop.runtime.accounting import timed
 from artloop.tools.diffusion import DiffusionError, DiffusionTool, GenParams
 from artloop.tools.images import ImageStore
 

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from artloop.tools.rewards import REWARDS, get_reward
+from artloop.rewards import REWARDS, get_reward
 from artloop.trainers.common import (
     LoRATrainConfig,
     TrainerConfigError,

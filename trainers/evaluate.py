@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from artloop.tools.rewards import get_reward
+from artloop.rewards import get_reward
 from artloop.trainers.common import (
     TrainerConfigError,
     check_lora,

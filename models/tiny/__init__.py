@@ -7,44 +7,14 @@ The cache key is a hash of the builder's config, so changing a config builds a n
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from artloop.models.tiny.cache import cache_root
 
-def cache_root() -> Path:
-    """Where tiny models are cached: $ARTLOOP_CACHE, else ~/.cache/artloop."""
-    return Path(os.environ.get("ARTLOOP_CACHE", Path.home() / ".cache" / "artloop")) / "tiny"
-
-
-def config_key(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def build_cached(name: str, config: dict, build: Callable[[dict, Path], None]) -> Path:
-    """Return the cached directory for (name, config), building it atomically on first use."""
-    target = cache_root() / f"{name}-{config_key(config)}"
-    if (target / ".complete").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-    try:
-        build(config, tmp)
-        (tmp / "artloop_tiny.json").write_text(json.dumps({"name": name, "config": config}))
-        (tmp / ".complete").touch()
-        try:
-            tmp.rename(target)
-        except OSError:  # another process built it first
-            if not (target / ".complete").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+__all__ = ["TINY_NAMES", "TinyModel", "cache_root", "is_tiny", "resolve_model", "tiny_models"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +28,7 @@ class TinyModel:
 
 def _registry() -> dict[str, TinyModel]:
     # Imported lazily: the builders import torch / transformers / diffusers.
-    from artloop.models import tiny_diffusion, tiny_fit, tiny_vlm
+    from artloop.models.tiny import diffusion, fit, vlm
 
     return {
         "tiny-qwen2vl": TinyModel(
@@ -66,35 +36,35 @@ def _registry() -> dict[str, TinyModel]:
             "vlm",
             "qwen2vl",
             "Qwen2VLForConditionalGeneration, 2 layers, hidden 128, byte-level BPE tokenizer",
-            tiny_vlm.build_tiny_qwen2vl,
+            vlm.build_tiny_qwen2vl,
         ),
         "tiny-sd": TinyModel(
             "tiny-sd",
             "diffusion",
             "sd",
             "StableDiffusionPipeline: UNet (32, 64), CLIP text 32, 4-block VAE, DDIM",
-            tiny_diffusion.build_tiny_sd,
+            diffusion.build_tiny_sd,
         ),
         "tiny-sd-fit": TinyModel(
             "tiny-sd-fit",
             "diffusion",
             "sd",
             "tiny-sd with its UNet fitted to smooth colour fields (built in ~1-2 min)",
-            tiny_fit.build_tiny_sd_fit,
+            fit.build_tiny_sd_fit,
         ),
         "tiny-sdxl": TinyModel(
             "tiny-sdxl",
             "diffusion",
             "sdxl",
             "StableDiffusionXLPipeline: UNet (32, 64) text_time, 2 CLIP texts 32, 4-block VAE, Euler",
-            tiny_diffusion.build_tiny_sdxl,
+            diffusion.build_tiny_sdxl,
         ),
         "tiny-flux": TinyModel(
             "tiny-flux",
             "diffusion",
             "flux",
             "FluxPipeline: 1+1 transformer blocks, tiny T5 + CLIP, flow-match Euler",
-            tiny_diffusion.build_tiny_flux,
+            diffusion.build_tiny_flux,
         ),
     }
 

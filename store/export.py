@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from artloop import __version__
-from artloop.tools.store import FINAL_STATUSES, StoreError, TrajectoryStore, check_run_id
+from artloop.store.trajectories import FINAL_STATUSES, StoreError, TrajectoryStore, check_run_id
 
 Format = Literal["sft", "dpo", "prompts", "raw"]
 FORMATS: tuple[str, ...] = get_args(Format)

@@ -15,8 +15,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from artloop.tools.export import provenance, step_images
-from artloop.tools.store import FINAL_STATUSES, StoreError, TrajectoryStore
+from artloop.store.export import provenance, step_images
+from artloop.store.trajectories import FINAL_STATUSES, StoreError, TrajectoryStore
 
 INCOMPLETE = ("running", "paused", "interrupted", "failed")
 

@@ -11,36 +11,20 @@ renewal).
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
-from artloop.tools.store import StoreError
-
-if TYPE_CHECKING:
-    from artloop.tools.store import TrajectoryStore
+from artloop.store.trajectories import HOST, StoreError, TrajectoryStore, process_alive
 
 LEASE_S = 30.0  # how long a lease outlives its holder's last renewal (renewed every third)
-HOST = socket.gethostname()
 
 
 class RunBusyError(StoreError):
     """Another session holds the run's lease; the message says who."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _who(row: sqlite3.Row) -> str:
@@ -79,7 +63,7 @@ class Lease:
             holder = self._holder()
             if holder is None:
                 continue
-            if holder["host"] == HOST and not _alive(holder["pid"]):  # killed: take it over
+            if holder["host"] == HOST and not process_alive(holder["pid"]):  # killed: take it over
                 with self.store._connect() as db:
                     if db.execute(
                         "UPDATE leases SET owner = ?, pid = ?, since = ?, expires_at = ? "

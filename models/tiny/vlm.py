@@ -11,7 +11,7 @@ import sysconfig
 from functools import cache
 from pathlib import Path
 
-from artloop.models.tiny import build_cached
+from artloop.models.tiny.cache import build_cached
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",

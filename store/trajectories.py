@@ -9,7 +9,9 @@ so a graph node that re-runs after a resume writes the same row again instead of
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import sqlite3
 import time
 import uuid
@@ -43,7 +45,7 @@ CREATE TABLE IF NOT EXISTS steps (
     created_at REAL NOT NULL,
     PRIMARY KEY (run_id, iteration)
 );
-CREATE TABLE IF NOT EXISTS leases (  -- the session working on a run now: see tools/leases.py
+CREATE TABLE IF NOT EXISTS leases (  -- the session working on a run now: see store/leases.py
     run_id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,           -- that session's token
     pid INTEGER NOT NULL,
@@ -55,6 +57,21 @@ CREATE TABLE IF NOT EXISTS leases (  -- the session working on a run now: see to
 
 RUN_ID = re.compile(r"^[0-9a-f]{16}$")
 FINAL_STATUSES = ("accepted", "max_iters", "plateau")
+
+
+HOST = socket.gethostname()  # a lease names its holder's host and pid
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` (on this host) still runs: a lease whose process is gone holds
+    nothing."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class StoreError(ValueError):
@@ -210,8 +227,6 @@ class TrajectoryStore:
         """A `running` run that no process works on any more (its process was killed: it holds
         no lease, or one whose process on this host is gone) reads `interrupted`, saying so.
         Only read so: the next session on it writes its status."""
-        from artloop.tools.leases import HOST, _alive  # leases imports this module
-
         running = [r for r in runs if r["status"] == "running"]
         if not running:
             return runs
@@ -228,7 +243,7 @@ class TrajectoryStore:
             held = {}
         for run in running:
             lease = held.get(run["run_id"])
-            if lease is None or (lease["host"] == HOST and not _alive(lease["pid"])):
+            if lease is None or (lease["host"] == HOST and not process_alive(lease["pid"])):
                 run["status"] = "interrupted"
                 run["error"] = "stopped without finishing: the process working on it is gone"
         return runs

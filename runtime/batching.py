@@ -22,7 +22,7 @@ from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from artloop.tools.accounting import charge
+from artloop.runtime.accounting import charge
 
 
 class BatchError(RuntimeError):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from artloop.models.tiny import build_cached
-from artloop.models.tiny_vae import faithful_tiny_vae
+from artloop.models.tiny.cache import build_cached
+from artloop.models.tiny.vae import faithful_tiny_vae
 
 # The tokenizers' training text: prompt-like words, so that prompts split into few tokens.
 _PROMPT_TEXT = """
@@ -131,7 +131,7 @@ def _clip_text_encoder(cfg: dict, projection: bool = False):
 # builds (the tokenizer corpus, say), so that stale cached models are not reused.
 
 # Four blocks: an 8x downscale like the real SD VAE (a 2-block one is ~10x slower at 512px).
-# Weights set by hand (models/tiny_vae.py) so that decoded images carry the latents' colours.
+# Weights set by hand (models/tiny/vae.py) so that decoded images carry the latents' colours.
 _SD_VAE: dict = {
     "sample_size": 256,
     "in_channels": 3,
@@ -298,7 +298,7 @@ def _sd_components(config: dict) -> dict:
     }
 
 
-def _build_sd(config: dict, out_dir: Path) -> None:
+def build_sd(config: dict, out_dir: Path) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -349,7 +349,7 @@ def _build_flux(config: dict, out_dir: Path) -> None:
 
 def build_tiny_sd() -> Path:
     """The tiny SD 1.5 pipeline directory (built on first use, then cached)."""
-    return build_cached("tiny-sd", SD_CONFIG, _build_sd)
+    return build_cached("tiny-sd", SD_CONFIG, build_sd)
 
 
 def build_tiny_sdxl() -> Path:

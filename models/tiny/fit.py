@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from artloop.models.tiny import build_cached
-from artloop.models.tiny_diffusion import SD_CONFIG, _build_sd
+from artloop.models.tiny.cache import build_cached
+from artloop.models.tiny.diffusion import SD_CONFIG, build_sd
 
 if TYPE_CHECKING:
     import torch
@@ -118,7 +118,7 @@ def _build_sd_fit(config: dict, out_dir: Path) -> None:
 
     from diffusers import StableDiffusionPipeline
 
-    _build_sd(config, out_dir)
+    build_sd(config, out_dir)
     pipe = StableDiffusionPipeline.from_pretrained(out_dir, use_safetensors=True)
     losses = _fit_unet(pipe, config["fit"])
     pipe.unet.save_pretrained(out_dir / "unet", safe_serialization=True)

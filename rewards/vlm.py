@@ -1,12 +1,6 @@
-"""Rewards by name, one signature (ddpo-pytorch's): fn(images, prompts, metadata) -> (scores, info).
-
-Measured image statistics are rewards out of the box ("brightness", "darkness", "contrast",
-"saturation", "sharpness", "colourfulness"), and so are two VLM judges: "vlm" (the rater's 0-10
-score / 10) and "synartifact" (SynArtifact's artifact reward). The VLM rewards use the chat model
-of the environment's config (ARTLOOP_CHAT__...) unless built with one. Register more with
-`@reward("name", range=(lo, hi))`. Each entry says what its scores mean (`Reward`): a reward
-judges the loop (`loop.judge`) only when its scores have a declared range or a normaliser.
-"""
+"""VLM judges as rewards: "vlm" (the rater's 0-10 score / 10) and "synartifact" (SynArtifact's
+artifact reward), with the check that refuses a judge answering every image alike. They use the
+chat model of the environment's config (ARTLOOP_CHAT__...) unless built with one."""
 
 from __future__ import annotations
 
@@ -14,125 +8,19 @@ import functools
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from artloop.tools.image_facts import measure
+from artloop.agents import rate, spot_artifacts
+from artloop.config import load_config
+from artloop.models.chat import build_chat_model
+from artloop.models.structured import CallPolicy
+from artloop.models.tiny import resolve_model
+from artloop.prompts import artifact_taxonomy
+from artloop.rewards.registry import RewardFn, reward
 from PIL import Image
 
-RewardFn = Callable[[list[Image.Image], list[str], list[dict]], tuple[np.ndarray, dict[str, Any]]]
 
-
-@dataclass(frozen=True)
-class Reward:
-    """A registered reward and what its scores mean: `range` (lo, hi) bounds them (None: not
-    bounded, or not known to be); `higher_is_better` is their direction; `normalise`, in place
-    of a range, maps a score increasingly onto [0, 1] (e.g. x / (x + c) for an unbounded one)."""
-
-    name: str
-    fn: RewardFn
-    range: tuple[float, float] | None = None
-    higher_is_better: bool = True
-    normalise: Callable[[float], float] | None = None
-
-    def judge_problem(self) -> str | None:
-        """Why this reward cannot judge (None when it can): a judge's 0-10 score needs a scale."""
-        if self.normalise is not None:
-            return None
-        if self.range is None:
-            return (
-                f"reward {self.name!r} has no declared range (or normaliser) to put its "
-                "scores on the 0-10 scale"
-            )
-        lo, hi = self.range
-        if not lo < hi:
-            return f"reward {self.name!r} declares an empty range {self.range}"
-        return None
-
-    def unit(self, score: float) -> float:
-        """`score` on [0, 1], 1 the best end (the judge's score is 10 x this)."""
-        if problem := self.judge_problem():
-            raise ValueError(problem)
-        if self.normalise is not None:
-            u = self.normalise(score)
-        else:
-            lo, hi = self.range  # type: ignore[misc]  # checked by judge_problem
-            u = (score - lo) / (hi - lo)
-        u = min(1.0, max(0.0, float(u)))
-        return u if self.higher_is_better else 1.0 - u
-
-    def better(self, after: float, before: float) -> bool:
-        return after > before if self.higher_is_better else after < before
-
-
-REWARDS: dict[str, Reward] = {}
-
-
-def reward(
-    name: str,
-    *,
-    range: tuple[float, float] | None = None,
-    higher_is_better: bool = True,
-    normalise: Callable[[float], float] | None = None,
-) -> Callable[[RewardFn], RewardFn]:
-    """Register a reward function under `name`, with what its scores mean (see `Reward`)."""
-
-    def register(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = Reward(name, fn, range, higher_is_better, normalise)
-        return fn
-
-    return register
-
-
-def reward_entry(name: str) -> Reward:
-    """The registry entry of reward `name` (KeyError naming the choices when unknown)."""
-    if name not in REWARDS:
-        raise KeyError(f"unknown reward {name!r}; choose from {', '.join(sorted(REWARDS))}")
-    return REWARDS[name]
-
-
-def get_reward(name: str) -> RewardFn:
-    return reward_entry(name).fn
-
-
-def judge_reward(name: str) -> Reward:
-    """The entry of reward `name` if it can judge the loop; else ValueError saying why not.
-    ("vlm" as `loop.judge` is the validator agent, not the rater's reward.)"""
-    entry = REWARDS.get(name)
-    problem = entry.judge_problem() if entry else f"unknown judge {name!r}"
-    if problem:
-        can = sorted(n for n, r in REWARDS.items() if n != "vlm" and r.judge_problem() is None)
-        raise ValueError(f"{problem}; a judge is vlm or one of {', '.join(can)}")
-    return entry
-
-
-def _statistic(key: str, sign: float = 1.0, offset: float = 0.0) -> RewardFn:
-    def fn(images, prompts, metadata):
-        values = np.array([measure(im)[key] for im in images], dtype=np.float64)
-        return offset + sign * values, {key: values.tolist()}
-
-    fn.__doc__ = (
-        f"Reward the measured {key} of each image ({'higher' if sign > 0 else 'lower'} is better)."
-    )
-    return fn
-
-
-# Ranges from tools/image_facts.py's definitions; sharpness (Laplacian variance) and
-# colourfulness (Hasler-Suesstrunk M3) have no upper bound.
-_RANGES: dict[str, tuple[float, float] | None] = {
-    "brightness": (0.0, 1.0),
-    "contrast": (0.0, 0.5),
-    "saturation": (0.0, 1.0),
-    "sharpness": None,
-    "colourfulness": None,
-}
-for _key, _range in _RANGES.items():
-    reward(_key, range=_range)(_statistic(_key))
-reward("darkness", range=(0.0, 1.0))(_statistic("brightness", sign=-1.0, offset=1.0))
-
-
-# --- VLM judges ---------------------------------------------------------------------------------
 class BrokenJudgeError(RuntimeError):
     """The judge gave the same answer for every one of several different images: a constant,
     not a measurement. Its answers must not become rewards or verdicts; `runs` are the runs
@@ -182,9 +70,6 @@ class JudgeWatch:
 
 @functools.cache
 def _config_chat() -> Any:
-    from artloop.config import load_config
-    from artloop.models.chat import build_chat_model
-
     return build_chat_model(load_config().chat)
 
 
@@ -192,10 +77,6 @@ def vlm_reward(chat: Any = None, policy: Any = None) -> RewardFn:
     """The rater's 0-10 score of each image against its prompt, scaled to [0, 1]."""
 
     def fn(images, prompts, metadata):
-        # Imported on first use: registering the reward must not load the agent stack.
-        from artloop.agents import rate
-        from artloop.models.structured import CallPolicy
-
         model = chat if chat is not None else _config_chat()
         calls = [
             rate(model, im, p, policy=policy or CallPolicy())
@@ -214,8 +95,8 @@ def vlm_reward(chat: Any = None, policy: Any = None) -> RewardFn:
 def clip_text_embedder(model: str) -> Callable[[list[str]], np.ndarray]:
     """Unit-norm pooled CLIP text embeddings from a diffusion model's (first) text encoder:
     `model` is a pipeline directory, a hub id or a tiny-* name."""
+    # Deliberately lazy: torch and transformers load only when an embedder is built.
     import torch
-    from artloop.models.tiny import resolve_model
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = resolve_model(model)
@@ -241,8 +122,6 @@ def clip_text_embedder(model: str) -> Callable[[list[str]], np.ndarray]:
 
 @functools.cache
 def _config_embedder() -> Callable[[list[str]], np.ndarray]:
-    from artloop.config import load_config
-
     return clip_text_embedder(load_config().diffusion.model)
 
 
@@ -255,11 +134,6 @@ def synartifact_reward(
     refs: list[np.ndarray] = []  # "No artifacts" + the classes, embedded on the first call
 
     def fn(images, prompts, metadata):
-        # Imported on first use: registering the reward must not load the agent stack.
-        from artloop.agents import spot_artifacts
-        from artloop.models.structured import CallPolicy
-        from artloop.prompts import artifact_taxonomy
-
         model = chat if chat is not None else _config_chat()
         calls = [
             spot_artifacts(model, im, p, policy=policy or CallPolicy())

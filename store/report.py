@@ -7,13 +7,13 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from artloop.tools.accounting import add_up
+from artloop.runtime.accounting import add_up
+from artloop.store.trajectories import TrajectoryStore
 from artloop.tools.images import atomic_write
-from artloop.tools.store import TrajectoryStore
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 _env = Environment(
-    loader=PackageLoader("artloop.tools", "."),
+    loader=PackageLoader("artloop.store", "."),
     autoescape=select_autoescape(["html", "jinja"]),  # prompts and model output are untrusted
     undefined=StrictUndefined,
     trim_blocks=True,
@@ -41,7 +41,7 @@ AGENT_ORDER = ("enhance", "data_cot", "concept_cot", "thesis_cot", "validate")
 
 
 def spent(step: dict) -> dict[str, float]:
-    """Where a step's time went: diffusion, VLM, waiting, framework (tools/accounting.py)."""
+    """Where a step's time went: diffusion, VLM, waiting, framework (runtime/accounting.py)."""
     return add_up(list(step.get("accounting", {}).values()))
 
 
