@@ -411,9 +411,7 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
                 ctx.store.revoke(run_id, f"BrokenJudgeError: {e}")
             raise
     else:  # a measured preference judges instead of the VLM
-        result = judge_by_reward(
-            before, after, state["prompt"], loop.judge, loop.accept_score
-        )
+        result = judge_by_reward(before, after, state["prompt"], loop.judge, loop.accept_score)
     return _agent(step, "validate", result)
 
 

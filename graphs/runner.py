@@ -4,6 +4,8 @@ A session paused for a person (graphs/human.py) resumes with their answer."""
 
 from __future__ import annotations
 
+# Deliberately lazy: psycopg and the Postgres checkpointer are imported inside the functions that
+# use them, so that importing this module (the CLI's --help, the config, a test) does not load them.
 import re
 import sqlite3
 import threading

@@ -3,11 +3,15 @@ or any langchain chat model class."""
 
 from __future__ import annotations
 
+# Deliberately lazy: langchain-openai is imported inside the function that uses it, so that
+# importing this module (the CLI's --help, the config, a test) does not load them.
 import importlib
 import urllib.error
 import urllib.request
 
 from artloop.config import ChatConfig, ConfigError
+from artloop.models.inprocess import ChatQwen2VLLocal
+from artloop.models.tiny import resolve_model
 from langchain_core.language_models.chat_models import BaseChatModel
 from pydantic import ValidationError
 
@@ -15,8 +19,6 @@ from pydantic import ValidationError
 def build_chat_model(cfg: ChatConfig) -> BaseChatModel:
     """Construct (not load) the configured chat model."""
     if cfg.backend == "inprocess":
-        from artloop.models.inprocess import ChatQwen2VLLocal
-
         return ChatQwen2VLLocal(
             model=cfg.model,
             max_new_tokens=cfg.max_new_tokens,
@@ -74,8 +76,6 @@ def check_chat_model(cfg: ChatConfig, timeout_s: float = 5.0) -> None:
     """Fail fast, with a one-line reason, when the configured chat model cannot be reached or
     its server refuses the API key (401/403)."""
     if cfg.backend == "inprocess":
-        from artloop.models.tiny import resolve_model
-
         try:
             resolve_model(cfg.model)
         except ValueError as e:

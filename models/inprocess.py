@@ -8,12 +8,16 @@ one left-padded `generate` decodes them all, each row under its own grammar (mod
 
 from __future__ import annotations
 
+# Deliberately lazy: torch, transformers and xgrammar are imported inside the functions that use
+# them, so that importing this module (the CLI's --help, the config, a test) does not load them.
 import json
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from artloop.models.images import from_data_url
+from artloop.models.tiny import resolve_model
+from artloop.models.tiny.vlm import load_processor
 from artloop.runtime.batching import Batcher, Job
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -90,8 +94,6 @@ class ChatQwen2VLLocal(BaseChatModel):
         if self._loaded is None:
             import torch
             import xgrammar as xgr
-            from artloop.models.tiny import resolve_model
-            from artloop.models.tiny.vlm import load_processor
             from transformers import Qwen2VLForConditionalGeneration
 
             path = resolve_model(self.model)

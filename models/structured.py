@@ -6,6 +6,8 @@ repaired and retried a bounded number of times, failures counted.
 
 from __future__ import annotations
 
+# Deliberately lazy: openai and httpx are imported inside the functions that use them, so that
+# importing this module (the CLI's --help, the config, a test) does not load them.
 import copy
 import functools
 import json
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from artloop.models.inprocess import ChatQwen2VLLocal
 from artloop.runtime.accounting import charge, timed
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
@@ -138,8 +141,6 @@ class Structured(Generic[T]):
 
 
 def backend_name(model: BaseChatModel) -> str:
-    from artloop.models.inprocess import ChatQwen2VLLocal
-
     if isinstance(model, ChatQwen2VLLocal):
         return "inprocess"
     if type(model).__name__ == "ChatOpenAI":

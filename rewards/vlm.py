@@ -4,6 +4,8 @@ chat model of the environment's config (ARTLOOP_CHAT__...) unless built with one
 
 from __future__ import annotations
 
+# Deliberately lazy: torch and transformers are imported inside the functions that use them, so that
+# importing this module (the CLI's --help, the config, a test) does not load them.
 import functools
 import threading
 from collections import deque

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from artloop.tools.images import MAX_PIXELS, ImageStoreError, ImageTooLarge, check_pixels
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TOKEN_ENV = "ARTLOOP_UI_TOKEN"
@@ -215,8 +217,6 @@ class Guard:
 
     async def _too_many_pixels(self, scope: Scope, body: bytes) -> str | None:
         """What is wrong with the first image in the multipart `body` that has too many pixels."""
-        from starlette.datastructures import UploadFile
-        from starlette.requests import Request
 
         async def disconnected() -> MutableMapping[str, Any]:
             return {"type": "http.disconnect"}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import queue
+import secrets
 import shutil
 import tempfile
 import threading
@@ -26,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from artloop.config import ConfigError, validate_prompt
 from artloop.graphs.context import RefineContext
-from artloop.graphs.human import HumanActionError
+from artloop.graphs.human import HumanActionError, check_action
 from artloop.graphs.runner import CheckpointerError, open_checkpointer, run_session
 from artloop.graphs.sessions import SessionView, view
 from artloop.serve.guard import MAX_UPLOAD_BYTES, Guard, UIError, check_serve
-from artloop.store.trajectories import StoreError
+from artloop.store.export import ExportError, ExportFilters, export_dataset
+from artloop.store.trajectories import StoreError, new_run_id
 from artloop.tools.images import ImageStoreError, check_pixels, open_image
 from PIL import ImageDraw
 from starlette.middleware import Middleware
@@ -236,9 +239,6 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         yield screen(run_id, log)
 
     def start(prompt: str, pause_at: list[str], max_iters: float) -> Iterator[tuple]:
-        from artloop.config import ConfigError, validate_prompt
-        from artloop.store.trajectories import new_run_id
-
         try:
             prompt = validate_prompt(prompt)
         except ConfigError as e:
@@ -262,8 +262,6 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
             local = replace(ctx, loop=type(ctx.loop)(**stored)) if stored else ctx
             v = view(store, run_id)
             if v.pause is not None:
-                from artloop.graphs.human import check_action
-
                 check_action(v.pause["pause"], answer)
         except (HumanActionError, StoreError) as e:
             raise gr.Error(str(e)) from None
@@ -327,8 +325,6 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         return screen(run_id, f"opened session {run_id}\n")
 
     def export(run_id: str):
-        from artloop.store.export import ExportError, ExportFilters, export_dataset
-
         if not run_id:
             raise gr.Error("no session to export")
         with tempfile.TemporaryDirectory() as tmp:  # exports go outside the home; the zip in
@@ -456,8 +452,6 @@ def serve(
 ) -> None:
     """Launch the UI and block; `on_ready` is called once it listens. A non-loopback `host`
     requires a `token`; a bind that cannot work raises UIError before anything starts."""
-    import secrets
-
     token = check_serve(host, port, token)
     auth = (
         (lambda _user, password: secrets.compare_digest(password.encode(), token.encode()))

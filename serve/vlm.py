@@ -20,6 +20,7 @@ from collections import deque
 from pathlib import Path
 
 from artloop.config import ServeConfig
+from artloop.models.tiny import resolve_model
 
 
 class ServerError(RuntimeError):
@@ -121,8 +122,6 @@ class VLMServer:
             return False
 
     def start(self) -> VLMServer:
-        from artloop.models.tiny import resolve_model
-
         if self.healthy():
             raise ServerError(f"something already answers on {self.base_url}; choose another port")
         cmd = vllm_command(self.cfg, resolve_model(self.cfg.model))

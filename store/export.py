@@ -12,6 +12,8 @@ neither OUT nor the temporary directory. Every export writes a dataset card (`RE
 
 from __future__ import annotations
 
+# Deliberately lazy: datasets (pyarrow) are imported inside the functions that use them, so that
+# importing this module (the CLI's --help, the config, a test) does not load them.
 import io
 import json
 import math
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from artloop import __version__
+from artloop.config import mask_secrets
 from artloop.store.trajectories import FINAL_STATUSES, StoreError, TrajectoryStore, check_run_id
 
 Format = Literal["sft", "dpo", "prompts", "raw"]
@@ -338,8 +341,6 @@ WRITERS: dict[str, Callable[[TrajectoryStore, list[dict], Path], int]] = {
 # --- the card ---------------------------------------------------------------------------------
 def _public(value: Any) -> Any:
     """Model identities without anything secret-looking (credentials, URL user info)."""
-    from artloop.config import mask_secrets
-
     return mask_secrets(value)
 
 

@@ -7,6 +7,8 @@ building the tool is free and the graph can be assembled without touching torch.
 
 from __future__ import annotations
 
+# Deliberately lazy: torch and diffusers are imported inside the functions that use them, so that
+# importing this module (the CLI's --help, the config, a test) does not load them.
 import inspect
 import json
 import threading
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from artloop.models.tiny import resolve_model
 from artloop.runtime.accounting import charge, timed
 from artloop.runtime.batching import Batcher
 from artloop.tools.images import ImageStore, ImageStoreError
@@ -164,8 +167,6 @@ class DiffusionTool:
 
     def _resolve(self) -> str:
         if self._resolved is None:
-            from artloop.models.tiny import resolve_model
-
             try:
                 self._resolved = resolve_model(self.model)
             except Exception as e:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 # The one pixel limit for images from outside (the store, the UI's uploads): checked per call,
 # from the header, before a pixel is decoded. PIL's global MAX_IMAGE_PIXELS is left alone (its
@@ -148,8 +148,6 @@ def adjust_tone(
 ) -> Image.Image:
     """Global tone factors (1 = unchanged, None = skip), in the order a photo editor applies
     them: exposure (brightness), then contrast, then saturation."""
-    from PIL import ImageEnhance
-
     image = image.convert("RGB")
     for factor, enhancer in (
         (exposure, ImageEnhance.Brightness),

@@ -10,6 +10,8 @@ as a context manager, or when the driver exits) and when the actor's process end
 
 from __future__ import annotations
 
+# Deliberately lazy: ray is imported inside the functions that use it, so that importing this module
+# (the CLI's --help, the config, a test) does not load them.
 import atexit
 import contextlib
 import itertools

@@ -3,6 +3,8 @@ the base pipeline, the LoRA adapter, and checkpoints (safetensors + JSON: no pic
 
 from __future__ import annotations
 
+# Deliberately lazy: torch, diffusers, peft and accelerate are imported inside the functions that
+# use them, so that importing this module (the CLI's --help, the config, a test) does not load them.
 import dataclasses
 import inspect
 import json
@@ -12,10 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+from artloop.tools.diffusion import SIZE_MULTIPLE, DiffusionError, DiffusionTool
+from artloop.tools.images import ImageStore
+from artloop.trainers.families import FAMILIES, Cond, Family
+from PIL import Image
+
 if TYPE_CHECKING:  # torch is imported where it runs: the CLI starts without it
     import torch
-    from artloop.trainers.families import Cond, Family
-    from PIL import Image
 
 
 C = TypeVar("C")
@@ -361,10 +366,6 @@ def load_prompts(data: str, field: str) -> list[str]:
 def load_base(cfg: LoRATrainConfig) -> Family:
     """The base model (SD 1.5, SDXL or FLUX) as its training family, with the preset LoRA fused
     in when one is given."""
-    from artloop.tools.diffusion import SIZE_MULTIPLE, DiffusionError, DiffusionTool
-    from artloop.tools.images import ImageStore
-    from artloop.trainers.families import FAMILIES
-
     name = type(cfg).__name__
     tool = DiffusionTool(model=cfg.model, store=ImageStore(Path(cfg.output_dir) / ".unused"))
     try:

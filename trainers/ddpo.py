@@ -11,6 +11,8 @@ Reads `artloop export --format prompts` (prompts.txt) or a text file, one prompt
 
 from __future__ import annotations
 
+# Deliberately lazy: torch and diffusers are imported inside the functions that use them, so that
+# importing this module (the CLI's --help, the config, a test) does not load them.
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any

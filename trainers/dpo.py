@@ -11,6 +11,8 @@ The reference is the same denoiser with the LoRA switched off, so no second copy
 
 from __future__ import annotations
 
+# Deliberately lazy: torch is imported inside the functions that use it, so that importing this
+# module (the CLI's --help, the config, a test) does not load them.
 from dataclasses import dataclass
 from typing import Any
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 from artloop.rewards import get_reward
+from artloop.tools.diffusion import DiffusionTool, GenParams
+from artloop.tools.images import ImageStore
 from artloop.trainers.common import (
     TrainerConfigError,
     check_lora,
@@ -64,9 +66,6 @@ class EvalConfig:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Generate every (model, prompt, seed), score, and write the table and the grid."""
-    from artloop.tools.diffusion import DiffusionTool, GenParams
-    from artloop.tools.images import ImageStore
-
     out = Path(cfg.output_dir)
     prompts = load_prompts(cfg.prompts, "EvalConfig.prompts")
     tool = DiffusionTool(model=cfg.model, store=ImageStore(out / "images"))

@@ -13,6 +13,8 @@ that trainers index, batch and drop captions without knowing the family.
 
 from __future__ import annotations
 
+# Deliberately lazy: torch and diffusers are imported inside the functions that use them, so that
+# importing this module (the CLI's --help, the config, a test) does not load them.
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image

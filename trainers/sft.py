@@ -10,6 +10,8 @@ the training loop. What differs between SD 1.5, SDXL and FLUX lives in trainers/
 
 from __future__ import annotations
 
+# Deliberately lazy: torch is imported inside the functions that use it, so that importing this
+# module (the CLI's --help, the config, a test) does not load them.
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any

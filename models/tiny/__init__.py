@@ -7,6 +7,9 @@ The cache key is a hash of the builder's config, so changing a config builds a n
 
 from __future__ import annotations
 
+# Deliberately lazy: the builders (torch, transformers, diffusers) and huggingface_hub are imported
+# inside the functions that use them, so that importing this module (the CLI's --help, the config, a
+# test) does not load them.
 import os
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -7,6 +7,9 @@ is downloaded, and the same config always gives the same files.
 
 from __future__ import annotations
 
+# Deliberately lazy: torch, transformers, tokenizers and diffusers are imported inside the functions
+# that use them, so that importing this module (the CLI's --help, the config, a test) does not load
+# them.
 from pathlib import Path
 
 from artloop.models.tiny.cache import build_cached

@@ -11,6 +11,8 @@ everything else uses the faster random tiny-sd.
 
 from __future__ import annotations
 
+# Deliberately lazy: torch and diffusers are imported inside the functions that use them, so that
+# importing this module (the CLI's --help, the config, a test) does not load them.
 from pathlib import Path
 from typing import TYPE_CHECKING
 

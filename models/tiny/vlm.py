@@ -6,6 +6,8 @@ model. Head dim 32 (hidden 128, 4 heads) because vLLM's CPU attention wants it.
 
 from __future__ import annotations
 
+# Deliberately lazy: transformers and tokenizers are imported inside the functions that use them, so
+# that importing this module (the CLI's --help, the config, a test) does not load them.
 import json
 import sysconfig
 from functools import cache
