@@ -145,17 +145,21 @@ class _Section(BaseModel):
 
 
 class ChatConfig(_Section):
-    backend: Literal["inprocess", "openai", "custom"] = Field(
+    backend: Literal["inprocess", "openai", "scripted", "custom"] = Field(
         "inprocess",
         description="inprocess: Qwen2-VL under transformers; openai: an "
-        "OpenAI-compatible server such as vLLM; custom: any langchain chat model class",
+        "OpenAI-compatible server such as vLLM; scripted: fixed answers per schema "
+        "(custom_kwargs.scripts; for tests, demos and studies); custom: any langchain "
+        "chat model class",
     )
     model: str = Field("tiny-qwen2vl", description="Model id/path (inprocess) or served name")
     base_url: str | None = Field(None, description="Server URL for the openai backend, .../v1")
     api_key: SecretStr = Field(SecretStr("EMPTY"), description="API key; never stored")
     custom_class: str | None = Field(None, description="'package.module:ClassName' (custom)")
     custom_kwargs: dict[str, Any] = Field(
-        default_factory=dict, repr=False, description="kwargs (custom); masked when stored"
+        default_factory=dict,
+        repr=False,
+        description="kwargs (custom, scripted: {scripts = {...}}); masked when stored",
     )
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_new_tokens: int = Field(1024, ge=16, le=16384)

@@ -97,8 +97,7 @@ def collect(study: EffectStudy) -> list[float]:
         {}
         if study.agents == "tiny-vlm"
         else {
-            "backend": "custom",
-            "custom_class": "artloop.models.scripted:ScriptedChat",
+            "backend": "scripted",
             "custom_kwargs": {"scripts": {"EditPlan": [DARKEN_PLAN]}},
         }
     )

@@ -11,6 +11,7 @@ import urllib.request
 
 from artloop.config import ChatConfig, ConfigError
 from artloop.models.inprocess import ChatQwen2VLLocal
+from artloop.models.scripted import ScriptedChat
 from artloop.models.tiny import resolve_model
 from langchain_core.language_models.chat_models import BaseChatModel
 from pydantic import ValidationError
@@ -42,6 +43,8 @@ def build_chat_model(cfg: ChatConfig) -> BaseChatModel:
             timeout=cfg.timeout_s,
             max_retries=0,  # retries are artloop's (tenacity, CallPolicy), with one clear error
         )
+    if cfg.backend == "scripted":
+        return _construct(ScriptedChat, "artloop.models.scripted:ScriptedChat", cfg.custom_kwargs)
     if not cfg.custom_class or ":" not in cfg.custom_class:
         raise ConfigError("chat.custom_class: expected 'package.module:ClassName'")
     module, _, name = cfg.custom_class.partition(":")
@@ -55,11 +58,15 @@ def build_chat_model(cfg: ChatConfig) -> BaseChatModel:
             f"chat.custom_class: {cfg.custom_class} is not a langchain chat model "
             f"class (a subclass of BaseChatModel); nothing was called"
         )
+    return _construct(cls, cfg.custom_class, cfg.custom_kwargs)
+
+
+def _construct(cls: type[BaseChatModel], name: str, kwargs: dict) -> BaseChatModel:
     try:
-        return cls(**cfg.custom_kwargs)
+        return cls(**kwargs)
     except ValidationError as e:  # its text quotes the values given: secrets too
         why = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"chat.custom_kwargs: {cfg.custom_class} refused them: {why}") from None
+        raise ConfigError(f"chat.custom_kwargs: {name} refused them: {why}") from None
 
 
 def chat_identity(cfg: ChatConfig) -> dict:

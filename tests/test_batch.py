@@ -254,7 +254,7 @@ def test_ctrl_c_stops_the_batch_and_its_summary_agrees_with_the_store(tmp_path):
     config = tmp_path / "artloop.toml"
     config.write_text(
         f'home = "{tmp_path / "home"}"\n'
-        '[chat]\nbackend = "custom"\ncustom_class = "artloop.models.scripted:ScriptedChat"\n'
+        '[chat]\nbackend = "scripted"\n'
         "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 2\n"
     )
     prompts = tmp_path / "prompts.txt"

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from artloop.config import MAX_PROMPT_CHARS, ConfigError, ensure_home, load_config, validate_prompt
+from artloop import agents
+from artloop.config import (
+    MAX_PROMPT_CHARS,
+    ChatConfig,
+    ConfigError,
+    ensure_home,
+    load_config,
+    validate_prompt,
+)
+from artloop.models.chat import build_chat_model, chat_identity
+from artloop.tools.image_facts import measure
+from PIL import Image
 
 
 def test_defaults_are_the_tiny_embedded_stack(monkeypatch):
@@ -85,3 +96,17 @@ def test_huge_prompt_is_rejected():
     with pytest.raises(ConfigError, match=f"limit is {MAX_PROMPT_CHARS}"):
         validate_prompt("fox " * 1000)
     assert validate_prompt("  a fox  ") == "a fox"
+
+
+def test_the_scripted_backend_answers_from_its_scripts():
+    """`chat.backend = "scripted"`: fixed answers per schema from custom_kwargs.scripts, the
+    defaults for the rest; kwargs it cannot take are one ConfigError naming it."""
+    answer = {"prompt": "a fox, scripted", "negative_prompt": "blur"}
+    cfg = ChatConfig(backend="scripted", custom_kwargs={"scripts": {"EnhancedPrompt": [answer]}})
+    chat = build_chat_model(cfg)
+    assert agents.enhance(chat, "a fox").output.model_dump() == answer
+    image = Image.new("RGB", (64, 64))
+    assert agents.data_cot(chat, image, "a fox", measure(image)).output.objects  # defaults
+    assert chat_identity(cfg)["backend"] == "scripted"
+    with pytest.raises(ConfigError, match="ScriptedChat refused them: scripts"):
+        build_chat_model(ChatConfig(backend="scripted", custom_kwargs={"scripts": 3}))

@@ -23,10 +23,9 @@ from conftest import free_port
 pytestmark = pytest.mark.slow  # each test starts `langgraph dev`
 ROOT = Path(__file__).resolve().parents[1]
 ARTLOOP = str(Path(sys.executable).with_name("artloop"))
-# The scripted chat (tests/fakes' model, shipped in the package) and tiny images: fast sessions.
+# The scripted chat backend (tests/fakes' model) and tiny images: fast sessions.
 SCRIPTED = {
-    "ARTLOOP_CHAT__BACKEND": "custom",
-    "ARTLOOP_CHAT__CUSTOM_CLASS": "artloop.models.scripted:ScriptedChat",
+    "ARTLOOP_CHAT__BACKEND": "scripted",
     "ARTLOOP_DIFFUSION__WIDTH": "64",
     "ARTLOOP_DIFFUSION__HEIGHT": "64",
     "ARTLOOP_DIFFUSION__STEPS": "2",
