@@ -1,4 +1,5 @@
-"""`artloop train ...`: one command per trainer, generated from its config dataclass."""
+"""`artloop train sft|dpo|ddpo` and `artloop eval`: one command per trainer, generated from its
+config dataclass (trainers/common.py's typer_command)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,24 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from artloop.trainers.common import TrainerConfigError, typer_command
-from artloop.trainers.ddpo import DDPOConfig
-from artloop.trainers.dpo import DPOConfig
-from artloop.trainers.evaluate import EvalConfig
-from artloop.trainers.sft import SFTConfig
+from artloop.cli.common import fail, quiet_libraries
 
-train_app = typer.Typer(help="LoRA trainers on exported trajectories.", no_args_is_help=True)
+# The commands are generated from the trainers' config dataclasses, so these modules load with
+# the CLI (`artloop --help`): they keep torch and the pipelines inside their functions.
+from artloop.trainers.common import TrainerConfigError, typer_command
+from artloop.trainers.ddpo import DDPOConfig, train_ddpo
+from artloop.trainers.dpo import DPOConfig, train_dpo
+from artloop.trainers.evaluate import EvalConfig, evaluate
+from artloop.trainers.sft import SFTConfig, train_sft
+
+app = typer.Typer(help="LoRA trainers on exported trajectories.", no_args_is_help=True)
 
 
 def _runner(train: Callable[[Any], dict]) -> Callable[[Any], None]:
     """Run a trainer; its errors become one `error:` line and exit 2; print its summary."""
 
     def run(cfg: Any) -> None:
-        from artloop.cli import fail, quiet_libraries
-        from artloop.tools.diffusion import DiffusionError
+        from artloop.tools.diffusion import DiffusionError  # deliberately lazy (startup time)
 
         quiet_libraries()
         try:
@@ -36,33 +40,13 @@ def _runner(train: Callable[[Any], dict]) -> Callable[[Any], None]:
     return run
 
 
-def _sft(cfg: SFTConfig) -> dict:
-    from artloop.trainers.sft import train_sft
-
-    return train_sft(cfg)
-
-
-def _dpo(cfg: DPOConfig) -> dict:
-    from artloop.trainers.dpo import train_dpo
-
-    return train_dpo(cfg)
-
-
-def _ddpo(cfg: DDPOConfig) -> dict:
-    from artloop.trainers.ddpo import train_ddpo
-
-    return train_ddpo(cfg)
-
-
 def _eval(cfg: EvalConfig) -> dict:
-    from artloop.trainers.evaluate import evaluate
-
     summary = evaluate(cfg)
     print((Path(cfg.output_dir) / "results.md").read_text(), file=sys.stderr)
     return {"output_dir": cfg.output_dir, "models": list(summary["results"])}
 
 
 eval_command = typer_command(EvalConfig, _runner(_eval))
-train_app.command("sft")(typer_command(SFTConfig, _runner(_sft)))
-train_app.command("dpo")(typer_command(DPOConfig, _runner(_dpo)))
-train_app.command("ddpo")(typer_command(DDPOConfig, _runner(_ddpo)))
+app.command("sft")(typer_command(SFTConfig, _runner(train_sft)))
+app.command("dpo")(typer_command(DPOConfig, _runner(train_dpo)))
+app.command("ddpo")(typer_command(DDPOConfig, _runner(train_ddpo)))

@@ -3,26 +3,36 @@ machine or with diffusion on a Ray cluster (tools/ray_diffusion.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
-
-# A string, not a Path: Path("") is ".", and an empty --home must be refused, not used.
-HomeOpt = Annotated[str | None, typer.Option("--home", help="Home directory")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file")]
+from artloop.cli.common import (
+    ConfigOpt,
+    HomeOpt,
+    JudgeOpt,
+    MaxItersOpt,
+    err,
+    failing,
+    overrides,
+    quiet_libraries,
+    read_config,
+)
+from artloop.config import ConfigError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
 def _on_ray(ctx, cfg, address: str, workers: int, gpus: float):
     """`ctx` with its diffusion served by Ray actors (a local instance binds loopback)."""
-    from dataclasses import replace
-
+    # deliberately lazy (startup time): ray
     import ray
     from artloop.tools.ray_diffusion import RayDiffusion
 
@@ -69,7 +79,7 @@ def _ctrl_c_stops(stop: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def batch_command(
+def batch(
     prompts_file: Annotated[
         Path,
         typer.Argument(help="One prompt per line, or JSONL with prompt, seed, max_iters, tags"),
@@ -85,8 +95,8 @@ def batch_command(
             help="Gather diffusion requests (and in-process VLM calls) this long into one"
         ),
     ] = None,
-    max_iters: Annotated[int | None, typer.Option(help="Iterations at most")] = None,
-    judge: Annotated[str | None, typer.Option(help="vlm, or a reward name")] = None,
+    max_iters: MaxItersOpt = None,
+    judge: JudgeOpt = None,
     base_url: Annotated[
         list[str] | None,
         typer.Option(
@@ -106,37 +116,26 @@ def batch_command(
     config: ConfigOpt = None,
 ) -> None:
     """Collect trajectories: many sessions at once, resumable (a re-run skips finished ones)."""
-    import asyncio
-
-    from artloop.cli import _config, err, fail, quiet_libraries
-    from artloop.config import ConfigError
+    # deliberately lazy (startup time): the graphs, the models and the diffusion tool
     from artloop.graphs.batch import BatchError, batch_summary, read_prompts, run_batch
     from artloop.graphs.context import build_context
     from artloop.graphs.runner import CheckpointerError
     from artloop.models.chat import build_chat_model, check_chat_model
     from artloop.tools.diffusion import DiffusionError
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
 
     urls = base_url or []
-    cfg = _config(
+    cfg = read_config(
         config,
         {
             "home": home,
-            "loop.max_iters": max_iters,
-            "loop.judge": judge,
+            **overrides(max_iters=max_iters, judge=judge),
             "diffusion.batch_window_ms": batch_window_ms,
             "chat.batch_window_ms": batch_window_ms,
             "chat.backend": "openai" if urls else None,
             "chat.base_url": urls[0] if urls else None,
         },
     )
-    try:
+    with failing(BatchError, ConfigError, DiffusionError):
         items = read_prompts(prompts_file)
         chats = [build_chat_model(cfg.chat.model_copy(update={"base_url": u})) for u in urls]
         for c in [cfg.chat.model_copy(update={"base_url": u}) for u in urls] or [cfg.chat]:
@@ -146,8 +145,6 @@ def batch_command(
         if ray_address:
             ctx = _on_ray(ctx, cfg, ray_address, diffusion_workers, gpus_per_worker)
         ctx.models()
-    except (BatchError, ConfigError, DiffusionError) as e:
-        fail(str(e))
     columns = [
         TextColumn("batch"),
         BarColumn(),
@@ -170,22 +167,20 @@ def batch_command(
                 f"{rate:.1f}/min{stopping}",
             )
 
-        try:
-            with _ctrl_c_stops(stop):
-                result = asyncio.run(
-                    run_batch(
-                        ctx,
-                        items,
-                        name=name or prompts_file.stem,
-                        concurrency=concurrency,
-                        config=cfg.public_dict(),
-                        on_progress=show,
-                        chats=chats or None,
-                        stop=stop,
-                    )
+        # CheckpointerError: it could not be opened, no session started
+        with failing(CheckpointerError), _ctrl_c_stops(stop):
+            result = asyncio.run(
+                run_batch(
+                    ctx,
+                    items,
+                    name=name or prompts_file.stem,
+                    concurrency=concurrency,
+                    config=cfg.public_dict(),
+                    on_progress=show,
+                    chats=chats or None,
+                    stop=stop,
                 )
-        except CheckpointerError as e:  # it could not be opened: no session started
-            fail(str(e))
+            )
     print(json.dumps(batch_summary(result)))
     if stop.is_set():
         err.print(

@@ -1,0 +1,38 @@
+"""`artloop models list` and `artloop models build-tiny`: the tiny offline models."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from artloop.cli.common import fail, quiet_libraries
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="The tiny offline models (the embedded default).", no_args_is_help=True)
+
+
+@app.command("list")
+def models_list() -> None:
+    """List the tiny models and whether they are built."""
+    from artloop.models.tiny import cache_root, tiny_models  # deliberately lazy (startup time)
+
+    table = Table("name", "kind", "family", "built", "description")
+    for m in tiny_models().values():
+        built = any(cache_root().glob(f"{m.name}-*/.complete"))
+        table.add_row(m.name, m.kind, m.family, "yes" if built else "no", m.description)
+    Console().print(table)
+
+
+@app.command("build-tiny")
+def models_build_tiny(
+    names: Annotated[list[str] | None, typer.Argument(help="Default: all")] = None,
+) -> None:
+    """Build (or find cached) the tiny offline models and print their paths."""
+    from artloop.models.tiny import TINY_NAMES, tiny_models  # deliberately lazy (startup time)
+
+    quiet_libraries()
+    for name in names or TINY_NAMES:
+        if name not in TINY_NAMES:
+            fail(f"unknown tiny model {name!r}; choose from {', '.join(TINY_NAMES)}")
+        print(f"{name}\t{tiny_models()[name].build()}")
