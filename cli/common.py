@@ -50,7 +50,7 @@ JudgeOpt = Annotated[
     str | None, typer.Option(help="vlm, or a reward name (e.g. darkness) that scores")
 ]
 DiffusionModelOpt = Annotated[str | None, typer.Option(help="tiny-sd, tiny-flux, id or path")]
-ChatBackendOpt = Annotated[str | None, typer.Option(help="inprocess | openai | custom")]
+ChatBackendOpt = Annotated[str | None, typer.Option(help="inprocess | openai | scripted | custom")]
 ChatModelOpt = Annotated[str | None, typer.Option(help="Chat model id, path or served name")]
 BaseUrlOpt = Annotated[str | None, typer.Option(help="OpenAI-compatible server URL (.../v1)")]
 TagOpt = Annotated[

@@ -6,13 +6,11 @@ from __future__ import annotations
 # Deliberately lazy: torch, diffusers, peft and accelerate are imported inside the functions that
 # use them, so that importing this module (the CLI's --help, the config, a test) does not load them.
 import dataclasses
-import inspect
 import json
 import tomllib
-import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from artloop.tools.diffusion import SIZE_MULTIPLE, DiffusionError, DiffusionTool
 from artloop.tools.images import ImageStore
@@ -53,45 +51,6 @@ def load_trainer_config(cls: type[C], path: str | Path | None, overrides: dict[s
         return cls(**data)
     except TypeError as e:  # a missing required field
         raise TrainerConfigError(f"{cls.__name__}: {e}") from None
-
-
-def typer_command(cls: type[C], run: Callable[[C], Any]) -> Callable[..., Any]:
-    """A Typer command whose options are `cls`'s fields (with their help), plus --config."""
-    import typer
-
-    hints = typing.get_type_hints(cls)
-    params = [
-        inspect.Parameter(
-            "config",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[Path | None, typer.Option(help="TOML file with these fields")],
-        )
-    ]
-    for f in dataclasses.fields(cls):
-        option = typer.Option(help=f.metadata.get("help", ""), show_default=False)
-        kind = hints[f.name]
-        params.append(
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=None,
-                annotation=Annotated[kind | None, option],
-            )
-        )
-
-    def command(**kwargs: Any) -> Any:
-        try:
-            cfg = load_trainer_config(cls, kwargs.pop("config"), kwargs)
-        except TrainerConfigError as e:  # one clear line and exit 2, like every bad input
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-        return run(cfg)
-
-    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__doc__ = cls.__doc__
-    command.__name__ = cls.__name__.lower()
-    return command
 
 
 # --- LoRA ---------------------------------------------------------------------------------------
