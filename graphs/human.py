@@ -14,6 +14,7 @@ from functools import cache
 from typing import Any, Literal
 
 from artloop.agents.schemas import EditPlan, HumanBox, ParamChanges
+from artloop.config import MAX_PROMPT_CHARS
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PAUSES = ("prompt", "plan", "verdict")  # after enhance, after thesis (before edit), at validate
@@ -62,10 +63,10 @@ class Plan(EditPlan):
     """The plan the edit node applies: the agent's EditPlan, or a person's version of it (whose
     prompts and regions are not held to the agent's short constrained-decoding limits)."""
 
-    revised_prompt: str = Field(min_length=1, max_length=2000)
-    negative_prompt: str = Field("", max_length=2000)
+    revised_prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     regional_edits: list[Region] = Field(default_factory=list, max_length=8)  # type: ignore[assignment]
-    rationale: str = Field("", max_length=2000)
+    rationale: str = Field("", max_length=MAX_PROMPT_CHARS)
 
 
 class GenChanges(BaseModel):
@@ -84,12 +85,12 @@ class HumanAction(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     action: Literal["agent", "edit", "accept", "reject"] = "agent"
-    prompt: str | None = Field(None, min_length=1, max_length=2000)
-    negative_prompt: str | None = Field(None, max_length=2000)
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     regions: list[Region] | None = None  # at "plan": replaces the plan's regional edits
     params: GenChanges | None = None  # at "prompt"
     changes: ParamChanges | None = None  # at "plan": the plan's parameter changes
-    note: str | None = Field(None, max_length=2000)
+    note: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
 
 
 def check_action(point: str, answer: Any) -> HumanAction:
