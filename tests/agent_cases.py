@@ -12,7 +12,7 @@ from fakes import DEFAULTS
 from PIL import Image
 
 CALLS = 20  # per agent, against the vLLM server
-FEW_CALLS = 4  # per agent, in-process
+FEW_CALLS = 3  # per agent, in-process
 PROMPTS = [
     "a red fox in the snow",
     "a lighthouse at dusk",

@@ -20,7 +20,7 @@ from artloop.store.trajectories import FINAL_STATUSES, TrajectoryStore
 
 ARTLOOP = str(Path(sys.executable).with_name("artloop"))
 SESSIONS = 16
-KILLS = 4
+KILLS = 3
 CONCURRENCY = 8
 
 
