@@ -278,6 +278,50 @@ class ServeConfig(_Section):
     startup_timeout_s: float = Field(900.0, gt=0, description="Wait this long for /health")
 
 
+_PLUGIN = re.compile(
+    r"^(?:[\w-]+=)?[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$"
+)
+
+
+class ScorersConfig(_Section):
+    """The scorers (rewards that load a model: CLIP score, aesthetic, PickScore, ...): where they
+    run, which weights they load, the composite presets and the third-party scorers. Read by
+    artloop.rewards.registry (`scorer_device`, `scorer_model`); resolved there, not here."""
+
+    device: str = Field(
+        "auto", description="auto: cuda if available, else cpu; or a torch device (cuda:1)"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(16, ge=1, le=4096, description="Images per scorer forward pass")
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Scorer name -> weights (a hub id, a local directory or a tiny-* name) in "
+        'place of its default, e.g. {clip = "openai/clip-vit-base-patch32"}',
+    )
+    composites: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Named weight presets for composite:<name>, e.g. "
+        "{mine = {clip = 0.7, aesthetic = 0.3}} (each part range-normalised)",
+    )
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Third-party scorers, 'package.module:function' (registered under the "
+        "function's name) or 'name=package.module:function'; imported at first lookup",
+    )
+
+    @field_validator("plugins")
+    @classmethod
+    def _plugins_named(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            if not _PLUGIN.match(spec):
+                raise PydanticCustomError(
+                    "plugin_spec",
+                    "'{spec}' is not 'package.module:function' (or 'name=package.module:function')",
+                    {"spec": spec},
+                )
+        return value
+
+
 def default_home() -> Path:
     return Path.home() / ".artloop"
 
@@ -297,6 +341,7 @@ class ArtloopConfig(BaseSettings):
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    scorers: ScorersConfig = Field(default_factory=ScorersConfig)
     tags: list[str] = Field(
         default_factory=list,
         description="Labels stored with each run (`artloop export --tag` selects by them)",

@@ -122,6 +122,9 @@ class Commands(TyperGroup):
             fail(f"{type(e).__name__}: {' '.join(str(e).split())} (--debug shows where)", code=1)
         finally:
             _debug.reset(token)
+            from artloop.rewards.registry import configure_scorers  # deliberately lazy
+
+            configure_scorers(None)  # the file's scorers section was this command's only
 
 
 # --- config and store ----------------------------------------------------------------------------
@@ -130,10 +133,13 @@ def read_config(
 ) -> ArtloopConfig:
     """The config (file, environment, then the dotted `overrides`); the home is created unless
     `create_home` is False (the read-only commands). A bad value is one line, exit 2."""
+    from artloop.rewards.registry import configure_scorers  # deliberately lazy (startup time)
+
     with failing(ConfigError):
         cfg = load_config(config, overrides)
         if create_home:
             ensure_home(cfg.home)
+    configure_scorers(cfg.scorers)  # scorers.plugins, models, device: the file's too
     return cfg
 
 

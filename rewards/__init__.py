@@ -1,22 +1,33 @@
 """Rewards and judges by name, one signature: fn(images, prompts, metadata) -> (scores, info).
 
-registry.py holds the registry (`@reward("name", range=(lo, hi))`, `get_reward`, `judge_reward`);
-metrics.py the measured image statistics ("brightness", "darkness", "contrast", "saturation",
-"sharpness", "colourfulness"); vlm.py the VLM judges ("vlm", "synartifact") and the check that
-refuses a constant judge; judge.py a reward as the loop's judge. Importing this package
-registers the built-ins.
+registry.py holds the registry (`@reward("name", range=(lo, hi), model=...)`, `get_reward`,
+`reward_entry`, `judge_reward`; `package.module:function`, `scorers.plugins` and the entry-point
+group `artloop.rewards` for third-party scorers; `scorer_device`, `scorer_model` and
+`scorers_config` for the scorers that load a model); composite.py the composites
+(`composite:agfsync`, `composite:a=0.6,b=0.4`); metrics.py the measured image statistics
+("brightness", "darkness", "contrast", "saturation", "sharpness", "colourfulness"); vlm.py the
+VLM judges ("vlm", "synartifact") and the check that refuses a constant judge; judge.py a reward
+as the loop's judge. Importing this package registers the built-ins.
 """
 
 from artloop.rewards import metrics as metrics  # registers the image statistics
+from artloop.rewards.composite import AGFSYNC, PRESETS, Composite, composite_weights
 from artloop.rewards.judge import judge_by_reward
 from artloop.rewards.registry import (
+    ENTRY_POINT_GROUP,
     REWARDS,
     Reward,
     RewardFn,
+    UnknownRewardError,
+    available,
+    configure_scorers,
     get_reward,
     judge_reward,
     reward,
     reward_entry,
+    scorer_device,
+    scorer_model,
+    scorers_config,
 )
 from artloop.rewards.vlm import (
     BrokenJudgeError,
@@ -28,18 +39,29 @@ from artloop.rewards.vlm import (
 )
 
 __all__ = [
+    "AGFSYNC",
+    "ENTRY_POINT_GROUP",
+    "PRESETS",
     "REWARDS",
     "BrokenJudgeError",
+    "Composite",
     "JudgeWatch",
     "Reward",
     "RewardFn",
+    "UnknownRewardError",
+    "available",
     "check_judge",
     "clip_text_embedder",
+    "composite_weights",
+    "configure_scorers",
     "get_reward",
     "judge_by_reward",
     "judge_reward",
     "reward",
     "reward_entry",
+    "scorer_device",
+    "scorer_model",
+    "scorers_config",
     "synartifact_reward",
     "vlm_reward",
 ]

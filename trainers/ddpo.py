@@ -56,7 +56,7 @@ class DDPOConfig(LoRATrainConfig):
         super().__post_init__()
         try:
             get_reward(self.reward)
-        except KeyError as e:  # an unknown name fails here, naming the choices
+        except (KeyError, ValueError) as e:  # an unknown or unloadable name fails here
             raise TrainerConfigError(f"DDPOConfig.reward: {e.args[0]}") from None
         for name, ok in {
             "sample_steps": self.sample_steps >= 2,

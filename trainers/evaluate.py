@@ -56,7 +56,7 @@ class EvalConfig:
         for name in self.scorers:
             try:
                 get_reward(name)
-            except KeyError as e:
+            except (KeyError, ValueError) as e:
                 raise TrainerConfigError(f"EvalConfig.scorers: {e.args[0]}") from None
         for lora in self.lora:
             check_lora(lora, "EvalConfig.lora")
