@@ -45,7 +45,8 @@ class RefineContext:
     diffusion_config: DiffusionConfig = None  # type: ignore[assignment]
     # Shared by every session on this context: bounds the agent calls in flight to the server.
     vlm_slots: threading.BoundedSemaphore | None = None
-    # Shared too: a validator giving one answer for many different images is refused.
+    # Shared too: the validator's canaries (asked once it gives one answer for many different
+    # images; it is refused if it cannot tell a noise or grey edit from the real ones).
     judge_watch: JudgeWatch = field(default_factory=JudgeWatch)
     # Where `artloop serve ui` serves the images (pause payloads link them), if anywhere.
     ui_url: str | None = None

@@ -402,9 +402,25 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
             step["stats"]["edited"],
             policy=ctx.policy,
         )
-        try:
+        try:  # its canary pairs: `before` edited into a control image (noise, grey), when due
             ctx.judge_watch.check(
-                state["run_id"], step["edited_image"], result.output.model_dump_json(), "validator"
+                state["run_id"],
+                step["edited_image"],
+                result.output,
+                "validator",
+                ask=lambda canary: (
+                    agents.validate(
+                        ctx.chat,
+                        before,
+                        canary,
+                        state["prompt"],
+                        Plan.model_validate(step["plan"]),
+                        step["stats"]["image"],
+                        measure(canary),
+                        policy=ctx.policy,
+                    ).output
+                ),
+                before=before,
             )
         except BrokenJudgeError as e:  # the runs it already judged lose their verdicts too
             for run_id in set(e.runs) - {state["run_id"]}:

@@ -1,5 +1,8 @@
 """Malformed model output, fuzzed (hypothesis): the parse/repair path never crashes, whatever the
-model says; failures are counted; a judge that answers the same for every image is refused."""
+model says; failures are counted; a judge that cannot tell its canaries (control images whose
+answer is known: noise, a grey frame, a blurred copy) from real images is refused, and one that
+honestly gives one answer to every real image is not (that was the old agreement check's
+refusal; the canary tests of the schedule and the images are in test_judges.py)."""
 
 from __future__ import annotations
 
@@ -126,23 +129,64 @@ def _images(n: int) -> list[Image.Image]:
 
 
 RATING = {"score": 7.0, "reasons": ["fine"]}
+LOW = {"score": 1.0, "reasons": ["no fox"]}
+EMBED = {"embed": lambda t: np.ones((len(t), 4))}
+
+
+def _raters(real: list, canaries: list) -> ScriptedChat:
+    """A rater answering the batch's images in turn, then its canaries (noise, then grey)."""
+    return ScriptedChat(scripts={"Rating": [*real, *canaries]})
+
+
+def _spotter(real: list[str], canaries: list[str]) -> ScriptedChat:
+    """An artifact spotter likewise: the batch's images, then noise, then the blurred copy."""
+    return ScriptedChat(scripts={"ArtifactAnswer": [{"answer": a} for a in [*real, *canaries]]})
 
 
 @pytest.mark.parametrize(
     "make",
     [
-        lambda c: vlm_reward(c),
-        lambda c: synartifact_reward(c, embed=lambda t: np.ones((len(t), 4))),
+        lambda: vlm_reward(_raters([RATING] * 4, [LOW, LOW])),
+        lambda: synartifact_reward(_spotter(["No artifacts"] * 4, ["omission", "blur"]), **EMBED),
     ],
     ids=["vlm", "synartifact"],
 )
-def test_a_constant_judge_never_becomes_a_reward(make):
-    constant = ScriptedChat(scripts={"Rating": [RATING], "ArtifactAnswer": [{"answer": "blur"}]})
-    with pytest.raises(BrokenJudgeError, match="same answer for all 4 different images"):
-        make(constant)(_images(4), ["a fox"] * 4, [{}] * 4)
-    # The same image four times may well get one answer: that is not a broken judge.
-    scores, _ = make(constant)(_images(1) * 4, ["a fox"] * 4, [{}] * 4)
-    assert len(scores) == 4
+def test_honest_constant_answers_over_real_images_are_accepted(make):
+    """Moved from test_a_constant_judge_never_becomes_a_reward: four different images that all
+    get one answer were refused; now they are scores, because the canaries were told apart
+    (rated 1/10; named artifacts). SynArtifact DDPO succeeding looks exactly like this."""
+    scores, info = make()(_images(4), ["a fox"] * 4, [{}] * 4)
+    assert len(scores) == 4 and len(set(scores.tolist())) == 1
+    check = info["canaries"]
+    assert check["checked"] == "now" and check["passed"] and check["calls"] == 2
+    assert len(check["canaries"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (
+            lambda: vlm_reward(_raters([RATING], [])),
+            "vlm judge rated the noise canary (pure noise) 7/10, as high as the real images "
+            "(mean 7.0)",
+        ),
+        (
+            lambda: synartifact_reward(_spotter(["No artifacts"], []), **EMBED),
+            "synartifact judge reported 'No artifacts' for the noise canary (pure noise)",
+        ),
+    ],
+    ids=["vlm", "synartifact"],
+)
+def test_a_judge_that_cannot_tell_noise_from_images_never_becomes_a_reward(make, why):
+    """Moved from test_a_constant_judge_never_becomes_a_reward: the same constant judges, now
+    refused by their canaries, in one line that names the canary; the same image four times
+    does not excuse them any more (agreement is no longer the evidence)."""
+    for images in (_images(4), _images(1) * 4):
+        with pytest.raises(BrokenJudgeError) as e:
+            make()(images, ["a fox"] * 4, [{}] * 4)
+        message = str(e.value)
+        assert message.startswith(why) and "\n" not in message, message
+        assert "cannot tell control images from real ones" in message and e.value.runs == ()
 
 
 def test_a_judge_that_varies_is_used_and_its_failures_counted():
@@ -152,24 +196,26 @@ def test_a_judge_that_varies_is_used_and_its_failures_counted():
         {"score": 3.0, "reasons": ["dark"]},
         {"score": 9.0, "reasons": ["good"]},
     ]
-    chat = ScriptedChat(scripts={"Rating": answers})
+    chat = _raters(answers, [LOW, {"score": 2.0, "reasons": ["grey"]}])
     scores, info = vlm_reward(chat, CallPolicy(backoff_s=0))(_images(3), ["a fox"] * 3, [{}] * 3)
     assert scores.tolist() == pytest.approx([0.7, 0.3, 0.9])
     assert info["parse_failures"] == [1, 0, 0]
+    assert info["canaries"]["canaries"] == {"noise": 1.0, "grey": 2.0}
 
 
 def test_a_constant_validator_is_refused_across_sessions(store, sd_tool):
     """The loop's validator asked about one image at a time: once its last 8 answers, for
-    different images, are one and the same, the session fails instead of taking the verdict,
-    and the runs it judged before lose theirs."""
+    different images, are one and the same, its canary pairs are asked (the image before, then
+    noise, then a grey frame, as the edit); it accepts them as it accepted the real edits, so
+    the session fails instead of taking the verdict, and the runs it judged before lose theirs.
+    (What moved: the agreement alone was the refusal; now it only makes the watch look.)"""
     from dataclasses import replace
 
     from artloop.graphs.runner import run_session
     from conftest import make_ctx, verdict
 
-    ctx = make_ctx(
-        store, sd_tool, ScriptedChat(scripts={"Verdict": [verdict("accept", 9.0)]}), max_iters=1
-    )
+    chat = ScriptedChat(scripts={"Verdict": [verdict("accept", 9.0)]})
+    ctx = make_ctx(store, sd_tool, chat, max_iters=1)
     outcomes = []
     for seed in range(8):  # the sessions of a batch share the context, and so the watch
         config = ctx.diffusion_config.model_copy(update={"seed": seed})
@@ -178,10 +224,38 @@ def test_a_constant_validator_is_refused_across_sessions(store, sd_tool):
             outcomes.append(run_session(session, prompt="a fox").status)
         except BrokenJudgeError as e:
             outcomes.append("refused")
-            assert "validator judge gave the same answer for all 8 different images" in str(e)
+            assert str(e).startswith(
+                "validator judge gave the noise canary pair (the image before, then pure noise "
+                "as the edit) the verdict 'accept', better than before: it cannot tell"
+            )
     assert outcomes == ["accepted"] * 7 + ["refused"]
+    assert chat.calls.count("Verdict") == 8 + 2  # the sessions', then the two canary pairs
     runs = [store.get_run(r["run_id"]) for r in store.list_runs()]
     # The seven it accepted lose their verdicts too: failed, kept, never exported.
     assert len(runs) == 8 and all(r["status"] == "failed" for r in runs)
     assert all("BrokenJudgeError" in r["error"] for r in runs)
     assert sum(bool(r["steps"]) for r in runs) == 7  # their trajectories are kept
+
+
+def test_an_honest_constant_validator_is_kept_across_sessions(store, sd_tool):
+    """A validator that says "revise" to every session of a batch was refused at the 8th (the
+    test above, before the canaries); now the agreement makes the watch ask its canary pairs,
+    it rejects both (an edit into noise or grey is worse), and every session keeps its verdict.
+    The outcome is cached: later sessions cost no more canary calls."""
+    from dataclasses import replace
+
+    from artloop.graphs.runner import run_session
+    from conftest import make_ctx, verdict
+
+    worse = {**verdict("reject", 1.0), "better_than_before": False}
+    chat = ScriptedChat(scripts={"Verdict": [verdict("revise", 5.0)] * 8 + [worse] * 2})
+    ctx = make_ctx(store, sd_tool, chat, max_iters=1)
+    for seed in range(9):
+        config = ctx.diffusion_config.model_copy(update={"seed": seed})
+        run_session(replace(ctx, diffusion_config=config), prompt="a fox")
+    runs = [store.get_run(r["run_id"]) for r in store.list_runs()]
+    assert len(runs) == 9 and all(r["status"] != "failed" for r in runs), runs
+    assert chat.calls.count("Verdict") == 9 + 2  # the canaries once, at the 8th session
+    check = ctx.judge_watch.last
+    assert check is not None and check.broken is None and check.at_call == 8
+    assert [v.verdict for v in check.answers.values()] == ["reject", "reject"]

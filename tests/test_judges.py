@@ -1,10 +1,12 @@
 """Measured judges and VLM rewards: the reward judge in the validator's place, the tone edit it
-rewards, the rater ("vlm") and SynArtifact rewards, and run tags for export."""
+rewards, the rater ("vlm") and SynArtifact rewards, their canaries (the control images, the
+schedule and cache of the check, the validator's watch), and run tags for export."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from artloop.agents.schemas import Verdict
 from artloop.cli import app
 from artloop.config import ConfigError, load_config
 from artloop.graphs.context import check_judge
@@ -12,12 +14,15 @@ from artloop.graphs.runner import run_session
 from artloop.prompts import artifact_taxonomy
 from artloop.rewards import (
     REWARDS,
+    BrokenJudgeError,
+    JudgeWatch,
     clip_text_embedder,
     judge_by_reward,
     reward,
     synartifact_reward,
     vlm_reward,
 )
+from artloop.rewards.vlm import canary_image
 from artloop.store.export import ExportFilters, select_runs
 from artloop.tools.image_facts import measure
 from artloop.tools.images import adjust_tone
@@ -136,9 +141,172 @@ def test_vlm_reward_scales_the_raters_score():
 
 
 def test_vlm_reward_with_the_tiny_vlm(tiny_chat):
-    scores, info = vlm_reward(tiny_chat)([GREY, DARKER], ["a fox", "a fox"], [{}, {}])
+    """The in-process path end to end, canaries included. The tiny Qwen2-VL has random weights:
+    it rates pure noise as it rates the images, so its canaries refuse it (this test used to
+    pass it: two images were too few for the agreement check); with them off, its scores are
+    still read and scaled."""
+    with pytest.raises(BrokenJudgeError, match=r"^vlm judge rated the noise canary \(pure noise\)"):
+        vlm_reward(tiny_chat)([GREY, DARKER], ["a fox", "a fox"], [{}, {}])
+    scores, info = vlm_reward(tiny_chat, canaries="off")([GREY, DARKER], ["a fox"] * 2, [{}, {}])
     assert scores.shape == (2,) and ((scores >= 0) & (scores <= 1)).all()
     assert all(1 <= len(r) <= 3 for r in info["reasons"])
+    assert info["canaries"] == {"checked": "off", "schedule": "off"}
+
+
+def _sharpness(image: Image.Image) -> float:
+    return measure(image)["sharpness"]
+
+
+def test_canaries_are_the_same_control_images_every_time():
+    """Noise, a flat grey frame and a heavy blur, at the real image's size, byte-identical on
+    every call (the check is reproducible), and each what it says it is."""
+    real = Image.radial_gradient("L").convert("RGB").resize((96, 64))
+    real.paste((255, 0, 0), (10, 10, 30, 30))
+    for kind in ("noise", "grey", "blur"):
+        a, b = canary_image(kind, real), canary_image(kind, real)
+        assert a.size == (96, 64) and a.mode == "RGB" and a.tobytes() == b.tobytes()
+    noise = np.asarray(canary_image("noise", real)).astype(float)
+    assert noise.std() > 60 and abs(noise.mean() - 127.5) < 5  # uniform over 0-255
+    assert np.unique(np.asarray(canary_image("grey", real))).tolist() == [128]
+    assert _sharpness(canary_image("blur", real)) < 0.2 * _sharpness(real)
+    with pytest.raises(ValueError, match="unknown canary 'fog'"):
+        canary_image("fog", real)
+
+
+def test_a_judge_that_tells_the_canaries_apart_passes():
+    """Varied real answers, canaries answered as they should be: rated low (noise 0.5, grey 3
+    against a mean of 6), artifacts named (noise, the blurred copy)."""
+    rater = ScriptedChat(
+        scripts={"Rating": [{"score": s, "reasons": ["r"]} for s in (8.0, 4.0, 6.0, 0.5, 3.0)]}
+    )
+    scores, info = vlm_reward(rater)([GREY, DARKER, GREY], ["a fox"] * 3, [{}] * 3)
+    assert scores.tolist() == pytest.approx([0.8, 0.4, 0.6])
+    assert info["canaries"]["canaries"] == {"noise": 0.5, "grey": 3.0}
+    assert info["canaries"]["passed"] and rater.calls.count("Rating") == 3 + 2
+    texts = ["blur", "No artifacts", "omission, object distortion", "blur"]
+    spotter = ScriptedChat(scripts={"ArtifactAnswer": [{"answer": a} for a in texts]})
+    _, info = synartifact_reward(spotter, embed=bag_of_words)([GREY, DARKER], ["a"] * 2, [{}] * 2)
+    assert info["answers"] == texts[:2] and info["canaries"]["passed"]
+    assert info["canaries"]["canaries"] == {"noise": texts[2], "blur": "blur"}
+
+
+def test_the_canary_check_is_scheduled_and_its_outcome_cached():
+    """ "once" (the default): asked on the first call only, then cached, in calls and in the
+    info; a judge found broken stays refused without being asked again; N: again every N
+    calls; "agreement": only once different images got one answer; "off": never."""
+    low = {"score": 1.0, "reasons": ["no fox"]}
+    good = {"score": 8.0, "reasons": ["a fox"]}
+    images, prompts = [GREY, DARKER], ["a fox"] * 2
+
+    def calls(chat):
+        return chat.calls.count("Rating")
+
+    chat = ScriptedChat(scripts={"Rating": [good, good, low, low, good]})
+    fn = vlm_reward(chat)
+    assert fn(images, prompts, [{}, {}])[1]["canaries"]["checked"] == "now" and calls(chat) == 4
+    _, info = fn(images, prompts, [{}, {}])
+    assert calls(chat) == 6 and info["canaries"]["checked"] == "cached (from call 1)"
+    assert info["canaries"]["calls"] == 0 and info["canaries"]["passed"]
+
+    broken = ScriptedChat(scripts={"Rating": [good]})
+    fn = vlm_reward(broken)
+    for _ in range(2):  # the second call asks its images, not the canaries again
+        with pytest.raises(BrokenJudgeError, match="the noise canary"):
+            fn(images, prompts, [{}, {}])
+    assert calls(broken) == 2 + 2 + 2
+
+    every = ScriptedChat(scripts={"Rating": [good, good, low, low]})
+    fn = vlm_reward(every, canaries=2)
+    checked = [fn(images, prompts, [{}, {}])[1]["canaries"]["checked"] for _ in range(4)]
+    assert checked[0] == checked[2] == "now" and checked[1] == "cached (from call 1)"
+    assert checked[3] == "cached (from call 3)"
+
+    seen = ScriptedChat(scripts={"Rating": [good, low, good, good, good]})
+    fn = vlm_reward(seen, canaries="agreement")
+    assert fn(images, prompts, [{}, {}])[1]["canaries"]["checked"] == "not yet"
+    with pytest.raises(BrokenJudgeError):  # three different images, one answer: it looks
+        fn([GREY, DARKER, Image.new("RGB", (64, 64))], ["a fox"] * 3, [{}] * 3)
+
+    off = ScriptedChat(scripts={"Rating": [good]})
+    assert vlm_reward(off, canaries="off")(images, prompts, [{}, {}])[0].tolist() == [0.8] * 2
+    assert calls(off) == 2
+    with pytest.raises(ValueError, match="canary schedule 'always'"):
+        vlm_reward(off, canaries="always")
+
+
+def _verdict(v: str, score: float, better: bool) -> Verdict:
+    return Verdict(verdict=v, score=score, better_than_before=better, reasons=["r"])
+
+
+def test_the_validator_watch_asks_its_canary_pairs():
+    """The watch of a judge asked one edit at a time ("once": at its first verdict here): the
+    canary pairs are the image before edited into noise and into grey; a validator that
+    rejects them passes, one that takes them for an improvement is refused with the runs of
+    its window, and stays refused."""
+    asked: list[tuple] = []
+
+    def asker(answer: Verdict):
+        def ask(after: Image.Image) -> Verdict:
+            asked.append((after.size, np.asarray(after).std() > 0))
+            return answer
+
+        return ask
+
+    honest = JudgeWatch(schedule="once")
+    check = honest.check(
+        "r1",
+        "img1",
+        _verdict("revise", 5.0, True),
+        "validator",
+        ask=asker(_verdict("reject", 1.0, False)),
+        before=GREY,
+    )
+    assert check is not None and check.broken is None
+    assert asked == [((64, 64), True), ((64, 64), False)]  # noise, then the flat grey frame
+    assert (
+        honest.check(
+            "r2",
+            "img2",
+            _verdict("revise", 5.0, True),
+            "validator",
+            ask=asker(_verdict("reject", 1.0, False)),
+            before=GREY,
+        )
+        is check
+    )
+    assert len(asked) == 2  # cached
+
+    broken = JudgeWatch(schedule="once")
+    with pytest.raises(BrokenJudgeError, match="the verdict 'revise', better than before") as e:
+        broken.check(
+            "r1",
+            "img1",
+            _verdict("revise", 5.0, True),
+            "validator",
+            ask=asker(_verdict("revise", 5.0, True)),
+            before=GREY,
+        )
+    assert e.value.runs == ("r1",)
+    with pytest.raises(BrokenJudgeError) as e:  # found broken once: refused from then on
+        broken.check(
+            "r2",
+            "img2",
+            _verdict("accept", 9.0, True),
+            "validator",
+            ask=asker(_verdict("reject", 1.0, False)),
+            before=GREY,
+        )
+    assert e.value.runs == ("r1", "r2") and len(asked) == 4
+    # Rejected, but scored like the real edits: it did not look either.
+    with pytest.raises(BrokenJudgeError, match=r"scored the noise canary pair .* 5/10, as high"):
+        JudgeWatch(schedule="once").check(
+            "r1",
+            "img1",
+            _verdict("revise", 5.0, False),
+            "validator",
+            ask=asker(_verdict("reject", 5.0, False)),
+            before=GREY,
+        )
 
 
 VOCABULARY = sorted(
