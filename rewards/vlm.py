@@ -5,8 +5,9 @@ the environment's config (ARTLOOP_CHAT__...) unless built with one.
 A judge is broken when it cannot tell control images whose answer is known (canaries: pure
 noise, a flat grey frame, a heavily blurred copy of a real image) from the real ones. One
 answer for many real images is not evidence: a batch that all honestly show "No artifacts" is
-what SynArtifact DDPO is for. Canaries cost VLM calls, so they are asked on a schedule (once per
-judge per process by default) and the outcome is cached."""
+what SynArtifact DDPO is for. Canaries cost VLM calls (two a check), so they are asked on a
+schedule and the outcome is cached: the rewards once per judge per process, the loop's
+validator once its answers agree across different images (agreement is a reason to look)."""
 
 from __future__ import annotations
 
@@ -282,6 +283,8 @@ def vlm_reward(chat: Any = None, policy: Any = None, canaries: Schedule = "once"
     watch = Canaries(canaries)
 
     def fn(images, prompts, metadata):
+        if not images:  # nothing asked, nothing to compare a canary with
+            return np.array([]), {"reasons": [], "parse_failures": [], "canaries": {}}
         model = chat if chat is not None else _config_chat()
         p = policy or CallPolicy()
         calls = [rate(model, im, pr, policy=p) for im, pr in zip(images, prompts, strict=True)]
