@@ -273,7 +273,8 @@ def _load_entry_point(name: str) -> None:
         try:
             obj = ep.load()
         except ModuleNotFoundError as e:
-            raise ValueError(f"{what}: package {e.name!r} is not installed") from None
+            missing = (e.name or ep.module).split(".")[0]
+            raise ValueError(f"{what}: package {missing!r} is not installed") from None
         except Exception as e:
             why = " ".join(str(e).split())
             raise ValueError(
