@@ -6,8 +6,8 @@ group `artloop.rewards` for third-party scorers; `scorer_device`, `scorer_model`
 `scorers_config` for the scorers that load a model); composite.py the composites
 (`composite:agfsync`, `composite:a=0.6,b=0.4`); metrics.py the measured image statistics
 ("brightness", "darkness", "contrast", "saturation", "sharpness", "colourfulness"); vlm.py the
-VLM judges ("vlm", "synartifact") and the check that refuses a constant judge; judge.py a reward
-as the loop's judge. Importing this package registers the built-ins.
+VLM judges ("vlm", "synartifact") and the canary check that refuses a judge that cannot tell
+control images from real ones; judge.py a reward as the loop's judge. Importing this package registers the built-ins.
 """
 
 from artloop.rewards import metrics as metrics  # registers the image statistics
