@@ -18,7 +18,18 @@ def export(
         float | None, typer.Option(help="Best score minus first score, at least")
     ] = None,
     top_fraction: Annotated[
-        float | None, typer.Option(help="Keep this fraction of runs by gain (0-1]")
+        float | None, typer.Option(help="Keep this fraction of runs (0-1], by gain or --by")
+    ] = None,
+    by: Annotated[
+        str | None,
+        typer.Option("--by", help="Rank --top-fraction by this scorer's score of the best image"),
+    ] = None,
+    min_score: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--min-score",
+            help="NAME=V: the best image scored by scorer NAME at least V (repeat: all)",
+        ),
     ] = None,
     since: Annotated[str | None, typer.Option(help="Created at or after (ISO date)")] = None,
     until: Annotated[str | None, typer.Option(help="Created before (ISO date)")] = None,
@@ -38,6 +49,7 @@ def export(
     from artloop.store.export import ExportError, ExportFilters, export_dataset, parse_when
 
     with failing(ExportError):
+        store = existing_store(home, config)
         filters = ExportFilters(
             accepted_only=accepted_only,
             min_gain=min_gain,
@@ -46,11 +58,39 @@ def export(
             until=parse_when(until),
             run_ids=tuple(run or ()),
             tags=tuple(tag or ()),
+            min_scores=tuple(parse_min_score(m) for m in min_score or ()),
+            top_by=by,
         )
+        filters.check()
+        scorer = None
+        if filters.scorers():
+            from artloop.graphs.scoring import StoreScorer  # deliberately lazy (the registry)
+
+            scorer = StoreScorer(store, filters.scorers())  # an unknown name fails here
         result = export_dataset(
-            existing_store(home, config), out_dir, fmt, filters, overwrite=overwrite
+            store,
+            out_dir,
+            fmt,
+            filters,
+            overwrite=overwrite,
+            scorer=scorer,
+            scorers=scorer.identities if scorer else None,
         )
     if as_json:
         print(json.dumps(result.as_dict()))
     else:
         print(f"exported {result.rows} {fmt} row(s) from {result.runs_kept} run(s): {result.path}")
+
+
+def parse_min_score(text: str) -> tuple[str, float]:
+    """`NAME=V` (the scorer's name may hold '=': composite:a=0.6,b=0.4=0.5 splits at the last)."""
+    from artloop.store.export import ExportError  # deliberately lazy (startup time)
+
+    name, eq, value = text.rpartition("=")
+    try:
+        least = float(value)
+    except ValueError:
+        least = None
+    if not eq or not name.strip() or least is None:
+        raise ExportError(f"--min-score {text!r} is not NAME=V (e.g. aesthetic=5.5)")
+    return name.strip(), least

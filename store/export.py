@@ -42,6 +42,15 @@ class ExportError(ValueError):
     """An export cannot be made as asked (bad filter, bad target, nothing to export)."""
 
 
+# Scores come from above this layer (store/ does not import rewards/): the CLI passes a
+# `RunScorer`, (scorer name, runs) -> {run_id: score of the run's best image}, and the identity
+# of each scorer it used (`Reward.identity()`), which the card records.
+RunScorer = Callable[[str, list[dict]], dict[str, float]]
+# The dpo writer's pairs of one run, when the CLI builds them (--pairs best-worst): (image 0,
+# image 1, label_0, source) as `dpo_pairs` yields them.
+PairSource = Callable[[dict], Iterable[tuple[str, str, float, str]]]
+
+
 @dataclass(frozen=True)
 class ExportFilters:
     """Which finished runs to export. `since` is inclusive, `until` exclusive (naive = local)."""
@@ -53,12 +62,25 @@ class ExportFilters:
     until: datetime | None = None
     run_ids: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()  # a run must carry all of them (`artloop run --tag`)
+    # (scorer, at least): the run's best image scored by that scorer at export time
+    min_scores: tuple[tuple[str, float], ...] = ()
+    top_by: str | None = None  # top_fraction by this scorer's score instead of by gain
+
+    def scorers(self) -> list[str]:
+        """The scorers these filters score with, in order, once each."""
+        named = [n for n, _ in self.min_scores] + ([self.top_by] if self.top_by else [])
+        return list(dict.fromkeys(named))
 
     def check(self) -> None:
         if self.min_gain is not None and not math.isfinite(self.min_gain):
             raise ExportError(f"min_gain must be a finite number, not {self.min_gain}")
         if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
             raise ExportError(f"top_fraction must be in (0, 1], not {self.top_fraction}")
+        if self.top_by is not None and self.top_fraction is None:
+            raise ExportError(f"--by {self.top_by} ranks for --top-fraction, which is not given")
+        for name, least in self.min_scores:
+            if not math.isfinite(least):
+                raise ExportError(f"min score {name}={least} is not a finite number")
         if self.since and self.until and _ts(self.since) >= _ts(self.until):
             raise ExportError(f"since ({self.since}) is not before until ({self.until})")
         for run_id in self.run_ids:
@@ -68,7 +90,11 @@ class ExportFilters:
                 raise ExportError(str(e)) from e
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self) | {"run_ids": list(self.run_ids), "tags": list(self.tags)}
+        d = asdict(self) | {
+            "run_ids": list(self.run_ids),
+            "tags": list(self.tags),
+            "min_scores": dict(self.min_scores),
+        }
         return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in d.items()}
 
     def describe(self) -> str:
@@ -77,8 +103,9 @@ class ExportFilters:
         ]
         if self.min_gain is not None:
             parts.append(f"gain >= {self.min_gain:g}")
+        parts += [f"{name} >= {least:g}" for name, least in self.min_scores]
         if self.top_fraction is not None:
-            parts.append(f"top {self.top_fraction:.4g} by gain")
+            parts.append(f"top {self.top_fraction:.4g} by {self.top_by or 'gain'}")
         if self.since:
             parts.append(f"created since {self.since.isoformat()}")
         if self.until:
@@ -127,8 +154,14 @@ def gain(run: dict[str, Any]) -> float:
 
 
 # --- which runs -------------------------------------------------------------------------------
-def select_runs(store: TrajectoryStore, filters: ExportFilters) -> tuple[list[dict], int]:
-    """The matching runs (whole trajectories, oldest first) and how many runs the store holds."""
+def select_runs(
+    store: TrajectoryStore, filters: ExportFilters, scorer: RunScorer | None = None
+) -> tuple[list[dict], int]:
+    """The matching runs (whole trajectories, oldest first) and how many runs the store holds.
+    Score filters score each remaining run's best image with `scorer` (the scores land in the
+    run's `scores`); a run with no best image has no score and does not pass them."""
+    if filters.scorers() and scorer is None:
+        raise ExportError(f"filters by {', '.join(filters.scorers())} need a scorer")
     listed = store.list_runs(limit=-1)  # SQLite: a negative LIMIT means no limit
     known = {r["run_id"] for r in listed}
     if unknown := [i for i in filters.run_ids if i not in known]:
@@ -148,11 +181,28 @@ def select_runs(store: TrajectoryStore, filters: ExportFilters) -> tuple[list[di
     runs = [r for r in runs if set(filters.tags) <= set(r["config"].get("tags", []))]
     if filters.min_gain is not None:
         runs = [r for r in runs if r["gain"] >= filters.min_gain]
+    for name, least in filters.min_scores:
+        runs = _scored(runs, name, scorer)  # type: ignore[arg-type]  # checked above
+        runs = [r for r in runs if r["scores"][name] >= least]
     if filters.top_fraction is not None and runs:
-        keep = max(1, int(len(runs) * filters.top_fraction))
-        top = {r["run_id"] for r in sorted(runs, key=lambda r: -r["gain"])[:keep]}
+        by = filters.top_by
+        if by is not None:
+            runs = _scored(runs, by, scorer)  # type: ignore[arg-type]  # checked above
+        rank = (lambda r: -r["gain"]) if by is None else (lambda r: -r["scores"][by])
+        keep = max(1, int(len(runs) * filters.top_fraction)) if runs else 0
+        top = {r["run_id"] for r in sorted(runs, key=rank)[:keep]}
         runs = [r for r in runs if r["run_id"] in top]
     return runs, len(listed)
+
+
+def _scored(runs: list[dict], name: str, scorer: RunScorer) -> list[dict]:
+    """The runs that have a `name` score (scored now where missing), each with it in `scores`."""
+    todo = [r for r in runs if name not in r.get("scores", {})]
+    found = scorer(name, todo) if todo else {}
+    for r in todo:
+        if r["run_id"] in found:
+            r["scores"] = r.get("scores", {}) | {name: float(found[r["run_id"]])}
+    return [r for r in runs if name in r.get("scores", {})]
 
 
 # --- shared writing ---------------------------------------------------------------------------
@@ -255,7 +305,9 @@ def dpo_pairs(run: dict[str, Any]) -> Iterator[tuple[str, str, float, str]]:
             yield best["result_image"], worst["result_image"], 1.0, "best_worst"
 
 
-def _write_dpo(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
+def _write_dpo(
+    store: TrajectoryStore, runs: list[dict], out: Path, pairs: PairSource | None = None
+) -> int:
     from datasets import Features, Value
     from PIL import Image
 
@@ -289,7 +341,7 @@ def _write_dpo(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
             "source": source,
         }
         for run in runs
-        for a, b, label, source in dpo_pairs(run)
+        for a, b, label, source in (pairs or dpo_pairs)(run)
     )
     return _write_parquet(out / PARQUET, features, rows)
 
@@ -363,12 +415,16 @@ ABOUT = {
 }
 
 
-def _write_card(out: Path, result: ExportResult, runs: list[dict]) -> None:
+def _write_card(
+    out: Path, result: ExportResult, runs: list[dict], scorers: dict[str, Any] | None = None
+) -> None:
     models = {json.dumps(_public(r["models"]), sort_keys=True) for r in runs}
     provenance = {
         "artloop_version": __version__,
         "prompts_versions": sorted({r["prompts_version"] for r in runs}),
         "models": [json.loads(m) for m in sorted(models)],
+        # the scorers this export scored with (filters, pairs): name -> Reward.identity()
+        "scorers": _public(scorers or {}),
         "filters": result.filters,
         "runs_considered": result.runs_considered,
         "runs_kept": result.runs_kept,
@@ -481,14 +537,21 @@ def export_dataset(
     filters: ExportFilters | None = None,
     *,
     overwrite: bool = False,
+    scorer: RunScorer | None = None,
+    scorers: dict[str, Any] | None = None,
+    pairs: PairSource | None = None,
 ) -> ExportResult:
-    """Export the finished runs that match `filters` to `out_dir` in format `fmt`."""
+    """Export the finished runs that match `filters` to `out_dir` in format `fmt`. `scorer`
+    scores runs for the score filters; `scorers` (name -> identity) is what the card records of
+    the scorers used; `pairs` (dpo only) replaces the judge's pairs of each run."""
     if fmt not in WRITERS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     filters = filters or ExportFilters()
     filters.check()
     out = _target(store, Path(out_dir), overwrite)
-    runs, considered = select_runs(store, filters)
+    if pairs is not None and fmt != "dpo":
+        raise ExportError(f"preference pairs are a dpo export's, not {fmt}'s")
+    runs, considered = select_runs(store, filters, scorer)
     if not runs:
         raise ExportError(f"no runs match: {filters.describe()} ({considered} run(s) in store)")
     tmp = out.with_name(f".{out.name}.export-{uuid.uuid4().hex[:8]}")
@@ -498,7 +561,10 @@ def export_dataset(
     except OSError as e:
         raise ExportError(f"cannot write to {out.parent}: {e.strerror or e}") from e
     try:
-        rows = WRITERS[fmt](store, runs, tmp)
+        if pairs is not None:
+            rows = _write_dpo(store, runs, tmp, pairs)
+        else:
+            rows = WRITERS[fmt](store, runs, tmp)
         if rows == 0:
             matching = f"the {len(runs)} run(s) matching: {filters.describe()}"
             raise ExportError(f"no {fmt} rows from {matching}")
@@ -510,7 +576,7 @@ def export_dataset(
             runs_kept=len(runs),
             filters=filters.as_dict(),
         )
-        _write_card(tmp, result, runs)
+        _write_card(tmp, result, runs, scorers)
         _publish(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
