@@ -12,6 +12,7 @@ from __future__ import annotations
 # them, so that importing this module (the CLI's --help, the config, a test) does not load them.
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +140,15 @@ class ChatQwen2VLLocal(BaseChatModel):
         msg = AIMessage(content=content, response_metadata={"model_name": self.model, **meta})
         return ChatResult(generations=[ChatGeneration(message=msg)])
 
+    def choice_logprobs(
+        self, messages: list[BaseMessage], choices: Sequence[str]
+    ) -> dict[str, float]:
+        """The log-probability of each choice (its first token) as the first token of the
+        assistant's answer to `messages`: one forward pass over the prompt, no decoding. Runs
+        on the batcher's worker, like generate (the model is never used from two threads)."""
+        chat, images = to_qwen_messages(messages)
+        return self._batcher().submit(("logprobs", tuple(choices)), _Request(chat, images, None))
+
     def set_batching(self, window_ms: float) -> None:
         """Gather concurrent calls this long into one generate (0: only those already waiting)."""
         self.batch_window_ms = window_ms
@@ -167,6 +177,8 @@ class ChatQwen2VLLocal(BaseChatModel):
         import torch
         from artloop.models.prefill import prefill_rows
 
+        if jobs[0].key[0] == "logprobs":
+            return self._choice_rows(jobs)
         model, processor, _, control_ids = self.setup()
         requests: list[_Request] = [job.payload for job in jobs]
         _, max_new, temperature = jobs[0].key
@@ -198,6 +210,26 @@ class ChatQwen2VLLocal(BaseChatModel):
             _finish(processor.tokenizer, row, n, eos)
             for row, n in zip(new, prompt_tokens, strict=True)
         ]
+
+    def _choice_rows(self, jobs: list[Job]) -> list[dict[str, float]]:
+        """choice_logprobs' batch: each row's prompt alone (unpadded, as prefill_rows does), the
+        next-token log-softmax at its last position, read at each choice's first token."""
+        import torch
+
+        model, processor, _, _ = self.setup()
+        choices = jobs[0].key[1]
+        tok = processor.tokenizer
+        ids = [tok.encode(c, add_special_tokens=False)[0] for c in choices]
+        out = []
+        for job in jobs:
+            r: _Request = job.payload
+            text = processor.apply_chat_template(r.chat, tokenize=False, add_generation_prompt=True)
+            inputs = processor(text=[text], images=r.images or None, return_tensors="pt")
+            with torch.inference_mode():
+                logits = model(**inputs.to(self.device), logits_to_keep=1).logits  # (1, 1, V)
+            logp = torch.log_softmax(logits[0, -1].float(), dim=-1)
+            out.append({c: float(logp[i]) for c, i in zip(choices, ids, strict=True)})
+        return out
 
 
 @dataclass

@@ -1,0 +1,130 @@
+"""The VQA score (issue 17, item 2; AGFSync's sense): questions written once per prompt and
+model, cached and reported in info; answered by the in-process Qwen2-VL's log-probabilities,
+by a server's (vLLM, integration) or, without them, counted as a share of right answers."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from artloop.agents.questions import MAX_QUESTIONS, VQAQuestions, answer_messages
+from artloop.config import ChatConfig, ScorersConfig
+from artloop.models.chat import build_chat_model
+from artloop.models.inprocess import ChatQwen2VLLocal
+from artloop.models.scripted import ScriptedChat
+from artloop.rewards import configure_scorers, get_reward, reward_entry
+from artloop.rewards.vqa import NO, YES, model_key, p_yes, vqa_reward
+from PIL import Image
+from pydantic import ValidationError
+
+QUESTIONS = ["Is there a fox?", "Is the fox red?", "Is there snow?"]
+PAIRS = {"pairs": [{"question": q, "answer": "yes"} for q in QUESTIONS]}
+RED = Image.new("RGB", (32, 32), (200, 40, 30))
+NOISE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def yes_no(*answers: str) -> list[dict]:
+    return [{"answer": a} for a in answers]
+
+
+def test_questions_generated_cached_and_the_share_exactly():
+    chat = ScriptedChat(
+        scripts={"VQAQuestions": [PAIRS], "VQAAnswer": yes_no("yes", "no", "yes", "no")}
+    )
+    fn = vqa_reward(chat)
+    scores, info = fn([RED], ["a red fox in snow"], [{}])
+    assert scores.tolist() == [2 / 3]  # exactly the share of "yes"
+    assert info["method"] == "share" and info["sources"] == ["generated"]
+    assert info["questions"] == [QUESTIONS] and info["question_calls"] == 1
+    assert info["probabilities"] == [[1.0, 0.0, 1.0]]
+    assert chat.calls.count("VQAQuestions") == 1 and chat.calls.count("VQAAnswer") == 3
+    # The second call does not ask again: the same questions, from the cache.
+    scores, info = fn([RED], ["a red fox in snow"], [{}])
+    assert chat.calls.count("VQAQuestions") == 1 and chat.calls.count("VQAAnswer") == 6
+    assert info["sources"] == ["cache"] and info["question_calls"] == 0
+    assert info["questions"] == [QUESTIONS] and scores.tolist() == [0.0]  # "no", then repeated
+
+
+def test_questions_from_metadata_are_not_asked_for():
+    chat = ScriptedChat(scripts={"VQAAnswer": yes_no("yes", "no")})
+    scores, info = vqa_reward(chat)([RED], ["a fox"], [{"vqa_questions": QUESTIONS[:2]}])
+    assert "VQAQuestions" not in chat.calls and info["sources"] == ["metadata"]
+    assert scores.tolist() == [0.5]
+
+
+def test_the_question_schema_is_bounded_and_always_yes():
+    too_many = {"pairs": [{"question": f"Is there {i}?", "answer": "yes"} for i in range(9)]}
+    with pytest.raises(ValidationError):
+        VQAQuestions.model_validate(too_many)
+    with pytest.raises(ValidationError):
+        VQAQuestions.model_validate({"pairs": [{"question": "Is it red?", "answer": "no"}]})
+    with pytest.raises(ValueError, match="n_questions"):
+        vqa_reward(ScriptedChat(), n_questions=MAX_QUESTIONS + 1)
+
+
+def test_p_yes_and_the_cache_key():
+    assert p_yes({"yes": math.log(0.3), " No": math.log(0.1), "cat": 0.0}) == pytest.approx(0.75)
+    assert p_yes({"Yes": math.log(0.2), "yes": math.log(0.2)}) == pytest.approx(1.0)
+    assert p_yes({"cat": 0.0}) is None
+    assert model_key(ChatQwen2VLLocal(model="a")) != model_key(ChatQwen2VLLocal(model="b"))
+
+
+def test_logprobs_on_the_tiny_inprocess_qwen2vl(tiny_chat):
+    writer = ScriptedChat(scripts={"VQAQuestions": [PAIRS]})
+    fn = vqa_reward(tiny_chat, questions_chat=writer)
+    images, prompts = [RED, NOISE], ["a red fox in snow", "a red fox in snow"]
+    scores, info = fn(images, prompts, [{}, {}])
+    assert info["method"] == "logprobs" and writer.calls.count("VQAQuestions") == 1
+    assert info["sources"] == ["generated", "cache"]
+    assert scores.shape == (2,) and np.all((scores >= 0) & (scores <= 1))
+    flat = [p for row in info["probabilities"] for p in row]
+    assert len(flat) == 6 and all(0 <= p <= 1 for p in flat)
+    assert info["unseen_answers"] == 0  # the log-softmax covers every token
+    again, _ = fn(images, prompts, [{}, {}])
+    np.testing.assert_array_equal(scores, again)  # deterministic
+    # The mean of each question's P(yes) / (P(yes) + P(no)) from the backend's log-probabilities.
+    messages = answer_messages(RED, QUESTIONS[0])
+    logprobs = tiny_chat.choice_logprobs(messages, YES + NO)
+    assert all(lp <= 0 for lp in logprobs.values())
+    assert info["probabilities"][0][0] == pytest.approx(p_yes(logprobs))
+
+
+def test_choice_logprobs_keep_the_batching(tiny_chat):
+    """Concurrent scoring calls and a generate share the one worker: the same numbers as alone."""
+    asks = [answer_messages(im, q) for im in (RED, NOISE) for q in QUESTIONS[:2]]
+    alone = [tiny_chat.choice_logprobs(m, ("yes", "no")) for m in asks]
+    with ThreadPoolExecutor(5) as pool:
+        gen = pool.submit(tiny_chat.invoke, "Say hi", max_new_tokens=3)
+        together = list(pool.map(lambda m: tiny_chat.choice_logprobs(m, ("yes", "no")), asks))
+        assert isinstance(gen.result().content, str)
+    for a, b in zip(alone, together, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-4)
+
+
+def test_registered_with_the_model_identity():
+    configure_scorers(ScorersConfig(models={"vqa": "tiny-qwen2vl"}))
+    try:
+        entry = reward_entry("vqa")
+        ident = entry.identity()
+    finally:
+        configure_scorers(None)
+    assert entry.range == (0.0, 1.0) and entry.judge_problem() is None
+    assert ident["model"]["id"] == "tiny-qwen2vl" and ident["model"]["backend"] == "inprocess"
+    assert len(ident["model"]["sha256"]) == 16
+    assert callable(get_reward("vqa"))
+
+
+def test_vllm_logprobs(vllm_server):
+    """One small case against the real server: logprobs=True, top_logprobs=k, one token."""
+    cfg = ChatConfig(backend="openai", base_url=vllm_server.base_url, model="tiny-qwen2vl")
+    writer = ScriptedChat(scripts={"VQAQuestions": [PAIRS]})
+    fn = vqa_reward(build_chat_model(cfg), questions_chat=writer)
+    scores, info = fn([RED], ["a red fox in snow"], [{}])
+    assert info["method"] == "openai-logprobs" and scores.shape == (1,)
+    assert 0 <= scores[0] <= 1 and all(0 <= p <= 1 for p in info["probabilities"][0])
+    again, _ = fn([RED], ["a red fox in snow"], [{}])
+    assert again[0] == pytest.approx(scores[0], abs=1e-3)  # greedy, the same answer
