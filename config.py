@@ -236,6 +236,12 @@ class LoopConfig(_Section):
         "reward with a declared range, e.g. darkness: score = that reward "
         "mapped onto 0-10 (checked by graphs/context.check_judge)",
     )
+    fact_scorers: list[str] = Field(
+        default_factory=list,
+        description="Rewards whose scores of each image go to Data-CoT as measured facts beside "
+        "the image statistics, and into the step record (e.g. aesthetic, pickscore; "
+        "checked by graphs/context.check_judge)",
+    )
 
 
 class ServeConfig(_Section):

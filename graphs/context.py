@@ -21,7 +21,7 @@ from artloop.config import (
 )
 from artloop.models.chat import build_chat_model, chat_identity
 from artloop.models.structured import CallPolicy
-from artloop.rewards import JudgeWatch, judge_reward
+from artloop.rewards import JudgeWatch, judge_reward, reward_entry
 from artloop.store.trajectories import TrajectoryStore
 from artloop.tools.diffusion import DiffusionTool
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -78,17 +78,30 @@ class RefineContext:
 
     def models(self) -> dict:
         """Model identities, stored with every trajectory."""
-        return {"chat": chat_identity(self.chat_config), "diffusion": self.diffusion.identity}
+        models = {"chat": chat_identity(self.chat_config), "diffusion": self.diffusion.identity}
+        if self.loop.judge != "vlm":  # the scorer that judged, with its weights
+            models["judge"] = judge_reward(self.loop.judge).identity()
+        if self.loop.fact_scorers:
+            models["fact_scorers"] = {
+                name: reward_entry(name).identity() for name in self.loop.fact_scorers
+            }
+        return models
 
 
 def check_judge(loop: LoopConfig) -> None:
-    """`loop.judge` is "vlm" (the validator agent) or a reward that can judge: ConfigError naming
-    it otherwise. Checked here, not in config.py: the reward registry is a layer above it."""
+    """`loop.judge` is "vlm" (the validator agent) or a reward that can judge, and each of
+    `loop.fact_scorers` a reward: ConfigError naming it otherwise. Checked here, not in
+    config.py: the reward registry is a layer above it."""
     if loop.judge != "vlm":
         try:
             judge_reward(loop.judge)
         except ValueError as e:
             raise ConfigError(f"loop.judge: {e}") from None
+    for name in loop.fact_scorers:
+        try:
+            reward_entry(name)
+        except ValueError as e:  # UnknownRewardError is one too
+            raise ConfigError(f"loop.fact_scorers: {e}") from None
 
 
 def build_context(config: ArtloopConfig) -> RefineContext:

@@ -130,6 +130,44 @@ def test_loop_with_a_darkness_judge_keeps_the_darkened_image(store, sd_tool):
     assert step["parse_failures"]["validate"] == {"reward:darkness": 0}
 
 
+def test_the_judges_identity_is_stored_with_the_run_and_on_the_export_card(
+    store, sd_tool, tmp_path
+):
+    """A scorer that judges records its identity (its model's weights) in the run's models and
+    so on every export card of the run (issue 17, item 3b)."""
+    from artloop.store.export import export_dataset, provenance
+
+    weights = {"id": "test/dark", "revision": "local", "sha256": "0123456789abcdef"}
+    reward("test-dark", range=(0.0, 1.0), model=lambda: dict(weights))(REWARDS["darkness"].fn)
+    try:
+        ctx = make_ctx(store, sd_tool, ScriptedChat(), judge="test-dark", accept_score=0.0)
+        summary = run_session(ctx, prompt="a fox at night")
+        judge = store.get_run(summary.run_id)["models"]["judge"]
+        assert judge == {
+            "name": "test-dark",
+            "range": [0.0, 1.0],
+            "higher_is_better": True,
+            "model": weights,
+        }
+        export_dataset(store, tmp_path / "ds", "prompts")
+        (models,) = provenance(tmp_path / "ds")["models"]
+        assert models["judge"]["model"] == weights
+        vlm = make_ctx(store, sd_tool, ScriptedChat())
+        assert "judge" not in vlm.models()  # the validator agent is the chat model's
+    finally:
+        del REWARDS["test-dark"]
+
+
+def test_fact_scorers_are_checked_and_their_identities_stored(store, sd_tool):
+    from artloop.config import LoopConfig
+
+    with pytest.raises(ConfigError, match="loop.fact_scorers: unknown reward 'no-such-scorer'"):
+        check_judge(LoopConfig(fact_scorers=["no-such-scorer"]))
+    ctx = make_ctx(store, sd_tool, ScriptedChat(), fact_scorers=["darkness", "contrast"])
+    facts = ctx.models()["fact_scorers"]
+    assert list(facts) == ["darkness", "contrast"] and facts["contrast"]["range"] == (0.0, 0.5)
+
+
 def test_vlm_reward_scales_the_raters_score():
     chat = ScriptedChat(
         scripts={
