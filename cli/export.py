@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from artloop.cli.common import ConfigOpt, HomeOpt, JsonOpt, existing_store, failing
+from artloop.cli.common import (
+    ConfigOpt,
+    HomeOpt,
+    JsonOpt,
+    existing_store,
+    failing,
+    read_config,
+)
 
 
 def export(
@@ -37,6 +44,24 @@ def export(
     tag: Annotated[
         list[str] | None, typer.Option("--tag", help="Only runs with this tag (repeat: all)")
     ] = None,
+    pairs: Annotated[
+        str,
+        typer.Option(
+            "--pairs",
+            help="dpo pairs: judge (each edit by the judge's verdict, best vs worst step) or "
+            "best-worst (--candidates images per prompt, best vs worst by --score)",
+        ),
+    ] = "judge",
+    score: Annotated[
+        str | None, typer.Option("--score", help="The scorer --pairs best-worst ranks by")
+    ] = None,
+    candidates: Annotated[
+        int,
+        typer.Option(
+            "--candidates",
+            help="--pairs best-worst: images per prompt (the run's own, then new seeds)",
+        ),
+    ] = 8,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an earlier artloop export in OUT_DIR (nothing else)")
     ] = False,
@@ -62,11 +87,18 @@ def export(
             top_by=by,
         )
         filters.check()
-        scorer = None
-        if filters.scorers():
-            from artloop.graphs.scoring import StoreScorer  # deliberately lazy (the registry)
+        check_pairs(fmt, pairs, score, candidates)
+        named = filters.scorers() + ([score] if score and pairs == "best-worst" else [])
+        scorer = pair_source = pairing = None
+        if named:
+            from artloop.graphs import scoring  # deliberately lazy (the registry, diffusion)
 
-            scorer = StoreScorer(store, filters.scorers())  # an unknown name fails here
+            scorer = scoring.StoreScorer(store, named)  # an unknown name fails here
+        if pairs == "best-worst":
+            cfg = read_config(config, {"home": home}, create_home=False)
+            tools = scoring.diffusion_tools(store, cfg.diffusion.device)
+            pair_source = scoring.best_worst_pairs(scorer, score, candidates, tools)
+            pairing = {"pairs": pairs, "score": score, "candidates": candidates}
         result = export_dataset(
             store,
             out_dir,
@@ -75,6 +107,8 @@ def export(
             overwrite=overwrite,
             scorer=scorer,
             scorers=scorer.identities if scorer else None,
+            pairs=pair_source,
+            pairing=pairing,
         )
     if as_json:
         print(json.dumps(result.as_dict()))
@@ -94,3 +128,21 @@ def parse_min_score(text: str) -> tuple[str, float]:
     if not eq or not name.strip() or least is None:
         raise ExportError(f"--min-score {text!r} is not NAME=V (e.g. aesthetic=5.5)")
     return name.strip(), least
+
+
+def check_pairs(fmt: str, pairs: str, score: str | None, candidates: int) -> None:
+    """--pairs, --score and --candidates go together, with --format dpo."""
+    from artloop.store.export import ExportError  # deliberately lazy (startup time)
+
+    if pairs not in ("judge", "best-worst"):
+        raise ExportError(f"--pairs {pairs!r}: choose judge or best-worst")
+    if pairs == "judge":
+        if score is not None:
+            raise ExportError("--score ranks --pairs best-worst, which is not given")
+        return
+    if fmt != "dpo":
+        raise ExportError(f"--pairs best-worst makes a dpo export, not {fmt}")
+    if score is None:
+        raise ExportError("--pairs best-worst needs --score NAME (e.g. composite:agfsync)")
+    if not 2 <= candidates <= 64:
+        raise ExportError(f"--candidates must be 2 to 64, not {candidates}")

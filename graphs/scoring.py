@@ -14,14 +14,16 @@ import hashlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from artloop.rewards.registry import Reward, reward_entry, scorers_config
-from artloop.store.export import ExportError
+from artloop.store.export import ExportError, PairSource
 from artloop.store.trajectories import TrajectoryStore
+from artloop.tools.diffusion import DiffusionError, DiffusionTool, GenParams
 
 CACHE = "scores.sqlite"
 _SCHEMA = (
@@ -135,3 +137,70 @@ class StoreScorer:
         items = [(r["final_image"], r["prompt"]) for r in runs]
         meta = [{"run_id": r["run_id"]} for r in runs]
         return dict(zip((r["run_id"] for r in runs), self.score(name, items, meta), strict=True))
+
+
+# --- best-vs-worst preference pairs (AGFSync) ------------------------------------------------------
+ToolFor = Callable[[dict], DiffusionTool]  # the diffusion tool that regenerates a run's prompt
+
+
+def diffusion_tools(store: TrajectoryStore, device: str = "cpu") -> ToolFor:
+    """A run's diffusion tool, from the model identity stored with it (model, family, dtype):
+    one per distinct identity, loaded on first use, writing into `store`'s images."""
+    tools: dict[tuple, DiffusionTool] = {}
+
+    def tool_for(run: dict) -> DiffusionTool:
+        d = run["models"].get("diffusion") or {}
+        if not d.get("model"):
+            raise ExportError(f"run {run['run_id']} records no diffusion model to regenerate with")
+        key = (d["model"], d.get("family") or "auto", d.get("dtype") or "float32")
+        if key not in tools:
+            model, family, dtype = key
+            tools[key] = DiffusionTool(
+                model=model, store=store.images, family=family, device=device, dtype=dtype
+            )
+        return tools[key]
+
+    return tool_for
+
+
+def candidates(run: dict, n: int, tool_for: ToolFor) -> list[str]:
+    """Up to `n` candidate images for the run's prompt: the run's own step images first (each
+    generated, edited and result image, once), then new images from the run's prompt with its
+    first step's diffusion settings and seeds seed+1, seed+2, ... (stored in the image store)."""
+    own = [
+        digest
+        for step in run["steps"]
+        for digest in (step.get("image"), step.get("edited_image"), step.get("result_image"))
+        if digest
+    ]
+    found = list(dict.fromkeys(own))[:n]
+    params = next((s["params"] for s in run["steps"] if s.get("params")), None)
+    if len(found) < n and params is not None:
+        tool, base = tool_for(run), GenParams(**params)
+        negative = next((s.get("negative_prompt") or "" for s in run["steps"]), "")
+        for k in range(1, n - len(found) + 1):
+            p = replace(base, seed=base.seed + k)
+            try:
+                found.append(tool.text_to_image(run["prompt"], negative, p))
+            except DiffusionError as e:
+                raise ExportError(f"run {run['run_id']}: {e}") from None
+    return found
+
+
+def best_worst_pairs(scorer: StoreScorer, name: str, n: int, tool_for: ToolFor) -> PairSource:
+    """A dpo PairSource: per run, its `n` candidates scored by `name`; the best vs the worst
+    (by the scorer's direction) as one pair, label_0 = 1.0 (jpg_0 the best). No pair when the
+    candidates all score the same."""
+    entry = scorer.entry(name)
+
+    def pairs(run: dict) -> Iterator[tuple[str, str, float, str]]:
+        found = candidates(run, n, tool_for)
+        if len(found) < 2:
+            return
+        scores = scorer.score(name, [(d, run["prompt"]) for d in found])
+        order = sorted(range(len(found)), key=lambda i: scores[i], reverse=entry.higher_is_better)
+        best, worst = order[0], order[-1]
+        if scores[best] != scores[worst] and found[best] != found[worst]:
+            yield found[best], found[worst], 1.0, "best_worst_score"
+
+    return pairs

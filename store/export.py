@@ -406,7 +406,9 @@ ABOUT = {
     "`label_0` (1.0 when `jpg_0` is preferred), `label_1`, `run_id`, `source` (`edit`: a step's "
     "image before vs after its edit, labelled by the judge's `better_than_before` or a person's "
     "verdict that overruled it, left out where the judge rejected an edit it called better; "
-    "`best_worst`: a run's best vs worst step result). For "
+    "`best_worst`: a run's best vs worst step result; `best_worst_score`, with `--pairs "
+    "best-worst`: the best vs the worst of N candidates for the run's prompt by the score the "
+    "card's `pairs` names, whose model is under `scorers`). For "
     "diffusers' `diffusion_dpo` scripts: `--dataset_name <this dir>`.",
     "prompts": "The runs' original prompts: `prompts.jsonl` (`prompt`, `run_id`) and "
     "`prompts.txt` (one per line, deduplicated).",
@@ -416,7 +418,11 @@ ABOUT = {
 
 
 def _write_card(
-    out: Path, result: ExportResult, runs: list[dict], scorers: dict[str, Any] | None = None
+    out: Path,
+    result: ExportResult,
+    runs: list[dict],
+    scorers: dict[str, Any] | None = None,
+    pairing: dict[str, Any] | None = None,
 ) -> None:
     models = {json.dumps(_public(r["models"]), sort_keys=True) for r in runs}
     provenance = {
@@ -425,6 +431,7 @@ def _write_card(
         "models": [json.loads(m) for m in sorted(models)],
         # the scorers this export scored with (filters, pairs): name -> Reward.identity()
         "scorers": _public(scorers or {}),
+        **({"pairs": pairing} if pairing else {}),
         "filters": result.filters,
         "runs_considered": result.runs_considered,
         "runs_kept": result.runs_kept,
@@ -540,10 +547,12 @@ def export_dataset(
     scorer: RunScorer | None = None,
     scorers: dict[str, Any] | None = None,
     pairs: PairSource | None = None,
+    pairing: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Export the finished runs that match `filters` to `out_dir` in format `fmt`. `scorer`
     scores runs for the score filters; `scorers` (name -> identity) is what the card records of
-    the scorers used; `pairs` (dpo only) replaces the judge's pairs of each run."""
+    the scorers used; `pairs` (dpo only) replaces the judge's pairs of each run, `pairing` saying
+    how on the card (e.g. {"pairs": "best-worst", "score": ..., "candidates": 8})."""
     if fmt not in WRITERS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     filters = filters or ExportFilters()
@@ -576,7 +585,7 @@ def export_dataset(
             runs_kept=len(runs),
             filters=filters.as_dict(),
         )
-        _write_card(tmp, result, runs, scorers)
+        _write_card(tmp, result, runs, scorers, pairing)
         _publish(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
