@@ -1,0 +1,142 @@
+"""The CLIP-family scorers (rewards/clip.py) on their tiny twins (models/tiny/clip.py), loaded
+through the same path as the published weights: scores come in batches, are deterministic, move
+the right way on a constructed case, and record the weights' identity; pickled weights are refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from artloop.config import ScorersConfig
+from artloop.models.tiny.clip import COLOURS, HEAD_KEYS, colour_images
+from artloop.rewards import clip as clip_scorers
+from artloop.rewards.registry import configure_scorers, reward_entry
+
+CLIP_LIKE = ("clip", "pickscore")
+
+
+@pytest.fixture(autouse=True)
+def tiny_scorers():
+    configure_scorers(
+        ScorersConfig(
+            device="cpu",
+            batch_size=4,
+            models={"clip": "tiny-clip", "pickscore": "tiny-clip", "aesthetic": "tiny-aesthetic"},
+        )
+    )
+    yield
+    configure_scorers(None)
+
+
+def _captions(shift: int = 0) -> list[str]:
+    names = [name for name, _ in COLOURS]
+    return [f"a {names[(i + shift) % len(names)]} painting" for i in range(len(names))]
+
+
+def _score(name: str, images, prompts):
+    scores, info = reward_entry(name).fn(images, prompts, [{} for _ in images])
+    assert isinstance(scores, np.ndarray) and scores.shape == (len(images),)
+    assert np.isfinite(scores).all()
+    return scores, info
+
+
+@pytest.mark.parametrize("name", CLIP_LIKE)
+def test_matching_captions_score_higher_than_shuffled(name):
+    images = colour_images(jitter=6, seed=11)  # 10 images: batches of 4, 4, 2
+    right, info = _score(name, images, _captions())
+    wrong, _ = _score(name, images, _captions(shift=3))
+    assert info["model"] == "tiny-clip"
+    assert (right > wrong).mean() >= 0.8, (right, wrong)
+    assert right.mean() > wrong.mean() + 5
+    lo, hi = reward_entry(name).range
+    assert lo <= right.min() and right.max() <= hi
+
+
+@pytest.mark.parametrize("name", (*CLIP_LIKE, "aesthetic"))
+def test_deterministic_and_batch_independent(name):
+    images, prompts = colour_images(jitter=6, seed=5), _captions()
+    first, _ = _score(name, images, prompts)
+    again, _ = _score(name, images, prompts)
+    np.testing.assert_array_equal(first, again)
+    one_by_one = np.concatenate(
+        [_score(name, [im], [p])[0] for im, p in zip(images, prompts, strict=True)]
+    )
+    np.testing.assert_allclose(first, one_by_one, rtol=1e-4, atol=1e-3)
+
+
+def test_scores_are_the_published_definitions():
+    """100 x cosine of the projected embeddings, clipped at 0 (CLIPScore's definition)."""
+    import torch
+    from artloop.models.tiny import resolve_model
+    from transformers import CLIPModel, CLIPProcessor
+
+    path = resolve_model("tiny-clip")
+    model, processor = CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path)
+    images, prompts = colour_images(seed=2)[:3], _captions(shift=1)[:3]
+    with torch.no_grad():
+        img = model.get_image_features(**processor(images=images, return_tensors="pt"))
+        txt = model.get_text_features(**processor(text=prompts, return_tensors="pt", padding=True))
+    img, txt = img.pooler_output, txt.pooler_output
+    cos = torch.nn.functional.cosine_similarity(img, txt).numpy()
+    scores, _ = _score("clip", images, prompts)
+    np.testing.assert_allclose(scores, np.maximum(100 * cos, 0), rtol=1e-4, atol=1e-3)
+    picks, info = _score("pickscore", images, prompts)
+    np.testing.assert_allclose(picks, info["logit_scale"] * cos, rtol=1e-4, atol=1e-3)
+
+
+def test_aesthetic_brighter_scores_higher():
+    names = [name for name, _ in COLOURS]
+    images = colour_images(jitter=4, seed=3)
+    dark, grey, bright = (images[names.index(n)] for n in ("black", "gray", "white"))
+    scores, info = _score("aesthetic", [dark, grey, bright], ["", "", ""])
+    assert info["model"] == "tiny-aesthetic"
+    assert scores[0] < scores[2] - 3, scores
+    assert scores[0] >= 1.0 and scores[2] <= 10.0
+
+
+@pytest.mark.parametrize("name", (*CLIP_LIKE, "aesthetic"))
+def test_identity_records_the_weights(name):
+    identity = reward_entry(name).identity()
+    model = identity["model"]
+    assert model["id"] == ("tiny-aesthetic" if name == "aesthetic" else "tiny-clip")
+    assert model["revision"] == "local"
+    assert len(model["sha256"]) == 16 and int(model["sha256"], 16) >= 0
+    assert (
+        identity["range"] == {"clip": (0, 100), "pickscore": (0, 100), "aesthetic": (1, 10)}[name]
+    )
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    configure_scorers(ScorersConfig(device="cpu", models={"clip": str(tmp_path)}))
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin.*safetensors is required") as e:
+        _score("clip", colour_images()[:1], ["a red painting"])
+    assert "\n" not in str(e.value)
+
+
+def test_aesthetic_head_file_checked(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.zeros(1, 4)}, str(tmp_path / "head.safetensors"))
+    configure_scorers(
+        ScorersConfig(
+            device="cpu", models={"aesthetic": str(tmp_path), "aesthetic_clip": "tiny-clip"}
+        )
+    )
+    with pytest.raises(ValueError, match=f"not LAION's aesthetic head .no {HEAD_KEYS[0]}.weight"):
+        _score("aesthetic", colour_images()[:1], [""])
+
+
+def test_import_is_lazy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, artloop.rewards.clip as c; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert clip_scorers.CLIP_ID == "openai/clip-vit-large-patch14"
