@@ -23,15 +23,15 @@ __all__ = ["TINY_NAMES", "TinyModel", "cache_root", "is_tiny", "resolve_model", 
 @dataclass(frozen=True)
 class TinyModel:
     name: str
-    kind: str  # "vlm" | "diffusion"
-    family: str  # "qwen2vl" | "sd" | "sdxl" | "flux"
+    kind: str  # "vlm" | "diffusion" | "scorer"
+    family: str  # "qwen2vl" | "sd" | "sdxl" | "flux" | "clip" | "aesthetic"
     description: str
     build: Callable[[], Path]
 
 
 def _registry() -> dict[str, TinyModel]:
     # Imported lazily: the builders import torch / transformers / diffusers.
-    from artloop.models.tiny import blip, diffusion, fit, vlm
+    from artloop.models.tiny import blip, clip, diffusion, fit, vlm
 
     return {
         "tiny-qwen2vl": TinyModel(
@@ -69,6 +69,20 @@ def _registry() -> dict[str, TinyModel]:
             "FluxPipeline: 1+1 transformer blocks, tiny T5 + CLIP, flow-match Euler",
             diffusion.build_tiny_flux,
         ),
+        "tiny-clip": TinyModel(
+            "tiny-clip",
+            "scorer",
+            "clip",
+            "CLIPModel (clip, pickscore): 2+2 layers, width 32, fitted to colour captions",
+            clip.build_tiny_clip,
+        ),
+        "tiny-aesthetic": TinyModel(
+            "tiny-aesthetic",
+            "scorer",
+            "aesthetic",
+            "LAION aesthetic v2: tiny-clip's image tower + head 32-1024-128-64-16-1, set by hand",
+            clip.build_tiny_aesthetic,
+        ),
         "tiny-imagereward": TinyModel(
             "tiny-imagereward",
             "scorer",
@@ -85,6 +99,8 @@ TINY_NAMES = (
     "tiny-sd-fit",
     "tiny-sdxl",
     "tiny-flux",
+    "tiny-clip",
+    "tiny-aesthetic",
     "tiny-imagereward",
 )
 
