@@ -16,8 +16,11 @@ def data_cot(
     stats: dict[str, float],
     *,
     policy: CallPolicy = CallPolicy(),
+    scores: dict[str, dict] | None = None,
 ) -> Structured[ImageFacts]:
-    """Describe `image` (generated from `prompt`) with grounded objects; no judgement yet."""
+    """Describe `image` (generated from `prompt`) with grounded objects; no judgement yet.
+    `scores`: the fact scorers' measurements of it (name -> score, range, direction), given as
+    facts beside the statistics."""
     return ask(
         model,
         agent="data_cot",
@@ -27,4 +30,5 @@ def data_cot(
         policy=policy,
         prompt=prompt,
         stats=stats,
+        scores=scores or {},
     )

@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from artloop.cli.common import (
     ConfigOpt,
+    FactScorerOpt,
     HomeOpt,
     JudgeOpt,
     MaxItersOpt,
@@ -97,6 +98,7 @@ def batch(
     ] = None,
     max_iters: MaxItersOpt = None,
     judge: JudgeOpt = None,
+    fact_scorer: FactScorerOpt = None,
     base_url: Annotated[
         list[str] | None,
         typer.Option(
@@ -128,7 +130,7 @@ def batch(
         config,
         {
             "home": home,
-            **overrides(max_iters=max_iters, judge=judge),
+            **overrides(max_iters=max_iters, judge=judge, fact_scorer=fact_scorer),
             "diffusion.batch_window_ms": batch_window_ms,
             "chat.batch_window_ms": batch_window_ms,
             "chat.backend": "openai" if urls else None,

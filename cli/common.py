@@ -56,6 +56,13 @@ BaseUrlOpt = Annotated[str | None, typer.Option(help="OpenAI-compatible server U
 TagOpt = Annotated[
     list[str] | None, typer.Option("--tag", help="A label stored with the run (repeat)")
 ]
+FactScorerOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--fact-scorer",
+        help="A scorer whose score of each image Data-CoT gets as a measured fact (repeat)",
+    ),
+]
 OVERRIDE_KEYS = {
     "max_iters": "loop.max_iters",
     "judge": "loop.judge",
@@ -65,6 +72,7 @@ OVERRIDE_KEYS = {
     "chat_model": "chat.model",
     "base_url": "chat.base_url",
     "tag": "tags",
+    "fact_scorer": "loop.fact_scorers",
 }
 
 

@@ -12,6 +12,7 @@ from artloop.cli.common import (
     ChatModelOpt,
     ConfigOpt,
     DiffusionModelOpt,
+    FactScorerOpt,
     HomeOpt,
     JsonOpt,
     JudgeOpt,
@@ -48,6 +49,7 @@ def run(
     base_url: BaseUrlOpt = None,
     diffusion_model: DiffusionModelOpt = None,
     judge: JudgeOpt = None,
+    fact_scorer: FactScorerOpt = None,
     tag: TagOpt = None,
     home: HomeOpt = None,
     config: ConfigOpt = None,
@@ -65,6 +67,7 @@ def run(
         base_url=base_url,
         diffusion_model=diffusion_model,
         judge=judge,
+        fact_scorer=fact_scorer,
         tag=tag,
     )
     cfg = read_config(config, {"home": home, **flags})

@@ -13,6 +13,7 @@ import typer
 from artloop.cli.common import (
     QUIT,
     ConfigOpt,
+    FactScorerOpt,
     HomeOpt,
     MaxItersOpt,
     SeedOpt,
@@ -112,6 +113,7 @@ def new(
     pause_at: PauseOpt = None,
     max_iters: MaxItersOpt = None,
     seed: SeedOpt = None,
+    fact_scorer: FactScorerOpt = None,
     wait: Annotated[
         bool, typer.Option(help="Ask at each pause (--no-wait: stop at the first)")
     ] = True,
@@ -121,7 +123,9 @@ def new(
     """Start a session that pauses for you (by default at every pause point)."""
     with failing(ConfigError):
         prompt = validate_prompt(prompt)
-    cfg = read_config(config, {"home": home, **overrides(max_iters=max_iters, seed=seed)})
+    cfg = read_config(
+        config, {"home": home, **overrides(max_iters=max_iters, seed=seed, fact_scorer=fact_scorer)}
+    )
     execute(
         cfg,
         prompt=prompt,

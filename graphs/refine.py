@@ -37,7 +37,7 @@ from artloop.graphs.context import RefineContext, RunSettings, for_server, merge
 from artloop.graphs.human import Plan
 from artloop.models.structured import Structured
 from artloop.prompts import PROMPTS_VERSION
-from artloop.rewards import BrokenJudgeError, judge_by_reward
+from artloop.rewards import BrokenJudgeError, judge_by_reward, reward_entry
 from artloop.runtime.accounting import breakdown, ledger
 from artloop.store import leases
 from artloop.store.trajectories import TrajectoryStore, check_run_id, new_run_id
@@ -50,6 +50,7 @@ from langgraph.errors import GraphInterrupt
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
+from PIL import Image
 
 
 # --- state ------------------------------------------------------------------------------------
@@ -288,8 +289,27 @@ def generate(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
     params = GenParams(**state["params"])
     image = ctx.diffusion.text_to_image(step["prompt"], step["negative_prompt"], params)
-    stats = measure(ctx.store.images.get(image))
-    return {"step": {**step, "params": state["params"], "image": image, "stats": {"image": stats}}}
+    picture = ctx.store.images.get(image)
+    stats = measure(picture)
+    step = {**step, "params": state["params"], "image": image, "stats": {"image": stats}}
+    if ctx.loop.fact_scorers:  # measured facts too, scored against the user's prompt
+        step["scores"] = {"image": fact_scores(ctx, picture, state["prompt"])}
+    return {"step": step}
+
+
+def fact_scores(ctx: RefineContext, image: Image.Image, prompt: str) -> dict[str, dict]:
+    """Each of `loop.fact_scorers`' score of `image` for `prompt`, with what the score means
+    (its range, None when unbounded, and direction): name -> {score, range, higher_is_better}."""
+    found = {}
+    for name in ctx.loop.fact_scorers:
+        entry = reward_entry(name)
+        (value,), _ = entry.fn([image], [prompt], [{}])
+        found[name] = {
+            "score": round(float(value), 4),
+            "range": list(entry.range) if entry.range else None,
+            "higher_is_better": entry.higher_is_better,
+        }
+    return found
 
 
 @node
@@ -297,7 +317,12 @@ def data_cot(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
     image = ctx.store.images.get(step["image"])
     result = agents.data_cot(
-        ctx.chat, image, step["prompt"], step["stats"]["image"], policy=ctx.policy
+        ctx.chat,
+        image,
+        step["prompt"],
+        step["stats"]["image"],
+        policy=ctx.policy,
+        scores=step.get("scores", {}).get("image"),
     )
     return _agent(step, "data_cot", result)
 

@@ -4,6 +4,8 @@ schedule and cache of the check, the validator's watch), and run tags for export
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 from artloop.agents.schemas import Verdict
@@ -166,6 +168,50 @@ def test_fact_scorers_are_checked_and_their_identities_stored(store, sd_tool):
     ctx = make_ctx(store, sd_tool, ScriptedChat(), fact_scorers=["darkness", "contrast"])
     facts = ctx.models()["fact_scorers"]
     assert list(facts) == ["darkness", "contrast"] and facts["contrast"]["range"] == (0.0, 0.5)
+
+
+class TellingChat(ScriptedChat):
+    """A scripted chat that keeps the text of every request (class-wide: a pydantic model)."""
+
+    texts: ClassVar[list[str]] = []
+
+    def _generate(self, messages, stop=None, run_manager=None, **kw):
+        content = next(m for m in messages if m.type == "human").content
+        parts = content if isinstance(content, list) else [content]
+        self.texts.append(" ".join(p if isinstance(p, str) else p.get("text", "") for p in parts))
+        return super()._generate(messages, stop, run_manager, **kw)
+
+
+def test_fact_scorers_reach_data_cot_and_the_step(store, sd_tool):
+    """loop.fact_scorers (--fact-scorer): each image's scores go to Data-CoT as measured facts
+    beside the statistics, and into the step record (issue 17, item 3a)."""
+    TellingChat.texts.clear()
+    ctx = make_ctx(store, sd_tool, TellingChat(), fact_scorers=["darkness", "sharpness"])
+    summary = run_session(ctx, prompt="a fox at night")
+    step = store.get_run(summary.run_id)["steps"][0]
+    scores = step["scores"]["image"]
+    assert list(scores) == ["darkness", "sharpness"]
+    brightness = step["stats"]["image"]["brightness"]
+    assert scores["darkness"]["score"] == pytest.approx(1 - brightness, abs=1e-3)
+    assert scores["darkness"]["range"] == [0.0, 1.0] and scores["sharpness"]["range"] is None
+    facts = [t for t in TellingChat.texts if "Data-CoT: gather facts" in t]
+    assert len(facts) == len(store.get_run(summary.run_id)["steps"])  # one per iteration
+    assert all("Measured scores" in t and '"darkness": {"score": ' in t for t in facts)
+    TellingChat.texts.clear()
+    plain = run_session(make_ctx(store, sd_tool, TellingChat()), prompt="a fox at night")
+    assert "scores" not in store.get_run(plain.run_id)["steps"][0]
+    facts = [t for t in TellingChat.texts if "Data-CoT: gather facts" in t]
+    assert facts and not any("Measured scores" in t for t in facts)
+
+
+def test_cli_refuses_an_unknown_fact_scorer_in_one_line(tmp_path):
+    home = tmp_path / "home"
+    result = CliRunner().invoke(
+        app, ["run", "a fox", "--fact-scorer", "no-such-scorer", "--home", str(home), "--quiet"]
+    )
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "loop.fact_scorers: unknown reward 'no-such-scorer'" in lines[0]
 
 
 def test_vlm_reward_scales_the_raters_score():
