@@ -17,10 +17,16 @@ import numpy as np
 from artloop.config import ScorersConfig
 from artloop.models.tiny.clip import COLOURS
 from artloop.rewards import clip as _clip  # noqa: F401  # registers the CLIP-family scorers
+from artloop.rewards import hps as _hps  # noqa: F401  # registers hpsv2
 from artloop.rewards.registry import configure_scorers, reward_entry
 from PIL import Image
 
-TINY = {"clip": "tiny-clip", "pickscore": "tiny-clip", "aesthetic": "tiny-aesthetic"}
+TINY = {
+    "clip": "tiny-clip",
+    "pickscore": "tiny-clip",
+    "aesthetic": "tiny-aesthetic",
+    "hpsv2": "tiny-hps",
+}
 
 
 def _images(n: int, size: int) -> tuple[list[Image.Image], list[str]]:

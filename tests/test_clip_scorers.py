@@ -5,14 +5,17 @@ the right way on a constructed case, and record the weights' identity; pickled w
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from artloop.config import ScorersConfig
 from artloop.models.tiny.clip import COLOURS, HEAD_KEYS, colour_images
 from artloop.rewards import clip as clip_scorers
+from artloop.rewards import hps as hps_scorer
 from artloop.rewards.registry import configure_scorers, reward_entry
 
-CLIP_LIKE = ("clip", "pickscore")
+CLIP_LIKE = ("clip", "pickscore", "hpsv2")
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +24,12 @@ def tiny_scorers():
         ScorersConfig(
             device="cpu",
             batch_size=4,
-            models={"clip": "tiny-clip", "pickscore": "tiny-clip", "aesthetic": "tiny-aesthetic"},
+            models={
+                "clip": "tiny-clip",
+                "pickscore": "tiny-clip",
+                "aesthetic": "tiny-aesthetic",
+                "hpsv2": "tiny-hps",
+            },
         )
     )
     yield
@@ -45,9 +53,10 @@ def test_matching_captions_score_higher_than_shuffled(name):
     images = colour_images(jitter=6, seed=11)  # 10 images: batches of 4, 4, 2
     right, info = _score(name, images, _captions())
     wrong, _ = _score(name, images, _captions(shift=3))
-    assert info["model"] == "tiny-clip"
+    assert info["model"] == ("tiny-hps" if name == "hpsv2" else "tiny-clip")
     assert (right > wrong).mean() >= 0.8, (right, wrong)
-    assert right.mean() > wrong.mean() + 5
+    scale = 1 if name == "hpsv2" else 100  # hpsv2 is the bare cosine
+    assert right.mean() > wrong.mean() + 0.05 * scale
     lo, hi = reward_entry(name).range
     assert lo <= right.min() and right.max() <= hi
 
@@ -82,6 +91,9 @@ def test_scores_are_the_published_definitions():
     np.testing.assert_allclose(scores, np.maximum(100 * cos, 0), rtol=1e-4, atol=1e-3)
     picks, info = _score("pickscore", images, prompts)
     np.testing.assert_allclose(picks, info["logit_scale"] * cos, rtol=1e-4, atol=1e-3)
+    # tiny-hps holds these weights in open_clip's layout: mapped back, the same cosines
+    hps, _ = _score("hpsv2", images, prompts)
+    np.testing.assert_allclose(hps, cos, rtol=1e-4, atol=1e-5)
 
 
 def test_aesthetic_brighter_scores_higher():
@@ -98,11 +110,14 @@ def test_aesthetic_brighter_scores_higher():
 def test_identity_records_the_weights(name):
     identity = reward_entry(name).identity()
     model = identity["model"]
-    assert model["id"] == ("tiny-aesthetic" if name == "aesthetic" else "tiny-clip")
+    assert model["id"] == {"aesthetic": "tiny-aesthetic", "hpsv2": "tiny-hps"}.get(
+        name, "tiny-clip"
+    )
     assert model["revision"] == "local"
     assert len(model["sha256"]) == 16 and int(model["sha256"], 16) >= 0
     assert (
-        identity["range"] == {"clip": (0, 100), "pickscore": (0, 100), "aesthetic": (1, 10)}[name]
+        identity["range"]
+        == {"clip": (0, 100), "pickscore": (0, 100), "aesthetic": (1, 10), "hpsv2": (0, 1)}[name]
     )
 
 
@@ -134,9 +149,27 @@ def test_import_is_lazy():
     import sys
 
     code = (
-        "import sys, artloop.rewards.clip as c; "
+        "import sys, artloop.rewards.clip, artloop.rewards.hps; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     assert clip_scorers.CLIP_ID == "openai/clip-vit-large-patch14"
+
+
+def test_hps_checkpoint_keys_checked(tmp_path):
+    """An open_clip checkpoint missing a block, or with a foreign key: one line naming it."""
+    from artloop.models.tiny import resolve_model
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(Path(resolve_model("tiny-hps")) / "open_clip_model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected key 'foo.weight'"):
+        hps_scorer.open_clip_to_transformers({**state, "foo.weight": state["logit_scale"]})
+    del state["visual.ln_post.weight"]
+    save_file(state, str(tmp_path / "hps.safetensors"))
+    configure_scorers(
+        ScorersConfig(device="cpu", models={"hpsv2": str(tmp_path), "hpsv2_base": "tiny-hps"})
+    )
+    with pytest.raises(ValueError, match="no vision_model.post_layernorm.weight") as e:
+        _score("hpsv2", colour_images()[:1], ["a red painting"])
+    assert "\n" not in str(e.value)

@@ -24,7 +24,7 @@ __all__ = ["TINY_NAMES", "TinyModel", "cache_root", "is_tiny", "resolve_model", 
 class TinyModel:
     name: str
     kind: str  # "vlm" | "diffusion" | "scorer"
-    family: str  # "qwen2vl" | "sd" | "sdxl" | "flux" | "clip" | "aesthetic"
+    family: str  # "qwen2vl" | "sd" | "sdxl" | "flux" | "clip" | "aesthetic" | "hpsv2"
     description: str
     build: Callable[[], Path]
 
@@ -83,6 +83,13 @@ def _registry() -> dict[str, TinyModel]:
             "LAION aesthetic v2: tiny-clip's image tower + head 32-1024-128-64-16-1, set by hand",
             clip.build_tiny_aesthetic,
         ),
+        "tiny-hps": TinyModel(
+            "tiny-hps",
+            "scorer",
+            "hpsv2",
+            "HPSv2: tiny-clip's weights in open_clip's layout (safetensors) + its config",
+            clip.build_tiny_hps,
+        ),
         "tiny-imagereward": TinyModel(
             "tiny-imagereward",
             "scorer",
@@ -101,6 +108,7 @@ TINY_NAMES = (
     "tiny-flux",
     "tiny-clip",
     "tiny-aesthetic",
+    "tiny-hps",
     "tiny-imagereward",
 )
 

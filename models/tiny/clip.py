@@ -193,3 +193,69 @@ def build_tiny_clip() -> Path:
 def build_tiny_aesthetic() -> Path:
     """The tiny aesthetic predictor: model.safetensors (the head) beside clip/ (its CLIP)."""
     return build_cached("tiny-aesthetic", AESTHETIC_CONFIG, _build_aesthetic)
+
+
+HPS_CONFIG: dict = {"builder": 1, "clip": CLIP_CONFIG}
+
+
+def _open_clip_state(state: dict) -> dict:
+    """transformers CLIPModel weights under open_clip's names (the layout of HPSv2's checkpoint:
+    fused q/k/v in_proj, projections as (width, dim) matrices), written out here independently
+    of the scorer's reverse mapping so that the test checks one against the other."""
+    import torch
+
+    top = {
+        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+        "vision_model.embeddings.class_embedding": "visual.class_embedding",
+        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+        "vision_model.pre_layrnorm": "visual.ln_pre",
+        "vision_model.post_layernorm": "visual.ln_post",
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm": "ln_final",
+        "logit_scale": "logit_scale",
+    }
+    out: dict = {
+        "visual.proj": state["visual_projection.weight"].T.contiguous(),
+        "text_projection": state["text_projection.weight"].T.contiguous(),
+    }
+    for key, value in state.items():
+        for hf, oc in top.items():
+            if key == hf or key.startswith(hf + "."):
+                out[oc + key[len(hf) :]] = value
+        for tower, prefix in (
+            ("vision_model", "visual.transformer"),
+            ("text_model", "transformer"),
+        ):
+            head = f"{tower}.encoder.layers."
+            if not key.startswith(head):
+                continue
+            i, _, rest = key[len(head) :].partition(".")
+            block = f"{prefix}.resblocks.{i}."
+            if rest.startswith("self_attn.q_proj."):
+                kind = rest.rsplit(".", 1)[1]
+                parts = [state[f"{head}{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                out[f"{block}attn.in_proj_{kind}"] = torch.cat(parts).contiguous()
+            elif not rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+                rest = rest.replace("self_attn.out_proj", "attn.out_proj")
+                rest = rest.replace("layer_norm1", "ln_1").replace("layer_norm2", "ln_2")
+                rest = rest.replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj")
+                out[block + rest] = value
+    return out
+
+
+def _build_hps(config: dict, out_dir: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import CLIPModel, CLIPProcessor
+
+    fitted = build_tiny_clip()  # its CLIP is tiny-clip's (config["clip"] is CLIP_CONFIG)
+    model = CLIPModel.from_pretrained(fitted, use_safetensors=True)
+    save_file(_open_clip_state(model.state_dict()), str(out_dir / "open_clip_model.safetensors"))
+    model.config.save_pretrained(out_dir)
+    CLIPProcessor.from_pretrained(fitted).save_pretrained(out_dir)
+
+
+def build_tiny_hps() -> Path:
+    """Tiny HPSv2: tiny-clip's weights in open_clip's layout (open_clip_model.safetensors) beside
+    the transformers config and processor they load into."""
+    return build_cached("tiny-hps", HPS_CONFIG, _build_hps)
