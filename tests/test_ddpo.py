@@ -94,6 +94,35 @@ def test_trainer_mechanics(tmp_path):
     assert max(v.abs().max().item() for k, v in weights.items() if "lora.up" in k) > 0  # it moved
 
 
+def test_a_composite_reward_and_its_identity_in_the_summary(tmp_path):
+    """A composite of a scorer with model weights and a statistic rewards DDPO; the reward's
+    identity, its parts' models too, lands in train_summary.json (issue 17, item 3d)."""
+    weights = {"id": "test/bright", "sha256": "0123456789abcdef"}
+    reward("test-bright", range=(0.0, 1.0), model=lambda: dict(weights))(REWARDS["brightness"].fn)
+    try:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a red fox\na lighthouse\n")
+        name = "composite:test-bright=0.5,darkness=0.5"
+        cfg = DDPOConfig(
+            data=str(prompts),
+            output_dir=str(tmp_path / "lora"),
+            reward=name,
+            train_steps=1,
+            inner_epochs=1,
+            sample_steps=2,
+            batch_size=2,
+        )
+        summary = train_ddpo(cfg, progress=False)
+        # brightness and darkness sum to 1: the composite is 0.5 for every image
+        assert summary["mean_rewards"] == [pytest.approx(0.5)]
+        on_disk = json.loads((tmp_path / "lora" / "train_summary.json").read_text())
+        assert on_disk["reward"]["name"] == name and on_disk["reward"]["range"] == [0.0, 1.0]
+        parts = on_disk["reward"]["model"]["parts"]
+        assert parts["test-bright"]["model"] == weights and parts["darkness"]["model"] is None
+    finally:
+        del REWARDS["test-bright"]
+
+
 def test_config_and_cli_errors(tmp_path):
     with pytest.raises(TrainerConfigError, match="DDPOConfig.reward: unknown reward 'beauty'"):
         DDPOConfig(data="x", reward="beauty")

@@ -72,6 +72,14 @@ def test_base_vs_lora_table_and_grid(lora, tmp_path):
     assert Image.open(tmp_path / "a" / "grid.png").size == (2 * 64, 4 * 64)
     on_disk = json.loads((tmp_path / "a" / "results.json").read_text())
     assert on_disk["results"]["base"]["scores"] == base["scores"]
+    # each scorer's identity (issue 17, item 3d): what its score means and its weights
+    assert on_disk["scorers"]["darkness"] == {
+        "name": "darkness",
+        "range": [0.0, 1.0],
+        "higher_is_better": True,
+        "model": None,
+    }
+    assert on_disk["scorers"]["contrast"]["range"] == [0.0, 0.5]
 
 
 def test_fixed_seeds_give_the_same_numbers(lora, tmp_path):

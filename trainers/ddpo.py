@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from artloop.rewards import REWARDS, get_reward
+from artloop.rewards import REWARDS, get_reward, reward_entry
 from artloop.trainers.common import (
     LoRATrainConfig,
     TrainerConfigError,
@@ -253,6 +253,8 @@ def train_ddpo(cfg: DDPOConfig, progress: bool = True) -> dict[str, Any]:
             losses.append(ppo_loss(new_lp, old_lp[j], adv.to(d), cfg.clip_range))
         return torch.stack(losses).mean()
 
-    summary = train_lora(cfg, family, len(prompts), loss_at, "ddpo", progress)
+    # the reward's identity (its range, direction and model weights) goes into train_summary.json
+    extra = {"reward": reward_entry(cfg.reward).identity()}
+    summary = train_lora(cfg, family, len(prompts), loss_at, "ddpo", progress, extra)
     summary["mean_rewards"] = rewards
     return summary

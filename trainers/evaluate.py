@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from artloop.rewards import get_reward
+from artloop.rewards import get_reward, reward_entry
 from artloop.tools.diffusion import DiffusionTool, GenParams
 from artloop.tools.images import ImageStore
 from artloop.trainers.common import (
@@ -109,6 +109,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         results[variant] = {"scores": scores, "images": hashes}
     summary = {
         "config": asdict(cfg),
+        # what each score means and which weights gave it (Reward.identity())
+        "scorers": {name: reward_entry(name).identity() for name in cfg.scorers},
         "cells": [{"prompt": p, "seed": s} for p, s in cells],
         "results": results,
     }
