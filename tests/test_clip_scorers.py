@@ -16,6 +16,12 @@ from artloop.rewards import hps as hps_scorer
 from artloop.rewards.registry import configure_scorers, reward_entry
 
 CLIP_LIKE = ("clip", "pickscore", "hpsv2")
+TINY_MODELS = {
+    "clip": "tiny-clip",
+    "pickscore": "tiny-clip",
+    "aesthetic": "tiny-aesthetic",
+    "hpsv2": "tiny-hps",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -24,12 +30,7 @@ def tiny_scorers():
         ScorersConfig(
             device="cpu",
             batch_size=4,
-            models={
-                "clip": "tiny-clip",
-                "pickscore": "tiny-clip",
-                "aesthetic": "tiny-aesthetic",
-                "hpsv2": "tiny-hps",
-            },
+            models=TINY_MODELS,
         )
     )
     yield
@@ -173,3 +174,16 @@ def test_hps_checkpoint_keys_checked(tmp_path):
     with pytest.raises(ValueError, match="no vision_model.post_layernorm.weight") as e:
         _score("hpsv2", colour_images()[:1], ["a red painting"])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", (*CLIP_LIKE, "aesthetic"))
+def test_scorers_dtype_is_used(name):
+    """scorers.dtype = bfloat16 loads a second copy in bfloat16: close to float32, not equal."""
+    images, prompts = colour_images(jitter=6, seed=7)[:4], _captions()[:4]
+    full, _ = _score(name, images, prompts)
+    entry = reward_entry(name)
+    configure_scorers(ScorersConfig(device="cpu", dtype="bfloat16", models=TINY_MODELS))
+    half, _ = entry.fn(images, prompts, [{}] * 4)
+    scale = {"hpsv2": 1, "aesthetic": 10}.get(name, 100)
+    np.testing.assert_allclose(half, full, atol=0.05 * scale)
+    assert not np.array_equal(half, full)
