@@ -212,6 +212,9 @@ def test_cli_refuses_an_unknown_fact_scorer_in_one_line(tmp_path):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "loop.fact_scorers: unknown reward 'no-such-scorer'" in lines[0]
+    for command in (["run"], ["batch"], ["session", "new"]):  # the one shared option
+        shown = CliRunner().invoke(app, [*command, "--help"], terminal_width=200)
+        assert "--fact-scorer" in shown.stdout, command
 
 
 def test_vlm_reward_scales_the_raters_score():
