@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 from artloop.config import ScorersConfig
 from artloop.models.tiny.clip import COLOURS, HEAD_KEYS, colour_images
-from artloop.rewards import clip as clip_scorers
-from artloop.rewards import hps as hps_scorer
-from artloop.rewards.registry import configure_scorers, reward_entry
+from artloop.rewards.registry import REWARDS, configure_scorers, reward_entry
 
 CLIP_LIKE = ("clip", "pickscore", "hpsv2")
 TINY_MODELS = {
@@ -22,6 +20,22 @@ TINY_MODELS = {
     "aesthetic": "tiny-aesthetic",
     "hpsv2": "tiny-hps",
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def clip_family():
+    """Registers the scorers for this module's tests and leaves REWARDS as it found it (other
+    test files list the registered names)."""
+    import importlib
+
+    saved = dict(REWARDS)
+    from artloop.rewards import clip, hps
+
+    importlib.reload(clip)
+    importlib.reload(hps)
+    yield clip, hps
+    REWARDS.clear()
+    REWARDS.update(saved)
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +159,7 @@ def test_aesthetic_head_file_checked(tmp_path):
         _score("aesthetic", colour_images()[:1], [""])
 
 
-def test_import_is_lazy():
+def test_import_is_lazy(clip_family):
     import subprocess
     import sys
 
@@ -155,17 +169,17 @@ def test_import_is_lazy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
-    assert clip_scorers.CLIP_ID == "openai/clip-vit-large-patch14"
+    assert clip_family[0].CLIP_ID == "openai/clip-vit-large-patch14"
 
 
-def test_hps_checkpoint_keys_checked(tmp_path):
+def test_hps_checkpoint_keys_checked(tmp_path, clip_family):
     """An open_clip checkpoint missing a block, or with a foreign key: one line naming it."""
     from artloop.models.tiny import resolve_model
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(Path(resolve_model("tiny-hps")) / "open_clip_model.safetensors"))
     with pytest.raises(ValueError, match="unexpected key 'foo.weight'"):
-        hps_scorer.open_clip_to_transformers({**state, "foo.weight": state["logit_scale"]})
+        clip_family[1].open_clip_to_transformers({**state, "foo.weight": state["logit_scale"]})
     del state["visual.ln_post.weight"]
     save_file(state, str(tmp_path / "hps.safetensors"))
     configure_scorers(
