@@ -24,6 +24,7 @@ from __future__ import annotations
 # importing this module (registering the scorers) loads neither.
 import functools
 import hashlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ PICKSCORE_ID = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 AESTHETIC_HEAD_KEYS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+LOAD_LOCK = threading.Lock()  # sessions score from threads: each model loads once
 
 
 def _resolve(name: str, default_id: str) -> tuple[str, str]:
@@ -147,7 +149,8 @@ def clip_score(
     """CLIP score: max(100 x cosine(image, prompt), 0) per image."""
     model_id, path = _resolve("clip", CLIP_ID)
     device, dtype = scorer_device()
-    model, processor = _load_clip(path, path, device, dtype)
+    with LOAD_LOCK:
+        model, processor = _load_clip(path, path, device, dtype)
     scores = np.maximum(100.0 * _cosines(model, processor, images, prompts, device, dtype), 0.0)
     return scores.astype(np.float32), {"model": model_id}
 
@@ -174,7 +177,8 @@ def pickscore(
     """PickScore: logit_scale.exp() x cosine(image, prompt) per image."""
     model_id, path, processor_path = _pickscore_paths()
     device, dtype = scorer_device()
-    model, processor = _load_clip(path, processor_path, device, dtype)
+    with LOAD_LOCK:
+        model, processor = _load_clip(path, processor_path, device, dtype)
     scale = float(model.logit_scale.detach().exp())
     scores = scale * _cosines(model, processor, images, prompts, device, dtype)
     return scores.astype(np.float32), {"model": model_id, "logit_scale": scale}
@@ -241,7 +245,8 @@ def aesthetic(
 
     head_id, head, _, clip = _aesthetic_paths()
     device, dtype = scorer_device()
-    vision, processor, mlp = _load_aesthetic(head, clip, device, dtype)
+    with LOAD_LOCK:
+        vision, processor, mlp = _load_aesthetic(head, clip, device, dtype)
     size = scorers_config().batch_size
     out: list[np.ndarray] = []
     for i in range(0, len(images), size):

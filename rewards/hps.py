@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from artloop.rewards.clip import _cosines, _identity, _resolve, _torch_dtype, require_safetensors
+from artloop.rewards.clip import (
+    LOAD_LOCK,
+    _cosines,
+    _identity,
+    _resolve,
+    _torch_dtype,
+    require_safetensors,
+)
 from artloop.rewards.registry import reward, scorer_device
 from PIL import Image
 
@@ -144,6 +151,7 @@ def hpsv2(
     """HPSv2: cosine(image, prompt) of the preference-tuned CLIP, per image."""
     model_id, path, base = _paths()
     device, dtype = scorer_device()
-    model, processor = _load(path, base, device, dtype)
+    with LOAD_LOCK:
+        model, processor = _load(path, base, device, dtype)
     scores = _cosines(model, processor, images, prompts, device, dtype)
     return scores.astype(np.float32), {"model": model_id}

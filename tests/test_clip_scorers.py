@@ -201,3 +201,15 @@ def test_scorers_dtype_is_used(name):
     scale = {"hpsv2": 1, "aesthetic": 10}.get(name, 100)
     np.testing.assert_allclose(half, full, atol=0.05 * scale)
     assert not np.array_equal(half, full)
+
+
+def test_concurrent_first_calls_load_once(clip_family):
+    from concurrent.futures import ThreadPoolExecutor
+
+    clip = clip_family[0]
+    clip._load_clip.cache_clear()
+    images, prompts = colour_images()[:2], _captions()[:2]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: _score("clip", images, prompts)[0], range(4)))
+    assert clip._load_clip.cache_info().misses == 1
+    assert all(np.array_equal(r, results[0]) for r in results)
