@@ -65,7 +65,7 @@ def test_rewards_by_name():
 
     assert get_reward("always-two")([black], ["a"], [{}])[0].tolist() == [2.0]
     del REWARDS["always-two"]
-    with pytest.raises(KeyError, match="unknown reward 'nope'; choose from brightness"):
+    with pytest.raises(KeyError, match="unknown reward 'nope'; choose from aesthetic, brightness"):
         get_reward("nope")
 
 
@@ -132,7 +132,7 @@ def test_config_and_cli_errors(tmp_path):
     missing = runner.invoke(app, ["train", "ddpo", "--data", str(tmp_path / "none.txt")])
     assert missing.exit_code == 2 and "DDPOConfig.data: no prompts" in missing.stderr
     unknown = runner.invoke(app, ["train", "ddpo", "--data", "x", "--reward", "beauty"])
-    assert unknown.exit_code == 2 and "choose from brightness" in unknown.stderr
+    assert unknown.exit_code == 2 and "choose from aesthetic, brightness" in unknown.stderr
     (tmp_path / "p.txt").write_text("a fox\n")
     ok = runner.invoke(
         app,

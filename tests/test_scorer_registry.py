@@ -229,7 +229,7 @@ def test_unknown_names_are_one_line_value_and_key_errors_listing_the_choices():
             get_reward("beauty")
         assert isinstance(e.value, UnknownRewardError)
     message = str(e.value)
-    assert message.startswith("unknown reward 'beauty'; choose from brightness, ")
+    assert message.startswith("unknown reward 'beauty'; choose from aesthetic, brightness, clip, ")
     assert "composite:agfsync" in message and "package.module:function" in message
     with pytest.raises(TrainerConfigError, match="DDPOConfig.reward: unknown reward 'beauty'"):
         DDPOConfig(data="x", reward="beauty")
