@@ -151,3 +151,35 @@ def test_config_and_cli_errors(tmp_path):
     )
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout.strip().splitlines()[-1])["steps"] == 1
+
+
+# Every field scorer on its tiny twin (models/tiny/), as a user would point them: the environment.
+TINY_SCORERS = (
+    '{"clip": "tiny-clip", "aesthetic": "tiny-aesthetic", "pickscore": "tiny-clip", '
+    '"hpsv2": "tiny-hps", "imagereward": "tiny-imagereward"}'
+)
+
+
+def test_pickscore_rewards_ddpo_from_the_cli(tmp_path, monkeypatch):
+    """`artloop train ddpo --reward pickscore` on the tiny stack (issue 17): the run finishes and
+    the summary names PickScore's weights (the tiny CLIP the environment points it at)."""
+    from artloop.rewards.registry import configure_scorers
+
+    configure_scorers(None)  # the environment's scorers section, as in a fresh process
+    monkeypatch.setenv("ARTLOOP_SCORERS__MODELS", TINY_SCORERS)
+    monkeypatch.setenv("ARTLOOP_SCORERS__DEVICE", "cpu")
+    (tmp_path / "p.txt").write_text("a red fox\na lighthouse\n")
+    out = tmp_path / "lora"
+    args = ["train", "ddpo", "--data", str(tmp_path / "p.txt"), "--output-dir", str(out)]
+    args += ["--reward", "pickscore", "--train-steps", "1", "--inner-epochs", "1"]
+    args += ["--sample-steps", "2", "--batch-size", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["steps"] == 1 and len(printed["mean_rewards"]) == 1
+    on_disk = json.loads((out / "train_summary.json").read_text())
+    ident = on_disk["reward"]
+    assert ident["name"] == "pickscore" and ident["range"] == [0.0, 100.0]
+    assert ident["model"]["id"] == "tiny-clip" and len(ident["model"]["sha256"]) == 16
+    assert printed["reward"] == ident
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
