@@ -11,10 +11,14 @@ import json
 import re
 from typing import Any
 
+from artloop.prompts import aesthetics_checklist
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import PrivateAttr
+
+# The aesthetics checklist's aspects (prompts/ is the layer below models/).
+ASPECTS = [a["id"] for a in aesthetics_checklist()]
 
 DEFAULTS: dict[str, Any] = {
     "EnhancedPrompt": {"prompt": "a red fox in fresh snow, golden hour", "negative_prompt": "blur"},
@@ -25,27 +29,33 @@ DEFAULTS: dict[str, Any] = {
         "palette": "white and orange",
     },
     "Critique": {
-        "artifacts": [
-            {"kind": "blur", "severity": 2, "box": [100, 200, 600, 900], "note": "soft fur"}
-        ],
-        "aesthetics": [{"aspect": "exposure", "rating": 6, "note": "a bit dark"}],
-        "prompt_alignment": 7,
+        "observations": ["a fox in snow, as asked; the fur is soft"],
         "missing": [],
+        "artifacts": [
+            {"note": "soft fur", "kind": "blur", "box": [100, 200, 600, 900], "severity": 2}
+        ],
+        "aesthetics": {
+            aspect: {"note": "a bit dark" if aspect == "exposure" else "fine", "rating": 6}
+            for aspect in ASPECTS
+        },
+        "prompt_alignment": 7,
         "summary": "blurry fox",
     },
     "EditPlan": {
+        "rationale": "sharpen the fox",
         "revised_prompt": "a sharp red fox in fresh snow",
         "negative_prompt": "blur",
         "regional_edits": [{"box": [100, 200, 600, 900], "prompt": "sharp fur", "strength": 0.5}],
         "params": {"guidance_scale": 6.0, "num_inference_steps": None, "strength": None},
-        "rationale": "sharpen the fox",
     },
     "Verdict": {
-        "verdict": "revise",
-        "score": 5.0,
-        "better_than_before": True,
         "reasons": ["still soft"],
+        "better_than_before": True,
+        "score": 5.0,
+        "verdict": "revise",
     },
+    "Rating": {"reasons": ["a fox, soft"], "score": 5.0},
+    "ArtifactAnswer": {"notes": "soft fur", "artifacts": ["blur"]},
 }
 
 _TITLE = re.compile(r'"title":"(\w+)","type":"object"\}\s*$')  # the top-level schema

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 from artloop.agents import rate, spot_artifacts
-from artloop.agents.schemas import Verdict
+from artloop.agents.schemas import NO_ARTIFACTS, Verdict
 from artloop.config import load_config
 from artloop.models.chat import build_chat_model
 from artloop.models.structured import CallPolicy
@@ -84,11 +84,12 @@ def scored_below(kind: str, score: float, real: Sequence[float]) -> str | None:
     return f"rated {_named(kind)} {score:g}/10, as high as the real images (mean {mean:.1f})"
 
 
-def names_an_artifact(kind: str, answer: str, real: Sequence[str]) -> str | None:
-    """The artifact spotter's rule: noise and a heavy blur are never "No artifacts"."""
-    if not answer.strip().lower().strip(" .!\"'").startswith("no artifact"):
+def names_an_artifact(kind: str, answer: Sequence[str], real: Sequence[Any]) -> str | None:
+    """The artifact spotter's rule: noise and a heavy blur never show no artifact class (its
+    `answer` is the list of class ids it named; empty = "No artifacts")."""
+    if answer:
         return None
-    return f"reported {answer.strip()!r} for {_named(kind)}"
+    return f"reported no artifacts for {_named(kind)}"
 
 
 def worse_than_the_edits(kind: str, v: Verdict, real: Sequence[Verdict]) -> str | None:
@@ -361,9 +362,11 @@ def synartifact_reward(
     """SynArtifact (arXiv 2402.18068): ask the VLM which artifacts the image shows, then
     r = sim("No artifacts", answer) - alpha * sum_k sim(class_k, answer) + beta,
     with sim the cosine similarity of text embeddings (CLIP's text encoder by default).
+    The VLM names the classes from the taxonomy (a list of ids, grammar-bound); its answer is
+    the class names joined by ", " (ids with spaces, as the references are), or "No artifacts".
     Its canaries (asked after the batch's images, on `canaries`' schedule): pure noise and a
-    heavily blurred copy of the first image, with the first prompt, must not get "No
-    artifacts"; else BrokenJudgeError. info["canaries"] says what was checked."""
+    heavily blurred copy of the first image, with the first prompt, must name some artifact
+    class; else BrokenJudgeError. info["canaries"] says what was checked."""
     watch = Canaries(canaries)
     refs: list[np.ndarray] = []  # "No artifacts" + the classes, embedded on the first call
 
@@ -373,11 +376,12 @@ def synartifact_reward(
             spot_artifacts(model, im, p, policy=policy or CallPolicy())
             for im, p in zip(images, prompts, strict=True)
         ]
-        answers = [c.output.answer for c in calls]
+        found = [c.output.artifacts for c in calls]
+        answers = [c.output.as_text for c in calls]  # the text SynArtifact embeds
 
         def ask(im, pr):
             c = spot_artifacts(model, im, pr, policy=policy or CallPolicy())
-            return c.output.answer, c.failures
+            return c.output.artifacts, c.failures
 
         outcome, fresh = watch.run(
             model,
@@ -387,7 +391,7 @@ def synartifact_reward(
                 ask,
                 images,
                 prompts,
-                answers,
+                found,
                 names_an_artifact,
                 ("noise", "blur"),
                 n,
@@ -398,11 +402,12 @@ def synartifact_reward(
         embedder = embed or _config_embedder()  # the same one on every call
         if not refs:
             classes = [a["id"].replace("_", " ") for a in artifact_taxonomy()]
-            refs.append(embedder(["No artifacts", *classes]))
+            refs.append(embedder([NO_ARTIFACTS, *classes]))
         sims = embedder(answers) @ refs[0].T  # (N, 1 + K): cosine similarities
         scores = sims[:, 0] - alpha * sims[:, 1:].sum(axis=1) + beta
         return scores, {
             "answers": answers,
+            "artifacts": found,
             "parse_failures": [c.failures for c in calls],
             "canaries": _canary_info(outcome, fresh, canaries),
         }

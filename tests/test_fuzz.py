@@ -138,16 +138,18 @@ def _raters(real: list, canaries: list) -> ScriptedChat:
     return ScriptedChat(scripts={"Rating": [*real, *canaries]})
 
 
-def _spotter(real: list[str], canaries: list[str]) -> ScriptedChat:
-    """An artifact spotter likewise: the batch's images, then noise, then the blurred copy."""
-    return ScriptedChat(scripts={"ArtifactAnswer": [{"answer": a} for a in [*real, *canaries]]})
+def _spotter(real: list[list[str]], canaries: list[list[str]]) -> ScriptedChat:
+    """An artifact spotter likewise (class ids; [] = no artifacts): the batch's images, then
+    noise, then the blurred copy."""
+    answers = [{"notes": "", "artifacts": a} for a in [*real, *canaries]]
+    return ScriptedChat(scripts={"ArtifactAnswer": answers})
 
 
 @pytest.mark.parametrize(
     "make",
     [
         lambda: vlm_reward(_raters([RATING] * 4, [LOW, LOW])),
-        lambda: synartifact_reward(_spotter(["No artifacts"] * 4, ["omission", "blur"]), **EMBED),
+        lambda: synartifact_reward(_spotter([[]] * 4, [["omission"], ["blur"]]), **EMBED),
     ],
     ids=["vlm", "synartifact"],
 )
@@ -171,8 +173,8 @@ def test_honest_constant_answers_over_real_images_are_accepted(make):
             "(mean 7.0)",
         ),
         (
-            lambda: synartifact_reward(_spotter(["No artifacts"], []), **EMBED),
-            "synartifact judge reported 'No artifacts' for the noise canary (pure noise)",
+            lambda: synartifact_reward(_spotter([[]], []), **EMBED),
+            "synartifact judge reported no artifacts for the noise canary (pure noise)",
         ),
     ],
     ids=["vlm", "synartifact"],

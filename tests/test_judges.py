@@ -260,6 +260,11 @@ def test_canaries_are_the_same_control_images_every_time():
         canary_image("fog", real)
 
 
+def spotted(artifacts: list[str]) -> dict:
+    """The artifact spotter's answer naming `artifacts` (class ids; [] = none)."""
+    return {"notes": "", "artifacts": artifacts}
+
+
 def test_a_judge_that_tells_the_canaries_apart_passes():
     """Varied real answers, canaries answered as they should be: rated low (noise 0.5, grey 3
     against a mean of 6), artifacts named (noise, the blurred copy)."""
@@ -270,11 +275,12 @@ def test_a_judge_that_tells_the_canaries_apart_passes():
     assert scores.tolist() == pytest.approx([0.8, 0.4, 0.6])
     assert info["canaries"]["canaries"] == {"noise": 0.5, "grey": 3.0}
     assert info["canaries"]["passed"] and rater.calls.count("Rating") == 3 + 2
-    texts = ["blur", "No artifacts", "omission, object distortion", "blur"]
-    spotter = ScriptedChat(scripts={"ArtifactAnswer": [{"answer": a} for a in texts]})
+    found = [["blur"], [], ["omission", "object_distortion"], ["blur"]]
+    spotter = ScriptedChat(scripts={"ArtifactAnswer": [spotted(a) for a in found]})
     _, info = synartifact_reward(spotter, embed=bag_of_words)([GREY, DARKER], ["a"] * 2, [{}] * 2)
-    assert info["answers"] == texts[:2] and info["canaries"]["passed"]
-    assert info["canaries"]["canaries"] == {"noise": texts[2], "blur": "blur"}
+    assert info["answers"] == ["blur", "No artifacts"] and info["canaries"]["passed"]
+    assert info["artifacts"] == found[:2]
+    assert info["canaries"]["canaries"] == {"noise": found[2], "blur": ["blur"]}
 
 
 def test_the_canary_check_is_scheduled_and_its_outcome_cached():
@@ -410,8 +416,9 @@ def bag_of_words(texts: list[str]) -> np.ndarray:
 
 
 def test_synartifact_reward_follows_its_formula():
-    answers = ["No artifacts", "human distortion, duplication"]
-    chat = ScriptedChat(scripts={"ArtifactAnswer": [{"answer": a} for a in answers]})
+    found = [[], ["human_distortion", "duplication"]]
+    answers = ["No artifacts", "human distortion, duplication"]  # the ids as the classes' names
+    chat = ScriptedChat(scripts={"ArtifactAnswer": [spotted(a) for a in found]})
     calls: list[int] = []
 
     def embed(texts):

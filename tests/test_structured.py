@@ -4,6 +4,7 @@ and a visible failure after the last attempt. Boxes are clipped and ordered on t
 from __future__ import annotations
 
 import pytest
+from artloop.agents import schemas
 from artloop.agents.schemas import Critique, EditPlan, RegionalEdit, Verdict, normalise_box
 from artloop.models.structured import (
     CallPolicy,
@@ -148,9 +149,15 @@ def test_every_string_list_and_number_is_bounded():
         for name, sub in schema.get("properties", {}).items():
             walk(sub, defs, f"{path}.{name}")
 
-    from artloop.agents import schemas
-
-    for cls in (schemas.EnhancedPrompt, schemas.ImageFacts, Critique, EditPlan, Verdict):
+    for cls in (
+        schemas.EnhancedPrompt,
+        schemas.ImageFacts,
+        Critique,
+        EditPlan,
+        Verdict,
+        schemas.Rating,
+        schemas.ArtifactAnswer,
+    ):
         s = cls.model_json_schema()
         walk(s, s.get("$defs", {}), cls.__name__)
 
@@ -182,5 +189,12 @@ def test_taxonomy_and_checklist_are_enforced():
     Critique(**crit)
     with pytest.raises(ValidationError):
         Critique(**{**crit, "artifacts": [{**crit["artifacts"][0], "kind": "ugly"}]})
-    with pytest.raises(ValidationError):
-        Critique(**{**crit, "aesthetics": [{"aspect": "vibes", "rating": 5, "note": ""}]})
+    rated = crit["aesthetics"]
+    with pytest.raises(ValidationError, match="vibes"):  # an aspect not on the checklist
+        Critique(**{**crit, "aesthetics": {**rated, "vibes": {"note": "", "rating": 5}}})
+    with pytest.raises(ValidationError, match="aesthetics.detail"):  # one left out
+        Critique(**{**crit, "aesthetics": {k: v for k, v in rated.items() if k != "detail"}})
+    with pytest.raises(ValidationError, match="artifacts"):
+        schemas.ArtifactAnswer(notes="", artifacts=["ugly"])
+    found = schemas.ArtifactAnswer(notes="", artifacts=["blur", "omission", "blur"])
+    assert found.artifacts == ["blur", "omission"]  # a repeat says nothing more: dropped
