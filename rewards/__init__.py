@@ -34,6 +34,7 @@ from artloop.rewards.registry import (
     scorer_device,
     scorer_model,
     scorers_config,
+    split_names,
 )
 from artloop.rewards.vlm import (
     BrokenJudgeError,
@@ -68,6 +69,7 @@ __all__ = [
     "scorer_device",
     "scorer_model",
     "scorers_config",
+    "split_names",
     "synartifact_reward",
     "vlm_reward",
 ]

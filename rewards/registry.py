@@ -321,6 +321,23 @@ def reward_entry(name: str) -> Reward:
     raise _unknown(name)
 
 
+def split_names(items: list[str]) -> list[str]:
+    """Reward names from a list whose items may each hold several, comma-separated
+    (`--scorers clip,aesthetic --scorers vqa`); an inline composite keeps its weights together
+    (`clip,composite:clip=0.6,aesthetic=0.4` is two names)."""
+    names: list[str] = []
+    for item in items:
+        inline = False  # the last name is an inline composite of this item: name=weight joins it
+        for piece in item.split(","):
+            piece = piece.strip()
+            if inline and "=" in piece and ":" not in piece:
+                names[-1] += "," + piece
+                continue
+            names.append(piece)
+            inline = piece.startswith(COMPOSITE) and "=" in piece
+    return names
+
+
 def get_reward(name: str) -> RewardFn:
     return reward_entry(name).fn
 

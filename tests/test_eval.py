@@ -134,3 +134,52 @@ def test_a_file_that_is_not_a_lora_is_one_line(tmp_path):
 def test_a_lora_of_another_family_is_named(lora, tmp_path, model, problem):
     with pytest.raises(TrainerConfigError, match=r"^EvalConfig\.lora: .*" + re.escape(problem)):
         evaluate(config(lora, tmp_path, model=model))
+
+
+def test_every_field_scorer_from_the_cli(tmp_path, monkeypatch):
+    """`artloop eval --scorers clip,aesthetic,pickscore,hpsv2,imagereward,vqa` on the tiny stack
+    (issue 17), the scorers pointed at their tiny twins by the environment: every scorer is
+    reported with its range and its weights (an inline composite's weights stay together)."""
+    from artloop.rewards.registry import configure_scorers
+
+    configure_scorers(None)  # the environment's scorers section, as in a fresh process
+    models = {
+        "clip": "tiny-clip",
+        "aesthetic": "tiny-aesthetic",
+        "pickscore": "tiny-clip",
+        "hpsv2": "tiny-hps",
+        "imagereward": "tiny-imagereward",
+    }
+    monkeypatch.setenv("ARTLOOP_SCORERS__MODELS", json.dumps(models))
+    monkeypatch.setenv("ARTLOOP_SCORERS__DEVICE", "cpu")
+    (tmp_path / "p.txt").write_text("a red fox\n")
+    names = ["clip", "aesthetic", "pickscore", "hpsv2", "imagereward", "vqa"]
+    composite = "composite:clip=0.6,aesthetic=0.4"
+    args = ["eval", "--prompts", str(tmp_path / "p.txt"), "--output-dir", str(tmp_path / "e")]
+    args += ["--scorers", ",".join(names), "--scorers", composite, "--seeds", "0"]
+    args += ["--width", "64", "--height", "64", "--steps", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    on_disk = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert list(on_disk["scorers"]) == [*names, composite]
+    scores = on_disk["results"]["base"]["scores"]
+    assert set(scores) == {*names, composite}
+    assert all(len(s["values"]) == 1 for s in scores.values())
+    ranges = {n: on_disk["scorers"][n]["range"] for n in [*names, composite]}
+    assert ranges == {
+        "clip": [0.0, 100.0],
+        "aesthetic": [1.0, 10.0],
+        "pickscore": [0.0, 100.0],
+        "hpsv2": [0.0, 1.0],
+        "imagereward": None,  # unbounded (a standardised reward model's output)
+        "vqa": [0.0, 1.0],
+        composite: [0.0, 1.0],
+    }
+    for name, weights in models.items():
+        ident = on_disk["scorers"][name]["model"]
+        assert ident["id"] == weights and len(ident["sha256"]) == 16, (name, ident)
+    vqa = on_disk["scorers"]["vqa"]["model"]
+    assert (vqa["id"], vqa["backend"]) == ("tiny-qwen2vl", "inprocess")
+    assert set(on_disk["scorers"][composite]["model"]["parts"]) == {"clip", "aesthetic"}
+    head = (tmp_path / "e" / "results.md").read_text().splitlines()[0]
+    assert head == "| model | " + " | ".join([*names, composite]) + " |"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from artloop.rewards import get_reward, reward_entry
+from artloop.rewards import get_reward, reward_entry, split_names
 from artloop.tools.diffusion import DiffusionTool, GenParams
 from artloop.tools.images import ImageStore
 from artloop.trainers.common import (
@@ -42,7 +42,7 @@ class EvalConfig:
     )
     scorers: list[str] = field(
         default_factory=lambda: ["brightness", "contrast", "sharpness"],
-        metadata={"help": "Reward names to score with (repeat)"},
+        metadata={"help": "Reward names to score with (repeat, or comma-separated)"},
     )
     width: int = help_field(256, help="Image width")
     height: int = help_field(256, help="Image height")
@@ -53,6 +53,9 @@ class EvalConfig:
         if not self.prompts:
             raise TrainerConfigError("EvalConfig.prompts: required")
         load_prompts(self.prompts, "EvalConfig.prompts")
+        # --scorers clip,aesthetic (as the issue writes it), repeated, or a TOML string
+        given = self.scorers
+        self.scorers = split_names([given] if isinstance(given, str) else list(given))
         for name in self.scorers:
             try:
                 get_reward(name)
