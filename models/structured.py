@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from artloop.models.inprocess import ChatQwen2VLLocal
@@ -61,6 +61,8 @@ class CallPolicy:
     backoff_s: float = 1.0  # the first wait before a transport retry; doubles, at most 30 s
     image_max_side: int = 768  # images are downscaled to this before they are sent
     image_format: str = "png"
+    # Template name -> a file that replaces prompts/<name>.jinja (config: agents.templates).
+    templates: dict[str, str] = field(default_factory=dict)
     # Shared by concurrent sessions: at most this many calls in flight to the server.
     slots: threading.BoundedSemaphore | None = None
 
@@ -190,6 +192,12 @@ def bind_schema(model: BaseChatModel, schema_cls: type[BaseModel]):
         fmt = {"name": schema_cls.__name__, "schema": schema, "strict": True}
         return model.bind(response_format={"type": "json_schema", "json_schema": fmt})
     return model  # any other chat model: the schema is described in the prompt
+
+
+def enforces_schema(model: BaseChatModel) -> bool:
+    """Whether `bind_schema` constrains this model's decoding to the schema (else the prompt
+    must carry the schema itself)."""
+    return backend_name(model) in ("inprocess", "openai")
 
 
 def schema_instructions(schema_cls: type[BaseModel]) -> str:
