@@ -36,7 +36,15 @@ def test_ddim_step_matches_diffusers(scheduler):
         )
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
         theirs = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
-        assert torch.allclose(ours, theirs, atol=1e-6)
+        assert torch.isfinite(ours).all()
+        # Where diffusers' step is finite: at zero terminal SNR with eta = 1 its direction term
+        # is the square root of a rounding error, NaN on some CPUs (ours clamps it at 0).
+        if torch.isfinite(theirs).all():
+            assert torch.allclose(ours, theirs, atol=1e-6)
+        else:
+            # eta nudged below 1 keeps diffusers finite; the nudge adds sqrt(2e-6)|eps| < 1e-2
+            nudged = scheduler.step(eps, t, x, eta=1.0 - 1e-6, variance_noise=noise).prev_sample
+            assert torch.allclose(ours, nudged, atol=1e-2)
         # Scoring the sample it took gives back the same log-probability; another is less likely.
         _, again = ddim_step_with_logprob(scheduler, eps, t, x, 1.0, prev_sample=ours)
         _, other = ddim_step_with_logprob(scheduler, eps, t, x, 1.0, prev_sample=ours + 0.5)

@@ -93,7 +93,9 @@ def ddim_step_with_logprob(
     else:
         x0, eps = (sample - (1 - a_t).sqrt() * pred) / a_t.sqrt(), pred
     std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+    # At zero terminal SNR with eta = 1 this is 0 in exact arithmetic, and float32 rounding can
+    # make it -1e-8 on some CPUs: its square root is NaN (diffusers' own step has that bug).
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
     if prev_sample is None:
         noise = torch.randn(sample.shape, generator=generator).to(sample)
         prev_sample = mean + std * noise
