@@ -19,7 +19,8 @@ from artloop.config import (
     LoopConfig,
     load_config,
 )
-from artloop.models.chat import build_chat_model, chat_identity
+from artloop.models.chat import chat_identity, shared_chat_model
+from artloop.models.families import chat_family
 from artloop.models.structured import CallPolicy
 from artloop.rewards import JudgeWatch, judge_reward, reward_entry
 from artloop.store.trajectories import TrajectoryStore
@@ -74,6 +75,7 @@ class RefineContext:
             image_max_side=c.image_max_side,
             image_format=c.image_format,
             slots=self.vlm_slots,
+            family=chat_family(c),
         )
 
     def models(self) -> dict:
@@ -106,8 +108,9 @@ def check_judge(loop: LoopConfig) -> None:
 
 def build_context(config: ArtloopConfig) -> RefineContext:
     """Construct everything the graph needs; models load lazily on first use. A bad judge is
-    refused before anything is created."""
+    refused before anything is created, and so is a chat.family the model contradicts."""
     check_judge(config.loop)
+    chat_family(config.chat)
     store = open_store(config)
     d = config.diffusion
     diffusion = DiffusionTool(
@@ -120,7 +123,7 @@ def build_context(config: ArtloopConfig) -> RefineContext:
         max_batch=d.max_batch,
     )
     return RefineContext(
-        chat=build_chat_model(config.chat),
+        chat=shared_chat_model(config.chat),  # the scorers' (vqa, vlm) too, loaded once
         diffusion=diffusion,
         store=store,
         loop=config.loop,

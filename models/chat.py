@@ -6,6 +6,7 @@ from __future__ import annotations
 # Deliberately lazy: langchain-openai is imported inside the function that uses it, so that
 # importing this module (the CLI's --help, the config, a test) does not load them.
 import importlib
+import threading
 import urllib.error
 import urllib.request
 
@@ -17,18 +18,22 @@ from langchain_core.language_models.chat_models import BaseChatModel
 from pydantic import ValidationError
 
 
+def _inprocess_kwargs(cfg: ChatConfig) -> dict:
+    return {
+        "model": cfg.model,
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "batch_window_ms": cfg.batch_window_ms,
+        "max_batch": cfg.max_concurrent_calls,
+    }
+
+
 def build_chat_model(cfg: ChatConfig) -> BaseChatModel:
     """Construct (not load) the configured chat model."""
     if cfg.backend == "inprocess":
-        return ChatQwen2VLLocal(
-            model=cfg.model,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            device=cfg.device,
-            dtype=cfg.dtype,
-            batch_window_ms=cfg.batch_window_ms,
-            max_batch=cfg.max_concurrent_calls,
-        )
+        return ChatQwen2VLLocal(**_inprocess_kwargs(cfg))
     if cfg.backend == "openai":
         from langchain_openai import ChatOpenAI
 
@@ -59,6 +64,25 @@ def build_chat_model(cfg: ChatConfig) -> BaseChatModel:
             f"class (a subclass of BaseChatModel); nothing was called"
         )
     return _construct(cls, cfg.custom_class, cfg.custom_kwargs)
+
+
+_shared: dict[tuple, BaseChatModel] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_chat_model(cfg: ChatConfig) -> BaseChatModel:
+    """The process's chat model for `cfg`, for everything built from config (the agents'
+    context, the VQA scorer, the VLM judges): an in-process model is built once per set of
+    constructor arguments and then shared, so its weights load once. Other backends are built
+    fresh each call: a server client holds no weights, a scripted chat consumes its answers."""
+    if cfg.backend != "inprocess":
+        return build_chat_model(cfg)
+    kwargs = _inprocess_kwargs(cfg)
+    key = tuple(sorted(kwargs.items()))
+    with _shared_lock:  # sessions and scorers ask from threads: one model, not two
+        if key not in _shared:
+            _shared[key] = build_chat_model(cfg)
+        return _shared[key]
 
 
 def _construct(cls: type[BaseChatModel], name: str, kwargs: dict) -> BaseChatModel:

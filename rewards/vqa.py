@@ -10,8 +10,9 @@ distribution at the answer position) and an OpenAI-compatible server such as vLL
 (either case), P(yes) / (P(yes) + P(no)). A backend without log-probabilities (the scripted
 chat, a custom class) answers by a structured call and the score is the share of "yes" answers.
 
-The model is the agents' chat model (the config's `chat` section) unless `scorers.models.vqa`
-names another (then the `chat` section with that model). Questions come, in order of
+The model is the agents' chat model (the config's `chat` section; in-process, the very object
+the agents' context uses, `models.chat.shared_chat_model`) unless `scorers.models.vqa` names
+another (then the `chat` section with that model). Questions come, in order of
 preference, from the image's metadata (`metadata[i]["vqa_questions"]`, e.g. from a stored
 trajectory), this scorer's cache, or the model; info["questions"] has them for the caller to
 store."""
@@ -36,7 +37,7 @@ from artloop.agents.questions import (
     write_questions,
 )
 from artloop.config import ChatConfig, load_config
-from artloop.models.chat import build_chat_model
+from artloop.models.chat import shared_chat_model
 from artloop.models.inprocess import ChatQwen2VLLocal
 from artloop.models.structured import CallPolicy
 from artloop.models.tiny import resolve_model
@@ -54,17 +55,10 @@ def vqa_chat_config() -> ChatConfig:
     return chat.model_copy(update={"model": name}) if name else chat
 
 
-_chats: dict[str, Any] = {}
-_chats_lock = threading.Lock()
-
-
 def _config_chat() -> Any:
-    cfg = vqa_chat_config()
-    key = cfg.model_dump_json()
-    with _chats_lock:
-        if key not in _chats:
-            _chats[key] = build_chat_model(cfg)
-        return _chats[key]
+    # The agents' in-process model when it is the same one (models/chat.py shares it): a run
+    # scoring vqa does not load a second copy of the VLM beside its context's.
+    return shared_chat_model(vqa_chat_config())
 
 
 def method(model: Any) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from artloop.config import ChatConfig, ScorersConfig
 from artloop.models.chat import build_chat_model
 from artloop.models.inprocess import ChatQwen2VLLocal
 from artloop.models.scripted import ScriptedChat
-from artloop.rewards import configure_scorers, get_reward, reward_entry
+from artloop.rewards import REWARDS, configure_scorers, get_reward, reward_entry
 from artloop.rewards.vqa import NO, YES, model_key, p_yes, vqa_reward
 from PIL import Image
 from pydantic import ValidationError
@@ -116,6 +117,39 @@ def test_registered_with_the_model_identity():
     assert ident["model"]["id"] == "tiny-qwen2vl" and ident["model"]["backend"] == "inprocess"
     assert len(ident["model"]["sha256"]) == 16
     assert callable(get_reward("vqa"))
+
+
+def test_a_run_scoring_vqa_loads_the_vlm_once(monkeypatch, tmp_path):
+    """A run whose fact scorer is vqa answers with its context's in-process VLM: the same
+    object, so the weights load once in the process, not once for the agents and again for
+    the scorer."""
+    from artloop.config import load_config
+    from artloop.graphs.context import build_context
+    from artloop.graphs.refine import fact_scores
+    from artloop.models import chat as chat_module
+
+    monkeypatch.setattr(chat_module, "_shared", {})  # this test's process: nothing built yet
+    loads: list[int] = []
+    setup = ChatQwen2VLLocal.setup
+
+    def counted(self):
+        if self._loaded is None:  # this call loads the weights
+            loads.append(id(self))
+        return setup(self)
+
+    monkeypatch.setattr(ChatQwen2VLLocal, "setup", counted)
+    # The registered scorer with scripted questions (the tiny VLM writes them slowly): its
+    # answering model is still the configured one.
+    writer = ScriptedChat(scripts={"VQAQuestions": [PAIRS]})
+    vqa = replace(REWARDS["vqa"], fn=vqa_reward(questions_chat=writer))
+    monkeypatch.setitem(REWARDS, "vqa", vqa)
+    cfg = load_config(overrides={"home": str(tmp_path / "home"), "loop.fact_scorers": ["vqa"]})
+    ctx = build_context(cfg)
+    ctx.chat.setup()  # the agents' model, loaded as the first agent call would
+    scores = fact_scores(ctx, RED, "a red fox in snow")
+    assert 0 <= scores["vqa"]["score"] <= 1 and writer.calls == ["VQAQuestions"]
+    assert loads == [id(ctx.chat)]  # one load, the context's: the scorer reused it
+    assert build_context(cfg).chat is ctx.chat  # a second context (a batch's) shares it too
 
 
 def test_vllm_logprobs(vllm_server):
