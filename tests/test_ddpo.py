@@ -10,6 +10,7 @@ import pytest
 import torch
 from artloop.cli import app
 from artloop.models.tiny import resolve_model
+from artloop.models.tiny.fit import FIT_CONFIG
 from artloop.rewards import REWARDS, get_reward, reward
 from artloop.trainers.common import TrainerConfigError
 from artloop.trainers.ddpo import DDPOConfig, ddim_step_with_logprob, ppo_loss, train_ddpo
@@ -21,9 +22,14 @@ from typer.testing import CliRunner
 
 @pytest.fixture(scope="module", params=["tiny-sd", "tiny-sd-fit"])
 def scheduler(request):
-    """SD 1.5's epsilon / leading-steps DDIM, and tiny-sd-fit's v-prediction at zero terminal
-    SNR with trailing steps (its first step is pure noise: alphas_cumprod[999] = 0)."""
-    s = DDIMScheduler.from_pretrained(resolve_model(request.param), subfolder="scheduler")
+    """SD 1.5's epsilon / leading-steps DDIM (tiny-sd's saved scheduler), and tiny-sd-fit's
+    v-prediction at zero terminal SNR with trailing steps (its first step is pure noise:
+    alphas_cumprod[999] = 0), built from the config it is saved from: fitting its UNet on a
+    fresh machine takes a minute, and only the scheduler is needed here."""
+    if request.param == "tiny-sd-fit":
+        s = DDIMScheduler(**FIT_CONFIG["scheduler"])
+    else:
+        s = DDIMScheduler.from_pretrained(resolve_model(request.param), subfolder="scheduler")
     s.set_timesteps(10)
     return s
 
