@@ -20,7 +20,6 @@ from artloop.config import (
     load_config,
 )
 from artloop.models.chat import chat_identity, shared_chat_model
-from artloop.models.families import chat_family
 from artloop.models.structured import CallPolicy
 from artloop.rewards import JudgeWatch, judge_reward, reward_entry
 from artloop.store.trajectories import TrajectoryStore
@@ -75,7 +74,6 @@ class RefineContext:
             image_max_side=c.image_max_side,
             image_format=c.image_format,
             slots=self.vlm_slots,
-            family=chat_family(c),
         )
 
     def models(self) -> dict:
@@ -108,9 +106,8 @@ def check_judge(loop: LoopConfig) -> None:
 
 def build_context(config: ArtloopConfig) -> RefineContext:
     """Construct everything the graph needs; models load lazily on first use. A bad judge is
-    refused before anything is created, and so is a chat.family the model contradicts."""
+    refused before anything is created."""
     check_judge(config.loop)
-    chat_family(config.chat)
     store = open_store(config)
     d = config.diffusion
     diffusion = DiffusionTool(
