@@ -315,6 +315,32 @@ class ScorersConfig(_Section):
         "function's name) or 'name=package.module:function'; imported at first lookup",
     )
 
+    canaries: Literal["once", "agreement", "off"] | int | None = Field(
+        None,
+        description="When the VLM judges (the vlm and synartifact rewards, the loop's "
+        "validator) are shown their canaries, control images whose answer is known: once (on "
+        "the first call, the outcome cached), agreement (once a judge gives one answer for "
+        "different images), N (the first call and every N calls after) or off (never: the "
+        "judge is trusted unchecked, e.g. a random tiny VLM); unset: once for the rewards, "
+        "agreement for the validator (rewards/vlm.py)",
+    )
+
+    @field_validator("canaries", mode="before")
+    @classmethod
+    def _canary_schedule(cls, value: Any) -> Any:
+        # The schedules rewards/vlm.py's Canaries accepts (config.py may not import it).
+        if value is None or value in ("once", "agreement", "off"):
+            return value
+        if isinstance(value, str) and value.strip().isdigit():  # from the environment
+            value = int(value)
+        if type(value) is int and value >= 1:
+            return value
+        raise PydanticCustomError(
+            "canary_schedule",
+            "'{value}' is not once, agreement, off or a number of calls N >= 1",
+            {"value": str(value)},
+        )
+
     @field_validator("plugins")
     @classmethod
     def _plugins_named(cls, value: list[str]) -> list[str]:

@@ -6,8 +6,10 @@ verdict, a score), because under constrained decoding it writes the fields in sc
 cannot revise a score once written. Every field carries a `description`: the model's
 instructions for it, shown in the prompt as the answer's field guide (agents/base.py).
 
-Boxes follow Qwen2-VL's convention: [x1, y1, x2, y2] normalised to 0-1000, top-left origin.
-A model's boxes are clipped and ordered on the way in; one with no area is rejected. (One policy,
+Boxes are artloop's grid: [x1, y1, x2, y2] normalised to 0-1000, top-left origin. A model's
+boxes are read in its family's convention (models/families.py; validation context `box_frame`),
+converted to the grid, clipped and ordered on the way in; one with no area is rejected; dumped
+with the same context, they are written back in the family's convention for a prompt. (One policy,
 in tools/diffusion.py's check_box: model output is repaired, a person's input is rejected.)
 """
 
@@ -17,16 +19,42 @@ from typing import Annotated, Literal
 
 from artloop.prompts import aesthetics_checklist, artifact_taxonomy
 from artloop.tools.diffusion import check_box
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SerializationInfo,
+    ValidationInfo,
+    create_model,
+)
 
 
-def normalise_box(value: object) -> list[int]:
-    """A model's box, repaired: clipped to 0-1000, rounded, corners ordered (see check_box)."""
-    return check_box(value, clip=True)
+def normalise_box(value: object, info: ValidationInfo) -> list[int]:
+    """A model's box, repaired: read in the call's convention (the validation context's
+    `box_frame`, models/families.py: pixels of the model's input become 0-1000, and a pixel box
+    outside that image is an error, not clipped), then clipped to 0-1000, rounded, corners
+    ordered (see check_box)."""
+    frame = (info.context or {}).get("box_frame")
+    return check_box(value if frame is None else frame.to_grid(value), clip=True)
+
+
+def box_for_prompt(box: list[int], info: SerializationInfo) -> list[int]:
+    """A box dumped for a prompt: in the serialisation context's `box_frame` (the model
+    family's convention), else artloop's 0-1000 grid."""
+    frame = (info.context or {}).get("box_frame")
+    return box if frame is None else frame.from_grid(box)
 
 
 Coord = Annotated[int, Field(ge=0, le=1000)]
-Box = Annotated[list[Coord], Field(min_length=4, max_length=4), BeforeValidator(normalise_box)]
+Box = Annotated[
+    list[Coord],
+    Field(min_length=4, max_length=4),
+    BeforeValidator(normalise_box),
+    PlainSerializer(box_for_prompt),
+]
 # A person's box (an answer at a pause): refused, not repaired, when out of range or inverted.
 HumanBox = Annotated[list[Coord], Field(min_length=4, max_length=4), BeforeValidator(check_box)]
 BOX_HELP = "[x1, y1, x2, y2], 0-1000 from the top-left corner"

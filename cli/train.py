@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from artloop.cli.common import fail, quiet_libraries
+from artloop.config import ConfigError
 
 # The commands are generated from the trainers' config dataclasses, so these modules load with
 # the CLI (`artloop --help`): they keep torch and the pipelines inside their functions.
@@ -72,7 +73,7 @@ def _runner(train: Callable[[Any], dict]) -> Callable[[Any], None]:
         quiet_libraries()
         try:
             summary = train(cfg)
-        except (TrainerConfigError, DiffusionError) as e:
+        except (TrainerConfigError, DiffusionError, ConfigError) as e:  # ConfigError: ARTLOOP_*
             fail(str(e))
         if summary.get("main_process", True):  # under torchrun / accelerate: one line, not N
             print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "losses")}))

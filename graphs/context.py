@@ -45,8 +45,9 @@ class RefineContext:
     diffusion_config: DiffusionConfig = None  # type: ignore[assignment]
     # Shared by every session on this context: bounds the agent calls in flight to the server.
     vlm_slots: threading.BoundedSemaphore | None = None
-    # Shared too: the validator's canaries (asked once it gives one answer for many different
-    # images; it is refused if it cannot tell a noise or grey edit from the real ones).
+    # Shared too: the validator's canaries (by default asked once it gives one answer for many
+    # different images, `scorers.canaries` says otherwise; it is refused if it cannot tell a
+    # noise or grey edit from the real ones).
     judge_watch: JudgeWatch = field(default_factory=JudgeWatch)
     # Where `artloop serve ui` serves the images (pause payloads link them), if anywhere.
     ui_url: str | None = None
@@ -127,6 +128,7 @@ def build_context(config: ArtloopConfig) -> RefineContext:
         chat_config=config.chat,
         diffusion_config=d,
         vlm_slots=threading.BoundedSemaphore(config.chat.max_concurrent_calls),
+        judge_watch=JudgeWatch(schedule=config.scorers.canaries),  # when its canaries are asked
         ui_url=config.ui_url,
     )
 

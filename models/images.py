@@ -8,12 +8,18 @@ import io
 from PIL import Image
 
 
-def to_data_url(image: Image.Image, max_side: int = 768, fmt: str = "PNG") -> str:
-    """Encode an image as a data URL, downscaled so that its longer side is <= max_side."""
+def fit_image(image: Image.Image, max_side: int = 768) -> Image.Image:
+    """The image as it is sent: RGB, downscaled so that its longer side is <= max_side."""
     image = image.convert("RGB")
     if max(image.size) > max_side:
         image = image.copy()
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return image
+
+
+def to_data_url(image: Image.Image, max_side: int = 768, fmt: str = "PNG") -> str:
+    """Encode an image as a data URL, downscaled so that its longer side is <= max_side."""
+    image = fit_image(image, max_side)
     buf = io.BytesIO()
     image.save(buf, format=fmt, **({"quality": 90} if fmt.upper() == "JPEG" else {}))
     mime = "image/jpeg" if fmt.upper() == "JPEG" else "image/png"

@@ -1,4 +1,5 @@
-"""In-process chat model: Qwen2-VL under transformers, with JSON-schema-constrained decoding.
+"""In-process chat model: Qwen2-VL, Qwen2.5-VL or Qwen3-VL under transformers, with
+JSON-schema-constrained decoding (the family's class, by the checkpoint's model_type).
 
 The embedded default: no server needed. Bind a schema with `.bind(json_schema=schema)`; decoding
 is then constrained by an xgrammar grammar compiled from that schema, so the output parses.
@@ -16,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from artloop.models.families import get_family
 from artloop.models.images import from_data_url
 from artloop.models.tiny import resolve_model
-from artloop.models.tiny.vlm import load_processor
+from artloop.models.tiny.vlm import load_processor, model_family
 from artloop.runtime.batching import Batcher, Job
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -95,14 +97,16 @@ class ChatQwen2VLLocal(BaseChatModel):
         if self._loaded is None:
             import torch
             import xgrammar as xgr
-            from transformers import Qwen2VLForConditionalGeneration
 
             path = resolve_model(self.model)
             model = (
-                Qwen2VLForConditionalGeneration.from_pretrained(
+            import transformers
+                model_class.from_pretrained(
                     path, dtype=getattr(torch, self.dtype), use_safetensors=True
                 )
                 .to(self.device)
+            # The family's own class (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), by config.json's model_type.
+            model_class = getattr(transformers, get_family(model_family(path)).model_class)
                 .eval()
             )
             processor = load_processor(path)

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from artloop.models.families import GRID, BoxFrame, Family
 from artloop.models.inprocess import ChatQwen2VLLocal
 from artloop.runtime.accounting import charge, timed
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -65,6 +66,12 @@ class CallPolicy:
     templates: dict[str, str] = field(default_factory=dict)
     # Shared by concurrent sessions: at most this many calls in flight to the server.
     slots: threading.BoundedSemaphore | None = None
+    # The model's family (models/families.py): how it writes boxes. None: artloop's 0-1000 grid.
+    family: Family | None = None
+
+    def box_frame(self, width: int, height: int) -> BoxFrame:
+        """The box convention for an image sent at width x height."""
+        return GRID if self.family is None else self.family.frame(width, height)
 
     @contextmanager
     def slot(self) -> Iterator[None]:
@@ -182,9 +189,45 @@ def json_schema(schema_cls: type[BaseModel]) -> dict:
     return schema_cls.model_json_schema()
 
 
-def bind_schema(model: BaseChatModel, schema_cls: type[BaseModel]):
-    """Attach schema-constrained decoding in the form each backend understands."""
-    schema = grammar_schema(copy.deepcopy(json_schema(schema_cls)))
+def box_schema(schema: dict, frame: BoxFrame) -> dict:
+    """The schema with its boxes' bounds in `frame`'s convention: for pixels, x in [0, W] and
+    y in [0, H] (one bound per corner coordinate: prefixItems). A box is the one array of
+    exactly four integers bounded 0-1000."""
+    if not frame.pixels:
+        return schema
+    width, height = frame.bounds()
+
+    def walk(node):
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        node = {k: walk(v) for k, v in node.items()}
+        items = node.get("items")
+        if (
+            node.get("type") == "array"
+            and node.get("minItems") == node.get("maxItems") == 4
+            and isinstance(items, dict)
+            and items.get("type") == "integer"
+            and (items.get("minimum"), items.get("maximum")) == (0, 1000)
+        ):
+            node["prefixItems"] = [
+                {**items, "maximum": side} for side in (width, height, width, height)
+            ]
+            node["items"] = False
+        if isinstance(node.get("description"), str):  # a box's description names its scale
+            node["description"] = node["description"].replace(
+                "0-1000", f"in pixels (x 0-{width}, y 0-{height})"
+            )
+        return node
+
+    return walk(schema)
+
+
+def bind_schema(model: BaseChatModel, schema_cls: type[BaseModel], frame: BoxFrame = GRID):
+    """Attach schema-constrained decoding in the form each backend understands; boxes bounded
+    in `frame`'s convention."""
+    schema = box_schema(grammar_schema(copy.deepcopy(json_schema(schema_cls))), frame)
     kind = backend_name(model)
     if kind == "inprocess":
         return model.bind(json_schema=schema)
@@ -209,15 +252,16 @@ def schema_instructions(schema_cls: type[BaseModel]) -> str:
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 
-def parse_output(raw: str, schema_cls: type[T]) -> T:
-    """Parse and validate one answer; raise InvalidOutput naming what is wrong."""
+def parse_output(raw: str, schema_cls: type[T], frame: BoxFrame = GRID) -> T:
+    """Parse and validate one answer, its boxes read in `frame`'s convention (converted to the
+    0-1000 grid by the schemas' Box); raise InvalidOutput naming what is wrong."""
     text = raw.strip()
     if m := _FENCE.match(text):  # some chat models wrap JSON in a markdown fence
         text = m.group(1)
     if not text:
         raise InvalidOutput("empty answer", raw)
     try:
-        return schema_cls.model_validate_json(text)
+        return schema_cls.model_validate_json(text, context={"box_frame": frame})
     except ValidationError as e:
         errors = "; ".join(
             f"{'.'.join(map(str, err['loc'])) or 'answer'}: {err['msg']}" for err in e.errors()[:5]
@@ -232,11 +276,13 @@ def invoke_structured(
     *,
     agent: str,
     policy: CallPolicy = CallPolicy(),
+    box_frame: BoxFrame = GRID,
 ) -> Structured[T]:
     """Call `model` for a `schema_cls` answer; on invalid output, show the model its error and
     retry (at most `policy.attempts` calls in all). Raises StructuredOutputError after the
-    last, ChatServerError when the server stays unreachable."""
-    runnable = bind_schema(model, schema_cls)
+    last, ChatServerError when the server stays unreachable. `box_frame`: how the model writes
+    boxes about the image sent (its family's convention)."""
+    runnable = bind_schema(model, schema_cls, box_frame)
     backend = backend_name(model)
     history = list(messages)
     failures = 0
@@ -251,7 +297,7 @@ def invoke_structured(
             except _length_errors() as e:  # the answer ran into max_tokens
                 raise InvalidOutput("answer cut off at the token limit", "") from e
             raw = raw if isinstance(raw, str) else json.dumps(raw)
-            return parse_output(raw, schema_cls)
+            return parse_output(raw, schema_cls, box_frame)
         except InvalidOutput as e:
             failures += 1
             # Repair: the next attempt sees its own answer and what was wrong with it.

@@ -7,7 +7,8 @@ noise, a flat grey frame, a heavily blurred copy of a real image) from the real 
 answer for many real images is not evidence: a batch that all honestly show "No artifacts" is
 what SynArtifact DDPO is for. Canaries cost VLM calls (two a check), so they are asked on a
 schedule and the outcome is cached: the rewards once per judge per process, the loop's
-validator once its answers agree across different images (agreement is a reason to look)."""
+validator once its answers agree across different images (agreement is a reason to look).
+`scorers.canaries` (ARTLOOP_SCORERS__CANARIES) sets one schedule for all of them, "off" too."""
 
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ import numpy as np
 from artloop.agents import rate, spot_artifacts
 from artloop.agents.schemas import NO_ARTIFACTS, Verdict
 from artloop.config import load_config
-from artloop.models.chat import build_chat_model
+from artloop.models.chat import shared_chat_model
 from artloop.models.structured import CallPolicy
 from artloop.models.tiny import resolve_model
 from artloop.prompts import artifact_taxonomy
-from artloop.rewards.registry import RewardFn, reward
+from artloop.rewards.registry import RewardFn, reward, scorers_config
 from PIL import Image, ImageFilter
 
 
@@ -167,6 +168,14 @@ def check_judge(
 Schedule = Literal["once", "agreement", "off"] | int
 
 
+def configured_schedule(given: Schedule | None, default: Schedule) -> Schedule:
+    """`given`, else the config's `scorers.canaries`, else `default` (the judge's own)."""
+    if given is not None:
+        return given
+    chosen = scorers_config().canaries
+    return default if chosen is None else chosen
+
+
 class Canaries:
     """When a judge's canaries are asked, and their outcome cached, per judge model.
     "once": the first time the judge answers, then never again in this process (the rewards'
@@ -217,13 +226,14 @@ class JudgeWatch:
     noise or a flat grey frame as the edit, whose right verdict is known (not accepted, not
     better than before, scored below the real edits). By default ("agreement") they are asked
     when its last `window` answers are one answer for different images, and the outcome is
-    cached: a validator that honestly says "revise" to every session costs two calls, once."""
+    cached: a validator that honestly says "revise" to every session costs two calls, once.
+    `schedule` None: `scorers.canaries` if set."""
 
     PAIRS = ("noise", "grey")
 
-    def __init__(self, window: int = 8, schedule: Schedule = "agreement") -> None:
+    def __init__(self, window: int = 8, schedule: Schedule | None = None) -> None:
         self.recent: deque[tuple[str, str, str, Verdict]] = deque(maxlen=window)
-        self.canaries = Canaries(schedule)
+        self.canaries = Canaries(configured_schedule(schedule, "agreement"))
         self._lock = threading.Lock()
         self.last: JudgeCheck | None = None  # the latest canary check
 
@@ -265,9 +275,18 @@ class JudgeWatch:
         return outcome
 
 
-@functools.cache
 def _config_chat() -> Any:
-    return build_chat_model(load_config().chat)
+    # The agents' in-process model when it is the same one (models/chat.py shares it).
+    return shared_chat_model(load_config().chat)
+
+
+def _watch(watches: dict, given: Schedule | None) -> tuple[Canaries, Schedule]:
+    """A reward's canaries on the schedule in force (`given`, else `scorers.canaries`, else
+    "once"), read at each call: outcomes are cached per schedule."""
+    schedule = configured_schedule(given, "once")
+    if schedule not in watches:
+        watches.setdefault(schedule, Canaries(schedule))
+    return watches[schedule], schedule
 
 
 def _canary_info(outcome: JudgeCheck | None, fresh: bool, schedule: Schedule) -> dict:
@@ -276,14 +295,17 @@ def _canary_info(outcome: JudgeCheck | None, fresh: bool, schedule: Schedule) ->
     return {**outcome.info(fresh), "schedule": schedule}
 
 
-def vlm_reward(chat: Any = None, policy: Any = None, canaries: Schedule = "once") -> RewardFn:
+def vlm_reward(chat: Any = None, policy: Any = None, canaries: Schedule | None = None) -> RewardFn:
     """The rater's 0-10 score of each image against its prompt, scaled to [0, 1]. Its canaries
-    (asked after the batch's images, on `canaries`' schedule): pure noise and a flat grey
-    frame, rated against the batch's first prompt, must score below the real images' mean (or
-    at most LOW_SCORE); else BrokenJudgeError. info["canaries"] says what was checked."""
-    watch = Canaries(canaries)
+    (asked after the batch's images, on `canaries`' schedule; None: `scorers.canaries`, else
+    "once"): pure noise and a flat grey frame, rated against the batch's first prompt, must
+    score below the real images' mean (or at most LOW_SCORE); else BrokenJudgeError.
+    info["canaries"] says what was checked."""
+    # a schedule given is checked here, at construction; the config's when first read
+    watches: dict[Schedule, Canaries] = {} if canaries is None else {canaries: Canaries(canaries)}
 
     def fn(images, prompts, metadata):
+        watch, schedule = _watch(watches, canaries)
         if not images:  # nothing asked, nothing to compare a canary with
             return np.array([]), {"reasons": [], "parse_failures": [], "canaries": {}}
         model = chat if chat is not None else _config_chat()
@@ -308,7 +330,7 @@ def vlm_reward(chat: Any = None, policy: Any = None, canaries: Schedule = "once"
         return np.array([s / 10 for s in scores]), {
             "reasons": [r.reasons for r in ratings],
             "parse_failures": [c.failures for c in calls],
-            "canaries": _canary_info(outcome, fresh, canaries),
+            "canaries": _canary_info(outcome, fresh, schedule),
         }
 
     return fn
@@ -357,7 +379,7 @@ def synartifact_reward(
     alpha: float = 0.1,
     beta: float = 0.0,
     policy: Any = None,
-    canaries: Schedule = "once",
+    canaries: Schedule | None = None,
 ) -> RewardFn:
     """SynArtifact (arXiv 2402.18068): ask the VLM which artifacts the image shows, then
     r = sim("No artifacts", answer) - alpha * sum_k sim(class_k, answer) + beta,
@@ -366,11 +388,14 @@ def synartifact_reward(
     the class names joined by ", " (ids with spaces, as the references are), or "No artifacts".
     Its canaries (asked after the batch's images, on `canaries`' schedule): pure noise and a
     heavily blurred copy of the first image, with the first prompt, must name some artifact
-    class; else BrokenJudgeError. info["canaries"] says what was checked."""
-    watch = Canaries(canaries)
+    class; else BrokenJudgeError. info["canaries"] says what was checked. `canaries` None:
+    `scorers.canaries`, else "once"."""
+    # a schedule given is checked here, at construction; the config's when first read
+    watches: dict[Schedule, Canaries] = {} if canaries is None else {canaries: Canaries(canaries)}
     refs: list[np.ndarray] = []  # "No artifacts" + the classes, embedded on the first call
 
     def fn(images, prompts, metadata):
+        watch, schedule = _watch(watches, canaries)
         model = chat if chat is not None else _config_chat()
         calls = [
             spot_artifacts(model, im, p, policy=policy or CallPolicy())
@@ -409,7 +434,7 @@ def synartifact_reward(
             "answers": answers,
             "artifacts": found,
             "parse_failures": [c.failures for c in calls],
-            "canaries": _canary_info(outcome, fresh, canaries),
+            "canaries": _canary_info(outcome, fresh, schedule),
         }
 
     return fn

@@ -30,11 +30,11 @@ class ServerError(RuntimeError):
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def tiny_cpu_config(vllm: str, port: int, **overrides) -> ServeConfig:
-    """The tiny Qwen2-VL on vLLM's CPU build, as the tests and benchmarks start it: float32,
-    a 4096-token context, eager (no graph capture on CPU)."""
+def tiny_cpu_config(vllm: str, port: int, model: str = "tiny-qwen2vl", **overrides) -> ServeConfig:
+    """A tiny VLM (the Qwen2-VL unless `model` names another) on vLLM's CPU build, as the tests
+    and benchmarks start it: float32, a 4096-token context, eager (no graph capture on CPU)."""
     return ServeConfig(
-        model="tiny-qwen2vl",
+        model=model,
         dtype="float32",
         max_model_len=4096,
         enforce_eager=True,

@@ -197,3 +197,45 @@ def test_pickscore_rewards_ddpo_from_the_cli(tmp_path, monkeypatch):
     assert ident["model"]["id"] == "tiny-clip" and len(ident["model"]["sha256"]) == 16
     assert printed["reward"] == ident
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow  # ~15 s: three CLI runs, the tiny VLM rating each image
+def test_the_vlm_reward_with_its_canaries_off(tmp_path, monkeypatch):
+    """`scorers.canaries` reaches the vlm reward: "off" lets the tiny random Qwen2-VL (it rates
+    pure noise as it rates the images, so its canaries refuse it) reward DDPO from the CLI; by
+    default the canary check still runs and refuses it, in one line; a bad schedule is one line."""
+    from artloop.rewards.registry import configure_scorers
+
+    configure_scorers(None)  # the environment's scorers section, as in a fresh process
+    (tmp_path / "p.txt").write_text("a red fox\n")
+
+    def train(out: str):
+        args = ["train", "ddpo", "--data", str(tmp_path / "p.txt"), "--reward", "vlm"]
+        args += ["--output-dir", str(tmp_path / out), "--train-steps", "1", "--inner-epochs", "1"]
+        args += ["--sample-steps", "2", "--batch-size", "2"]
+        result = CliRunner().invoke(app, args)
+        # the progress bar ends without a newline: an error line may follow it on its line
+        lines = result.stderr.replace("\r", "\n").splitlines()
+        errors = [line[line.index("error: ") :] for line in lines if "error: " in line]
+        return result, errors
+
+    monkeypatch.setenv("ARTLOOP_SCORERS__CANARIES", "off")
+    ok, errors = train("off")
+    assert ok.exit_code == 0 and not errors, ok.output
+    printed = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert printed["reward"]["name"] == "vlm" and len(printed["mean_rewards"]) == 1
+    assert 0 <= printed["mean_rewards"][0] <= 1  # the rater's 0-10 scores, scaled
+    assert (tmp_path / "off" / "train_summary.json").is_file()
+
+    monkeypatch.delenv("ARTLOOP_SCORERS__CANARIES")
+    refused, errors = train("default")
+    assert refused.exit_code == 1 and len(errors) == 1, refused.output
+    assert errors[0].startswith("error: BrokenJudgeError: vlm judge rated the noise canary")
+    assert not (tmp_path / "default" / "train_summary.json").exists()
+
+    monkeypatch.setenv("ARTLOOP_SCORERS__CANARIES", "sometimes")
+    bad, errors = train("bad")
+    assert bad.exit_code == 2 and errors == [
+        "error: invalid config: scorers.canaries: 'sometimes' is not once, agreement, off or a "
+        "number of calls N >= 1"
+    ], bad.output

@@ -455,3 +455,36 @@ def test_export_selects_runs_by_tag(store, sd_tool):
     assert considered == 2 and [r["run_id"] for r in runs] == [tagged]
     assert select_runs(store, ExportFilters(tags=("study-1", "study-2")))[0] == []
     assert "tags study-1" in ExportFilters(tags=("study-1",)).describe()
+
+
+def test_the_configured_canary_schedule_reaches_every_vlm_judge(tmp_path):
+    """`scorers.canaries` is the schedule of a VLM judge built without one (read per call: the
+    registered vlm and synartifact rewards are built at import, test_ddpo runs vlm from the
+    CLI), of the validator's watch, and of a built context's; a bad value is one line."""
+    from artloop.config import ScorersConfig
+    from artloop.graphs.context import build_context
+    from artloop.rewards import configure_scorers
+
+    good = {"score": 8.0, "reasons": ["a fox"]}  # noise and grey rated as high: broken
+    images, prompts = [GREY, DARKER], ["a fox"] * 2
+    try:
+        configure_scorers(ScorersConfig(canaries="off"))
+        _, info = vlm_reward(ScriptedChat(scripts={"Rating": [good]}))(images, prompts, [{}] * 2)
+        assert info["canaries"] == {"checked": "off", "schedule": "off"}
+        assert JudgeWatch().canaries.schedule == "off"
+        configure_scorers(ScorersConfig(canaries=3))
+        assert JudgeWatch().canaries.schedule == 3
+        configure_scorers(None)  # unset: each judge's own schedule
+        with pytest.raises(BrokenJudgeError, match="the noise canary"):
+            vlm_reward(ScriptedChat(scripts={"Rating": [good]}))(images, prompts, [{}] * 2)
+        assert JudgeWatch().canaries.schedule == "agreement"
+    finally:
+        configure_scorers(None)
+    cfg = load_config(overrides={"home": str(tmp_path), "scorers.canaries": 2})
+    assert build_context(cfg).judge_watch.canaries.schedule == 2
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides={"scorers.canaries": 0})
+    assert str(e.value) == (
+        "invalid config: scorers.canaries: '0' is not once, agreement, off or a number of "
+        "calls N >= 1"
+    )

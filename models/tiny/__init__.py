@@ -24,7 +24,8 @@ __all__ = ["TINY_NAMES", "TinyModel", "cache_root", "is_tiny", "resolve_model", 
 class TinyModel:
     name: str
     kind: str  # "vlm" | "diffusion" | "scorer"
-    family: str  # "qwen2vl" | "sd" | "sdxl" | "flux" | "clip" | "aesthetic" | "hpsv2"
+    # "qwen2vl" | "qwen2.5vl" | "qwen3vl" | "sd" | "sdxl" | "flux" | "clip" | "aesthetic" | "hpsv2"
+    family: str
     description: str
     build: Callable[[], Path]
 
@@ -40,6 +41,20 @@ def _registry() -> dict[str, TinyModel]:
             "qwen2vl",
             "Qwen2VLForConditionalGeneration, 2 layers, hidden 128, byte-level BPE tokenizer",
             vlm.build_tiny_qwen2vl,
+        ),
+        "tiny-qwen2.5vl": TinyModel(
+            "tiny-qwen2.5vl",
+            "vlm",
+            "qwen2.5vl",
+            "Qwen2_5_VLForConditionalGeneration, 2 layers, hidden 128, window attention",
+            vlm.build_tiny_qwen25vl,
+        ),
+        "tiny-qwen3vl": TinyModel(
+            "tiny-qwen3vl",
+            "vlm",
+            "qwen3vl",
+            "Qwen3VLForConditionalGeneration, 2 layers, hidden 128, 16 px patches, DeepStack",
+            vlm.build_tiny_qwen3vl,
         ),
         "tiny-sd": TinyModel(
             "tiny-sd",
@@ -102,6 +117,8 @@ def _registry() -> dict[str, TinyModel]:
 
 TINY_NAMES = (
     "tiny-qwen2vl",
+    "tiny-qwen2.5vl",
+    "tiny-qwen3vl",
     "tiny-sd",
     "tiny-sd-fit",
     "tiny-sdxl",
