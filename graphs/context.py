@@ -12,6 +12,7 @@ from functools import cache
 from typing import Any
 
 from artloop.config import (
+    AgentsConfig,
     ArtloopConfig,
     ChatConfig,
     ConfigError,
@@ -20,6 +21,7 @@ from artloop.config import (
     load_config,
 )
 from artloop.models.chat import chat_identity, shared_chat_model
+from artloop.models.families import chat_family
 from artloop.models.structured import CallPolicy
 from artloop.rewards import JudgeWatch, judge_reward, reward_entry
 from artloop.store.trajectories import TrajectoryStore
@@ -27,7 +29,12 @@ from artloop.tools.diffusion import DiffusionTool
 from langchain_core.language_models.chat_models import BaseChatModel
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-SETTINGS = {"loop": "loop", "chat_config": "chat", "diffusion_config": "diffusion"}
+SETTINGS = {
+    "loop": "loop",
+    "chat_config": "chat",
+    "diffusion_config": "diffusion",
+    "agents_config": "agents",
+}
 
 
 @dataclass
@@ -43,6 +50,7 @@ class RefineContext:
     loop: LoopConfig = None  # type: ignore[assignment]
     chat_config: ChatConfig = None  # type: ignore[assignment]
     diffusion_config: DiffusionConfig = None  # type: ignore[assignment]
+    agents_config: AgentsConfig = None  # type: ignore[assignment]
     # Shared by every session on this context: bounds the agent calls in flight to the server.
     vlm_slots: threading.BoundedSemaphore | None = None
     # Shared too: the validator's canaries (by default asked once it gives one answer for many
@@ -74,7 +82,9 @@ class RefineContext:
             backoff_s=c.retry_backoff_s,
             image_max_side=c.image_max_side,
             image_format=c.image_format,
+            templates={k: str(v) for k, v in self.agents_config.templates.items()},
             slots=self.vlm_slots,
+            family=chat_family(c),
         )
 
     def models(self) -> dict:
@@ -107,8 +117,9 @@ def check_judge(loop: LoopConfig) -> None:
 
 def build_context(config: ArtloopConfig) -> RefineContext:
     """Construct everything the graph needs; models load lazily on first use. A bad judge is
-    refused before anything is created."""
+    refused before anything is created, and so is a chat.family the model contradicts."""
     check_judge(config.loop)
+    chat_family(config.chat)
     store = open_store(config)
     d = config.diffusion
     diffusion = DiffusionTool(
@@ -127,6 +138,7 @@ def build_context(config: ArtloopConfig) -> RefineContext:
         loop=config.loop,
         chat_config=config.chat,
         diffusion_config=d,
+        agents_config=config.agents,
         vlm_slots=threading.BoundedSemaphore(config.chat.max_concurrent_calls),
         judge_watch=JudgeWatch(schedule=config.scorers.canaries),  # when its canaries are asked
         ui_url=config.ui_url,

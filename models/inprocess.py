@@ -77,12 +77,17 @@ class ChatQwen2VLLocal(BaseChatModel):
     # one generate (at most max_batch rows).
     batch_window_ms: float = 0.0
     max_batch: int = 16
+    # Prompt prefixes reused across calls (models/prefill.py): the last rows' KV caches, at most
+    # this many and this many tokens in all (0 entries: every prompt prefilled in full).
+    prefix_cache_entries: int = 8
+    prefix_cache_tokens: int = 32768
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _batch: Batcher | None = PrivateAttr(default=None)
     # (model, processor, grammar compiler, ids of tokens with control bytes)
     _loaded: tuple | None = PrivateAttr(default=None)
     _grammars: dict = PrivateAttr(default_factory=dict)
+    _prefixes: Any = PrivateAttr(default=None)  # PrefixCache, made on the batcher's thread
 
     @property
     def _llm_type(self) -> str:
@@ -96,17 +101,17 @@ class ChatQwen2VLLocal(BaseChatModel):
         """Load weights, processor and grammar compiler on first use (not at construction)."""
         if self._loaded is None:
             import torch
+            import transformers
             import xgrammar as xgr
 
             path = resolve_model(self.model)
+            # The family's own class (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), by config.json's model_type.
+            model_class = getattr(transformers, get_family(model_family(path)).model_class)
             model = (
-            import transformers
                 model_class.from_pretrained(
                     path, dtype=getattr(torch, self.dtype), use_safetensors=True
                 )
                 .to(self.device)
-            # The family's own class (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), by config.json's model_type.
-            model_class = getattr(transformers, get_family(model_family(path)).model_class)
                 .eval()
             )
             processor = load_processor(path)
@@ -141,7 +146,19 @@ class ChatQwen2VLLocal(BaseChatModel):
         # Concurrent calls (sessions in threads) that agree in these run as one padded generate.
         key = (json_schema is not None, max_new, temperature)
         content, meta = self._batcher().submit(key, _Request(chat, images, json_schema))
-        msg = AIMessage(content=content, response_metadata={"model_name": self.model, **meta})
+        usage = meta["token_usage"]
+        msg = AIMessage(
+            content=content,
+            response_metadata={"model_name": self.model, **meta},
+            usage_metadata={
+                "input_tokens": usage["prompt_tokens"],
+                "output_tokens": usage["completion_tokens"],
+                "total_tokens": usage["total_tokens"],
+                "input_token_details": {
+                    "cache_read": usage["prompt_tokens_details"]["cached_tokens"]
+                },
+            },
+        )
         return ChatResult(generations=[ChatGeneration(message=msg)])
 
     def choice_logprobs(
@@ -179,7 +196,7 @@ class ChatQwen2VLLocal(BaseChatModel):
         """Every job's conversation prefilled alone, then decoded in one left-padded generate,
         each row under its own grammar; (text, token counts, finish reason) per job."""
         import torch
-        from artloop.models.prefill import prefill_rows
+        from artloop.models.prefill import PrefixCache, prefill_rows
 
         if jobs[0].key[0] == "logprobs":
             return self._choice_rows(jobs)
@@ -193,8 +210,10 @@ class ChatQwen2VLLocal(BaseChatModel):
             )
             for r in requests
         ]
+        if self._prefixes is None:
+            self._prefixes = PrefixCache(self.prefix_cache_entries, self.prefix_cache_tokens)
         # input_ids: (B, T), padded on the left; all but the last column already in the cache.
-        inputs = prefill_rows(model, processor, rows, self.device)
+        inputs, cached = prefill_rows(model, processor, rows, self.device, self._prefixes)
         gen: dict[str, Any] = {"max_new_tokens": max_new}
         gen.update(
             {"do_sample": True, "temperature": temperature}
@@ -205,14 +224,18 @@ class ChatQwen2VLLocal(BaseChatModel):
             # A new processor per generate(): it carries each row's matcher state.
             grammars = [self._grammar(r.schema) for r in requests]
             gen["logits_processor"] = [_GrammarRows(grammars, control_ids)]
+        # Last: it records the distribution the grammar left (models/structured.py's logprobs).
+        logprobs = _TokenLogProbs()
+        gen["logits_processor"] = [*gen.get("logits_processor", []), logprobs]
         with torch.inference_mode():
             out = model.generate(**inputs, **gen)  # (B, T + new)
         new = out[:, inputs["input_ids"].shape[1] :]
+        chosen = logprobs.finish(new)  # (B, new)
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         eos = _eos_ids(model)
         return [
-            _finish(processor.tokenizer, row, n, eos)
-            for row, n in zip(new, prompt_tokens, strict=True)
+            _finish(processor.tokenizer, row, lp, n, c, eos)
+            for row, lp, n, c in zip(new, chosen, prompt_tokens, cached, strict=True)
         ]
 
     def _choice_rows(self, jobs: list[Job]) -> list[dict[str, float]]:
@@ -243,17 +266,66 @@ class _Request:
     schema: dict | None
 
 
-def _finish(tokenizer, row, prompt_tokens: int, eos: set[int]) -> tuple[str, dict]:
-    """A generated row (padded past its end once the row stopped) -> text and its counts."""
+def _finish(
+    tokenizer, row, logprobs, prompt_tokens: int, cached: int, eos: set[int]
+) -> tuple[str, dict]:
+    """A generated row (padded past its end once the row stopped) and its tokens'
+    log-probabilities -> text and metadata: token counts (`cached_tokens`: prompt tokens whose
+    prefill was reused) and logprobs in the OpenAI API's shapes, and the finish reason."""
     ids = row.tolist()
     stop = next((i for i, t in enumerate(ids) if t in eos), None)
     ids = ids if stop is None else ids[: stop + 1]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
     meta = {
         "prompt_tokens": int(prompt_tokens),
         "completion_tokens": len(ids),
+        "cached_tokens": int(cached),
+        "token_usage": {
+            "prompt_tokens": int(prompt_tokens),
+            "completion_tokens": len(ids),
+            "total_tokens": int(prompt_tokens) + len(ids),
+            "prompt_tokens_details": {"cached_tokens": int(cached)},
+        },
+        "logprobs": {
+            "content": [
+                {"token": t, "logprob": float(lp)}
+                for t, lp in zip(tokens, logprobs[: len(ids)].tolist(), strict=True)
+            ]
+        },
         "finish_reason": "length" if stop is None else "stop",
     }
     return tokenizer.decode(ids, skip_special_tokens=True), meta
+
+
+class _TokenLogProbs:
+    """A logits processor that changes nothing and records, for each generated token, its
+    log-probability under the scores it sees. Placed after the grammar's mask (and after
+    generate's own processors), before temperature (a warper, which generate runs after the
+    processors given): the distribution the grammar left, as vLLM's default logprobs
+    (raw_logprobs: after the structured-output bitmask, before temperature)."""
+
+    def __init__(self) -> None:
+        self.last = None  # (B, vocab): the last step's log-softmax
+        self.chosen: list = []  # (B,) a step
+
+    def __call__(self, input_ids, scores):  # input_ids: (B, T), scores: (B, vocab)
+        import torch
+
+        if self.last is not None:  # the token chosen from the last step's distribution
+            self.chosen.append(self.last.gather(1, input_ids[:, -1:])[:, 0])
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, new):
+        """(B, n) log-probabilities of the n generated tokens `new` (B, n)."""
+        import torch
+
+        if self.last is not None and len(self.chosen) < new.shape[1]:
+            self.chosen.append(self.last.gather(1, new[:, -1:])[:, 0])
+        self.last = None
+        if not self.chosen:
+            return torch.zeros(new.shape, dtype=torch.float32)
+        return torch.stack(self.chosen, dim=1)
 
 
 class _GrammarRows:
