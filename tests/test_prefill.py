@@ -62,7 +62,7 @@ def test_row_prefill_decodes_like_plain_generate(tiny_chat):
             model.generate(**processor(text=[t], images=im or None, return_tensors="pt"), **gen)
             for t, im in rows
         ]
-        inputs = prefill_rows(model, processor, rows, "cpu")
+        inputs, _ = prefill_rows(model, processor, rows, "cpu")
         width = inputs["input_ids"].shape[1]
         assert inputs["past_key_values"].get_seq_length() == width - 1
         batched = model.generate(**inputs, **gen)
