@@ -165,12 +165,7 @@ def grammar_schema(schema: dict) -> dict:
     number with a `multipleOf` becomes the enum of its grid, which every engine enforces.
     """
 
-    def walk(node):
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        if not isinstance(node, dict):
-            return node
-        node = {k: walk(v) for k, v in node.items()}
+    def number(node: dict) -> dict:
         if node.get("type") == "number" and {"multipleOf", "minimum", "maximum"} <= node.keys():
             step, lo, hi = node.pop("multipleOf"), node.pop("minimum"), node.pop("maximum")
             first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
@@ -179,7 +174,16 @@ def grammar_schema(schema: dict) -> dict:
             node["enum"] = [round(k * step, decimals) for k in range(first, last + 1)]
         return node
 
-    return walk(schema)
+    return rewrite(schema, number)
+
+
+def rewrite(schema, fn):
+    """A copy of a JSON schema with `fn` applied to every object node, innermost first."""
+    if isinstance(schema, list):
+        return [rewrite(v, fn) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return fn({k: rewrite(v, fn) for k, v in schema.items()})
 
 
 @functools.cache
@@ -197,12 +201,7 @@ def box_schema(schema: dict, frame: BoxFrame) -> dict:
         return schema
     width, height = frame.bounds()
 
-    def walk(node):
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        if not isinstance(node, dict):
-            return node
-        node = {k: walk(v) for k, v in node.items()}
+    def box(node: dict) -> dict:
         items = node.get("items")
         if (
             node.get("type") == "array"
@@ -221,7 +220,7 @@ def box_schema(schema: dict, frame: BoxFrame) -> dict:
             )
         return node
 
-    return walk(schema)
+    return rewrite(schema, box)
 
 
 def bind_schema(model: BaseChatModel, schema_cls: type[BaseModel], frame: BoxFrame = GRID):

@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 from artloop import agents
 from artloop.agents.schemas import Critique, EditPlan, EnhancedPrompt, ImageFacts, Verdict
-from artloop.models.structured import Structured
+from artloop.models.structured import CallPolicy, Structured
 from artloop.tools.image_facts import measure
 from fakes import DEFAULTS
 from PIL import Image
 
+POLICY = CallPolicy()  # a family's (models/families.py) for the other families' tests
 CALLS = 20  # per agent, against the vLLM server
 FEW_CALLS = 3  # per agent, in-process
 PROMPTS = [
@@ -30,37 +31,46 @@ def image(i: int) -> Image.Image:
 CASES = {
     "enhance": (
         EnhancedPrompt,
-        lambda m, i: agents.enhance(
+        lambda m, i, policy=POLICY: agents.enhance(
             m,
             PROMPTS[i % 5],
             previous_prompt="a fox" if i % 2 else None,
             feedback=["too dark"] if i % 2 else None,
+            policy=policy,
         ),
     ),
     "data_cot": (
         ImageFacts,
-        lambda m, i: agents.data_cot(m, image(i), PROMPTS[i % 5], measure(image(i))),
+        lambda m, i, policy=POLICY: agents.data_cot(
+            m, image(i), PROMPTS[i % 5], measure(image(i)), policy=policy
+        ),
     ),
     "concept_cot": (
         Critique,
-        lambda m, i: agents.concept_cot(
-            m, image(i), PROMPTS[i % 5], ImageFacts(**DEFAULTS["ImageFacts"]), measure(image(i))
+        lambda m, i, policy=POLICY: agents.concept_cot(
+            m,
+            image(i),
+            PROMPTS[i % 5],
+            ImageFacts(**DEFAULTS["ImageFacts"]),
+            measure(image(i)),
+            policy=policy,
         ),
     ),
     "thesis_cot": (
         EditPlan,
-        lambda m, i: agents.thesis_cot(
+        lambda m, i, policy=POLICY: agents.thesis_cot(
             m,
             image(i),
             PROMPTS[i % 5],
             "a fox",
             {"seed": i, "guidance_scale": 5.0},
             Critique(**DEFAULTS["Critique"]),
+            policy=policy,
         ),
     ),
     "validate": (
         Verdict,
-        lambda m, i: agents.validate(
+        lambda m, i, policy=POLICY: agents.validate(
             m,
             image(i),
             image(i + 1),
@@ -68,6 +78,7 @@ CASES = {
             EditPlan(**DEFAULTS["EditPlan"]),
             measure(image(i)),
             measure(image(i + 1)),
+            policy=policy,
         ),
     ),
 }

@@ -116,6 +116,13 @@ def vllm_exe() -> str:
 def vllm_server(vllm_exe, tmp_path_factory):
     """One real vLLM server (OpenAI API) serving the tiny Qwen2-VL on 127.0.0.1, shared by every
     integration test (a test that kills it starts it again)."""
+    server = start_tiny_server(vllm_exe, tmp_path_factory)
+    yield server
+    server.stop()
+
+
+def start_tiny_server(vllm_exe: str, tmp_path_factory, model: str = "tiny-qwen2vl"):
+    """Start vLLM's CPU build serving a tiny VLM on a free local port."""
     from artloop.serve.vlm import VLMServer, tiny_cpu_config
 
     # The engine core in the API server's process and the model in the engine's: one process,
@@ -124,13 +131,12 @@ def vllm_server(vllm_exe, tmp_path_factory):
     cfg = tiny_cpu_config(
         vllm_exe,
         free_port(),
+        model=model,
         startup_timeout_s=600,
         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
         extra_args=["--distributed-executor-backend", "uni"],
     )
-    server = VLMServer(cfg, log_path=tmp_path_factory.mktemp("vllm") / "vllm.log").start()
-    yield server
-    server.stop()
+    return VLMServer(cfg, log_path=tmp_path_factory.mktemp("vllm") / "vllm.log").start()
 
 
 # --- training data (trainer tests) ---
