@@ -32,13 +32,16 @@ from pydantic import (
 )
 
 
-def normalise_box(value: object, info: ValidationInfo) -> list[int]:
-    """A model's box, repaired: read in the call's convention (the validation context's
-    `box_frame`, models/families.py: pixels of the model's input become 0-1000, and a pixel box
-    outside that image is an error, not clipped), then clipped to 0-1000, rounded, corners
-    ordered (see check_box)."""
-    frame = (info.context or {}).get("box_frame")
+def normalise_box(value: object, frame=None) -> list[int]:
+    """A model's box, repaired: read in the call's convention (`frame`, a models/families.py
+    BoxFrame: pixels of the model's input become 0-1000, and a pixel box outside that image is
+    an error, not clipped), then clipped to 0-1000, rounded, corners ordered (see check_box)."""
     return check_box(value if frame is None else frame.to_grid(value), clip=True)
+
+
+def _model_box(value: object, info: ValidationInfo) -> list[int]:
+    # The frame travels in the validation context (models/structured.py's parse_output).
+    return normalise_box(value, (info.context or {}).get("box_frame"))
 
 
 def box_for_prompt(box: list[int], info: SerializationInfo) -> list[int]:
@@ -52,7 +55,7 @@ Coord = Annotated[int, Field(ge=0, le=1000)]
 Box = Annotated[
     list[Coord],
     Field(min_length=4, max_length=4),
-    BeforeValidator(normalise_box),
+    BeforeValidator(_model_box),
     PlainSerializer(box_for_prompt),
 ]
 # A person's box (an answer at a pause): refused, not repaired, when out of range or inverted.
