@@ -174,12 +174,20 @@ def node(fn=None, *, persist: bool = False):
 
 
 def _agent(step: dict, name: str, result: Structured) -> dict:
-    """The step with one agent's output and its parse-failure count added."""
+    """The step with one agent's output, its parse-failure count and its calls' tokens
+    (prompt, cached, completion; the answers' mean token log-probability) added."""
     failures = {**step.get("parse_failures", {}), name: {result.backend: result.failures}}
     agents_out = {**step.get("agents", {}), name: result.output.model_dump()}
     seconds = {**step.get("agent_seconds", {}), name: result.seconds}
+    usage = {**step.get("agent_usage", {}), name: result.usage()}
     return {
-        "step": {**step, "agents": agents_out, "parse_failures": failures, "agent_seconds": seconds}
+        "step": {
+            **step,
+            "agents": agents_out,
+            "parse_failures": failures,
+            "agent_seconds": seconds,
+            "agent_usage": usage,
+        }
     }
 
 

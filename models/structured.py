@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 
 from artloop.models.families import GRID, BoxFrame, Family
 from artloop.models.inprocess import ChatQwen2VLLocal
-from artloop.runtime.accounting import charge, timed
+from artloop.runtime.accounting import charge, count, timed
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from pydantic import BaseModel, ValidationError
@@ -141,12 +141,78 @@ def call_with_retries(
 
 @dataclass
 class Structured(Generic[T]):
-    """An agent's validated output plus what it cost to get it."""
+    """An agent's validated output plus what it cost to get it. Token counts and
+    log-probabilities add up every call it took (repairs too); None where the backend does
+    not say."""
 
     output: T
     backend: str
     failures: int  # invalid answers before the valid one
     seconds: float
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens whose prefill was reused
+    # The answers' tokens' log-probabilities (the distribution the grammar left), summed.
+    logprob_sum: float | None = None
+    logprob_tokens: int | None = None
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """The mean log-probability of the answers' tokens."""
+        if not self.logprob_tokens:
+            return None
+        return self.logprob_sum / self.logprob_tokens
+
+    def usage(self) -> dict:
+        """Token counts and mean log-probability, for the step record."""
+        keys = ("prompt_tokens", "completion_tokens", "cached_tokens", "logprob_tokens")
+        return {**{k: getattr(self, k) for k in keys}, "mean_logprob": self.mean_logprob}
+
+
+@dataclass
+class Usage:
+    """What one answer says it cost: token counts and its tokens' log-probabilities."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    logprob_sum: float | None = None
+    logprob_tokens: int | None = None
+
+    @classmethod
+    def of(cls, message: BaseMessage) -> Usage:
+        """Read from the OpenAI API's shapes in response_metadata (`token_usage`, `logprobs`,
+        as langchain-openai and the in-process model give them), else LangChain's
+        usage_metadata."""
+        meta = getattr(message, "response_metadata", None) or {}
+        usage = meta.get("token_usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        out = cls(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        out.cached_tokens = details.get("cached_tokens")
+        standard = getattr(message, "usage_metadata", None) or {}
+        if out.prompt_tokens is None:
+            out.prompt_tokens = standard.get("input_tokens")
+            out.completion_tokens = standard.get("output_tokens")
+        if out.cached_tokens is None:
+            out.cached_tokens = (standard.get("input_token_details") or {}).get("cache_read")
+        content = (meta.get("logprobs") or {}).get("content")
+        if content:
+            out.logprob_sum = float(sum(t["logprob"] for t in content))
+            out.logprob_tokens = len(content)
+        return out
+
+    def add_to(self, total: Usage) -> None:
+        """Add these counts to `total`'s (a count stays None only while no call gave it)."""
+        for name in (
+            "prompt_tokens",
+            "completion_tokens",
+            "cached_tokens",
+            "logprob_sum",
+            "logprob_tokens",
+        ):
+            mine = getattr(self, name)
+            if mine is not None:
+                setattr(total, name, (getattr(total, name) or 0) + mine)
 
 
 def backend_name(model: BaseChatModel) -> str:
@@ -232,7 +298,10 @@ def bind_schema(model: BaseChatModel, schema_cls: type[BaseModel], frame: BoxFra
         return model.bind(json_schema=schema)
     if kind == "openai":  # vLLM and other OpenAI-compatible servers
         fmt = {"name": schema_cls.__name__, "schema": schema, "strict": True}
-        return model.bind(response_format={"type": "json_schema", "json_schema": fmt})
+        # logprobs: each answer token's (the chosen one's only), for Structured.mean_logprob.
+        return model.bind(
+            response_format={"type": "json_schema", "json_schema": fmt}, logprobs=True
+        )
     return model  # any other chat model: the schema is described in the prompt
 
 
@@ -285,6 +354,7 @@ def invoke_structured(
     backend = backend_name(model)
     history = list(messages)
     failures = 0
+    spent = Usage()  # every call's, repairs included
     start = time.perf_counter()
 
     def attempt() -> T:
@@ -292,9 +362,14 @@ def invoke_structured(
         try:
             try:
                 with timed("vlm"), policy.slot():
-                    raw = call_with_retries(runnable, history, model, policy).content
+                    answer = call_with_retries(runnable, history, model, policy)
             except _length_errors() as e:  # the answer ran into max_tokens
                 raise InvalidOutput("answer cut off at the token limit", "") from e
+            used = Usage.of(answer)
+            used.add_to(spent)
+            for kind in ("prompt_tokens", "cached_tokens", "completion_tokens"):
+                count(kind, getattr(used, kind) or 0)
+            raw = answer.content
             raw = raw if isinstance(raw, str) else json.dumps(raw)
             return parse_output(raw, schema_cls, box_frame)
         except InvalidOutput as e:
@@ -325,4 +400,14 @@ def invoke_structured(
             f"{agent}: no valid {schema_cls.__name__} from the {backend} backend after "
             f"{policy.attempts} attempts; last error: {last}"
         ) from last
-    return Structured(output, backend, failures, time.perf_counter() - start)
+    return Structured(
+        output,
+        backend,
+        failures,
+        time.perf_counter() - start,
+        spent.prompt_tokens,
+        spent.completion_tokens,
+        spent.cached_tokens,
+        spent.logprob_sum,
+        spent.logprob_tokens,
+    )
