@@ -134,7 +134,14 @@ def start_tiny_server(vllm_exe: str, tmp_path_factory, model: str = "tiny-qwen2v
         model=model,
         startup_timeout_s=600,
         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        extra_args=["--distributed-executor-backend", "uni"],
+        # Prefix caching on (the agents' shared prefix is reused) and said so in each answer's
+        # usage (prompt_tokens_details.cached_tokens).
+        extra_args=[
+            "--distributed-executor-backend",
+            "uni",
+            "--enable-prefix-caching",
+            "--enable-prompt-tokens-details",
+        ],
     )
     return VLMServer(cfg, log_path=tmp_path_factory.mktemp("vllm") / "vllm.log").start()
 

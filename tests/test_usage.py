@@ -132,3 +132,23 @@ def test_inprocess_answer_usage(tiny_chat):
         assert r.logprob_tokens == r.completion_tokens
         assert r.mean_logprob <= 0
     assert 0 < second.cached_tokens < second.prompt_tokens
+
+
+@pytest.mark.integration
+def test_vllm_answer_usage(vllm_server):
+    """Against vLLM (prefix caching on, prompt token details on): counts and logprobs come
+    back; the second call on the same image reads the shared prefix from the server's cache."""
+    from artloop.config import ChatConfig
+    from artloop.models.chat import build_chat_model
+
+    chat = build_chat_model(
+        ChatConfig(backend="openai", base_url=vllm_server.base_url, model="tiny-qwen2vl")
+    )
+    image = Image.fromarray((np.random.default_rng(6).random((64, 64, 3)) * 255).astype(np.uint8))
+    first = agents.data_cot(chat, image, "a red fox", {})
+    second = agents.data_cot(chat, image, "a red fox in the snow", {})
+    for r in (first, second):
+        assert r.prompt_tokens > 0 and r.completion_tokens > 0
+        assert r.logprob_tokens == r.completion_tokens and r.mean_logprob <= 0
+        assert r.cached_tokens is not None  # --enable-prompt-tokens-details
+    assert 0 < second.cached_tokens < second.prompt_tokens
