@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from jinja2 import Environment, TemplateSyntaxError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import (
@@ -153,6 +154,12 @@ class ChatConfig(_Section):
         "chat model class",
     )
     model: str = Field("tiny-qwen2vl", description="Model id/path (inprocess) or served name")
+    family: Literal["auto", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"] = Field(
+        "auto",
+        description="The model's family: its box convention (0-1000, or pixels of the resized "
+        "input for qwen2.5-vl), image limits and template quirks; auto: from the model's "
+        "config.json or its id (models/families.py)",
+    )
     base_url: str | None = Field(None, description="Server URL for the openai backend, .../v1")
     api_key: SecretStr = Field(SecretStr("EMPTY"), description="API key; never stored")
     custom_class: str | None = Field(None, description="'package.module:ClassName' (custom)")
@@ -255,7 +262,12 @@ class ServeConfig(_Section):
     port: int = Field(8000, ge=1, le=65535)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int = Field(8192, ge=256, le=1_048_576)
-    max_images_per_prompt: int = Field(1, ge=0, le=16, description="--limit-mm-per-prompt image")
+    max_images_per_prompt: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="--limit-mm-per-prompt image; the validator sends 2 (BEFORE, then AFTER)",
+    )
     max_image_pixels: int | None = Field(
         None, ge=3136, description="Cap image tokens (mm_processor_kwargs max_pixels)"
     )
@@ -314,7 +326,6 @@ class ScorersConfig(_Section):
         description="Third-party scorers, 'package.module:function' (registered under the "
         "function's name) or 'name=package.module:function'; imported at first lookup",
     )
-
     canaries: Literal["once", "agreement", "off"] | int | None = Field(
         None,
         description="When the VLM judges (the vlm and synartifact rewards, the loop's "
@@ -354,6 +365,60 @@ class ScorersConfig(_Section):
         return value
 
 
+# The templates in prompts/ (tests/test_agents.py checks this list against the files: config.py
+# may not import prompts/, the same layer).
+TEMPLATES = (
+    "system",
+    "enhance",
+    "data_cot",
+    "concept_cot",
+    "thesis_cot",
+    "validate",
+    "rate",
+    "artifacts",
+    "vqa_questions",
+    "vqa_answer",
+)
+
+
+class AgentsConfig(_Section):
+    """The agents' prompts: a template file in place of a packaged one, per agent."""
+
+    templates: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Agent name -> a Jinja file that replaces prompts/<name>.jinja (StrictUndefined: "
+        'it may use only the variables the agent passes), e.g. {data_cot = "my/data_cot.jinja"}; '
+        '"system" replaces the system message all agents share',
+    )
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_exist(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name, path in value.items():
+            if name not in TEMPLATES:
+                raise PydanticCustomError(
+                    "template_name",
+                    "unknown agent '{name}' (one of {known})",
+                    {"name": name, "known": ", ".join(TEMPLATES)},
+                )
+            path = path.expanduser()
+            try:
+                Environment().parse(path.read_text(encoding="utf-8"))
+            except OSError as e:
+                raise PydanticCustomError(
+                    "template_file",
+                    "{name}: cannot read {path}: {why}",
+                    {"name": name, "path": str(path), "why": e.strerror or str(e)},
+                ) from None
+            except TemplateSyntaxError as e:
+                raise PydanticCustomError(
+                    "template_syntax",
+                    "{name}: {path} line {line}: {why}",
+                    {"name": name, "path": str(path), "line": e.lineno, "why": e.message},
+                ) from None
+        return {name: path.expanduser() for name, path in value.items()}
+
+
 def default_home() -> Path:
     return Path.home() / ".artloop"
 
@@ -374,6 +439,7 @@ class ArtloopConfig(BaseSettings):
     loop: LoopConfig = Field(default_factory=LoopConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     scorers: ScorersConfig = Field(default_factory=ScorersConfig)
+    agents: AgentsConfig = Field(default_factory=AgentsConfig)
     tags: list[str] = Field(
         default_factory=list,
         description="Labels stored with each run (`artloop export --tag` selects by them)",

@@ -1,12 +1,11 @@
 """Concept-CoT: reason over the facts against the prompt, the aesthetics checklist and the
-SynArtifact taxonomy."""
+SynArtifact taxonomy (both in the common system message)."""
 
 from __future__ import annotations
 
-from artloop.agents.base import ask
+from artloop.agents.base import ask, stat_lines
 from artloop.agents.schemas import Critique, ImageFacts
 from artloop.models.structured import CallPolicy, Structured
-from artloop.prompts import aesthetics_checklist, artifact_taxonomy
 from langchain_core.language_models.chat_models import BaseChatModel
 from PIL import Image
 
@@ -24,13 +23,10 @@ def concept_cot(
     return ask(
         model,
         agent="concept_cot",
-        role="Concept-CoT, the critic",
         schema=Critique,
         image=image,
         policy=policy,
         prompt=prompt,
-        facts=facts.model_dump(),
-        stats=stats,
-        checklist=aesthetics_checklist(),
-        taxonomy=artifact_taxonomy(),
+        facts=facts,  # dumped by ask, boxes in the family's convention
+        stats=stat_lines(stats),  # the checklist and the taxonomy are in the system message
     )

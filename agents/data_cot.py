@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from artloop.agents.base import ask
+from artloop.agents.base import ask, stat_lines
 from artloop.agents.schemas import ImageFacts
 from artloop.models.structured import CallPolicy, Structured
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -24,11 +24,10 @@ def data_cot(
     return ask(
         model,
         agent="data_cot",
-        role="Data-CoT, the fact gatherer",
         schema=ImageFacts,
         image=image,
         policy=policy,
         prompt=prompt,
-        stats=stats,
+        stats=stat_lines(stats),
         scores=scores or {},
     )

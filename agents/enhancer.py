@@ -1,4 +1,5 @@
-"""Prompt enhancer: a terse prompt -> a detailed prompt and a negative prompt."""
+"""Prompt enhancer: a terse prompt -> a detailed prompt and a negative prompt. No image, but
+the same system message as the other agents (their common prefix)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ def enhance(
     return ask(
         model,
         agent="enhance",
-        role="the prompt enhancer",
         schema=EnhancedPrompt,
         policy=policy,
         prompt=prompt,

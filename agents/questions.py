@@ -6,12 +6,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from artloop.agents.base import ask
-from artloop.models.images import image_part
+from artloop.agents.base import ask, messages_for
 from artloop.models.structured import CallPolicy, Structured
-from artloop.prompts import render
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import BaseMessage
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,15 +57,11 @@ def write_questions(
     return ask(
         model,
         agent="vqa_questions",
-        role="the question writer",
         schema=VQAQuestions,
         policy=policy,
         prompt=prompt,
         n=min(n, MAX_QUESTIONS),
     )
-
-
-ROLE = "the visual question answerer"
 
 
 def answer_question(
@@ -77,7 +71,6 @@ def answer_question(
     return ask(
         model,
         agent="vqa_answer",
-        role=ROLE,
         schema=VQAAnswer,
         image=image,
         policy=policy,
@@ -90,8 +83,4 @@ def answer_messages(
 ) -> list[BaseMessage]:
     """The same question as plain messages, for a backend whose next-token log-probabilities
     are read (the answer is the assistant's first word)."""
-    content: list = [
-        image_part(image, policy.image_max_side, policy.image_format),
-        {"type": "text", "text": render("vqa_answer", question=question)},
-    ]
-    return [SystemMessage(content=render("system", role=ROLE)), HumanMessage(content=content)]
+    return messages_for("vqa_answer", "", [image], policy, question=question)

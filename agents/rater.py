@@ -5,7 +5,6 @@ from __future__ import annotations
 from artloop.agents.base import ask
 from artloop.agents.schemas import ArtifactAnswer, Rating
 from artloop.models.structured import CallPolicy, Structured
-from artloop.prompts import artifact_taxonomy
 from langchain_core.language_models.chat_models import BaseChatModel
 from PIL import Image
 
@@ -17,7 +16,6 @@ def rate(
     return ask(
         model,
         agent="rate",
-        role="the rater",
         schema=Rating,
         image=image,
         policy=policy,
@@ -28,14 +26,12 @@ def rate(
 def spot_artifacts(
     model: BaseChatModel, image: Image.Image, prompt: str, *, policy: CallPolicy = CallPolicy()
 ) -> Structured[ArtifactAnswer]:
-    """SynArtifact's question: the artifact classes `image` shows, or "No artifacts"."""
+    """SynArtifact's question: the artifact classes `image` shows (ids; [] = none)."""
     return ask(
         model,
         agent="artifacts",
-        role="the artifact spotter",
         schema=ArtifactAnswer,
         image=image,
         policy=policy,
-        prompt=prompt,
-        taxonomy=artifact_taxonomy(),
+        prompt=prompt,  # the taxonomy is in the system message
     )

@@ -128,7 +128,7 @@ class ArtifactFinding(_Out):
 
 
 class AspectRating(_Out):
-    note: str = text(48, 0, "What you see for this aspect, in a few words")
+    note: str = text(40, 0, "What you see for this aspect, in a few words")
     rating: Rating10 = Field(description="0-10 on the rubric's anchors for this aspect")
 
 
@@ -144,7 +144,7 @@ Aesthetics = create_model(
 class Critique(_Out):
     """Concept-CoT: the facts reasoned against the prompt, the checklist and the taxonomy."""
 
-    observations: list[Line(100)] = Field(  # type: ignore[valid-type]
+    observations: list[Line(80)] = Field(  # type: ignore[valid-type]
         min_length=1,
         max_length=3,
         description="What you notice comparing the image with the prompt, before any rating: "
@@ -245,8 +245,8 @@ class Verdict(_Out):
     better_than_before: bool = Field(description="true when AFTER is better than BEFORE")
     score: Score10 = Field(description="AFTER's score, 0-10 on the rubric's anchors")
     verdict: Literal["accept", "revise", "reject"] = Field(
-        description='"accept": AFTER fulfils the prompt well (score 7 or more); "revise": it '
-        'needs another round; "reject": the edit made the image worse'
+        description='"accept": AFTER fulfils the prompt well; "revise": it needs another '
+        'round; "reject": the edit made the image worse'
     )
 
 

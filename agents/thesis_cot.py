@@ -25,12 +25,11 @@ def thesis_cot(
     return ask(
         model,
         agent="thesis_cot",
-        role="Thesis-CoT, the planner",
         schema=EditPlan,
         image=image,
         policy=policy,
         prompt=prompt,
         current_prompt=current_prompt,
         params=params,
-        critique=critique.model_dump(),
+        critique=critique,  # dumped by ask, boxes in the family's convention
     )

@@ -1,24 +1,23 @@
-"""Validator: compare before / after against the prompt; a verdict, a 0-10 score, reasons."""
+"""Validator: compare before / after against the prompt; reasons, then a 0-10 score and a
+verdict."""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 from artloop.agents.base import ask
 from artloop.agents.schemas import EditPlan, Verdict
 from artloop.models.structured import CallPolicy, Structured
+from artloop.tools.image_facts import read_stat
 from langchain_core.language_models.chat_models import BaseChatModel
 from PIL import Image
 
 
-def side_by_side(before: Image.Image, after: Image.Image) -> Image.Image:
-    """BEFORE | AFTER in one image: one image per request fits every server's limits."""
-    after = after.resize(before.size) if after.size != before.size else after
-    w, h = before.size
-    canvas = Image.new("RGB", (2 * w, h))
-    canvas.paste(before, (0, 0))
-    canvas.paste(after, (w, 0))
-    return canvas
+def compared_stats(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    """Each statistic BEFORE -> AFTER, in words: "brightness 0.8 (high: ...) -> 0.5 (normal)"."""
+    return [
+        f"{name} {read_stat(name, value)} -> {read_stat(name, after[name])}"
+        for name, value in before.items()
+        if name in after
+    ]
 
 
 def validate(
@@ -31,18 +30,20 @@ def validate(
     stats_after: dict[str, float],
     *,
     policy: CallPolicy = CallPolicy(),
+    accept_score: float = 7.0,
 ) -> Structured[Verdict]:
-    """Judge `after` (the edited image) against `prompt` and against `before`."""
+    """Judge `after` (the edited image) against `prompt` and against `before`. BEFORE is sent
+    first and encoded as the other agents get it (their prefix, shared); AFTER second (a server
+    must allow two images a prompt: serve.max_images_per_prompt)."""
     return ask(
         model,
         agent="validate",
-        role="the validator",
         schema=Verdict,
-        image=side_by_side(before, after),
+        image=before,
+        more_images=[after.resize(before.size) if after.size != before.size else after],
+        policy=policy,
         prompt=prompt,
-        plan=plan.model_dump(),
-        # Two images side by side: twice the width keeps each at the usual resolution.
-        policy=replace(policy, image_max_side=2 * policy.image_max_side),
-        stats_before=stats_before,
-        stats_after=stats_after,
+        plan=plan,  # dumped by ask, boxes in the family's convention
+        stats=compared_stats(stats_before, stats_after),
+        accept_score=f"{accept_score:g}",
     )

@@ -20,14 +20,15 @@ from pathlib import Path
 import numpy as np
 import openai
 from artloop import agents
+from artloop.agents.base import answer_guide, stat_lines, system_text
 from artloop.agents.schemas import ImageFacts
 from artloop.config import ChatConfig, DiffusionConfig, LoopConfig
 from artloop.graphs.context import RefineContext
 from artloop.graphs.runner import run_session
 from artloop.models.chat import build_chat_model
 from artloop.models.images import image_part
-from artloop.models.structured import grammar_schema, schema_instructions
-from artloop.prompts import render
+from artloop.models.structured import grammar_schema
+from artloop.prompts import examples, render
 from artloop.serve.vlm import VLMServer, tiny_cpu_config
 from artloop.store.trajectories import TrajectoryStore
 from artloop.tools.diffusion import DiffusionTool
@@ -40,14 +41,21 @@ PROMPT = "a red fox in the snow"
 
 def plain_openai_call(client: openai.OpenAI, image: Image.Image, stats: dict) -> ImageFacts:
     """What a user of the bare openai client writes for the same Data-CoT request."""
-    text = render("data_cot", prompt=PROMPT, stats=stats) + "\n\n" + schema_instructions(ImageFacts)
+    text = render(
+        "data_cot",
+        example=examples()["data_cot"],
+        prompt=PROMPT,
+        stats=stat_lines(stats),
+        scores={},
+    )
+    text += "\n\n" + answer_guide(ImageFacts)  # the grammar enforces the schema
     schema = grammar_schema(ImageFacts.model_json_schema())
     response = client.chat.completions.create(
         model=MODEL,
         temperature=0.0,
         max_tokens=1024,
         messages=[
-            {"role": "system", "content": render("system", role="Data-CoT, the fact gatherer")},
+            {"role": "system", "content": system_text()},
             {"role": "user", "content": [image_part(image), {"type": "text", "text": text}]},
         ],
         response_format={

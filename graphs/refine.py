@@ -434,6 +434,7 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
             step["stats"]["image"],
             step["stats"]["edited"],
             policy=ctx.policy,
+            accept_score=loop.accept_score,
         )
         try:  # its canary pairs: `before` edited into a control image (noise, grey), when due
             ctx.judge_watch.check(
@@ -451,6 +452,7 @@ def validate(state: RefineState, ctx: RefineContext) -> dict:
                         step["stats"]["image"],
                         measure(canary),
                         policy=ctx.policy,
+                        accept_score=loop.accept_score,
                     ).output
                 ),
                 before=before,

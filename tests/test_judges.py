@@ -194,14 +194,16 @@ def test_fact_scorers_reach_data_cot_and_the_step(store, sd_tool):
     brightness = step["stats"]["image"]["brightness"]
     assert scores["darkness"]["score"] == pytest.approx(1 - brightness, abs=1e-3)
     assert scores["darkness"]["range"] == [0.0, 1.0] and scores["sharpness"]["range"] is None
-    facts = [t for t in TellingChat.texts if "Data-CoT: gather facts" in t]
+    facts = [t for t in TellingChat.texts if "you describe pictures precisely" in t]
     assert len(facts) == len(store.get_run(summary.run_id)["steps"])  # one per iteration
-    assert all("Measured scores" in t and '"darkness": {"score": ' in t for t in facts)
+    darkness = f"- darkness: {scores['darkness']['score']} (range [0.0, 1.0], higher is better)"
+    assert darkness in facts[0]  # this iteration's score, its range and its direction
+    assert all("Scores measured by other models" in t and "- sharpness: " in t for t in facts)
     TellingChat.texts.clear()
     plain = run_session(make_ctx(store, sd_tool, TellingChat()), prompt="a fox at night")
     assert "scores" not in store.get_run(plain.run_id)["steps"][0]
-    facts = [t for t in TellingChat.texts if "Data-CoT: gather facts" in t]
-    assert facts and not any("Measured scores" in t for t in facts)
+    facts = [t for t in TellingChat.texts if "you describe pictures precisely" in t]
+    assert facts and not any("Scores measured by other models" in t for t in facts)
 
 
 def test_cli_refuses_an_unknown_fact_scorer_in_one_line(tmp_path):

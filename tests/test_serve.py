@@ -34,7 +34,7 @@ def test_command_line_from_config(fake_exe):
     assert flags["--served-model-name"] == "Qwen/Qwen2-VL-72B-Instruct"
     assert flags["--host"] == "127.0.0.1" and flags["--port"] == "8123"
     assert flags["--tensor-parallel-size"] == "4"
-    assert json.loads(flags["--limit-mm-per-prompt"]) == {"image": 1, "video": 0}
+    assert json.loads(flags["--limit-mm-per-prompt"]) == {"image": 2, "video": 0}  # validator
     assert json.loads(flags["--structured-outputs-config"]) == {
         "backend": "guidance",
         "disable_any_whitespace": True,

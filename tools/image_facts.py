@@ -25,6 +25,102 @@ METRICS = {
 }
 
 
+# What each statistic means to someone reading it (an agent's prompt renders this table): its
+# scale, the range a well-made photograph or illustration usually falls in, and what a value
+# below or above that range suggests. A range is a guide, not a rule: a night scene is dark.
+# Sharpness has no upper bound and depends on resolution (measured on the image as generated);
+# noise scores in the tens of thousands, a heavy blur below 50.
+STAT_GUIDE: dict[str, dict] = {
+    "brightness": {
+        "measures": "mean brightness",
+        "scale": "0 (black) to 1 (white)",
+        "normal": (0.3, 0.7),
+        "low": "dark",
+        "high": "bright, washed out",
+    },
+    "contrast": {
+        "measures": "spread of brightness (standard deviation)",
+        "scale": "0 (one flat tone) to 0.5",
+        "normal": (0.15, 0.3),
+        "low": "flat, hazy",
+        "high": "harsh",
+    },
+    "saturation": {
+        "measures": "mean colour saturation",
+        "scale": "0 (grey) to 1 (pure colour)",
+        "normal": (0.2, 0.6),
+        "low": "washed-out colour",
+        "high": "oversaturated",
+    },
+    "colourfulness": {
+        "measures": "colourfulness (Hasler & Suesstrunk)",
+        "scale": "0 (grey), 33 moderate, 82 high, 110+ extreme",
+        "normal": (20, 85),
+        "low": "dull colour",
+        "high": "garish colour",
+    },
+    "sharpness": {
+        "measures": "edge strength (variance of the Laplacian)",
+        "scale": "0 upward; crisp detail is in the hundreds to thousands",
+        "normal": (150, 5000),
+        "low": "soft or blurred",
+        "high": "grainy or noisy",
+    },
+    "entropy": {
+        "measures": "tonal variety (histogram entropy)",
+        "scale": "bits, 0 (one tone) to 8 (every tone)",
+        "normal": (6.0, 8.0),
+        "low": "few tones: flat areas or posterised",
+        "high": "",
+    },
+    "clipped_dark": {
+        "measures": "pixels crushed to black",
+        "scale": "share of pixels, 0 to 1",
+        "normal": (0.0, 0.05),
+        "low": "",
+        "high": "crushed shadows",
+    },
+    "clipped_bright": {
+        "measures": "pixels blown to white",
+        "scale": "share of pixels, 0 to 1",
+        "normal": (0.0, 0.05),
+        "low": "",
+        "high": "blown highlights",
+    },
+}
+
+
+def _shown(value: float) -> str:
+    # Three significant digits below 100 (0.421, 33.4), whole numbers above (2345).
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def read_stat(name: str, value: float) -> str:
+    """`value` of statistic `name` in words: "0.421 (normal)", "84.2 (low: soft or blurred)";
+    a statistic without a guide is its value alone."""
+    guide = STAT_GUIDE.get(name)
+    if guide is None:
+        return _shown(value)
+    lo, hi = guide["normal"]
+    where = "low" if value < lo else "high" if value > hi else None
+    return f"{_shown(value)} ({f'{where}: {guide[where]}' if where else 'normal'})"
+
+
+def stat_table() -> list[dict[str, str]]:
+    """STAT_GUIDE as rows of text: name, what it measures, scale, normal range, low, high."""
+    return [
+        {
+            "name": name,
+            "measures": g["measures"],
+            "scale": g["scale"],
+            "normal": f"{_shown(g['normal'][0])}-{_shown(g['normal'][1])}",
+            "low": g["low"] or "-",
+            "high": g["high"] or "-",
+        }
+        for name, g in STAT_GUIDE.items()
+    ]
+
+
 def measure(image: Image.Image) -> dict[str, float]:
     """The METRICS of an image (any PIL mode; alpha is ignored)."""
     # One contiguous float plane per channel: much faster than reducing an H x W x 3 array.
