@@ -33,15 +33,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def tiny_cpu_config(vllm: str, port: int, model: str = "tiny-qwen2vl", **overrides) -> ServeConfig:
     """A tiny VLM (the Qwen2-VL unless `model` names another) on vLLM's CPU build, as the tests
     and benchmarks start it: float32, a 4096-token context, eager (no graph capture on CPU)."""
-    return ServeConfig(
-        model=model,
-        dtype="float32",
-        max_model_len=4096,
-        enforce_eager=True,
-        vllm=vllm,
-        port=port,
-        **overrides,
-    )
+    defaults = {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True}
+    return ServeConfig(model=model, vllm=vllm, port=port, **{**defaults, **overrides})
 
 
 def vllm_command(cfg: ServeConfig, model_path: str) -> list[str]:

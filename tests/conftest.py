@@ -121,8 +121,9 @@ def vllm_server(vllm_exe, tmp_path_factory):
     server.stop()
 
 
-def start_tiny_server(vllm_exe: str, tmp_path_factory, model: str = "tiny-qwen2vl"):
-    """Start vLLM's CPU build serving a tiny VLM on a free local port."""
+def start_tiny_server(vllm_exe: str, tmp_path_factory, model: str = "tiny-qwen2vl", **overrides):
+    """Start vLLM's CPU build serving a tiny VLM on a free local port (`overrides`: ServeConfig
+    fields)."""
     from artloop.serve.vlm import VLMServer, tiny_cpu_config
 
     # The engine core in the API server's process and the model in the engine's: one process,
@@ -142,6 +143,7 @@ def start_tiny_server(vllm_exe: str, tmp_path_factory, model: str = "tiny-qwen2v
             "--enable-prefix-caching",
             "--enable-prompt-tokens-details",
         ],
+        **overrides,
     )
     return VLMServer(cfg, log_path=tmp_path_factory.mktemp("vllm") / "vllm.log").start()
 

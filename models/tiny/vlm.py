@@ -130,6 +130,8 @@ QWEN25_CONFIG = {
     },
     "min_pixels": 56 * 56,
     "max_pixels": 28 * 28 * 64,
+    # Room for the agents' prompts in this byte-level BPE (English prose: ~4k tokens) + answer.
+    "max_positions": 16384,
     "seed": 0,
     "builder": 1,
 }
@@ -151,6 +153,7 @@ QWEN3_CONFIG = {
     },
     "min_pixels": 64 * 64,
     "max_pixels": 32 * 32 * 64,  # at most 64 merged tokens, as for the others
+    "max_positions": 16384,
     "seed": 0,
     "builder": 1,
 }
@@ -300,7 +303,7 @@ def _model_config(family: str, config: dict, ids: dict[str, int], vocab: int):
         text_config={
             **text,
             "vocab_size": vocab,
-            "max_position_embeddings": 4096,
+            "max_position_embeddings": config.get("max_positions", 4096),
             "rope_parameters": rope,
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
