@@ -196,7 +196,7 @@ class ChatQwen2VLLocal(BaseChatModel):
         """Every job's conversation prefilled alone, then decoded in one left-padded generate,
         each row under its own grammar; (text, token counts, finish reason) per job."""
         import torch
-        from artloop.models.prefill import PrefixCache, prefill_rows
+        from artloop.models.prefill import prefill_rows
 
         if jobs[0].key[0] == "logprobs":
             return self._choice_rows(jobs)
@@ -210,10 +210,8 @@ class ChatQwen2VLLocal(BaseChatModel):
             )
             for r in requests
         ]
-        if self._prefixes is None:
-            self._prefixes = PrefixCache(self.prefix_cache_entries, self.prefix_cache_tokens)
         # input_ids: (B, T), padded on the left; all but the last column already in the cache.
-        inputs, cached = prefill_rows(model, processor, rows, self.device, self._prefixes)
+        inputs, cached = prefill_rows(model, processor, rows, self.device, self._cache())
         gen: dict[str, Any] = {"max_new_tokens": max_new}
         gen.update(
             {"do_sample": True, "temperature": temperature}
@@ -238,10 +236,20 @@ class ChatQwen2VLLocal(BaseChatModel):
             for row, lp, n, c in zip(new, chosen, prompt_tokens, cached, strict=True)
         ]
 
+    def _cache(self):
+        """The prompt prefix cache (made on first use, on the batcher's thread, its only user)."""
+        from artloop.models.prefill import PrefixCache
+
+        if self._prefixes is None:
+            self._prefixes = PrefixCache(self.prefix_cache_entries, self.prefix_cache_tokens)
+        return self._prefixes
+
     def _choice_rows(self, jobs: list[Job]) -> list[dict[str, float]]:
-        """choice_logprobs' batch: each row's prompt alone (unpadded, as prefill_rows does), the
+        """choice_logprobs' batch: each row's prompt alone (unpadded, as prefill_rows does, and
+        reusing a cached prefix: a VQA score asks many questions about one image), the
         next-token log-softmax at its last position, read at each choice's first token."""
         import torch
+        from artloop.models.prefill import next_token_logits
 
         model, processor, _, _ = self.setup()
         choices = jobs[0].key[1]
@@ -252,9 +260,8 @@ class ChatQwen2VLLocal(BaseChatModel):
             r: _Request = job.payload
             text = processor.apply_chat_template(r.chat, tokenize=False, add_generation_prompt=True)
             inputs = processor(text=[text], images=r.images or None, return_tensors="pt")
-            with torch.inference_mode():
-                logits = model(**inputs.to(self.device), logits_to_keep=1).logits  # (1, 1, V)
-            logp = torch.log_softmax(logits[0, -1].float(), dim=-1)
+            logits, _ = next_token_logits(model, inputs.to(self.device), r.images, self._cache())
+            logp = torch.log_softmax(logits.float(), dim=-1)
             out.append({c: float(logp[i]) for c, i in zip(choices, ids, strict=True)})
         return out
 

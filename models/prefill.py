@@ -182,6 +182,18 @@ def _prefill_row(model, inputs, images: list, cache: PrefixCache | None):
     return ids, kv, delta, shared
 
 
+def next_token_logits(model, inputs, images: list, cache: PrefixCache | None):
+    """The logits (vocab,) for the token after a row's whole prompt, and how many prompt tokens
+    came from `cache`: the prompt but its last token prefilled as for generate (a prefix
+    reused), then the last token on a copy of that cache (the cached one stays as it was)."""
+    ids, kv, _, reused = _prefill_row(model, inputs, images, cache)
+    positions, _ = rope_index(model, inputs)
+    last = {"input_ids": ids[None, -1:], "position_ids": positions[:, :, -1:]}
+    with torch.inference_mode():
+        out = model(**last, past_key_values=_cut(kv, len(ids) - 1), logits_to_keep=1)
+    return out.logits[0, -1], reused
+
+
 def _cut(cache: DynamicCache, n: int) -> DynamicCache:
     """A new cache of `cache`'s first n tokens. Its tensors are views: the forward after it
     concatenates (DynamicLayer.update), so the cached entry is never written."""

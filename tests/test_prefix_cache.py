@@ -141,3 +141,39 @@ def test_prefix_cache_bounds():
     assert cache.match(ids(1, 9, 12, 10, 5, 6), [(1, 4)], ("x",))[1] == 5
     assert cache.match(ids(1, 9, 12, 10, 5, 6), [(1, 4)], ("y",))[1] == 1
     assert cache.match(ids(1, 9, 12, 12, 10), [(1, 5)], ("x",))[1] == 1
+
+
+def test_choice_logprobs_reuse_the_prefix(tiny_chat):
+    """Questions about one image (a VQA score's): with the image's prefix reused, the same
+    choice log-probabilities as one plain forward pass over each whole prompt."""
+    model, processor, _, _ = tiny_chat.setup()
+    image = _image(4)
+    warm = ChatQwen2VLLocal(model="tiny-qwen2vl")
+    warm._loaded = tiny_chat._loaded
+    try:
+        for words in ["Is there a fox? Answer yes or no.", "Is it snowing? Answer yes or no."]:
+            content = [image_part(image), {"type": "text", "text": words}]
+            got = warm.choice_logprobs(
+                [SystemMessage(SYSTEM), HumanMessage(content)], ["yes", "no"]
+            )
+            chat = [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]},
+            ]
+            text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            inputs = processor(text=[text], images=[image], return_tensors="pt")
+            with torch.inference_mode():
+                logp = torch.log_softmax(model(**inputs).logits[0, -1].float(), dim=-1)
+            tok = processor.tokenizer
+            want = [float(logp[tok.encode(c, add_special_tokens=False)[0]]) for c in ("yes", "no")]
+            np.testing.assert_allclose([got["yes"], got["no"]], want, atol=1e-4)
+        assert len(warm._prefixes.entries) == 2
+        shared = _common(*(e.ids for e in warm._prefixes.entries))
+        assert shared > 10  # the second question reused the system message and the image
+    finally:
+        warm.close()
+
+
+def _common(a, b) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
