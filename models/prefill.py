@@ -90,9 +90,14 @@ class PrefixCache:
         return best, best_n
 
     def put(self, ids: torch.Tensor, images: tuple[str, ...], cache: DynamicCache) -> None:
-        """Keep a row's cache; an entry it extends (a prefix of it) is dropped, it says less."""
+        """Keep a row's cache; an entry it extends (a prefix of it) is dropped, it says less.
+        A row that a kept entry extends is not kept: its cache may be views of that entry's
+        tensors, which would outlive the entry's eviction uncounted."""
         if len(ids) > self.max_tokens or self.max_entries <= 0:
             return
+        for e in self.entries:
+            if _common_prefix(e.ids, ids) == len(ids) and e.images[: len(images)] == images:
+                return
         self.entries = [
             e
             for e in self.entries

@@ -127,6 +127,8 @@ def test_prefix_cache_bounds():
     cache.put(ids(1, 2), (), "a")
     cache.put(ids(1, 2, 3), (), "b")  # extends a: a goes
     assert [e.cache for e in cache.entries] == ["b"]
+    cache.put(ids(1, 2), (), "a")  # b extends it: b stays, a is not kept
+    assert [e.cache for e in cache.entries] == ["b"]
     cache.put(ids(4, 5), (), "c")
     assert cache.match(ids(1, 2, 3, 9), [], ())[1] == 3  # b used last
     cache.put(ids(6), (), "d")  # three entries: c, the least recently used, goes
