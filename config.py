@@ -199,6 +199,14 @@ class ChatConfig(_Section):
         "gather calls from concurrent sessions this long into one "
         "generate (calls already waiting are always batched)",
     )
+    prefix_cache_tokens: int = Field(
+        32768,
+        ge=0,
+        le=10_000_000,
+        description="In-process model: prompt tokens of KV cache kept "
+        "(the last 8 prompts at most) so that a prompt sharing a prefix with one prefills "
+        "only the rest (0: off)",
+    )
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

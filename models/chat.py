@@ -27,6 +27,7 @@ def _inprocess_kwargs(cfg: ChatConfig) -> dict:
         "dtype": cfg.dtype,
         "batch_window_ms": cfg.batch_window_ms,
         "max_batch": cfg.max_concurrent_calls,
+        "prefix_cache_tokens": cfg.prefix_cache_tokens,
     }
 
 

@@ -179,3 +179,19 @@ def test_choice_logprobs_reuse_the_prefix(tiny_chat):
 def _common(a, b) -> int:
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def test_config_turns_reuse_off(tiny_chat):
+    """chat.prefix_cache_tokens = 0: nothing kept, nothing reused."""
+    from artloop.config import ChatConfig
+    from artloop.models.chat import build_chat_model
+
+    chat = build_chat_model(ChatConfig(prefix_cache_tokens=0, max_new_tokens=16))
+    chat._loaded = tiny_chat._loaded
+    try:
+        for words in ["Describe the image.", "Describe the image again."]:
+            msgs = [SystemMessage(SYSTEM), HumanMessage([image_part(_image(5)), words])]
+            assert chat.invoke(msgs).response_metadata["cached_tokens"] == 0
+        assert chat._prefixes.entries == []
+    finally:
+        chat.close()
