@@ -86,7 +86,7 @@ def session_usage(ctx: RefineContext, prompt: str) -> tuple[list[dict], dict]:
     last step (for the latency rounds)."""
     summary = run_session(ctx, prompt=prompt)
     steps = ctx.store.get_run(summary.run_id)["steps"]
-    per_iter = []
+    per_iter, seen = [], set()
     for step in steps:
         usage = step["agent_usage"]
         prompt_tokens = sum(usage[a]["prompt_tokens"] or 0 for a in AGENTS if a in usage)
@@ -98,8 +98,12 @@ def session_usage(ctx: RefineContext, prompt: str) -> tuple[list[dict], dict]:
                 "cached_tokens": cached,
                 "prefilled_fraction": (prompt_tokens - cached) / prompt_tokens,
                 "vlm_s": sum(step["accounting"][a]["vlm"] for a in AGENTS if a in usage),
+                # The same prompt and seed as an earlier iteration (a random model's enhance
+                # may repeat itself) give the same image: its calls were all sent before.
+                "new_image": step["image"] not in seen,
             }
         )
+        seen.add(step["image"])
     return per_iter, steps[-1]
 
 
@@ -115,12 +119,16 @@ def vllm_session(base_url: str, iterations: int, size: int) -> tuple[dict, dict,
     delta = {k: after[k] - before[k] for k in COUNTERS}
     prompt_tokens = sum(i["prompt_tokens"] for i in per_iter)
     cached = sum(i["cached_tokens"] for i in per_iter)
+    fresh = [i for i in per_iter if i["new_image"]]
+    fresh_prompt = sum(i["prompt_tokens"] for i in fresh)
     return (
         {
             "iterations": per_iter,
             "prompt_tokens": prompt_tokens,
             "cached_tokens": cached,
             "prefilled_fraction": (prompt_tokens - cached) / prompt_tokens,
+            "new_image_prefilled_fraction": (fresh_prompt - sum(i["cached_tokens"] for i in fresh))
+            / fresh_prompt,
             "server": delta,
             "server_hit_rate": delta["hits"] / delta["queries"] if delta["queries"] else None,
             "server_prefilled_fraction": (delta["prompt_tokens"] - delta["cached_tokens"])
@@ -185,7 +193,11 @@ def latency(ctx: RefineContext, base_url: str, step: dict, rounds: int) -> dict:
                 fn()
                 times[who].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
-        out[name] = {"median_s": med, "ratio_median": med["artloop"] / med["openai"]}
+        out[name] = {
+            "median_s": med,
+            "ratio_median": med["artloop"] / med["openai"],
+            "completion_tokens": ours().completion_tokens,
+        }
     return out
 
 
@@ -246,19 +258,21 @@ def main() -> None:
         print(
             f"  iteration {i + 1}: {it['prompt_tokens']} prompt tokens, {it['cached_tokens']} "
             f"from the cache -> prefilled {it['prefilled_fraction']:.3f}"
+            + ("" if it["new_image"] else " (an earlier iteration's image again)")
         )
     print(
         f"  session: prefilled / prompt tokens {served['prefilled_fraction']:.3f} (answers' "
         f"usage), {served['server_prefilled_fraction']:.3f} (server's counters) (goal <= 0.4); "
         f"server prefix-cache hit rate {served['server_hit_rate']:.3f} "
-        f"({served['server']['hits']:.0f} / {served['server']['queries']:.0f} tokens)"
+        f"({served['server']['hits']:.0f} / {served['server']['queries']:.0f} tokens); "
+        f"iterations with a new image: prefilled {served['new_image_prefilled_fraction']:.3f}"
     )
     for name, r in lat.items():
         print(
             f"{name} call, median of {args.rounds} interleaved rounds: artloop "
             f"{r['median_s']['artloop'] * 1000:.1f} ms, plain openai "
-            f"{r['median_s']['openai'] * 1000:.1f} ms -> ratio {r['ratio_median']:.3f} "
-            f"(goal <= 1.05)"
+            f"{r['median_s']['openai'] * 1000:.1f} ms ({r['completion_tokens']} answer tokens) "
+            f"-> ratio {r['ratio_median']:.3f} (goal <= 1.05)"
         )
     reuse, none = local["reuse"], local["no_reuse"]
     print(
