@@ -3,6 +3,8 @@ against the vLLM server (the statistics), a few per agent in-process (tests/test
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from artloop import agents
 from artloop.agents.schemas import Critique, EditPlan, EnhancedPrompt, ImageFacts, Verdict
@@ -82,6 +84,13 @@ CASES = {
         ),
     ),
 }
+
+
+def sample_calls(call, chat, n: int, **kwargs) -> list[Structured]:
+    """`n` calls of one agent at once (cases 0..n-1): an in-process model with a batch window
+    gathers them into one batched generate, so n sampled answers cost about one."""
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda i: call(chat, i, **kwargs), range(n)))
 
 
 def check_answers(schema, results: list[Structured], backend: str, calls: int = CALLS) -> None:

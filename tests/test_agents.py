@@ -10,7 +10,7 @@ tests/test_vllm_integration.py::test_agent_answers_are_schema_valid, against the
 from __future__ import annotations
 
 import pytest
-from agent_cases import CASES, FEW_CALLS, check_answers, image
+from agent_cases import CASES, FEW_CALLS, check_answers, image, sample_calls
 from artloop import agents
 from artloop.agents.base import system_text
 from artloop.agents.schemas import Critique, EditPlan, ImageFacts, Verdict
@@ -23,8 +23,9 @@ from fakes import DEFAULTS, ScriptedChat
 
 @pytest.fixture(scope="module")
 def sampling_chat(tiny_chat):
-    """The same weights, sampling at temperature 1 so that the answers differ."""
-    chat = ChatQwen2VLLocal(model="tiny-qwen2vl", temperature=1.0)
+    """The same weights, sampling at temperature 1 so that the answers differ; an agent's calls
+    made at once are gathered into one batched generate (the batch window)."""
+    chat = ChatQwen2VLLocal(model="tiny-qwen2vl", temperature=1.0, batch_window_ms=500)
     chat._loaded = tiny_chat.setup()
     return chat
 
@@ -35,7 +36,7 @@ def test_agent_answers_are_schema_valid(sampling_chat, agent):
 
     torch.manual_seed(0)  # the same sampled answers each run
     schema, call = CASES[agent]
-    results = [call(sampling_chat, i) for i in range(FEW_CALLS)]
+    results = sample_calls(call, sampling_chat, FEW_CALLS)
     check_answers(schema, results, "inprocess", calls=FEW_CALLS)
 
 
