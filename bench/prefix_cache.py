@@ -31,6 +31,7 @@ from artloop.config import ChatConfig, DiffusionConfig, LoopConfig
 from artloop.graphs.context import RefineContext
 from artloop.graphs.runner import run_session
 from artloop.models.chat import build_chat_model
+from artloop.models.images import image_part
 from artloop.models.inprocess import ChatQwen2VLLocal
 from artloop.serve.vlm import VLMServer, tiny_cpu_config
 from artloop.store.trajectories import TrajectoryStore
@@ -155,13 +156,15 @@ class Requests(BaseCallbackHandler):
 
 def latency(ctx: RefineContext, base_url: str, step: dict, rounds: int) -> dict:
     """data_cot and validate on the session's last images: artloop's agent call vs the plain
-    openai client sending the request artloop sent (captured from its first call), interleaved."""
+    openai client sending the request artloop sent (captured from its first call; the images
+    encoded again for each request), interleaved."""
     chat = ctx.chat
     images = ctx.store.images
     image = Image.open(images.path(step["image"])).convert("RGB")
     edited = Image.open(images.path(step["edited_image"])).convert("RGB")
     stats, stats_after = measure(image), measure(edited)
     plan = EditPlan.model_validate(step["agents"]["thesis_cot"])
+    sent = {"data_cot": [image], "validate": [image, edited]}  # the images each call sends
     calls = {
         "data_cot": lambda: agents.data_cot(chat, image, PROMPT, stats, policy=ctx.policy),
         "validate": lambda: agents.validate(
@@ -182,8 +185,23 @@ def latency(ctx: RefineContext, base_url: str, step: dict, rounds: int) -> dict:
 
         plain_tokens: list[int] = []
 
-        def plain(payload=payload, schema=schema, tokens=plain_tokens):
-            response = client.chat.completions.create(**payload)
+        def plain(payload=payload, schema=schema, tokens=plain_tokens, images=sent[name]):
+            # Its images encoded for each request, as any client of the bare API does.
+            encoded = iter(
+                image_part(im, ctx.policy.image_max_side, ctx.policy.image_format) for im in images
+            )
+            messages = [
+                m
+                if isinstance(m["content"], str)
+                else {
+                    **m,
+                    "content": [
+                        next(encoded) if p.get("type") == "image_url" else p for p in m["content"]
+                    ],
+                }
+                for m in payload["messages"]
+            ]
+            response = client.chat.completions.create(**{**payload, "messages": messages})
             tokens.append(response.usage.completion_tokens)
             return schema.model_validate_json(response.choices[0].message.content)
 
