@@ -78,6 +78,10 @@ def vllm_command(cfg: ServeConfig, model_path: str) -> list[str]:
         cmd += ["--mm-processor-kwargs", json.dumps({"max_pixels": cfg.max_image_pixels})]
     if cfg.enforce_eager:
         cmd.append("--enforce-eager")
+    # The agents' calls share a prefix (the system message, the image): cache it (on by default
+    # in vLLM's V1 engine; said here), and say in each answer how much was read from the cache
+    # (usage.prompt_tokens_details.cached_tokens, kept in the step's agent_usage).
+    cmd += ["--enable-prefix-caching", "--enable-prompt-tokens-details"]
     return cmd + list(cfg.extra_args)
 
 

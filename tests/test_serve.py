@@ -41,6 +41,8 @@ def test_command_line_from_config(fake_exe):
     }
     assert json.loads(flags["--mm-processor-kwargs"]) == {"max_pixels": 1_003_520}
     assert "--enforce-eager" in cmd and cmd[-2:] == ["--gpu-memory-utilization", "0.9"]
+    # The shared prompt prefix cached, the cached tokens reported with each answer.
+    assert {"--enable-prefix-caching", "--enable-prompt-tokens-details"} <= set(cmd)
 
 
 def test_missing_executable_is_named():
