@@ -198,6 +198,8 @@ def _kind(node: dict, defs: dict) -> tuple[str, dict | None]:
     match node.get("type"):
         case "string":
             least = " (not empty)" if node.get("minLength", 0) > 0 else ""
+            if "maxLength" not in node:  # a schema of another module (e.g. VQA's questions)
+                return f"text{least}", None
             return f"text{least}, at most {node['maxLength']} characters", None
         case "integer":
             return f"a whole number from {node['minimum']} to {node['maximum']}", None
