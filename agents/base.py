@@ -190,6 +190,8 @@ def _kind(node: dict, defs: dict) -> tuple[str, dict | None]:
         )
         return f"{kind}, or null", nested
     node = {**_deref(node, defs), **{k: v for k, v in node.items() if k != "$ref"}}
+    if "const" in node:  # a one-value Literal (VQA's QAPair.answer: always "yes")
+        return f'exactly "{node["const"]}"', None
     if "enum" in node:
         values = node["enum"]
         if len(values) > 4:
@@ -198,8 +200,6 @@ def _kind(node: dict, defs: dict) -> tuple[str, dict | None]:
     match node.get("type"):
         case "string":
             least = " (not empty)" if node.get("minLength", 0) > 0 else ""
-            if "maxLength" not in node:  # a schema of another module (e.g. VQA's questions)
-                return f"text{least}", None
             return f"text{least}, at most {node['maxLength']} characters", None
         case "integer":
             return f"a whole number from {node['minimum']} to {node['maximum']}", None

@@ -144,6 +144,15 @@ def test_the_prompt_guides_the_fields_where_the_grammar_holds_the_schema(tiny_ch
     assert Verdict.model_fields["reasons"].description in guide
 
 
+def test_the_guide_names_a_one_value_field_exactly():
+    """VQA's question writer: each pair's answer is the constant "yes" (JSON schema `const`),
+    which the guide must say as such, not as free text."""
+    from artloop.agents.base import answer_guide
+    from artloop.agents.questions import VQAQuestions
+
+    assert '"answer": exactly "yes".' in answer_guide(VQAQuestions)
+
+
 def test_every_field_is_described_and_reasons_come_before_verdicts():
     from artloop.agents import schemas
 
