@@ -7,12 +7,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from artloop import agents
-from artloop.agents.schemas import Critique, EditPlan, EnhancedPrompt, ImageFacts, Verdict
+from artloop.agents.schemas import (
+    ArtifactAnswer,
+    Critique,
+    EditPlan,
+    EnhancedPrompt,
+    ImageFacts,
+    Rating,
+    Verdict,
+)
 from artloop.models.structured import CallPolicy, Structured
 from artloop.tools.image_facts import measure
 from fakes import DEFAULTS
 from PIL import Image
 
+# Every agent's answer schema, in the loop's order, then the rewards' two.
+ANSWER_SCHEMAS = (EnhancedPrompt, ImageFacts, Critique, EditPlan, Verdict, Rating, ArtifactAnswer)
 POLICY = CallPolicy()  # a family's (models/families.py) for the other families' tests
 CALLS = 20  # per agent, against the vLLM server
 FEW_CALLS = 3  # per agent, in-process

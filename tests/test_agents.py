@@ -10,7 +10,7 @@ tests/test_vllm_integration.py::test_agent_answers_are_schema_valid, against the
 from __future__ import annotations
 
 import pytest
-from agent_cases import CASES, FEW_CALLS, check_answers, image, sample_calls
+from agent_cases import ANSWER_SCHEMAS, CASES, FEW_CALLS, check_answers, image, sample_calls
 from artloop import agents
 from artloop.agents.base import system_text
 from artloop.agents.schemas import Critique, EditPlan, ImageFacts, Verdict
@@ -163,16 +163,7 @@ def test_every_field_is_described_and_reasons_come_before_verdicts():
             for part in [sub, *sub.get("anyOf", []), sub.get("items", {})]:
                 walk(part, defs, f"{where}.{name}")
 
-    classes = [
-        schemas.EnhancedPrompt,
-        schemas.ImageFacts,
-        Critique,
-        EditPlan,
-        Verdict,
-        schemas.Rating,
-        schemas.ArtifactAnswer,
-    ]
-    for cls in classes:
+    for cls in ANSWER_SCHEMAS:
         s = cls.model_json_schema()
         walk(s, s.get("$defs", {}), cls.__name__)
     assert list(EditPlan.model_fields)[0] == "rationale"

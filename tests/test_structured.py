@@ -4,6 +4,7 @@ and a visible failure after the last attempt. Boxes are clipped and ordered on t
 from __future__ import annotations
 
 import pytest
+from agent_cases import ANSWER_SCHEMAS
 from artloop.agents import schemas
 from artloop.agents.schemas import Critique, EditPlan, RegionalEdit, Verdict, normalise_box
 from artloop.models.structured import (
@@ -149,15 +150,7 @@ def test_every_string_list_and_number_is_bounded():
         for name, sub in schema.get("properties", {}).items():
             walk(sub, defs, f"{path}.{name}")
 
-    for cls in (
-        schemas.EnhancedPrompt,
-        schemas.ImageFacts,
-        Critique,
-        EditPlan,
-        Verdict,
-        schemas.Rating,
-        schemas.ArtifactAnswer,
-    ):
+    for cls in ANSWER_SCHEMAS:
         s = cls.model_json_schema()
         walk(s, s.get("$defs", {}), cls.__name__)
 
