@@ -32,8 +32,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def tiny_cpu_config(vllm: str, port: int, model: str = "tiny-qwen2vl", **overrides) -> ServeConfig:
     """A tiny VLM (the Qwen2-VL unless `model` names another) on vLLM's CPU build, as the tests
-    and benchmarks start it: float32, a 4096-token context, eager (no graph capture on CPU)."""
-    defaults = {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True}
+    and benchmarks start it: float32, an 8192-token context, eager (no graph capture on CPU).
+    8192: the agents' prompts are 2.5k-3.6k tokens in the tiny byte-level BPE, and a repair
+    resends the answer with them (the tiny VLMs hold 16384 positions)."""
+    defaults = {"dtype": "float32", "max_model_len": 8192, "enforce_eager": True}
     return ServeConfig(model=model, vllm=vllm, port=port, **{**defaults, **overrides})
 
 

@@ -277,8 +277,7 @@ def family_server(request, vllm_exe, tmp_path_factory):
     """A vLLM CPU server for one of the new tiny families (one at a time: 2 cores)."""
     from conftest import start_tiny_server
 
-    # 8192: the agents' prompts are ~2.6k-4.4k tokens in the tiny BPE, and a repair adds more.
-    server = start_tiny_server(vllm_exe, tmp_path_factory, request.param, max_model_len=8192)
+    server = start_tiny_server(vllm_exe, tmp_path_factory, request.param)
     yield server
     server.stop()
 
