@@ -6,7 +6,8 @@ group `artloop.rewards` for third-party scorers; `scorer_device`, `scorer_model`
 `scorers_config` for the scorers that load a model); composite.py the composites
 (`composite:agfsync`, `composite:a=0.6,b=0.4`); metrics.py the measured image statistics
 ("brightness", "darkness", "contrast", "saturation", "sharpness", "colourfulness"); clip.py
-(clip, pickscore, aesthetic), hps.py (hpsv2), imagereward.py and vqa.py the field's scorers; vlm.py the
+(clip, pickscore, aesthetic), hps.py (hpsv2), imagereward.py and vqa.py the field's scorers; shapes.py the shapes world's
+exact judge ("shapes"); vlm.py the
 VLM judges ("vlm", "synartifact") and the canary check that refuses a judge that cannot tell
 control images from real ones; judge.py a reward as the loop's judge. Importing this package registers the built-ins.
 """
@@ -16,6 +17,7 @@ from artloop.rewards import clip as clip
 from artloop.rewards import hps as hps
 from artloop.rewards import imagereward as imagereward
 from artloop.rewards import metrics as metrics
+from artloop.rewards import shapes as shapes
 from artloop.rewards import vqa as vqa
 from artloop.rewards.composite import AGFSYNC, PRESETS, Composite, composite_weights
 from artloop.rewards.judge import judge_by_reward
