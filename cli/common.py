@@ -147,7 +147,7 @@ def read_config(
         cfg = load_config(config, overrides)
         if create_home:
             ensure_home(cfg.home)
-    configure_scorers(cfg.scorers)  # scorers.plugins, models, device: the file's too
+    configure_scorers(cfg.scorers, cfg.chat)  # scorers.*, and vqa's chat model: the file's too
     return cfg
 
 

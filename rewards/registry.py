@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from artloop.config import ScorersConfig, load_config
+from artloop.config import ChatConfig, ScorersConfig, load_config
 from artloop.rewards.composite import PREFIX as COMPOSITE
 from artloop.rewards.composite import PRESETS, resolve_composite
 from PIL import Image
@@ -122,18 +122,26 @@ def reward(
 
 # --- the scorers' config -------------------------------------------------------------------------
 _configured: ScorersConfig | None = None
+_configured_chat: ChatConfig | None = None
 
 
-def configure_scorers(section: ScorersConfig | None) -> None:
-    """Use `section` as the `scorers` config of this process (the CLI passes the one it read,
-    file included); None: the environment's again (ARTLOOP_SCORERS__*)."""
-    global _configured
-    _configured = section
+def configure_scorers(section: ScorersConfig | None, chat: ChatConfig | None = None) -> None:
+    """Use `section` as the `scorers` config of this process and `chat` as the `chat` section
+    the scorers that ask the chat model read (vqa; the CLI passes both from the config it read,
+    file included); None: the environment's again (ARTLOOP_SCORERS__*, ARTLOOP_CHAT__*)."""
+    global _configured, _configured_chat
+    _configured, _configured_chat = section, chat
 
 
 def scorers_config() -> ScorersConfig:
     """The `scorers` section in force: the configured one, else the environment's."""
     return _configured if _configured is not None else load_config().scorers
+
+
+def scorers_chat_config() -> ChatConfig:
+    """The `chat` section in force for the scorers: the configured one, else the
+    environment's."""
+    return _configured_chat if _configured_chat is not None else load_config().chat
 
 
 def scorer_device() -> tuple[str, str]:

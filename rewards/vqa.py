@@ -36,21 +36,22 @@ from artloop.agents.questions import (
     answer_question,
     write_questions,
 )
-from artloop.config import ChatConfig, load_config
+from artloop.config import ChatConfig
 from artloop.models.chat import shared_chat_model
 from artloop.models.inprocess import ChatQwen2VLLocal
 from artloop.models.structured import CallPolicy
 from artloop.models.tiny import resolve_model
-from artloop.rewards.registry import RewardFn, reward, scorer_model
+from artloop.rewards.registry import RewardFn, reward, scorer_model, scorers_chat_config
 
 YES, NO = ("yes", "Yes", "YES"), ("no", "No", "NO")
 TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
 
 
 def vqa_chat_config() -> ChatConfig:
-    """The VQA model's config: the `chat` section, its model replaced by `scorers.models.vqa`
-    when that is set."""
-    chat = load_config().chat
+    """The VQA model's config: the `chat` section in force (the config the CLI read, --config
+    file included: `configure_scorers`; else the environment's), its model replaced by
+    `scorers.models.vqa` when that is set."""
+    chat = scorers_chat_config()
     name = scorer_model("vqa", "")
     return chat.model_copy(update={"model": name}) if name else chat
 

@@ -170,6 +170,8 @@ def test_composite_is_a_weighted_sum_of_range_normalised_scores():
 def test_presets_resolve_lazily_from_the_registry_and_the_config(monkeypatch):
     assert PRESETS["agfsync"] is AGFSYNC and set(AGFSYNC) == {"vqa", "clip", "aesthetic"}
     assert sum(AGFSYNC.values()) == pytest.approx(1.0) and min(AGFSYNC.values()) > 0
+    # the authors' released build_dataset.py (rewards/composite.py cites the commit and line)
+    assert PRESETS["agfsync-code"] == {"clip": 0.85, "aesthetic": 0.15}
     # a preset whose parts are not registered yet resolves once they are
     configure_scorers(ScorersConfig(composites={"later": {"t-late": 1.0, "brightness": 1.0}}))
     with pytest.raises(ValueError, match="composite 'composite:later': part 't-late': unknown"):
@@ -197,7 +199,10 @@ def test_presets_resolve_lazily_from_the_registry_and_the_config(monkeypatch):
         ("composite:brightness=0,darkness=0", "weights sum to 0, not to a positive number"),
         ("composite:brightness=-1,darkness=2", "the weight of 'brightness' is negative"),
         ("composite:brightness=x", "the weight of 'brightness', 'x', is not a number"),
-        ("composite:brightness", "unknown composite preset 'brightness'; choose from agfsync"),
+        (
+            "composite:brightness",
+            "unknown composite preset 'brightness'; choose from agfsync, agfsync-code",
+        ),
         ("composite:brightness=1,brightness=2", "names 'brightness' twice"),
         ("composite:", "names no preset and no weights"),
         ("composite:brightness=1,nope=1", "part 'nope': unknown reward 'nope'; choose from"),

@@ -119,6 +119,34 @@ def test_registered_with_the_model_identity():
     assert callable(get_reward("vqa"))
 
 
+def test_the_chat_section_is_the_one_the_cli_read(tmp_path, monkeypatch):
+    """`--config FILE`: the VQA model's config is the `chat` section of the config the CLI read
+    (file included), as the `scorers` section is, not the environment's alone; after the
+    command (configure_scorers(None)) the environment's again."""
+    from artloop.cli.common import read_config
+    from artloop.rewards.vqa import vqa_chat_config
+
+    monkeypatch.delenv("ARTLOOP_CHAT__MODEL", raising=False)
+    monkeypatch.delenv("ARTLOOP_CHAT__TEMPERATURE", raising=False)
+    monkeypatch.delenv("ARTLOOP_SCORERS__MODELS", raising=False)
+    env = vqa_chat_config()
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[chat]\nmodel = "file-vlm"\ntemperature = 0.5\n')
+    named = tmp_path / "named.toml"
+    named.write_text(plain.read_text() + '[scorers.models]\nvqa = "scorer-vlm"\n')
+    home = {"home": str(tmp_path / "home")}
+    try:
+        read_config(plain, home, create_home=False)
+        chat = vqa_chat_config()
+        assert env.model != "file-vlm" and chat.model == "file-vlm" and chat.temperature == 0.5
+        read_config(named, home, create_home=False)  # scorers.models.vqa, on the file's section
+        chat = vqa_chat_config()
+        assert chat.model == "scorer-vlm" and chat.temperature == 0.5
+    finally:
+        configure_scorers(None)
+    assert vqa_chat_config() == env
+
+
 def test_a_run_scoring_vqa_loads_the_vlm_once(monkeypatch, tmp_path):
     """A run whose fact scorer is vqa answers with its context's in-process VLM: the same
     object, so the weights load once in the process, not once for the agents and again for
