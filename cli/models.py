@@ -1,11 +1,17 @@
-"""`artloop models list` and `artloop models build-tiny`: the tiny offline models."""
+"""`artloop models list`, `artloop models build-tiny` and `artloop models train-shapes`: the tiny
+offline models."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import typer
 from artloop.cli.common import fail, quiet_libraries
+from artloop.cli.train import typer_command
+
+# The command is generated from this dataclass: the module keeps torch inside its functions.
+from artloop.models.tiny.shapes_sd import ShapesSDTraining, train_shapes_sd
 from rich.console import Console
 from rich.table import Table
 
@@ -15,12 +21,11 @@ app = typer.Typer(help="The tiny offline models (the embedded default).", no_arg
 @app.command("list")
 def models_list() -> None:
     """List the tiny models and whether they are built."""
-    from artloop.models.tiny import cache_root, tiny_models  # deliberately lazy (startup time)
+    from artloop.models.tiny import tiny_models  # deliberately lazy (startup time)
 
     table = Table("name", "kind", "family", "built", "description")
     for m in tiny_models().values():
-        built = any(cache_root().glob(f"{m.name}-*/.complete"))
-        table.add_row(m.name, m.kind, m.family, "yes" if built else "no", m.description)
+        table.add_row(m.name, m.kind, m.family, "yes" if m.built() else "no", m.description)
     Console().print(table)
 
 
@@ -36,3 +41,16 @@ def models_build_tiny(
         if name not in TINY_NAMES:
             fail(f"unknown tiny model {name!r}; choose from {', '.join(TINY_NAMES)}")
         print(f"{name}\t{tiny_models()[name].build()}")
+
+
+def _train_shapes(cfg: ShapesSDTraining) -> None:
+    quiet_libraries()
+    try:
+        cfg.check()
+    except ValueError as e:
+        fail(str(e))
+    summary = train_shapes_sd(cfg, log=lambda line: typer.echo(line, err=True))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("arch", "training")}))
+
+
+app.command("train-shapes")(typer_command(ShapesSDTraining, _train_shapes))

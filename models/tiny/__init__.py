@@ -28,11 +28,22 @@ class TinyModel:
     family: str
     description: str
     build: Callable[[], Path]
+    # Trained weights shipped in the repository (models/tiny/weights/), not built on first use.
+    shipped: bool = False
+
+    def built(self) -> bool:
+        if self.shipped:
+            try:
+                self.build()
+            except ValueError:
+                return False
+            return True
+        return any(cache_root().glob(f"{self.name}-*/.complete"))
 
 
 def _registry() -> dict[str, TinyModel]:
     # Imported lazily: the builders import torch / transformers / diffusers.
-    from artloop.models.tiny import blip, clip, diffusion, fit, vlm
+    from artloop.models.tiny import blip, clip, diffusion, fit, shapes_sd, vlm
 
     return {
         "tiny-qwen2vl": TinyModel(
@@ -69,6 +80,14 @@ def _registry() -> dict[str, TinyModel]:
             "sd",
             "tiny-sd with its UNet fitted to smooth colour fields (built in ~1-2 min)",
             fit.build_tiny_sd_fit,
+        ),
+        "tiny-shapes-sd": TinyModel(
+            "tiny-shapes-sd",
+            "diffusion",
+            "sd",
+            "SD 1.5 architecture trained from scratch on the shapes world, 64 px (shipped)",
+            shapes_sd.shipped,
+            shipped=True,
         ),
         "tiny-sdxl": TinyModel(
             "tiny-sdxl",
@@ -121,6 +140,7 @@ TINY_NAMES = (
     "tiny-qwen3vl",
     "tiny-sd",
     "tiny-sd-fit",
+    "tiny-shapes-sd",
     "tiny-sdxl",
     "tiny-flux",
     "tiny-clip",

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from artloop.models.tiny.cache import build_cached
-from artloop.models.tiny.diffusion import _clip_tokenizer
+from artloop.models.tiny.diffusion import clip_tokenizer
 
 # (name, RGB) pairs the tiny CLIP is fitted on; each name is a word of the tokenizer's corpus.
 COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
@@ -93,7 +93,7 @@ def _processor(config: dict):
     images = CLIPImageProcessor(
         size={"shortest_edge": side}, crop_size={"height": side, "width": side}
     )
-    return CLIPProcessor(image_processor=images, tokenizer=_clip_tokenizer(**config["tokenizer"]))
+    return CLIPProcessor(image_processor=images, tokenizer=clip_tokenizer(**config["tokenizer"]))
 
 
 def _fit(model, processor, config: dict) -> None:

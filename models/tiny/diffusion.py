@@ -75,15 +75,16 @@ def _bpe_merges(words: dict[tuple[str, ...], int], n_merges: int) -> list[tuple[
     return merges
 
 
-def _clip_tokenizer(vocab_size: int, model_max_length: int):
-    """A CLIP BPE tokenizer (byte-level, `</w>` word ends) trained on the embedded corpus."""
+def clip_tokenizer(vocab_size: int, model_max_length: int, corpus: list[str] | None = None):
+    """A CLIP BPE tokenizer (byte-level, `</w>` word ends) trained on `corpus` (default: the
+    embedded prompt-like corpus)."""
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
     # An untrained CLIPTokenizer only to split the corpus exactly as CLIP will at run time.
     splitter = CLIPTokenizer().backend_tokenizer
     words: dict[tuple[str, ...], int] = {}
-    for line in _corpus():
+    for line in corpus or _corpus():
         for word, _ in splitter.pre_tokenizer.pre_tokenize_str(
             splitter.normalizer.normalize_str(line)
         ):
@@ -296,7 +297,7 @@ def _sd_components(config: dict) -> dict:
     return {
         "vae": faithful_tiny_vae(config["vae"]),
         "text_encoder": _clip_text_encoder(config["text_encoder"]),
-        "tokenizer": _clip_tokenizer(**config["tokenizer"]),
+        "tokenizer": clip_tokenizer(**config["tokenizer"]),
         "unet": UNet2DConditionModel(**config["unet"]),
     }
 
@@ -320,7 +321,7 @@ def _build_sdxl(config: dict, out_dir: Path) -> None:
     pipe = StableDiffusionXLPipeline(
         **_sd_components(config),
         text_encoder_2=_clip_text_encoder(config["text_encoder_2"], projection=True),
-        tokenizer_2=_clip_tokenizer(**config["tokenizer_2"]),
+        tokenizer_2=clip_tokenizer(**config["tokenizer_2"]),
         scheduler=EulerDiscreteScheduler(**config["scheduler"]),
         force_zeros_for_empty_prompt=config["force_zeros_for_empty_prompt"],
         add_watermarker=False,  # not saved: loading decides, as for the real model
@@ -342,7 +343,7 @@ def _build_flux(config: dict, out_dir: Path) -> None:
         scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
         vae=faithful_tiny_vae(config["vae"]),
         text_encoder=_clip_text_encoder(config["text_encoder"]),
-        tokenizer=_clip_tokenizer(**config["tokenizer"]),
+        tokenizer=clip_tokenizer(**config["tokenizer"]),
         text_encoder_2=T5EncoderModel(T5Config(**config["text_encoder_2"])),
         tokenizer_2=_t5_tokenizer(**config["tokenizer_2"]),
         transformer=FluxTransformer2DModel(**config["transformer"]),
