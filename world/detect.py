@@ -24,7 +24,8 @@ MIN_SATURATION = 0.35  # the background is grey (saturation 0); the paints are a
 MIN_VALUE = 0.2
 MIN_AREA = 0.004  # of the image: a third of the smallest object's area
 _TRIANGLE_TOP = 0.375  # midway between a triangle's top share (0.25) and the others' (0.5)
-_SQUARE_FILL = 0.885  # rendered at 64 px: circles fill <= 0.876, squares >= 0.967; a VAE rounds corners
+# Rendered at 64 px, circles fill <= 0.876 and squares >= 0.967; a VAE rounds the corners.
+_SQUARE_FILL = 0.885
 
 
 @dataclass(frozen=True)

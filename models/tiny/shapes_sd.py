@@ -281,8 +281,11 @@ def train_shapes_sd(cfg: ShapesSDTraining, log: Callable[[str], None] = print) -
         "vae_round_trip": ceiling,
     }
     if cfg.eval_scenes:
-        log(f"scoring {cfg.eval_scenes} held-out scenes with `shapes`")
+        log(f"scoring {cfg.eval_scenes} held-out scenes with `shapes`, and single objects")
         summary["heldout"] = evaluate(out_dir, "heldout", cfg.eval_scenes, seed=cfg.seed)
+        summary["single"] = evaluate(
+            out_dir, "train", cfg.eval_scenes, seed=cfg.seed + 1, n_objects=1
+        )
     (out_dir / "training.json").write_text(json.dumps(summary, indent=1))
     (out_dir / "README.md").write_text(model_card(summary))
     return summary
@@ -328,6 +331,13 @@ def model_card(summary: dict) -> str:
             + ", ".join(f"{k} {v:.0%}" for k, v in h["met_by_kind"].items()),
             "",
         ]
+    if one := summary.get("single"):
+        lines += [
+            f"Single objects ({one['n']} one-object training-split captions, new draws): mean "
+            f"{one['mean']:.3f} ({one['ci95'][0]:.3f}-{one['ci95'][1]:.3f}); by kind: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in one["met_by_kind"].items()),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -356,6 +366,7 @@ def evaluate(
     steps: int = 20,
     guidance: float = 5.0,
     batch: int = 25,
+    n_objects: int | None = None,
 ) -> dict:
     """The model's `shapes` scores on `n` scenes of `split` (one image each, seed = `seed` + i):
     the mean with a 95% bootstrap interval, the means by number of objects and the share of
@@ -368,7 +379,7 @@ def evaluate(
         model_dir, use_safetensors=True, dtype=torch.float32
     )
     pipe.set_progress_bar_config(disable=True)
-    scenes = sample_scenes(split, n, seed=seed + 50_000)  # not the training draws
+    scenes = sample_scenes(split, n, seed=seed + 50_000, n_objects=n_objects)  # not training's
     prompts = [s.caption() for s in scenes]
     reports = []
     for i in range(0, n, batch):
@@ -394,6 +405,7 @@ def evaluate(
     return {
         "split": split,
         "n": n,
+        "n_objects": n_objects,
         "mean": float(scores.mean()),
         "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
         "perfect": float((scores == 1.0).mean()),

@@ -1,0 +1,61 @@
+"""tiny-shapes-sd's training script, a few steps of it (the full run is `artloop models
+train-shapes`, ~40 min on 2 cores): what it writes loads as any SD 1.5 pipeline and samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from artloop.cli import app
+from typer.testing import CliRunner
+
+
+@pytest.mark.slow
+def test_train_shapes_writes_a_loadable_pipeline_with_its_card(tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "tiny-shapes-sd"
+    args = "--vae-steps 2 --unet-steps 2 --scenes 16 --eval-scenes 2 --warmup 1 --vae-batch 4"
+    result = CliRunner().invoke(
+        app, ["models", "train-shapes", "--output-dir", str(out), *args.split()]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["heldout"]["n"] == 2 and 0.0 <= summary["heldout"]["mean"] <= 1.0
+    assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
+    card = (out / "README.md").read_text()
+    assert "held-out scenes" in card and "seed 0" in card
+    # Stored in float16, loaded in float32 (as the diffusion tool does on a CPU).
+    pipe = StableDiffusionPipeline.from_pretrained(out, use_safetensors=True, dtype=torch.float32)
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured on the encoded scenes
+    image = pipe(
+        "a red circle", height=64, width=64, num_inference_steps=2, output_type="pil"
+    ).images[0]
+    assert image.size == (64, 64)
+
+
+def test_train_shapes_refuses_a_bad_setting_in_one_line(tmp_path):
+    result = CliRunner().invoke(
+        app, ["models", "train-shapes", "--output-dir", str(tmp_path), "--unet-steps", "0"]
+    )
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: unet_steps must be at least 1, not 0"
+    assert not any(tmp_path.iterdir())
+
+
+# The shipped model's figures on the first 40 of its card's 200 held-out scenes (same scenes,
+# same seeds): `evaluate(shipped(), "heldout", 40)`, measured when the weights were committed.
+SHIPPED_HELDOUT_40 = 0.290
+FLOOR, CEILING = 0.15, 0.9  # the base model must leave the loop room, and not be noise
+
+
+@pytest.mark.slow
+def test_the_shipped_model_scores_what_its_card_says():
+    from artloop.models.tiny import resolve_model
+    from artloop.models.tiny.shapes_sd import evaluate
+
+    figures = evaluate(resolve_model("tiny-shapes-sd"), "heldout", n=40, seed=0)
+    # A margin for arithmetic that differs across CPUs (a detection flipping changes a score).
+    assert figures["mean"] == pytest.approx(SHIPPED_HELDOUT_40, abs=0.06)
+    assert FLOOR < figures["mean"] < CEILING
