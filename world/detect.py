@@ -15,6 +15,7 @@ from __future__ import annotations
 # Deliberately lazy: scikit-image is imported inside `detect`, so that importing the shapes
 # world (the config, the CLI) does not load it.
 from dataclasses import asdict, dataclass
+from functools import cache
 
 import numpy as np
 from artloop.world.scenes import RGB, SIZE_THRESHOLD
@@ -47,18 +48,16 @@ class Detection:
     def text(self) -> str:
         return f"{self.size} {self.colour} {self.shape}"
 
-    def box_1000(self) -> list[int]:
-        """The box on the agents' 0-1000 grid."""
-        return [round(v * 1000) for v in self.box]
-
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _hue(rgb: tuple[int, int, int]) -> float:
+@cache
+def _hues() -> np.ndarray:
+    """Each colour's hue (0-1), in RGB's order: computed once, not per image."""
     from skimage.color import rgb2hsv
 
-    return float(rgb2hsv(np.array([[rgb]], dtype=np.float64) / 255.0)[0, 0, 0])
+    return rgb2hsv(np.array([list(RGB.values())], dtype=np.float64) / 255.0)[0, :, 0]
 
 
 def _shape(fill: float, top: float) -> str:
@@ -87,7 +86,7 @@ def detect(image: Image.Image) -> list[Detection]:
     hsv = rgb2hsv(rgb)
     paint = (hsv[..., 1] >= MIN_SATURATION) & (hsv[..., 2] >= MIN_VALUE)
     names = list(RGB)
-    hues = np.array([_hue(RGB[n]) for n in names])
+    hues = _hues()
     # Circular distance from each pixel's hue to each colour's: the nearest names the pixel.
     d = np.abs(hsv[..., 0][..., None] - hues)
     nearest = np.argmin(np.minimum(d, 1.0 - d), axis=-1)

@@ -75,12 +75,6 @@ class Scene:
     def caption(self, rng: Random | None = None) -> str:
         return self.spec.text(rng)
 
-    def to_dict(self) -> dict:
-        return {
-            "objects": [vars(o) for o in self.objects],
-            "caption": self.caption(),
-        }
-
 
 def relation(a: Obj, b: Obj, margin: float = RELATION_MARGIN) -> str | None:
     """The relation a caption may state of a to b: along the axis they differ most on, when

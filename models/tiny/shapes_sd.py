@@ -143,6 +143,17 @@ def _schedule(optimizer, warmup: int, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _update(loss, opt, sched, params: list, max_grad_norm: float) -> None:
+    """One optimiser step of either stage: backward, clip, step, advance the schedule."""
+    import torch
+
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    sched.step()
+
+
 def _images(scenes, start: int, n: int) -> torch.Tensor:
     """Renders of scenes[start : start + n] (cycling) as (n, 3, H, W) in [-1, 1]."""
     import numpy as np
@@ -169,11 +180,7 @@ def train_vae(cfg: ShapesSDTraining, log: Callable[[str], None]):
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
+        _update(loss, opt, sched, list(vae.parameters()), cfg.max_grad_norm)
         if step % 100 == 0 or step == cfg.vae_steps - 1:
             log(f"vae step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
     vae.eval()
@@ -229,11 +236,7 @@ def train_unet(vae, tokenizer, cfg: ShapesSDTraining, log: Callable[[str], None]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
         pred = unet(scheduler.add_noise(x0, noise, t), t, text(ids)[0]).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
+        _update(loss, opt, sched, params, cfg.max_grad_norm)
         if step % 200 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
     unet.eval()
