@@ -1,5 +1,5 @@
-"""`artloop models list`, `artloop models build-tiny` and `artloop models train-shapes`: the tiny
-offline models."""
+"""`artloop models list`, `build-tiny`, `train-shapes` and `train-shapes-vlm`: the tiny offline
+models."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from artloop.cli.train import typer_command
 
 # The command is generated from this dataclass: the module keeps torch inside its functions.
 from artloop.models.tiny.shapes_sd import ShapesSDTraining, train_shapes_sd
+from artloop.trainers.shapes_vlm import ShapesVLMTraining
 from rich.console import Console
 from rich.table import Table
 
@@ -54,3 +55,18 @@ def _train_shapes(cfg: ShapesSDTraining) -> None:
 
 
 app.command("train-shapes")(typer_command(ShapesSDTraining, _train_shapes))
+
+
+def _train_shapes_vlm(cfg: ShapesVLMTraining) -> None:
+    from artloop.trainers.shapes_vlm import train_shapes_vlm  # deliberately lazy (startup)
+
+    quiet_libraries()
+    try:
+        cfg.check()
+    except ValueError as e:
+        fail(str(e))
+    summary = train_shapes_vlm(cfg, log=lambda line: typer.echo(line, err=True))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("arch", "config")}))
+
+
+app.command("train-shapes-vlm")(typer_command(ShapesVLMTraining, _train_shapes_vlm))

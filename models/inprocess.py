@@ -129,7 +129,7 @@ class ChatQwen2VLLocal(BaseChatModel):
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
             compiler = self.setup()[2]
-            self._grammars[key] = compiler.compile_json_schema(key, any_whitespace=False)
+            self._grammars[key] = compiler.compile_grammar(short_floats(schema))
         return self._grammars[key]
 
     def _generate(
@@ -264,6 +264,28 @@ class ChatQwen2VLLocal(BaseChatModel):
             logp = torch.log_softmax(logits.float(), dim=-1)
             out.append({c: float(logp[i]) for c, i in zip(choices, ids, strict=True)})
         return out
+
+
+def _floats(node: Any) -> set[float]:
+    """Every float of the schema's enums (the number grids of grammar_schema)."""
+    if isinstance(node, list):
+        return set().union(*(_floats(v) for v in node)) if node else set()
+    if not isinstance(node, dict):
+        return set()
+    found = {v for v in node.get("enum", []) if isinstance(v, float)}
+    return found.union(*(_floats(v) for k, v in node.items() if k != "enum"))
+
+
+def short_floats(schema: dict):
+    """The schema's xgrammar grammar, its enum floats spelt as JSON writes them. xgrammar spells
+    an enum's float with 17 significant digits (0.9 as "0.90000000000000002", 10.0 as "10"), so
+    a model under it could not write 0.9 and must spell 17 digits for every strength and score."""
+    import xgrammar as xgr
+
+    text = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
+    for v in _floats(schema):
+        text = text.replace(f'("{v:.17g}")', f'("{json.dumps(v)}")')
+    return xgr.Grammar.from_ebnf(text)
 
 
 @dataclass

@@ -155,6 +155,7 @@ class Structured(Generic[T]):
     # The answers' tokens' log-probabilities (the distribution the grammar left), summed.
     logprob_sum: float | None = None
     logprob_tokens: int | None = None
+    errors: tuple[str, ...] = ()  # why each invalid answer was refused, in order
 
     @property
     def mean_logprob(self) -> float | None:
@@ -353,12 +354,11 @@ def invoke_structured(
     runnable = bind_schema(model, schema_cls, box_frame)
     backend = backend_name(model)
     history = list(messages)
-    failures = 0
+    errors: list[str] = []
     spent = Usage()  # every call's, repairs included
     start = time.perf_counter()
 
     def attempt() -> T:
-        nonlocal failures
         try:
             try:
                 with timed("vlm"), policy.slot():
@@ -373,7 +373,7 @@ def invoke_structured(
             raw = raw if isinstance(raw, str) else json.dumps(raw)
             return parse_output(raw, schema_cls, box_frame)
         except InvalidOutput as e:
-            failures += 1
+            errors.append(str(e))
             # Repair: the next attempt sees its own answer and what was wrong with it.
             history.extend(
                 [
@@ -403,11 +403,12 @@ def invoke_structured(
     return Structured(
         output,
         backend,
-        failures,
+        len(errors),
         time.perf_counter() - start,
         spent.prompt_tokens,
         spent.completion_tokens,
         spent.cached_tokens,
         spent.logprob_sum,
         spent.logprob_tokens,
+        tuple(errors),
     )

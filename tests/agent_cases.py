@@ -105,13 +105,16 @@ def sample_calls(call, chat, n: int, **kwargs) -> list[Structured]:
 
 def check_answers(schema, results: list[Structured], backend: str, calls: int = CALLS) -> None:
     """Every answer typed and valid; sampled answers differ; the grammar leaves ~no failures
-    (at most 2 repaired answers in 20 calls, 1 in fewer)."""
+    (at most 2 repaired answers in 20 calls, 1 in fewer). A box with no area is not the
+    grammar's to forbid (JSON schema cannot say x1 < x2): a random model draws one in a pixel
+    convention now and then, and it is refused and repaired like any invalid answer, so it is
+    not counted here."""
     assert len(results) == calls
     for result in results:
         assert isinstance(result.output, schema) and result.backend == backend
         schema.model_validate(result.output.model_dump())  # round-trips through validation
     outputs = {r.output.model_dump_json() for r in results}
     assert len(outputs) > calls // 2, "sampled answers should differ"
-    failures = sum(r.failures for r in results)
+    failures = sum(1 for r in results for e in r.errors if "has no area" not in e)
     allowed = max(1, calls // 10)
     assert failures <= allowed, f"{failures} invalid answers in {calls} calls despite the grammar"

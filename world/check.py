@@ -53,7 +53,7 @@ class Report:
         }
 
 
-def _matches(p: Phrase, d: Detection) -> bool:
+def matches(p: Phrase, d: Detection) -> bool:
     return d.shape == p.shape and (p.colour is None or d.colour == p.colour)
 
 
@@ -97,7 +97,7 @@ def _phrase_requirements(p: Phrase, ds: list[Detection], all_ds: list[Detection]
 
 def check(spec: Spec, detections: list[Detection]) -> Report:
     """Which of `spec`'s requirements the detections meet."""
-    found = [[d for d in detections if _matches(p, d)] for p in spec.phrases]
+    found = [[d for d in detections if matches(p, d)] for p in spec.phrases]
     reqs: list[Requirement] = []
     for p, ds in zip(spec.phrases, found, strict=True):
         reqs.extend(_phrase_requirements(p, ds, detections))

@@ -254,13 +254,23 @@ def _image_only_processor_class(family: str = "qwen2-vl"):
     return cls
 
 
-def _tokenizer(config: dict, spec: VLMFamily):
-    """A byte-level BPE trained on local text, with the family's special tokens and template."""
+def _tokenizer(config: dict, spec: VLMFamily, corpus: list[str] | None = None):
+    """A byte-level BPE trained on `corpus` (default: local text), with the family's special
+    tokens and template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if config.get("tokens") == "lines":
+        # Tokens may span words (not lines): a prompt's fixed sentences become a few tokens each.
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split("\n", behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=config["vocab_size"],
@@ -268,7 +278,7 @@ def _tokenizer(config: dict, spec: VLMFamily):
         special_tokens=list(spec.special_tokens),
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    bpe.train_from_iterator(corpus or _corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",
@@ -320,22 +330,22 @@ def _model_config(family: str, config: dict, ids: dict[str, int], vocab: int):
     )
 
 
-def _build(config: dict, out: Path) -> None:
+def new_vlm(config: dict, corpus: list[str] | None = None) -> tuple:
+    """(model, processor) of a `config` like CONFIG, random weights (seeded), its tokenizer
+    trained on `corpus` (default: the standard library's sources)."""
     import torch
     import transformers
     from transformers import Qwen2VLImageProcessorPil
 
     family = config.get("family", "qwen2-vl")
     spec = FAMILIES[family]
-    tokenizer = _tokenizer(config, spec)
+    tokenizer = _tokenizer(config, spec, corpus)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in spec.special_tokens}
     model_config = _model_config(family, config, ids, len(tokenizer))
     torch.manual_seed(config["seed"])
     model = getattr(transformers, spec.model_class)(model_config).eval()
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(out, safe_serialization=True)
-
     vision = model_config.vision_config
     norm = {"image_mean": spec.image_mean, "image_std": spec.image_std} if spec.image_mean else {}
     image_processor = Qwen2VLImageProcessorPil(
@@ -348,6 +358,14 @@ def _build(config: dict, out: Path) -> None:
     processor = _image_only_processor_class(family)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=spec.chat_template
     )
+    return model, processor
+
+
+def save_vlm(model, processor, out: Path) -> None:
+    """Save as a published checkpoint is laid out (safetensors), so that transformers and vLLM
+    load it by the family's stock classes."""
+    spec = FAMILIES[MODEL_TYPES[model.config.model_type]]
+    model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     # Name the stock class, as a real checkpoint does, so other loaders (vLLM) take it.
     cfg_path = out / "processor_config.json"
@@ -358,6 +376,10 @@ def _build(config: dict, out: Path) -> None:
     video = {**cfg["image_processor"], "video_processor_type": spec.video_processor_class}
     video.pop("image_processor_type", None)
     (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+
+
+def _build(config: dict, out: Path) -> None:
+    save_vlm(*new_vlm(config), out)
 
 
 def build_tiny_qwen2vl() -> Path:

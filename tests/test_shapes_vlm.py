@@ -1,0 +1,157 @@
+"""tiny-shapes-qwen2vl's data, training and evaluation (trainers/shapes_agents.py,
+shapes_vlm.py, shapes_eval.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from artloop.agents.schemas import Critique, EditPlan, ImageFacts, Verdict
+from artloop.trainers.shapes_agents import Recorder, critique, plan, record_episode, verdict
+from artloop.trainers.shapes_eval import object_match
+from artloop.world.check import check
+from artloop.world.detect import detect
+from artloop.world.language import parse
+from artloop.world.scenes import Obj, render
+
+RED_CIRCLE = Obj("circle", "red", "large", 0.25, 0.5, 0.36)
+BLUE_SQUARE = Obj("square", "blue", "large", 0.75, 0.5, 0.36)
+PROMPT = "a red circle to the left of a blue square"
+PARAMS = {"width": 64, "height": 64, "num_inference_steps": 20, "guidance_scale": 5.0, "seed": 0}
+
+
+def _episode(before_objects, after_objects):
+    rec = Recorder()
+    before, after = render(before_objects), render(after_objects)
+    return record_episode(rec, PROMPT, parse(PROMPT), before, after, PARAMS, random.Random(0))
+
+
+def test_targets_name_what_the_detector_misses():
+    spec = parse(PROMPT)
+    report = check(spec, detect(render([RED_CIRCLE])))  # the blue square is missing
+    said = Critique.model_validate(critique(report))
+    assert said.missing == ["a blue square"]
+    assert said.artifacts[0].kind == "omission"
+    assert said.prompt_alignment == round(10 * report.score) < 10
+    planned = EditPlan.model_validate(plan(spec, report, PROMPT))
+    (edit,) = planned.regional_edits
+    assert edit.prompt == "a blue square"
+    # To the right of the red circle (the caption's relation), not over it.
+    assert (edit.box[0] + edit.box[2]) / 2 >= 250 + 300
+    assert planned.revised_prompt == PROMPT
+    perfect = check(spec, detect(render([RED_CIRCLE, BLUE_SQUARE])))
+    judged = Verdict.model_validate(verdict(report, perfect))
+    assert (judged.score, judged.better_than_before, judged.verdict) == (10.0, True, "accept")
+    worse = Verdict.model_validate(verdict(perfect, report))
+    assert worse.verdict == "reject" and not worse.better_than_before
+
+
+def test_a_wrong_colour_is_repainted_where_it_is():
+    spec = parse(PROMPT)
+    green = Obj("square", "green", "large", 0.75, 0.5, 0.36)
+    report = check(spec, detect(render([RED_CIRCLE, green])))
+    said = Critique.model_validate(critique(report))
+    assert said.artifacts[0].kind == "color_misbinding"
+    (edit,) = EditPlan.model_validate(plan(spec, report, PROMPT)).regional_edits
+    found = next(d for d in report.detections if d.colour == "green")
+    assert edit.box == [round(v * 1000) for v in found.box]
+
+
+def test_recorded_prompts_are_the_in_process_backends_and_answers_fit_its_grammar():
+    import xgrammar as xgr
+    from artloop.models.inprocess import short_floats
+    from artloop.models.tiny import resolve_model
+    from artloop.models.tiny.vlm import load_processor
+
+    examples = _episode([RED_CIRCLE], [RED_CIRCLE, BLUE_SQUARE])
+    assert [e.agent for e in examples] == [
+        "enhance",
+        "data_cot",
+        "concept_cot",
+        "thesis_cot",
+        "validate",
+    ]
+    assert [len(e.images) for e in examples] == [0, 1, 1, 1, 2]
+    facts = ImageFacts.model_validate_json(examples[1].answer)
+    assert [o.label for o in facts.objects] == ["large red circle"]
+    for e in examples:
+        text = e.chat[1]["content"][-1]["text"]
+        # The field guide of a grammar-constrained backend, not the JSON schema itself.
+        assert "Answer with one JSON object, its fields in this order" in text
+        assert PROMPT in text
+    tok = load_processor(resolve_model("tiny-qwen2vl")).tokenizer
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok))
+    for e in examples:
+        grammar = compiler.compile_grammar(short_floats(e.schema))  # the backend's grammar
+        matcher = xgr.GrammarMatcher(grammar)
+        assert matcher.accept_string(e.answer), e.agent
+        assert matcher.is_completed(), e.agent
+
+
+def test_object_match_counts_colour_and_shape():
+    detections = detect(render([RED_CIRCLE, BLUE_SQUARE]))
+    exact = [{"label": d.text(), "box": [round(v * 1000) for v in d.box]} for d in detections]
+    tp, listed, found, ious = object_match(exact, detections)
+    assert (tp, listed, found) == (2, 2, 2) and min(ious) > 0.98  # boxes rounded to the grid
+    wrong = [{"label": "green circle", "box": exact[0]["box"]}]
+    assert object_match(wrong, detections)[0] == 0
+
+
+@pytest.mark.slow
+def test_prefix_shared_loss_is_the_full_forwards():
+    """The training loss with the system message run once and shared equals the plain forward
+    pass's cross-entropy on the answer tokens (same model, same batch)."""
+    import torch
+    import torch.nn.functional as F
+    from artloop.trainers.shapes_vlm import _encode, batch_loss, new_model, prefix_ids
+
+    examples = _episode([RED_CIRCLE], [RED_CIRCLE, BLUE_SQUARE]) + _episode(
+        [BLUE_SQUARE], [RED_CIRCLE]
+    )
+    model, processor = new_model(examples, seed=0)
+    with torch.no_grad():
+        shared = float(batch_loss(model, processor, examples, prefix_ids(processor)))
+        b = _encode(processor, examples)
+        logits = model(
+            input_ids=b.ids,
+            attention_mask=b.mask,
+            pixel_values=b.pixels,
+            image_grid_thw=b.grid,
+            mm_token_type_ids=b.mm_types,
+        ).logits
+    total = sum(
+        F.cross_entropy(logits[r, s - 1 : e - 1].float(), b.ids[r, s:e], reduction="sum")
+        for r, (s, e) in enumerate(b.answer)
+    )
+    full = float(total) / sum(e - s for s, e in b.answer)
+    assert shared == pytest.approx(full, rel=1e-4)
+    # The spans are the answers: decoded, each row's ends with its answer and <|im_end|>.
+    decoded = processor.tokenizer.decode(b.ids[0, b.answer[0][0] : b.answer[0][1]])
+    assert decoded == examples[0].answer + "<|im_end|>"
+
+
+@pytest.mark.slow
+def test_train_shapes_vlm_cli_trains_a_model_the_in_process_backend_answers_with(tmp_path):
+    from artloop.agents import data_cot
+    from artloop.cli.main import app
+    from artloop.models.inprocess import ChatQwen2VLLocal
+    from artloop.tools.image_facts import measure
+    from typer.testing import CliRunner
+
+    out = tmp_path / "vlm"
+    args = ["models", "train-shapes-vlm", "--output-dir", str(out), "--episodes", "4"]
+    args += ["--steps", "2", "--batch-size", "4", "--sd-share", "0", "--eval-scenes", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["examples"] == 20 and summary["model"] == "tiny-shapes-qwen2vl"
+    assert (out / "model.safetensors").exists() and "train-shapes-vlm" in (
+        out / "README.md"
+    ).read_text()
+    chat = ChatQwen2VLLocal(model=str(out), max_new_tokens=200)
+    image = render([RED_CIRCLE])
+    facts = data_cot(chat, image, PROMPT, measure(image)).output
+    assert isinstance(facts, ImageFacts)
+    bad = CliRunner().invoke(app, ["models", "train-shapes-vlm", "--steps", "0"])
+    assert bad.exit_code == 2 and "steps must be at least 1" in bad.output
