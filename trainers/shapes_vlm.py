@@ -3,12 +3,12 @@
 Data: episodes of one loop iteration on training scenes (world/): a BEFORE image (a
 tiny-shapes-sd sample of the caption, or a render of the scene with an object dropped,
 recoloured or moved) and an AFTER image for the validator; each agent's real prompt recorded with
-its target (trainers/shapes_agents.py). The tokenizer is a byte-level BPE trained on those
-prompts and answers (the agents' prompts are ~2.7k tokens in the stdlib-trained tiny one, ~1.2k
-in this). Training is next-token cross-entropy on the answer tokens only. The system message is
-the same in every call, so each step runs it once and shares its keys and values with the
-batch's rows (gradients flow back through the shared copy): a step costs about what the rows'
-own tokens cost.
+its target (trainers/shapes_agents.py). The tokenizer: a byte-level BPE trained on those prompts
+and answers, plus one token per fixed line of the prompts (`fixed_lines`): a call is 130-360
+tokens, where the stdlib-trained tiny tokenizer makes it 2.5k-3.6k. Training is next-token
+cross-entropy on the answer tokens only. The system message is the same in every call, so each
+step runs it once and shares its keys and values with the batch's rows (gradients flow back
+through the shared copy).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from artloop.models.tiny.vlm import SHAPES_CONFIG
 from artloop.trainers.common import help_field
 from artloop.world.scenes import render, sample_scenes
 
@@ -30,24 +31,7 @@ if TYPE_CHECKING:  # the agents (langchain) are imported where they run: the CLI
     from artloop.trainers.shapes_agents import Example
 
 MODEL_ID = "tiny-shapes-qwen2vl"
-# Qwen2-VL's architecture, grown from the random tiny one (hidden 128, 2 layers): head dim 32
-# (vLLM's CPU attention wants it). Images: 64 px upscaled to 112 px = 8 x 8 patches of 14 px
-# -> 16 merged tokens (at the tiny default's 56 px minimum, 4 tokens: too coarse for boxes).
-ARCH = {
-    "family": "qwen2-vl",
-    "vocab_size": 4096,
-    "text": {
-        "hidden_size": 192,
-        "intermediate_size": 512,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 6,
-        "num_key_value_heads": 2,
-    },
-    "vision": {"depth": 2, "embed_dim": 64, "num_heads": 2},
-    "min_pixels": 112 * 112,
-    "max_pixels": 112 * 112,
-    "max_positions": 8192,
-}
+ARCH = SHAPES_CONFIG  # models/tiny/vlm.py: the registry reads its image settings without torch
 
 
 @dataclass
@@ -90,12 +74,12 @@ def episodes(cfg: ShapesVLMTraining, split: str, n: int, seed: int, log=print) -
     scenes = sample_scenes(split, n, seed=seed)
     rng = random.Random(seed)
     captions = [s.caption(rng) for s in scenes]
-    sampled = _samples(cfg, captions, seed) if cfg.sd_share > 0 else [None] * n
+    drawn = [k for k in range(n) if rng.random() < cfg.sd_share]  # BEFORE sampled, not rendered
+    sampled = dict(zip(drawn, _samples(cfg, [captions[k] for k in drawn], seed), strict=True))
     recorder = Recorder()
     out: list[Example] = []
-    for k, (scene, caption, image) in enumerate(zip(scenes, captions, sampled, strict=True)):
-        use_sd = image is not None and rng.random() < cfg.sd_share
-        before = image if use_sd else render(perturb(scene, rng))
+    for k, (scene, caption) in enumerate(zip(scenes, captions, strict=True)):
+        before = sampled[k] if k in sampled else render(perturb(scene, rng))
         after = render(perturb(scene, rng)) if rng.random() < 0.7 else render(scene)
         params = {
             "width": 64,
@@ -112,6 +96,8 @@ def episodes(cfg: ShapesVLMTraining, split: str, n: int, seed: int, log=print) -
 
 def _samples(cfg: ShapesVLMTraining, captions: list[str], seed: int, batch: int = 50) -> list:
     """One tiny-shapes-sd sample per caption (seed + i), as the loop would draw it."""
+    if not captions:
+        return []
     import torch
     from artloop.models.tiny import resolve_model
     from artloop.models.tiny.shapes_sd import sample
@@ -133,22 +119,41 @@ def _prompt_text(processor, e: Example) -> str:
     return processor.apply_chat_template(e.chat, tokenize=False, add_generation_prompt=True)
 
 
-def corpus(examples: list[Example], limit: int = 2000) -> list[str]:
-    """The tokenizer's training text: the calls' texts as often as training sees them (the
-    shared system message most of all), and their answers."""
+def _texts(e: Example) -> list[str]:
+    """The call's message texts: the system message, then the user message's text parts."""
+    return [e.chat[0]["content"]] + [p["text"] for p in e.chat[1]["content"] if "text" in p]
+
+
+def corpus(examples: list[Example], fixed: set[str], limit: int = 2000) -> list[str]:
+    """The BPE's training text: the calls' lines that are not `fixed` (those are one token
+    each), as often as training sees them, and the answers."""
     texts = []
     for e in examples[:limit]:
-        texts.append(e.chat[0]["content"])
-        texts += [p["text"] for p in e.chat[1]["content"] if p.get("type") == "text"]
+        texts += [line for t in _texts(e) for line in t.split("\n") if line not in fixed]
         texts.append(e.answer)
     return texts
 
 
+def fixed_lines(examples: list[Example], share: float = 0.05, least: int = 30) -> list[str]:
+    """The prompts' fixed lines: every line of at least `least` characters that occurs in at
+    least `share` of the calls (the system message, each agent's task, worked example and
+    field guide), but no caption, statistic or answer, which vary."""
+    counts: dict[str, int] = {}
+    for e in examples:
+        for line in {line for t in _texts(e) for line in t.split("\n") if len(line) >= least}:
+            counts[line] = counts.get(line, 0) + 1
+    return sorted(line for line, n in counts.items() if n >= share * len(examples))
+
+
 def new_model(examples: list[Example], seed: int):
-    """The untrained model and its processor (tokenizer trained on `examples`)."""
+    """The untrained model and its processor: a BPE trained on `examples`, and each of the
+    prompts' fixed lines one token. A fixed line says the same in every call, so as one token
+    it tells the model all it did, and the prompts shrink from ~2k tokens to ~0.2k (attention
+    to them was half a step's cost)."""
     from artloop.models.tiny.vlm import new_vlm
 
-    return new_vlm({**ARCH, "seed": seed}, corpus(examples))
+    fixed = fixed_lines(examples)
+    return new_vlm({**ARCH, "seed": seed}, corpus(examples, set(fixed)), fixed)
 
 
 @dataclass
@@ -250,7 +255,7 @@ def train(model, processor, examples: list[Example], cfg: ShapesVLMTraining, log
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
             recent = sum(losses[-50:]) / len(losses[-50:])
             log(
@@ -261,8 +266,8 @@ def train(model, processor, examples: list[Example], cfg: ShapesVLMTraining, log
 
 
 def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print) -> dict:
-    """Record the episodes, train, save (safetensors, float32: 20 MB) with a model card; the
-    held-out figures when `eval_scenes` > 0."""
+    """Record the episodes, train, save (safetensors, float16: 5 MB) with a model card; the
+    held-out figures, measured on the stored weights, when `eval_scenes` > 0."""
     from artloop.models.tiny.vlm import save_vlm
     from artloop.trainers.shapes_eval import evaluate_agents, model_card
 
@@ -278,7 +283,7 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
     losses = train(model, processor, examples, cfg, log)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_vlm(model, processor, out)
+    save_vlm(model.half(), processor, out)  # stored in float16; run (and measured) in float32
     summary = {
         "model": MODEL_ID,
         "config": asdict(cfg),

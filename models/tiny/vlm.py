@@ -162,6 +162,27 @@ QWEN3_CONFIG = {
 }
 
 
+# tiny-shapes-qwen2vl (trained by trainers/shapes_vlm.py; not shipped yet): the tiny Qwen2-VL
+# grown (hidden 192, 4 layers; head dim 32 still), a BPE trained on the agents' prompts plus one
+# token per fixed prompt line. Images: 64 px upscaled to 112 px = 8 x 8 patches of 14 px -> 16
+# merged tokens (at the tiny default's 56 px minimum, 4 tokens: too coarse for boxes).
+SHAPES_CONFIG = {
+    "family": "qwen2-vl",
+    "vocab_size": 4096,
+    "text": {
+        "hidden_size": 192,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+    },
+    "vision": {"depth": 2, "embed_dim": 64, "num_heads": 2},
+    "min_pixels": 112 * 112,
+    "max_pixels": 112 * 112,
+    "max_positions": 8192,
+}
+
+
 @dataclass(frozen=True)
 class VLMFamily:
     """What differs between the families' tiny builds, by transformers class name."""
@@ -321,9 +342,10 @@ def _model_config(family: str, config: dict, ids: dict[str, int], vocab: int):
     )
 
 
-def new_vlm(config: dict, corpus: list[str] | None = None) -> tuple:
+def new_vlm(config: dict, corpus: list[str] | None = None, phrases: list[str] = ()) -> tuple:
     """(model, processor) of a `config` like CONFIG, random weights (seeded), its tokenizer
-    trained on `corpus` (default: the standard library's sources)."""
+    trained on `corpus` (default: the standard library's sources), each of `phrases` one more
+    token (matched before the BPE)."""
     import torch
     import transformers
     from transformers import Qwen2VLImageProcessorPil
@@ -331,6 +353,7 @@ def new_vlm(config: dict, corpus: list[str] | None = None) -> tuple:
     family = config.get("family", "qwen2-vl")
     spec = FAMILIES[family]
     tokenizer = _tokenizer(config, spec, corpus)
+    tokenizer.add_tokens(list(phrases))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in spec.special_tokens}
     model_config = _model_config(family, config, ids, len(tokenizer))
     torch.manual_seed(config["seed"])
