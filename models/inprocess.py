@@ -129,7 +129,11 @@ class ChatQwen2VLLocal(BaseChatModel):
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
             compiler = self.setup()[2]
-            self._grammars[key] = compiler.compile_grammar(short_floats(schema))
+            self._grammars[key] = (
+                compiler.compile_grammar(short_floats(schema))
+                if _floats(schema)
+                else compiler.compile_json_schema(key, any_whitespace=False)
+            )
         return self._grammars[key]
 
     def _generate(

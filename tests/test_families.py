@@ -222,8 +222,12 @@ def test_the_families_limits():
 def family_chat(request):
     from artloop.models.inprocess import ChatQwen2VLLocal
 
-    # An agent's calls made at once are gathered into one batched generate (the window).
-    chat = ChatQwen2VLLocal(model=request.param, temperature=1.0, batch_window_ms=500)
+    # An agent's calls made at once are gathered into one batched generate (the window). The
+    # product's answer budget (chat.max_new_tokens, 1024), not the class's 512: a random model
+    # fills every string to its bound, and a Critique of one-character tokens ran past 512.
+    chat = ChatQwen2VLLocal(
+        model=request.param, temperature=1.0, batch_window_ms=500, max_new_tokens=1024
+    )
     chat.setup()
     yield chat
     chat.close()
