@@ -44,29 +44,27 @@ def models_build_tiny(
         print(f"{name}\t{tiny_models()[name].build()}")
 
 
-def _train_shapes(cfg: ShapesSDTraining) -> None:
+def _train(cfg, train, hidden: tuple[str, ...]) -> None:
+    """Check `cfg` (one line, exit 2), train with progress on stderr, print the summary as one
+    JSON line on stdout without its `hidden` keys."""
     quiet_libraries()
     try:
         cfg.check()
     except ValueError as e:
         fail(str(e))
-    summary = train_shapes_sd(cfg, log=lambda line: typer.echo(line, err=True))
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("arch", "training")}))
+    summary = train(cfg, log=lambda line: typer.echo(line, err=True))
+    print(json.dumps({k: v for k, v in summary.items() if k not in hidden}))
 
 
-app.command("train-shapes")(typer_command(ShapesSDTraining, _train_shapes))
+def _train_shapes(cfg: ShapesSDTraining) -> None:
+    _train(cfg, train_shapes_sd, ("arch", "training"))
 
 
 def _train_shapes_vlm(cfg: ShapesVLMTraining) -> None:
     from artloop.trainers.shapes_vlm import train_shapes_vlm  # deliberately lazy (startup)
 
-    quiet_libraries()
-    try:
-        cfg.check()
-    except ValueError as e:
-        fail(str(e))
-    summary = train_shapes_vlm(cfg, log=lambda line: typer.echo(line, err=True))
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("arch", "config")}))
+    _train(cfg, train_shapes_vlm, ("arch", "config"))
 
 
+app.command("train-shapes")(typer_command(ShapesSDTraining, _train_shapes))
 app.command("train-shapes-vlm")(typer_command(ShapesVLMTraining, _train_shapes_vlm))

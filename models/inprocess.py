@@ -129,9 +129,10 @@ class ChatQwen2VLLocal(BaseChatModel):
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
             compiler = self.setup()[2]
+            floats = _floats(schema)
             self._grammars[key] = (
-                compiler.compile_grammar(short_floats(schema))
-                if _floats(schema)
+                compiler.compile_grammar(short_floats(schema, floats))
+                if floats
                 else compiler.compile_json_schema(key, any_whitespace=False)
             )
         return self._grammars[key]
@@ -280,14 +281,15 @@ def _floats(node: Any) -> set[float]:
     return found.union(*(_floats(v) for k, v in node.items() if k != "enum"))
 
 
-def short_floats(schema: dict):
+def short_floats(schema: dict, floats: set[float] | None = None):
     """The schema's xgrammar grammar, its enum floats spelt as JSON writes them. xgrammar spells
     an enum's float with 17 significant digits (0.9 as "0.90000000000000002", 10.0 as "10"), so
-    a model under it could not write 0.9 and must spell 17 digits for every strength and score."""
+    a model under it could not write 0.9 and must spell 17 digits for every strength and score.
+    `floats`: the schema's enum floats, when the caller has found them already."""
     import xgrammar as xgr
 
     text = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
-    for v in _floats(schema):
+    for v in _floats(schema) if floats is None else floats:
         text = text.replace(f'("{v:.17g}")', f'("{json.dumps(v)}")')
     return xgr.Grammar.from_ebnf(text)
 

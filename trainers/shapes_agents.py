@@ -18,6 +18,7 @@ from typing import Any
 
 from artloop import agents
 from artloop.agents.schemas import ASPECT_IDS, Critique, EditPlan, ImageFacts
+from artloop.config import LoopConfig
 from artloop.models.inprocess import ChatQwen2VLLocal, to_qwen_messages
 from artloop.tools.image_facts import measure
 from artloop.world.check import Report, Requirement, check, matches
@@ -29,7 +30,8 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from PIL import Image
 from pydantic import PrivateAttr
 
-ACCEPT = 0.7  # the loop's default accept score (7), as a share of requirements met
+# The loop's default accept score (7 of 10), as a share of requirements met.
+ACCEPT = LoopConfig.model_fields["accept_score"].default / 10
 # Where a missing object is drawn when its phrase says nothing about where: candidate centres.
 _SPOTS = [(x, y) for y in (0.25, 0.5, 0.75) for x in (0.25, 0.5, 0.75)]
 _SIDE = {"left": (0.25, None), "right": (0.75, None), "top": (None, 0.25), "bottom": (None, 0.75)}

@@ -23,7 +23,7 @@ from artloop.tools.image_facts import measure
 from artloop.trainers.shapes_agents import perturb
 from artloop.world.check import check
 from artloop.world.detect import detect
-from artloop.world.language import COLOURS, SHAPES
+from artloop.world.language import parse
 from artloop.world.scenes import render, sample_scenes
 
 
@@ -36,10 +36,12 @@ def _iou(a, b) -> float:
 
 
 def _kind(label: str) -> tuple[str | None, str | None]:
-    words = label.lower().split()
-    colour = next((w for w in words if w in COLOURS), None)
-    shape = next((w.rstrip("s") for w in words if w.rstrip("s") in SHAPES), None)
-    return colour, shape
+    """(colour, shape) of a listed object's label, read as a caption's first noun phrase."""
+    try:
+        phrase = parse(label).phrases[0]
+    except ValueError:  # names no shape: matches nothing
+        return None, None
+    return phrase.colour, phrase.shape
 
 
 def object_match(objects: list[dict], detections) -> tuple[int, int, int, list[float]]:

@@ -234,6 +234,7 @@ def batch_loss(model, processor, batch: list[Example], prefix: list[int]):
 def train(model, processor, examples: list[Example], cfg: ShapesVLMTraining, log=print) -> list:
     """AdamW with warm-up and cosine decay, gradient clipping; the losses, one per step."""
     import torch
+    from artloop.models.tiny.shapes_sd import optimiser_step
     from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(cfg.seed)
@@ -250,11 +251,7 @@ def train(model, processor, examples: list[Example], cfg: ShapesVLMTraining, log
             order += rng.sample(range(len(examples)), len(examples))
         batch = [examples[order.pop()] for _ in range(cfg.batch_size)]
         loss = batch_loss(model, processor, batch, prefix)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
+        optimiser_step(loss, opt, sched, list(model.parameters()), cfg.max_grad_norm)
         losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
             recent = sum(losses[-50:]) / len(losses[-50:])

@@ -143,8 +143,9 @@ def _schedule(optimizer, warmup: int, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _update(loss, opt, sched, params: list, max_grad_norm: float) -> None:
-    """One optimiser step of either stage: backward, clip, step, advance the schedule."""
+def optimiser_step(loss, opt, sched, params: list, max_grad_norm: float) -> None:
+    """One optimiser step (each stage here, and tiny-shapes-qwen2vl's): backward, clip, step,
+    advance the schedule."""
     import torch
 
     opt.zero_grad()
@@ -180,7 +181,7 @@ def train_vae(cfg: ShapesSDTraining, log: Callable[[str], None]):
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
-        _update(loss, opt, sched, list(vae.parameters()), cfg.max_grad_norm)
+        optimiser_step(loss, opt, sched, list(vae.parameters()), cfg.max_grad_norm)
         if step % 100 == 0 or step == cfg.vae_steps - 1:
             log(f"vae step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
     vae.eval()
@@ -236,7 +237,7 @@ def train_unet(vae, tokenizer, cfg: ShapesSDTraining, log: Callable[[str], None]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
         pred = unet(scheduler.add_noise(x0, noise, t), t, text(ids)[0]).sample
         loss = F.mse_loss(pred, noise)
-        _update(loss, opt, sched, params, cfg.max_grad_norm)
+        optimiser_step(loss, opt, sched, params, cfg.max_grad_norm)
         if step % 200 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
     unet.eval()
