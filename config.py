@@ -214,6 +214,12 @@ class ChatConfig(_Section):
 class DiffusionConfig(_Section):
     model: str = Field("tiny-sd", description="tiny-sd, tiny-flux, a hub id or a local path")
     family: Literal["auto", "sd", "sdxl", "flux"] = "auto"
+    inpaint_model: str | None = Field(
+        None,
+        description="An inpainting pipeline for the regional edits (e.g. stable-diffusion-v1-5/"
+        "stable-diffusion-inpainting); none: the model's own companion where it has one "
+        "(tiny-shapes-sd's), else derived from the model",
+    )
     width: int = Field(256, ge=64, le=2048)
     height: int = Field(256, ge=64, le=2048)
     steps: int = Field(4, ge=1, le=200)
@@ -256,6 +262,18 @@ class LoopConfig(_Section):
         description="Rewards whose scores of each image go to Data-CoT as measured facts beside "
         "the image statistics, and into the step record (e.g. aesthetic, pickscore; "
         "checked by graphs/context.check_judge)",
+    )
+    carry_edits: bool = Field(
+        False,
+        description="Each iteration after the first edits the best image so far instead of "
+        "drawing a fresh one, its edits drawn with seed + iteration: edits accumulate "
+        "(ArtAug's rounds); off: every iteration starts from text-to-image with the same seed",
+    )
+    watch_scorers: list[str] = Field(
+        default_factory=list,
+        description="Rewards that score each iteration's image and edit against the prompt for "
+        "the step record and the report only: no agent sees them (e.g. shapes, the shapes "
+        "world's exact judge)",
     )
 
 

@@ -21,6 +21,7 @@ from artloop.cli.common import (
     HomeOpt,
     JudgeOpt,
     MaxItersOpt,
+    WatchOpt,
     err,
     failing,
     overrides,
@@ -99,6 +100,7 @@ def batch(
     max_iters: MaxItersOpt = None,
     judge: JudgeOpt = None,
     fact_scorer: FactScorerOpt = None,
+    watch: WatchOpt = None,
     base_url: Annotated[
         list[str] | None,
         typer.Option(
@@ -130,7 +132,7 @@ def batch(
         config,
         {
             "home": home,
-            **overrides(max_iters=max_iters, judge=judge, fact_scorer=fact_scorer),
+            **overrides(max_iters=max_iters, judge=judge, fact_scorer=fact_scorer, watch=watch),
             "diffusion.batch_window_ms": batch_window_ms,
             "chat.batch_window_ms": batch_window_ms,
             "chat.backend": "openai" if urls else None,

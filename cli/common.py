@@ -63,6 +63,14 @@ FactScorerOpt = Annotated[
         help="A scorer whose score of each image Data-CoT gets as a measured fact (repeat)",
     ),
 ]
+WatchOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--watch",
+        help="A scorer of each image and edit for the record and the report only; no agent "
+        "sees it (repeat; e.g. shapes)",
+    ),
+]
 OVERRIDE_KEYS = {
     "max_iters": "loop.max_iters",
     "judge": "loop.judge",
@@ -73,6 +81,7 @@ OVERRIDE_KEYS = {
     "base_url": "chat.base_url",
     "tag": "tags",
     "fact_scorer": "loop.fact_scorers",
+    "watch": "loop.watch_scorers",
 }
 
 

@@ -24,6 +24,8 @@ def _summarise(name: str, update: dict) -> str:
         case "generate" | "edit":
             digest = step.get("image" if name == "generate" else "edited_image") or ""
             extra = f", {len(step.get('edits', []))} edit(s)" if name == "edit" else ""
+            watched = step.get("watch", {}).get("image" if name == "generate" else "edited", {})
+            extra += "".join(f", {k} {v['score']:.2f}" for k, v in watched.items() if "score" in v)
             return f"image {digest[:12]}{extra}"
         case "data_cot":
             return f"{len(out.get('data_cot', {}).get('objects', []))} object(s) found"

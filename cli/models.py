@@ -1,5 +1,5 @@
-"""`artloop models list`, `build-tiny`, `train-shapes` and `train-shapes-vlm`: the tiny offline
-models."""
+"""`artloop models list`, `build-tiny`, and the shapes world's training: `train-shapes` (all
+three models from one seed), `train-shapes-sd`, `train-shapes-inpaint`, `train-shapes-vlm`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from artloop.cli.train import typer_command
 
 # The command is generated from this dataclass: the module keeps torch inside its functions.
 from artloop.models.tiny.shapes_sd import ShapesSDTraining, train_shapes_sd
+from artloop.trainers.shapes_inpaint import ShapesInpaintTraining
+from artloop.trainers.shapes_models import ShapesTraining
 from artloop.trainers.shapes_vlm import ShapesVLMTraining
 from rich.console import Console
 from rich.table import Table
@@ -56,8 +58,20 @@ def _train(cfg, train, hidden: tuple[str, ...]) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k not in hidden}))
 
 
-def _train_shapes(cfg: ShapesSDTraining) -> None:
+def _train_shapes(cfg: ShapesTraining) -> None:
+    from artloop.trainers.shapes_models import train_shapes  # deliberately lazy (startup)
+
+    _train(cfg, train_shapes, ())
+
+
+def _train_shapes_sd(cfg: ShapesSDTraining) -> None:
     _train(cfg, train_shapes_sd, ("arch", "training"))
+
+
+def _train_shapes_inpaint(cfg: ShapesInpaintTraining) -> None:
+    from artloop.trainers.shapes_inpaint import train_shapes_inpaint  # deliberately lazy
+
+    _train(cfg, train_shapes_inpaint, ("training",))
 
 
 def _train_shapes_vlm(cfg: ShapesVLMTraining) -> None:
@@ -66,5 +80,7 @@ def _train_shapes_vlm(cfg: ShapesVLMTraining) -> None:
     _train(cfg, train_shapes_vlm, ("arch", "config"))
 
 
-app.command("train-shapes")(typer_command(ShapesSDTraining, _train_shapes))
+app.command("train-shapes")(typer_command(ShapesTraining, _train_shapes))
+app.command("train-shapes-sd")(typer_command(ShapesSDTraining, _train_shapes_sd))
+app.command("train-shapes-inpaint")(typer_command(ShapesInpaintTraining, _train_shapes_inpaint))
 app.command("train-shapes-vlm")(typer_command(ShapesVLMTraining, _train_shapes_vlm))

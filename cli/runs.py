@@ -20,6 +20,7 @@ from artloop.cli.common import (
     QuietOpt,
     SeedOpt,
     TagOpt,
+    WatchOpt,
     existing_store,
     failing,
     or_fail,
@@ -50,6 +51,7 @@ def run(
     diffusion_model: DiffusionModelOpt = None,
     judge: JudgeOpt = None,
     fact_scorer: FactScorerOpt = None,
+    watch: WatchOpt = None,
     tag: TagOpt = None,
     home: HomeOpt = None,
     config: ConfigOpt = None,
@@ -68,6 +70,7 @@ def run(
         diffusion_model=diffusion_model,
         judge=judge,
         fact_scorer=fact_scorer,
+        watch=watch,
         tag=tag,
     )
     cfg = read_config(config, {"home": home, **flags})

@@ -17,6 +17,7 @@ from artloop.cli.common import (
     HomeOpt,
     MaxItersOpt,
     SeedOpt,
+    WatchOpt,
     err,
     existing_store,
     fail,
@@ -114,6 +115,7 @@ def new(
     max_iters: MaxItersOpt = None,
     seed: SeedOpt = None,
     fact_scorer: FactScorerOpt = None,
+    watch: WatchOpt = None,
     wait: Annotated[
         bool, typer.Option(help="Ask at each pause (--no-wait: stop at the first)")
     ] = True,
@@ -124,7 +126,11 @@ def new(
     with failing(ConfigError):
         prompt = validate_prompt(prompt)
     cfg = read_config(
-        config, {"home": home, **overrides(max_iters=max_iters, seed=seed, fact_scorer=fact_scorer)}
+        config,
+        {
+            "home": home,
+            **overrides(max_iters=max_iters, seed=seed, fact_scorer=fact_scorer, watch=watch),
+        },
     )
     execute(
         cfg,

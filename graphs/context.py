@@ -92,27 +92,27 @@ class RefineContext:
         models = {"chat": chat_identity(self.chat_config), "diffusion": self.diffusion.identity}
         if self.loop.judge != "vlm":  # the scorer that judged, with its weights
             models["judge"] = judge_reward(self.loop.judge).identity()
-        if self.loop.fact_scorers:
-            models["fact_scorers"] = {
-                name: reward_entry(name).identity() for name in self.loop.fact_scorers
-            }
+        for key in ("fact_scorers", "watch_scorers"):
+            if names := getattr(self.loop, key):
+                models[key] = {name: reward_entry(name).identity() for name in names}
         return models
 
 
 def check_judge(loop: LoopConfig) -> None:
     """`loop.judge` is "vlm" (the validator agent) or a reward that can judge, and each of
-    `loop.fact_scorers` a reward: ConfigError naming it otherwise. Checked here, not in
+    `loop.fact_scorers` and `loop.watch_scorers` a reward: ConfigError naming it otherwise. Checked here, not in
     config.py: the reward registry is a layer above it."""
     if loop.judge != "vlm":
         try:
             judge_reward(loop.judge)
         except ValueError as e:
             raise ConfigError(f"loop.judge: {e}") from None
-    for name in loop.fact_scorers:
-        try:
-            reward_entry(name)
-        except ValueError as e:  # UnknownRewardError is one too
-            raise ConfigError(f"loop.fact_scorers: {e}") from None
+    for key in ("fact_scorers", "watch_scorers"):
+        for name in getattr(loop, key):
+            try:
+                reward_entry(name)
+            except ValueError as e:  # UnknownRewardError is one too
+                raise ConfigError(f"loop.{key}: {e}") from None
 
 
 def build_context(config: ArtloopConfig) -> RefineContext:
@@ -130,6 +130,7 @@ def build_context(config: ArtloopConfig) -> RefineContext:
         dtype=d.dtype,
         batch_window_ms=d.batch_window_ms,
         max_batch=d.max_batch,
+        inpaint_model=d.inpaint_model,
     )
     return RefineContext(
         chat=shared_chat_model(config.chat),  # the scorers' (vqa, vlm) too, loaded once

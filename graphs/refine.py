@@ -6,7 +6,8 @@
                 +--- revise (not accepted, budget left) --+-- accept / give up -> record
 
 Each iteration re-enhances the prompt (with the validator's feedback and the last plan's revised
-prompt), generates with the same seed, critiques, edits and validates. The best image so far is
+prompt), generates with the same seed (or, with `loop.carry_edits`, takes the best image so far
+and edits it further), critiques, edits and validates. The best image so far is
 kept. State holds image hashes, never pixels; each finished iteration is written to the store.
 A session lists its pauses in `pause_at` (graphs/human.py); a pause is LangGraph's `interrupt()`,
 and every node is safe to re-run from its top when a session resumes.
@@ -295,21 +296,27 @@ def review_prompt(state: RefineState, ctx: RefineContext) -> dict:
 @node
 def generate(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
-    params = GenParams(**state["params"])
-    image = ctx.diffusion.text_to_image(step["prompt"], step["negative_prompt"], params)
+    if ctx.loop.carry_edits and state.get("iteration", 0) > 0 and state.get("best_image"):
+        image = state["best_image"]  # the edits so far, kept: this iteration edits them further
+        step = {**step, "carried": True}
+    else:
+        params = GenParams(**state["params"])
+        image = ctx.diffusion.text_to_image(step["prompt"], step["negative_prompt"], params)
     picture = ctx.store.images.get(image)
     stats = measure(picture)
     step = {**step, "params": state["params"], "image": image, "stats": {"image": stats}}
     if ctx.loop.fact_scorers:  # measured facts too, scored against the user's prompt
-        step["scores"] = {"image": fact_scores(ctx, picture, state["prompt"])}
+        step["scores"] = {"image": scores_of(ctx.loop.fact_scorers, picture, state["prompt"])}
+    if ctx.loop.watch_scorers:
+        step["watch"] = {"image": watched(ctx, picture, state["prompt"])}
     return {"step": step}
 
 
-def fact_scores(ctx: RefineContext, image: Image.Image, prompt: str) -> dict[str, dict]:
-    """Each of `loop.fact_scorers`' score of `image` for `prompt`, with what the score means
-    (its range, None when unbounded, and direction): name -> {score, range, higher_is_better}."""
+def scores_of(names: list[str], image: Image.Image, prompt: str) -> dict[str, dict]:
+    """Each named reward's score of `image` for `prompt`, with what the score means (its range,
+    None when unbounded, and direction): name -> {score, range, higher_is_better}."""
     found = {}
-    for name in ctx.loop.fact_scorers:
+    for name in names:
         entry = reward_entry(name)
         (value,), _ = entry.fn([image], [prompt], [{}])
         found[name] = {
@@ -317,6 +324,19 @@ def fact_scores(ctx: RefineContext, image: Image.Image, prompt: str) -> dict[str
             "range": list(entry.range) if entry.range else None,
             "higher_is_better": entry.higher_is_better,
         }
+    return found
+
+
+def watched(ctx: RefineContext, image: Image.Image, prompt: str) -> dict[str, dict]:
+    """`loop.watch_scorers`' scores of `image`, for the record only. A scorer that cannot read
+    the prompt (`shapes` of a prompt that names no shape) records why instead of stopping a
+    run it takes no part in."""
+    found = {}
+    for name in ctx.loop.watch_scorers:
+        try:
+            found |= scores_of([name], image, prompt)
+        except ValueError as e:
+            found[name] = {"error": str(e)}
     return found
 
 
@@ -385,6 +405,8 @@ def edit(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
     plan = Plan.model_validate(step["plan"])
     params = GenParams(**state["params"])
+    if ctx.loop.carry_edits:  # a new draw for an edit of what may be the same image again
+        params = replace(params, seed=params.seed + step["iteration"])
     strength = plan.params.strength
     if strength is None:
         strength = 0.0 if plan.regional_edits else ctx.diffusion_config.edit_strength
@@ -416,8 +438,12 @@ def edit(state: RefineState, ctx: RefineContext) -> dict:
     if any(v != 1.0 for v in tone.values()):
         image = ctx.store.images.put(adjust_tone(ctx.store.images.get(image), **tone))
         ops.append({"op": "tone", **tone, "image": image})
-    stats = {**step["stats"], "edited": measure(ctx.store.images.get(image))}
-    return {"step": {**step, "edited_image": image, "edits": ops, "stats": stats}}
+    picture = ctx.store.images.get(image)
+    step = {**step, "edited_image": image, "edits": ops}
+    step["stats"] = {**step["stats"], "edited": measure(picture)}
+    if ctx.loop.watch_scorers:
+        step["watch"] = {**step.get("watch", {}), "edited": watched(ctx, picture, state["prompt"])}
+    return {"step": step}
 
 
 @node

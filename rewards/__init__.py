@@ -19,7 +19,13 @@ from artloop.rewards import imagereward as imagereward
 from artloop.rewards import metrics as metrics
 from artloop.rewards import shapes as shapes
 from artloop.rewards import vqa as vqa
-from artloop.rewards.composite import AGFSYNC, PRESETS, Composite, composite_weights
+from artloop.rewards.composite import (
+    AGFSYNC,
+    AGFSYNC_CODE,
+    PRESETS,
+    Composite,
+    composite_weights,
+)
 from artloop.rewards.judge import judge_by_reward
 from artloop.rewards.registry import (
     ENTRY_POINT_GROUP,
@@ -35,6 +41,7 @@ from artloop.rewards.registry import (
     reward_entry,
     scorer_device,
     scorer_model,
+    scorers_chat_config,
     scorers_config,
     split_names,
 )
@@ -49,6 +56,7 @@ from artloop.rewards.vlm import (
 
 __all__ = [
     "AGFSYNC",
+    "AGFSYNC_CODE",
     "ENTRY_POINT_GROUP",
     "PRESETS",
     "REWARDS",
@@ -70,6 +78,7 @@ __all__ = [
     "reward_entry",
     "scorer_device",
     "scorer_model",
+    "scorers_chat_config",
     "scorers_config",
     "split_names",
     "synartifact_reward",

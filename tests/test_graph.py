@@ -188,3 +188,36 @@ def test_a_context_keeps_what_the_caller_gave(monkeypatch, tmp_path):
         assert ctx.vlm_slots is None  # the caller's chat: not the default chat's call slots
     finally:
         forget()
+
+
+def test_carry_edits_edits_the_best_image_further(store, sd_tool):
+    """loop.carry_edits: iteration 2 starts from iteration 1's kept image (no new
+    text-to-image), and its box edit is a new draw (seed + iteration); a rejected edit is
+    not carried. Off, every iteration draws anew with the same seed."""
+    calls = {"t2i": 0, "seeds": []}
+    t2i, inpaint = sd_tool.text_to_image, sd_tool.inpaint
+
+    def counted(*args, **kw):
+        calls["t2i"] += 1
+        return t2i(*args, **kw)
+
+    def seeded(image, box, prompt, negative, params, strength):
+        calls["seeds"].append(params.seed)
+        return inpaint(image, box, prompt, negative, params, strength)
+
+    sd_tool.text_to_image, sd_tool.inpaint = counted, seeded
+    try:
+        verdicts = [verdict("revise", 4.0), verdict("reject", 3.0), verdict("revise", 6.0)]
+        chat = ScriptedChat(scripts={"Verdict": verdicts})
+        ctx = make_ctx(store, sd_tool, chat, max_iters=3, plateau_patience=5, carry_edits=True)
+        steps = store.get_run(run_session(ctx, prompt="a fox").run_id)["steps"]
+        assert calls["t2i"] == 1 and calls["seeds"] == [0, 1, 2]
+        assert steps[1]["image"] == steps[0]["edited_image"] and steps[1]["carried"]
+        assert steps[2]["image"] == steps[0]["edited_image"]  # iteration 2's edit was rejected
+        calls.update(t2i=0, seeds=[])
+        chat = ScriptedChat(scripts={"Verdict": verdicts})
+        ctx = make_ctx(store, sd_tool, chat, max_iters=3, plateau_patience=5)
+        steps = store.get_run(run_session(ctx, prompt="a fox").run_id)["steps"]
+        assert calls["t2i"] == 3 and calls["seeds"] == [0, 0, 0] and "carried" not in steps[1]
+    finally:
+        sd_tool.text_to_image, sd_tool.inpaint = t2i, inpaint

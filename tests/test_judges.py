@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from artloop.agents.schemas import Verdict
 from artloop.cli import app
-from artloop.config import ConfigError, load_config
+from artloop.config import ConfigError, LoopConfig, load_config
 from artloop.graphs.context import check_judge
 from artloop.graphs.runner import run_session
 from artloop.prompts import artifact_taxonomy
@@ -161,8 +161,6 @@ def test_the_judges_identity_is_stored_with_the_run_and_on_the_export_card(
 
 
 def test_fact_scorers_are_checked_and_their_identities_stored(store, sd_tool):
-    from artloop.config import LoopConfig
-
     with pytest.raises(ConfigError, match="loop.fact_scorers: unknown reward 'no-such-scorer'"):
         check_judge(LoopConfig(fact_scorers=["no-such-scorer"]))
     ctx = make_ctx(store, sd_tool, ScriptedChat(), fact_scorers=["darkness", "contrast"])
@@ -206,6 +204,35 @@ def test_fact_scorers_reach_data_cot_and_the_step(store, sd_tool):
     assert facts and not any("Scores measured by other models" in t for t in facts)
 
 
+def test_watch_scorers_are_recorded_and_reported_but_no_agent_sees_them(store, sd_tool):
+    """loop.watch_scorers (--watch): each iteration's image and edit scored for the record and
+    the report (issue 19, item 5: the `shapes` score per iteration); no agent's prompt holds
+    them, and a prompt the scorer cannot read records why instead of failing the run."""
+    from artloop.store.report import write_report
+
+    with pytest.raises(ConfigError, match="loop.watch_scorers: unknown reward 'nope'"):
+        check_judge(LoopConfig(watch_scorers=["nope"]))
+    TellingChat.texts.clear()
+    ctx = make_ctx(store, sd_tool, TellingChat(), watch_scorers=["darkness", "shapes"])
+    summary = run_session(ctx, prompt="a red circle")
+    run = store.get_run(summary.run_id)
+    assert set(run["models"]["watch_scorers"]) == {"darkness", "shapes"}
+    step = run["steps"][0]
+    dark = step["watch"]["image"]["darkness"]["score"]
+    assert dark == pytest.approx(1 - step["stats"]["image"]["brightness"], abs=1e-3)
+    edited = step["watch"]["edited"]["darkness"]["score"]
+    assert edited == pytest.approx(1 - step["stats"]["edited"]["brightness"], abs=1e-3)
+    assert 0.0 <= step["watch"]["image"]["shapes"]["score"] <= 1.0
+    assert "scores" not in step  # not a fact: Data-CoT was told nothing
+    assert TellingChat.texts and not any("darkness" in t for t in TellingChat.texts)
+    html = write_report(store, summary.run_id).read_text()
+    assert "watched (image)" in html and f"darkness <b>{dark:.2f}</b>" in html
+    odd = run_session(ctx, prompt="a fox at night")  # names no shape: `shapes` cannot read it
+    step = store.get_run(odd.run_id)["steps"][0]
+    assert "names no shape" in step["watch"]["image"]["shapes"]["error"]
+    assert "score" in step["watch"]["image"]["darkness"]
+
+
 def test_cli_refuses_an_unknown_fact_scorer_in_one_line(tmp_path):
     home = tmp_path / "home"
     result = CliRunner().invoke(
@@ -216,7 +243,7 @@ def test_cli_refuses_an_unknown_fact_scorer_in_one_line(tmp_path):
     assert len(lines) == 1 and "loop.fact_scorers: unknown reward 'no-such-scorer'" in lines[0]
     for command in (["run"], ["batch"], ["session", "new"]):  # the one shared option
         shown = CliRunner().invoke(app, [*command, "--help"], terminal_width=200)
-        assert "--fact-scorer" in shown.stdout, command
+        assert "--fact-scorer" in shown.stdout and "--watch" in shown.stdout, command
 
 
 def test_vlm_reward_scales_the_raters_score():

@@ -153,7 +153,7 @@ def test_a_run_scoring_vqa_loads_the_vlm_once(monkeypatch, tmp_path):
     the scorer."""
     from artloop.config import load_config
     from artloop.graphs.context import build_context
-    from artloop.graphs.refine import fact_scores
+    from artloop.graphs.refine import scores_of
     from artloop.models import chat as chat_module
 
     monkeypatch.setattr(chat_module, "_shared", {})  # this test's process: nothing built yet
@@ -174,7 +174,7 @@ def test_a_run_scoring_vqa_loads_the_vlm_once(monkeypatch, tmp_path):
     cfg = load_config(overrides={"home": str(tmp_path / "home"), "loop.fact_scorers": ["vqa"]})
     ctx = build_context(cfg)
     ctx.chat.setup()  # the agents' model, loaded as the first agent call would
-    scores = fact_scores(ctx, RED, "a red fox in snow")
+    scores = scores_of(ctx.loop.fact_scorers, RED, "a red fox in snow")
     assert 0 <= scores["vqa"]["score"] <= 1 and writer.calls == ["VQAQuestions"]
     assert loads == [id(ctx.chat)]  # one load, the context's: the scorer reused it
     assert build_context(cfg).chat is ctx.chat  # a second context (a batch's) shares it too

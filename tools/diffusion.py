@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from artloop.models.tiny import resolve_model
+from artloop.models.tiny import paired_inpaint_model, resolve_model
 from artloop.runtime.accounting import charge, timed
 from artloop.runtime.batching import Batcher
 from artloop.tools.images import ImageStore, ImageStoreError
@@ -122,6 +122,7 @@ class DiffusionTool:
         max_sequence_length: int | None = None,
         batch_window_ms: float = 0.0,
         max_batch: int = 16,
+        inpaint_model: str | None = None,
     ) -> None:
         if store is None:
             raise TypeError("DiffusionTool needs an ImageStore (store=...)")
@@ -130,6 +131,10 @@ class DiffusionTool:
         if dtype not in DTYPES:
             raise DiffusionError(f"unknown dtype {dtype!r}: expected one of {DTYPES}")
         self.model = model
+        # Regional edits run this inpainting pipeline (a 9-channel UNet) when there is one:
+        # configured, or the model's own companion (tiny-shapes-sd's); else one derived from
+        # the text-to-image modules.
+        self.inpaint_model = inpaint_model or paired_inpaint_model(model)
         self.store = store
         self.device = device
         self.dtype = dtype
@@ -198,12 +203,15 @@ class DiffusionTool:
     @property
     def identity(self) -> dict:
         """What produced the images (for trajectories); needs no weights."""
-        return {
+        identity = {
             "model": self.model,
             "family": self.family,
             "resolved": self._resolve(),
             "dtype": self.dtype,
         }
+        if self.inpaint_model:
+            identity["inpaint_model"] = self.inpaint_model
+        return identity
 
     def _default_max_sequence_length(self) -> int | None:
         # Tiny models record their build config beside the weights (artloop.models.tiny).
@@ -249,15 +257,22 @@ class DiffusionTool:
             return self._pipes.get(task) or self._derive(task)
 
     def _derive(self, task: str) -> Any:
+        import torch
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
         auto = {"i2i": AutoPipelineForImage2Image, "inpaint": AutoPipelineForInpainting}[task]
         try:
-            pipe = auto.from_pipe(self._pipe)  # shares the loaded modules: no new weights
+            if task == "inpaint" and self.inpaint_model:
+                pipe = auto.from_pretrained(
+                    resolve_model(self.inpaint_model),
+                    dtype=getattr(torch, self.dtype),
+                    use_safetensors=True,
+                ).to(self.device)
+            else:
+                pipe = auto.from_pipe(self._pipe)  # shares the loaded modules: no new weights
         except Exception as e:
-            raise DiffusionError(
-                f"model {self.model!r} has no {task} pipeline: {_one_line(e)}"
-            ) from e
+            name = self.inpaint_model if task == "inpaint" and self.inpaint_model else self.model
+            raise DiffusionError(f"model {name!r} has no {task} pipeline: {_one_line(e)}") from e
         pipe.set_progress_bar_config(disable=True)
         self._pipes[task] = pipe
         return pipe

@@ -247,7 +247,7 @@ def train(model, processor, examples: list[Example], cfg: ShapesVLMTraining, log
     losses = []
     start = time.perf_counter()
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
+        while len(order) < cfg.batch_size:  # epochs in a new order (fewer calls than a batch)
             order += rng.sample(range(len(examples)), len(examples))
         batch = [examples[order.pop()] for _ in range(cfg.batch_size)]
         loss = batch_loss(model, processor, batch, prefix)

@@ -17,19 +17,29 @@ from pathlib import Path
 
 from artloop.models.tiny.cache import cache_root
 
-__all__ = ["TINY_NAMES", "TinyModel", "cache_root", "is_tiny", "resolve_model", "tiny_models"]
+__all__ = [
+    "TINY_NAMES",
+    "TinyModel",
+    "cache_root",
+    "is_tiny",
+    "paired_inpaint_model",
+    "resolve_model",
+    "tiny_models",
+]
 
 
 @dataclass(frozen=True)
 class TinyModel:
     name: str
-    kind: str  # "vlm" | "diffusion" | "scorer"
+    kind: str  # "vlm" | "diffusion" | "inpaint" | "scorer"
     # "qwen2vl" | "qwen2.5vl" | "qwen3vl" | "sd" | "sdxl" | "flux" | "clip" | "aesthetic" | "hpsv2"
     family: str
     description: str
     build: Callable[[], Path]
     # Trained weights shipped in the repository (models/tiny/weights/), not built on first use.
     shipped: bool = False
+    # The inpainting model that this diffusion model's regional edits run (a 9-channel UNet).
+    inpaint: str | None = None
 
     def built(self) -> bool:
         if self.shipped:
@@ -67,6 +77,14 @@ def _registry() -> dict[str, TinyModel]:
             "Qwen3VLForConditionalGeneration, 2 layers, hidden 128, 16 px patches, DeepStack",
             vlm.build_tiny_qwen3vl,
         ),
+        "tiny-shapes-qwen2vl": TinyModel(
+            "tiny-shapes-qwen2vl",
+            "vlm",
+            "qwen2vl",
+            "Qwen2-VL trained from scratch to be the five agents in the shapes world (shipped)",
+            vlm.shipped_shapes_vlm,
+            shipped=True,
+        ),
         "tiny-sd": TinyModel(
             "tiny-sd",
             "diffusion",
@@ -87,6 +105,15 @@ def _registry() -> dict[str, TinyModel]:
             "sd",
             "SD 1.5 architecture trained from scratch on the shapes world, 64 px (shipped)",
             shapes_sd.shipped,
+            shipped=True,
+            inpaint="tiny-shapes-sd-inpaint",
+        ),
+        "tiny-shapes-sd-inpaint": TinyModel(
+            "tiny-shapes-sd-inpaint",
+            "inpaint",
+            "sd",
+            "tiny-shapes-sd's inpainting UNet (9 channels, SD's inpainting recipe), 64 px (shipped)",
+            shapes_sd.shipped_inpaint,
             shipped=True,
         ),
         "tiny-sdxl": TinyModel(
@@ -138,9 +165,11 @@ TINY_NAMES = (
     "tiny-qwen2vl",
     "tiny-qwen2.5vl",
     "tiny-qwen3vl",
+    "tiny-shapes-qwen2vl",
     "tiny-sd",
     "tiny-sd-fit",
     "tiny-shapes-sd",
+    "tiny-shapes-sd-inpaint",
     "tiny-sdxl",
     "tiny-flux",
     "tiny-clip",
@@ -156,6 +185,11 @@ def tiny_models() -> dict[str, TinyModel]:
 
 def is_tiny(name: str) -> bool:
     return name in TINY_NAMES
+
+
+def paired_inpaint_model(name: str) -> str | None:
+    """The inpainting model a tiny diffusion model's regional edits run, if it has one."""
+    return tiny_models()[name].inpaint if is_tiny(name) else None
 
 
 def resolve_model(name: str) -> str:

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 RESOLUTION = 64
 # The trained model shipped in the repository (package data), what `tiny-shapes-sd` names.
 SHIPPED = Path(__file__).parent / "weights" / "tiny-shapes-sd"
+# Its inpainting companion (trainers/shapes_inpaint.py), what `tiny-shapes-sd-inpaint` names.
+SHIPPED_INPAINT = Path(__file__).parent / "weights" / "tiny-shapes-sd-inpaint"
 MAX_TOKENS = 40  # the longest caption (four phrases, a prefix) is ~30 tokens
 
 ARCH: dict = {
@@ -84,9 +86,20 @@ def shipped() -> Path:
     if not (SHIPPED / "model_index.json").exists():
         raise ValueError(
             f"tiny-shapes-sd's weights are not in this checkout ({SHIPPED}); train them with "
-            "`artloop models train-shapes --output-dir DIR` and name DIR as diffusion.model"
+            "`artloop models train-shapes-sd --output-dir DIR` and name DIR as diffusion.model"
         )
     return SHIPPED
+
+
+def shipped_inpaint() -> Path:
+    """The shipped tiny-shapes-sd-inpaint directory; ValueError when this checkout lacks it."""
+    if not (SHIPPED_INPAINT / "model_index.json").exists():
+        raise ValueError(
+            f"tiny-shapes-sd-inpaint's weights are not in this checkout ({SHIPPED_INPAINT}); "
+            "train them with `artloop models train-shapes-inpaint --output-dir DIR` and name DIR "
+            "as diffusion.inpaint_model"
+        )
+    return SHIPPED_INPAINT
 
 
 def _field(default, help: str):
@@ -303,7 +316,7 @@ def model_card(summary: dict) -> str:
         "",
         "A Stable Diffusion 1.5-architecture pipeline (CLIP BPE tokenizer, CLIPTextModel, "
         "AutoencoderKL with a 4x downscale, UNet2DConditionModel, DDIM) trained from scratch by "
-        "`artloop models train-shapes` on artloop's shapes world: 1-4 flat shapes (circle, "
+        "`artloop models train-shapes-sd` on artloop's shapes world: 1-4 flat shapes (circle, "
         "square, triangle) in six colours on a grey background, at "
         f"{RESOLUTION} x {RESOLUTION} px, with template captions. Training scenes never show "
         "together a pair of kinds that the held-out split holds out.",

@@ -176,7 +176,7 @@ SHAPES_CONFIG = {
         "num_attention_heads": 6,
         "num_key_value_heads": 2,
     },
-    "vision": {"depth": 2, "embed_dim": 64, "num_heads": 2},
+    "vision": {"depth": 4, "embed_dim": 128, "num_heads": 4},
     "min_pixels": 112 * 112,
     "max_pixels": 112 * 112,
     "max_positions": 8192,
@@ -275,14 +275,27 @@ def _image_only_processor_class(family: str = "qwen2-vl"):
     return cls
 
 
+# The published Qwen2/2.5/3-VL tokenizers' pre-tokenizer split (tokenizer.json): one token per
+# digit, so that a box coordinate is three 10-way choices, not one of a thousand rare tokens.
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
 def _tokenizer(config: dict, spec: VLMFamily, corpus: list[str] | None = None):
-    """A byte-level BPE trained on `corpus` (default: local text), with the family's special
-    tokens and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE with the Qwen split, trained on `corpus` (default: local text), with
+    the family's special tokens and template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=config["vocab_size"],
@@ -411,11 +424,27 @@ def build_tiny_qwen3vl() -> Path:
     return build_cached("tiny-qwen3vl", QWEN3_CONFIG, _build)
 
 
+# The trained model shipped in the repository (trainers/shapes_vlm.py), `tiny-shapes-qwen2vl`.
+SHAPES_SHIPPED = Path(__file__).parent / "weights" / "tiny-shapes-qwen2vl"
+
+
+def shipped_shapes_vlm() -> Path:
+    """The shipped tiny-shapes-qwen2vl directory; ValueError when this checkout lacks it."""
+    if not (SHAPES_SHIPPED / "config.json").exists():
+        raise ValueError(
+            f"tiny-shapes-qwen2vl's weights are not in this checkout ({SHAPES_SHIPPED}); train "
+            "them with `artloop models train-shapes-vlm --output-dir DIR` and name DIR as "
+            "chat.model"
+        )
+    return SHAPES_SHIPPED
+
+
 # The tiny models' image-processor settings, read without building them (for the box frame).
 TINY_CONFIGS = {
     "tiny-qwen2vl": CONFIG,
     "tiny-qwen2.5vl": QWEN25_CONFIG,
     "tiny-qwen3vl": QWEN3_CONFIG,
+    "tiny-shapes-qwen2vl": SHAPES_CONFIG,
 }
 TINY_FAMILIES = {name: cfg.get("family", "qwen2-vl") for name, cfg in TINY_CONFIGS.items()}
 
