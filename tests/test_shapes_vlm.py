@@ -128,6 +128,10 @@ def test_prefix_shared_loss_is_the_full_forwards():
     # The spans are the answers: decoded, each row's ends with its answer and <|im_end|>.
     decoded = processor.tokenizer.decode(b.ids[0, b.answer[0][0] : b.answer[0][1]])
     assert decoded == examples[0].answer + "<|im_end|>"
+    # A box coordinate is three digits, as the published Qwen tokenizers split it, not one of
+    # a thousand rare number tokens.
+    tokens = processor.tokenizer.tokenize('"box": [531, 312')
+    assert tokens[-8:] == ["5", "3", "1", ",", "Ġ", "3", "1", "2"]
 
 
 def test_train_shapes_vlm_refuses_a_bad_setting(tmp_path):

@@ -16,6 +16,23 @@ def cache_root() -> Path:
     return Path(os.environ.get("ARTLOOP_CACHE", Path.home() / ".cache" / "artloop")) / "tiny"
 
 
+# Trained tiny models shipped in the repository (package data), beside this module.
+WEIGHTS = Path(__file__).parent / "weights"
+
+
+def shipped(name: str, marker: str, command: str, setting: str) -> Path:
+    """The shipped model `name` (weights/<name>/, recognised by its `marker` file); ValueError
+    saying how to make one (`artloop models <command>`, then name it as `setting`) when this
+    checkout lacks it."""
+    path = WEIGHTS / name
+    if not (path / marker).exists():
+        raise ValueError(
+            f"{name}'s weights are not in this checkout ({path}); train them with "
+            f"`artloop models {command} --output-dir DIR` and name DIR as {setting}"
+        )
+    return path
+
+
 def config_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from random import Random
 from typing import TYPE_CHECKING
 
+from artloop.models.tiny import cache
 from artloop.models.tiny.diffusion import SD_CONFIG, clip_tokenizer
 from artloop.world import render, sample_scenes, score_image
 
@@ -31,10 +32,6 @@ if TYPE_CHECKING:
     import torch
 
 RESOLUTION = 64
-# The trained model shipped in the repository (package data), what `tiny-shapes-sd` names.
-SHIPPED = Path(__file__).parent / "weights" / "tiny-shapes-sd"
-# Its inpainting companion (trainers/shapes_inpaint.py), what `tiny-shapes-sd-inpaint` names.
-SHIPPED_INPAINT = Path(__file__).parent / "weights" / "tiny-shapes-sd-inpaint"
 MAX_TOKENS = 40  # the longest caption (four phrases, a prefix) is ~30 tokens
 
 ARCH: dict = {
@@ -83,23 +80,17 @@ ARCH: dict = {
 
 def shipped() -> Path:
     """The shipped tiny-shapes-sd directory; ValueError when this checkout lacks it."""
-    if not (SHIPPED / "model_index.json").exists():
-        raise ValueError(
-            f"tiny-shapes-sd's weights are not in this checkout ({SHIPPED}); train them with "
-            "`artloop models train-shapes-sd --output-dir DIR` and name DIR as diffusion.model"
-        )
-    return SHIPPED
+    return cache.shipped("tiny-shapes-sd", "model_index.json", "train-shapes-sd", "diffusion.model")
 
 
 def shipped_inpaint() -> Path:
     """The shipped tiny-shapes-sd-inpaint directory; ValueError when this checkout lacks it."""
-    if not (SHIPPED_INPAINT / "model_index.json").exists():
-        raise ValueError(
-            f"tiny-shapes-sd-inpaint's weights are not in this checkout ({SHIPPED_INPAINT}); "
-            "train them with `artloop models train-shapes-inpaint --output-dir DIR` and name DIR "
-            "as diffusion.inpaint_model"
-        )
-    return SHIPPED_INPAINT
+    return cache.shipped(
+        "tiny-shapes-sd-inpaint",
+        "model_index.json",
+        "train-shapes-inpaint",
+        "diffusion.inpaint_model",
+    )
 
 
 def _field(default, help: str):

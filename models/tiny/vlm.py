@@ -424,27 +424,11 @@ def build_tiny_qwen3vl() -> Path:
     return build_cached("tiny-qwen3vl", QWEN3_CONFIG, _build)
 
 
-# The trained model shipped in the repository (trainers/shapes_vlm.py), `tiny-shapes-qwen2vl`.
-SHAPES_SHIPPED = Path(__file__).parent / "weights" / "tiny-shapes-qwen2vl"
-
-
-def shipped_shapes_vlm() -> Path:
-    """The shipped tiny-shapes-qwen2vl directory; ValueError when this checkout lacks it."""
-    if not (SHAPES_SHIPPED / "config.json").exists():
-        raise ValueError(
-            f"tiny-shapes-qwen2vl's weights are not in this checkout ({SHAPES_SHIPPED}); train "
-            "them with `artloop models train-shapes-vlm --output-dir DIR` and name DIR as "
-            "chat.model"
-        )
-    return SHAPES_SHIPPED
-
-
 # The tiny models' image-processor settings, read without building them (for the box frame).
 TINY_CONFIGS = {
     "tiny-qwen2vl": CONFIG,
     "tiny-qwen2.5vl": QWEN25_CONFIG,
     "tiny-qwen3vl": QWEN3_CONFIG,
-    "tiny-shapes-qwen2vl": SHAPES_CONFIG,
 }
 TINY_FAMILIES = {name: cfg.get("family", "qwen2-vl") for name, cfg in TINY_CONFIGS.items()}
 
