@@ -100,8 +100,8 @@ class RefineContext:
 
 def check_judge(loop: LoopConfig) -> None:
     """`loop.judge` is "vlm" (the validator agent) or a reward that can judge, and each of
-    `loop.fact_scorers` and `loop.watch_scorers` a reward: ConfigError naming it otherwise. Checked here, not in
-    config.py: the reward registry is a layer above it."""
+    `loop.fact_scorers` and `loop.watch_scorers` a reward: ConfigError naming it otherwise.
+    Checked here, not in config.py: the reward registry is a layer above it."""
     if loop.judge != "vlm":
         try:
             judge_reward(loop.judge)

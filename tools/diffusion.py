@@ -132,9 +132,9 @@ class DiffusionTool:
             raise DiffusionError(f"unknown dtype {dtype!r}: expected one of {DTYPES}")
         self.model = model
         # Regional edits run this inpainting pipeline (a 9-channel UNet) when there is one:
-        # configured, or the model's own companion (tiny-shapes-sd's); else one derived from
-        # the text-to-image modules.
-        self.inpaint_model = inpaint_model or paired_inpaint_model(model)
+        # configured, or the model's own companion (tiny-shapes-sd's, looked up on first use:
+        # the tiny registry imports torch); else one derived from the text-to-image modules.
+        self._inpaint_model = inpaint_model
         self.store = store
         self.device = device
         self.dtype = dtype
@@ -199,6 +199,17 @@ class DiffusionTool:
         if self._family is None:
             self._family = detect_family(self._model_index())
         return self._family
+
+    @property
+    def inpaint_model(self) -> str | None:
+        """The inpainting pipeline the regional edits run; None: derived from the model."""
+        if self._inpaint_model is None:
+            self._inpaint_model = paired_inpaint_model(self.model) or ""
+        return self._inpaint_model or None
+
+    @inpaint_model.setter
+    def inpaint_model(self, name: str | None) -> None:
+        self._inpaint_model = name or ""  # set to None: the derived pipeline, no companion
 
     @property
     def identity(self) -> dict:
