@@ -133,7 +133,9 @@ class ChatQwen2VLLocal(BaseChatModel):
             self._grammars[key] = (
                 compiler.compile_grammar(short_floats(schema, floats))
                 if floats
-                else compiler.compile_json_schema(key, any_whitespace=False)
+                # The schema as written, not the sorted key: xgrammar emits properties in the
+                # order it reads them, and that order (reasons before verdicts) is the schema's.
+                else compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
             )
         return self._grammars[key]
 

@@ -245,3 +245,23 @@ def test_templates_are_overridable_per_agent(tmp_path):
         with pytest.raises(ConfigError, match=f"agents.templates: {why}") as err:
             load_config(overrides={"agents.templates": {k: str(v) for k, v in templates.items()}})
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("schema", ANSWER_SCHEMAS, ids=lambda s: s.__name__)
+def test_the_in_process_grammar_keeps_the_schemas_field_order(tiny_chat, schema):
+    """Reasons come before verdicts because the grammar emits the fields in the schema's order
+    (xgrammar follows the order it reads). It read a key-sorted copy once: every in-process
+    answer came out in alphabetical order (`better_than_before` first), which no trained model
+    had learned."""
+    import copy
+    import json
+
+    import xgrammar as xgr
+    from artloop.models.structured import grammar_schema, json_schema
+
+    answer = schema.model_validate(DEFAULTS[schema.__name__]).model_dump(mode="json")
+    grammar = tiny_chat._grammar(grammar_schema(copy.deepcopy(json_schema(schema))))
+    assert xgr.GrammarMatcher(grammar).accept_string(json.dumps(answer))
+    alphabetical = json.dumps(answer, sort_keys=True)
+    if alphabetical != json.dumps(answer):
+        assert not xgr.GrammarMatcher(grammar).accept_string(alphabetical)

@@ -15,7 +15,7 @@ import pytest
 from agent_cases import CASES, FEW_CALLS, check_answers, image, sample_calls
 from artloop import agents
 from artloop.agents.base import messages_for
-from artloop.agents.schemas import Critique, EditPlan, ImageFacts
+from artloop.agents.schemas import Critique, EditPlan, GroundedObject, ImageFacts
 from artloop.config import ChatConfig, ConfigError, load_config
 from artloop.models.families import FAMILIES, GRID, resolve_family
 from artloop.models.scripted import ScriptedChat
@@ -28,6 +28,7 @@ from artloop.models.structured import (
 )
 from fakes import DEFAULTS
 from PIL import Image
+from pydantic import BaseModel, Field
 
 NEW_FAMILIES = {"tiny-qwen2.5vl": "qwen2.5-vl", "tiny-qwen3vl": "qwen3-vl"}
 # Calls per agent against vLLM for the new families, all agents' calls in flight at once (one
@@ -261,6 +262,43 @@ def test_each_tiny_family_answers_with_boxes_in_its_convention(family_chat):
     if not boxes:  # sampled lists may all be empty; the grammar's bounds are unit-tested above
         pytest.skip("the random model gave no box in 16 sampled answers: nothing to check")
     assert all(0 <= v <= 1000 for box in boxes for v in box)
+
+
+class _OneBox(BaseModel):
+    """A test schema whose grammar makes the model write exactly one box."""
+
+    objects: list[GroundedObject] = Field(min_length=1, max_length=1)
+
+
+@pytest.mark.slow
+def test_a_greedy_answer_boxes_in_the_familys_convention(family_chat):
+    """Deterministic, end to end: the real model's greedy answer about a real image (under a
+    grammar that demands one box) is written in the family's convention, and artloop reads it
+    as that box on the 0-1000 grid (Qwen2.5-VL: pixels of the 140 x 84 resized input)."""
+    from artloop.models.structured import bind_schema
+
+    p = policy(family_chat.model)
+    picture = image(0)  # 128 x 96
+    frame = p.box_frame(*picture.size)
+    messages = messages_for(
+        "data_cot", "", [picture], p, frame, prompt="a fox", stats={}, scores={}
+    )
+    raw = bind_schema(family_chat, _OneBox, frame).invoke(messages, temperature=0.0).content
+    again = bind_schema(family_chat, _OneBox, frame).invoke(messages, temperature=0.0).content
+    assert raw == again  # greedy: the same answer twice
+    (written,) = [o["box"] for o in json.loads(raw)["objects"]]
+    if frame.pixels:
+        assert (frame.width, frame.height) == (140, 84)
+        assert all(0 <= v <= s for v, s in zip(written, (140, 84) * 2, strict=True))
+        expected = [round(v * 1000 / s) for v, s in zip(written, (140, 84) * 2, strict=True)]
+    else:
+        expected = written
+    try:
+        (read,) = [o.box for o in parse_output(raw, _OneBox, frame).objects]
+    except InvalidOutput as e:  # the grammar bounds each coordinate, not x1 < x2: repaired
+        assert f"box {expected} has no area" in str(e)
+    else:
+        assert read == expected
 
 
 @pytest.mark.slow

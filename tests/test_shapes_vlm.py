@@ -141,3 +141,25 @@ def test_train_shapes_vlm_refuses_a_bad_setting(tmp_path):
 
     bad = CliRunner().invoke(app, ["models", "train-shapes-vlm", "--steps", "0"])
     assert bad.exit_code == 2 and "steps must be at least 1" in bad.output
+
+
+def test_copy_strings_learn_only_the_repeat():
+    """The copying warm-up's rows: words, a newline, the same words again; only the repeat is
+    learned, and padding is masked."""
+    from artloop.models.tiny import resolve_model
+    from artloop.models.tiny.vlm import load_processor
+    from artloop.trainers.shapes_vlm import copy_strings, words_of
+
+    examples = _episode([RED_CIRCLE], [RED_CIRCLE, BLUE_SQUARE])
+    words = words_of(examples, set())
+    assert {"red", "circle", "blue", "square"} <= set(words)
+    tok = load_processor(resolve_model("tiny-qwen2vl")).tokenizer
+    ids, mask, labels = copy_strings(tok, words, 6, random.Random(0))
+    for row, m, lab in zip(ids, mask, labels, strict=True):
+        n = int(m.sum())
+        learned = lab[lab != -100].tolist()
+        # The learned tokens end the row and are what came before the newline.
+        assert row[n - len(learned) : n].tolist() == learned
+        assert row[: len(learned)].tolist() == learned
+        assert tok.decode(row[len(learned) : n - len(learned)]) == "\n"
+        assert (lab[n:] == -100).all() and (m[n:] == 0).all()

@@ -9,6 +9,13 @@ tokens, where the stdlib-trained tiny tokenizer makes it 2.5k-3.6k. Training is 
 cross-entropy on the answer tokens only. The system message is the same in every call, so each
 step runs it once and shares its keys and values with the batch's rows (gradients flow back
 through the shared copy).
+
+Before the agents' calls, a copying warm-up: strings of the calls' words, each said twice, the
+second time learned. The agents mostly copy (the caption into a prompt, a box from the critique
+into the plan), and a model trained from scratch on the calls alone learned the training
+captions by heart instead: on the enhancer's calls alone, 1500 steps, 0 of 30 held-out captions
+copied; 600 warm-up steps first, then 500 on the calls, 24 of 30 (the induction heads that copy
+form on strings that cannot be memorised).
 """
 
 from __future__ import annotations
@@ -36,16 +43,20 @@ ARCH = SHAPES_CONFIG  # models/tiny/vlm.py: the registry reads its image setting
 
 @dataclass
 class ShapesVLMTraining:
-    """Train tiny-shapes-qwen2vl from scratch on the five agents' prompts (CPU: ~1 h on 2 cores)."""
+    """Train tiny-shapes-qwen2vl from scratch on the five agents' prompts (CPU: ~1.4 h on 2 cores)."""
 
     output_dir: str = help_field("tiny-shapes-qwen2vl", help="Where the model directory goes")
     seed: int = help_field(0, help="Seed of the weights, the episodes and their order")
-    episodes: int = help_field(2000, help="Loop iterations recorded (five agent calls each)")
+    episodes: int = help_field(4000, help="Loop iterations recorded (five agent calls each)")
     sd_model: str = help_field(
         "tiny-shapes-sd", help="Diffusion model whose samples are half the BEFORE images"
     )
     sd_share: float = help_field(0.5, help="Share of BEFORE images sampled (the rest rendered)")
-    steps: int = help_field(1500, help="Training steps")
+    copy_steps: int = help_field(
+        600, help="Copying warm-up steps before the agents' calls (random word strings, twice)"
+    )
+    copy_batch: int = help_field(64, help="Strings per copying warm-up step")
+    steps: int = help_field(2000, help="Training steps")
     batch_size: int = help_field(16, help="Agent calls per step")
     lr: float = help_field(1e-3, help="Peak learning rate (AdamW), warm-up then cosine decay")
     warmup: int = help_field(100, help="Linear warm-up steps")
@@ -54,7 +65,7 @@ class ShapesVLMTraining:
 
     def check(self) -> None:
         """ValueError naming the first field out of its range."""
-        for name in ("episodes", "steps", "batch_size"):
+        for name in ("episodes", "steps", "batch_size", "copy_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("lr", "max_grad_norm"):
@@ -62,8 +73,8 @@ class ShapesVLMTraining:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if not 0 <= self.sd_share <= 1:
             raise ValueError(f"sd_share must be in [0, 1], not {self.sd_share}")
-        if self.warmup < 0 or self.eval_scenes < 0:
-            raise ValueError("warmup and eval_scenes must not be negative")
+        if min(self.warmup, self.eval_scenes, self.copy_steps) < 0:
+            raise ValueError("warmup, eval_scenes and copy_steps must not be negative")
 
 
 # --- the data: episodes of the loop, each agent's prompt recorded with its target ------------
@@ -231,6 +242,64 @@ def batch_loss(model, processor, batch: list[Example], prefix: list[int]):
     return F.cross_entropy(logits.float(), torch.tensor(targets))
 
 
+def words_of(examples: list[Example], fixed: set[str]) -> list[str]:
+    """The words the calls vary in (captions, labels, numbers, JSON pieces): what the warm-up
+    strings are drawn from."""
+    return sorted({w for line in corpus(examples, fixed) for w in line.split() if len(w) <= 24})
+
+
+def copy_strings(tokenizer, words: list[str], n: int, rng: random.Random):
+    """`n` copying rows: 3-14 random `words`, a newline, the same again (learned: labels
+    -100 elsewhere); ids, attention mask and labels, (n, T) right-padded."""
+    import torch
+
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    rows = []
+    for _ in range(n):
+        said = " " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
+        ids = tokenizer(said, add_special_tokens=False)["input_ids"]
+        rows.append((ids + newline, ids))
+    width = max(len(a) + len(b) for a, b in rows)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    labels = torch.full((n, width), -100)
+    for r, (first, again) in enumerate(rows):
+        both = first + again
+        ids[r, : len(both)] = torch.tensor(both)
+        mask[r, : len(both)] = 1
+        labels[r, len(first) : len(both)] = torch.tensor(again)
+    return ids, mask, labels
+
+
+def copy_warmup(model, processor, words: list[str], cfg: ShapesVLMTraining, log=print) -> list:
+    """The copying warm-up on the language model (no images): AdamW at the peak rate with a
+    short warm-up; the losses, one per step."""
+    import torch
+    import torch.nn.functional as F
+    from artloop.models.tiny.shapes_sd import optimiser_step
+    from transformers import get_constant_schedule_with_warmup
+
+    rng = random.Random(cfg.seed + 1)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = get_constant_schedule_with_warmup(opt, min(cfg.warmup, cfg.copy_steps // 4))
+    losses = []
+    start = time.perf_counter()
+    for step in range(cfg.copy_steps):
+        ids, mask, labels = copy_strings(processor.tokenizer, words, cfg.copy_batch, rng)
+        hidden = model.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = model.lm_head(hidden[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten())
+        optimiser_step(loss, opt, sched, list(model.parameters()), cfg.max_grad_norm)
+        losses.append(loss.item())
+        if step % 100 == 0 or step == cfg.copy_steps - 1:
+            log(
+                f"copy {step + 1}/{cfg.copy_steps} loss {loss.item():.4f} "
+                f"({time.perf_counter() - start:.0f}s)"
+            )
+    return losses
+
+
 def train(model, processor, examples: list[Example], cfg: ShapesVLMTraining, log=print) -> list:
     """AdamW with warm-up and cosine decay, gradient clipping; the losses, one per step."""
     import torch
@@ -273,6 +342,7 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
     examples = episodes(cfg, "train", cfg.episodes, cfg.seed, log)
     log(f"recorded {len(examples)} agent calls in {time.perf_counter() - start:.0f}s")
     model, processor = new_model(examples, cfg.seed)
+    copied = copy_warmup(model, processor, words_of(examples, set(fixed_lines(examples))), cfg, log)
     lengths = [
         len(processor.tokenizer(_prompt_text(processor, e))["input_ids"]) for e in examples[:5]
     ]
@@ -287,6 +357,7 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
         "arch": ARCH,
         "examples": len(examples),
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "copy_final_loss": sum(copied[-50:]) / len(copied[-50:]) if copied else None,
         "seconds": round(time.perf_counter() - start),
     }
     if cfg.eval_scenes:
