@@ -66,8 +66,9 @@ def copied(model, processor, examples: list[Example]) -> float:
 
 def arm(cfg: ShapesVLMTraining, calls, base, train_cases, held) -> dict:
     started = time.perf_counter()
-    model, processor = new_model(base, cfg.seed)  # the same tokenizer and weights in both arms
-    warm = copy_warmup(model, processor, words_of(base, set(fixed_lines(base))), cfg, log=print)
+    fixed = fixed_lines(base)
+    model, processor = new_model(base, cfg.seed, fixed)  # the same tokenizer and weights in both
+    warm = copy_warmup(model, processor, words_of(base, set(fixed)), cfg, log=print)
     losses = train(model, processor, calls, cfg, log=print)
     return {
         "copy_steps": cfg.copy_steps,

@@ -283,8 +283,8 @@ def test_a_greedy_answer_boxes_in_the_familys_convention(family_chat):
     messages = messages_for(
         "data_cot", "", [picture], p, frame, prompt="a fox", stats={}, scores={}
     )
-    raw = bind_schema(family_chat, _OneBox, frame).invoke(messages, temperature=0.0).content
-    again = bind_schema(family_chat, _OneBox, frame).invoke(messages, temperature=0.0).content
+    bound = bind_schema(family_chat, _OneBox, frame)
+    raw, again = (bound.invoke(messages, temperature=0.0).content for _ in range(2))
     assert raw == again  # greedy: the same answer twice
     (written,) = [o["box"] for o in json.loads(raw)["objects"]]
     if frame.pixels:

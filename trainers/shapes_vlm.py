@@ -158,14 +158,14 @@ def fixed_lines(examples: list[Example], share: float = 0.05, least: int = 30) -
     return sorted(line for line, n in counts.items() if n >= share * len(examples))
 
 
-def new_model(examples: list[Example], seed: int):
+def new_model(examples: list[Example], seed: int, fixed: list[str] | None = None):
     """The untrained model and its processor: a BPE trained on `examples`, and each of the
-    prompts' fixed lines one token. A fixed line says the same in every call, so as one token
+    prompts' fixed lines (`fixed`, computed when not given) one token. A fixed line says the same in every call, so as one token
     it tells the model all it did, and the prompts shrink from ~2k tokens to ~0.2k (attention
     to them was half a step's cost)."""
     from artloop.models.tiny.vlm import new_vlm
 
-    fixed = fixed_lines(examples)
+    fixed = fixed_lines(examples) if fixed is None else fixed
     return new_vlm({**ARCH, "seed": seed}, corpus(examples, set(fixed)), fixed)
 
 
@@ -343,8 +343,9 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
     start = time.perf_counter()
     examples = episodes(cfg, "train", cfg.episodes, cfg.seed, log)
     log(f"recorded {len(examples)} agent calls in {time.perf_counter() - start:.0f}s")
-    model, processor = new_model(examples, cfg.seed)
-    copied = copy_warmup(model, processor, words_of(examples, set(fixed_lines(examples))), cfg, log)
+    fixed = fixed_lines(examples)  # the tokenizer's one-token lines, which the warm-up skips
+    model, processor = new_model(examples, cfg.seed, fixed)
+    copied = copy_warmup(model, processor, words_of(examples, set(fixed)), cfg, log)
     lengths = [
         len(processor.tokenizer(_prompt_text(processor, e))["input_ids"]) for e in examples[:5]
     ]
