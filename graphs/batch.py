@@ -166,7 +166,9 @@ def _run(
     if item.max_iters is not None:
         ctx = replace(ctx, loop=ctx.loop.model_copy(update={"max_iters": item.max_iters}))
     try:
-        resumable = bool(view(ctx.store, run_id).next)
+        # Not `.next`: a process killed after a node's writes were saved, before the next
+        # checkpoint, leaves that node's step with nothing in `next`, yet it is unfinished.
+        resumable = view(ctx.store, run_id).unfinished
     except StoreError:
         resumable = False
     if resumable:

@@ -199,7 +199,9 @@ def run_session(
         )
         if resume:
             snapshot = graph.get_state(thread)
-            if not snapshot.next:
+            # `tasks`, not `next`: a node whose writes were saved before its process died is
+            # left out of `next`, and its step still has to be finished.
+            if not snapshot.tasks:
                 raise ValueError(f"run {run_id} has nothing left to resume")
             pause = pending_pause(snapshot)
             if pause is not None:
@@ -207,6 +209,8 @@ def run_session(
                 inputs = Command(resume=action.model_dump(exclude_none=True))
             elif answer is not None:
                 raise ValueError(f"run {run_id} is not paused: there is nothing to answer")
+        elif graph.get_state(thread).values:  # a new input there would begin another run
+            raise ValueError(f"run {run_id} has begun: resume it instead of starting it again")
         try:
             ctx.store.finish_run(run_id, "running")
             for chunk in graph.stream(inputs, thread, context=ctx, stream_mode="updates"):

@@ -27,7 +27,8 @@ class SessionView:
     status: str
     prompt: str
     iteration: int
-    next: list[str]
+    next: list[str]  # the step's nodes still to run (one whose writes were saved is not)
+    unfinished: bool  # a step is under way: resuming continues it (even with `next` empty)
     pause: dict | None
     steps: list[dict]
     best_image: str | None
@@ -60,6 +61,7 @@ def view(store: TrajectoryStore, run_id: str) -> SessionView:
         prompt=run["prompt"],
         iteration=values.get("iteration", 0 if pause is None else pause["iteration"]),
         next=list(snapshot.next),
+        unfinished=bool(snapshot.tasks),
         pause=pause,
         steps=run["steps"],
         best_image=values.get("best_image", run["final_image"]),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -124,6 +125,61 @@ def test_sigkill_during_a_batch_loses_nothing(tmp_path):
     checked = _doctor("--export", str(export))
     assert checked.returncode == 0 and "ok" in checked.stdout, checked.stdout
     print(f"kills after {kills} finished sessions; {SESSIONS} sessions, none lost")
+
+
+class _Died(BaseException):
+    """The process's death, as far as the session can tell (not an Exception: nothing in the
+    session may handle it)."""
+
+
+def _dying(put, at: int):
+    """`put` that dies on its `at`-th call (counting from 1)."""
+    calls = iter(range(1, 10_000))
+
+    def dying(self, *a, **k):
+        if next(calls) == at:
+            raise _Died
+        return put(self, *a, **k)
+
+    return dying
+
+
+def test_a_death_at_any_checkpoint_write_resumes_the_same_run(tmp_path, sd_tool, monkeypatch):
+    """The kill test above once lost a session this way: a process dies after a node's writes
+    were saved but before the checkpoint that follows them. That node's step is then missing
+    from the snapshot's `next`; the re-run took the session for unstarted, and its new input
+    made `begin` open a second run (a fresh id) on the thread. A SIGKILL cannot be aimed at
+    that moment, so the saver's `put` dies there instead, at each of a session's checkpoints."""
+    from artloop.graphs.batch import run_batch
+    from artloop.models.scripted import ScriptedChat
+    from conftest import make_ctx
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    put = SqliteSaver.put
+    (tmp_path / "prompts.txt").write_text("a red fox\n")
+    item = read_prompts(tmp_path / "prompts.txt")
+    calm = make_ctx(TrajectoryStore(tmp_path / "calm"), sd_tool, ScriptedChat(), max_iters=2)
+    calls: list[int] = []
+    counting = lambda self, *a, **k: calls.append(1) or put(self, *a, **k)  # noqa: E731
+    monkeypatch.setattr(SqliteSaver, "put", counting)
+    asyncio.run(run_batch(calm, item, name="t", concurrency=1))
+    rid = item_run_id("t", 0, item[0])
+    want = [s["iteration"] for s in calm.store.get_run(rid)["steps"]]
+    assert want == [0, 1] and len(calls) > 10  # two iterations: the loop's back edge is crossed
+    for dies_at in range(1, len(calls)):
+        store = TrajectoryStore(tmp_path / f"dies-at-{dies_at}")
+        ctx = make_ctx(store, sd_tool, ScriptedChat(), max_iters=2)
+
+        monkeypatch.setattr(SqliteSaver, "put", _dying(put, dies_at))
+        with pytest.raises(_Died):
+            asyncio.run(run_batch(ctx, item, name="t", concurrency=1))
+        monkeypatch.setattr(SqliteSaver, "put", put)
+        again = asyncio.run(run_batch(ctx, item, name="t", concurrency=1))
+        assert (again.done, again.failed) == (1, 0), (dies_at, again)
+        runs = store.list_runs(limit=-1)
+        assert [r["run_id"] for r in runs] == [rid], dies_at  # the same run, and only it
+        assert runs[0]["status"] in FINAL_STATUSES, dies_at
+        assert [s["iteration"] for s in store.get_run(rid)["steps"]] == want, dies_at
 
 
 def test_doctor_finds_broken_stores_and_exports(tmp_path, store, sd_tool):
