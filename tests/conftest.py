@@ -216,6 +216,17 @@ def make_ctx(store, sd_tool, chat, **loop):
     )
 
 
+def scripted_stack(path, *, home=None, max_iters: int = 2):
+    """A config file for the CLI's fast stack: the scripted chat (no VLM cost), tiny SD at
+    64 px, 2 steps (for tests about sessions, stores and processes, not the models)."""
+    path.write_text(
+        (f'home = "{home}"\n' if home else "")
+        + '[chat]\nbackend = "scripted"\n'
+        + f"[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = {max_iters}\n"
+    )
+    return path
+
+
 # --- a throwaway PostgreSQL server (the Postgres checkpointer's tests) --------------------------
 @pytest.fixture(scope="session")
 def postgres_url():

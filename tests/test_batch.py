@@ -17,7 +17,7 @@ from artloop.graphs.batch import BatchError, item_run_id, read_prompts, run_batc
 from artloop.runtime.accounting import add_up
 from artloop.store.trajectories import TrajectoryStore
 from artloop.tools.diffusion import GenParams
-from conftest import make_ctx, verdict
+from conftest import make_ctx, scripted_stack, verdict
 from fakes import PoisonedChat
 
 
@@ -190,6 +190,8 @@ def test_cli_batch(tmp_path):
         "50",
         "--home",
         str(tmp_path / "home"),
+        "--config",
+        str(scripted_stack(tmp_path / "artloop.toml")),
     ]
     first = subprocess.run(args, capture_output=True, text=True, timeout=600, env=os.environ)
     assert first.returncode == 0, first.stderr

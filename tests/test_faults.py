@@ -18,6 +18,7 @@ from artloop.graphs.batch import item_run_id, read_prompts
 from artloop.store.doctor import check_store
 from artloop.store.export import step_images
 from artloop.store.trajectories import FINAL_STATUSES, TrajectoryStore
+from conftest import scripted_stack
 
 ARTLOOP = str(Path(sys.executable).with_name("artloop"))
 SESSIONS = 16
@@ -26,14 +27,7 @@ CONCURRENCY = 8
 
 
 def _config(tmp_path: Path) -> Path:
-    """A fast stack: the scripted chat (no VLM cost), tiny SD at 64 px, two iterations."""
-    cfg = tmp_path / "artloop.toml"
-    cfg.write_text(
-        f'home = "{tmp_path / "home"}"\n'
-        '[chat]\nbackend = "custom"\ncustom_class = "artloop.models.scripted:ScriptedChat"\n'
-        "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 2\n"
-    )
-    return cfg
+    return scripted_stack(tmp_path / "artloop.toml", home=tmp_path / "home")
 
 
 def _running(store: TrajectoryStore) -> bool:

@@ -16,7 +16,7 @@ from artloop.graphs import sessions
 from artloop.graphs.human import HumanActionError
 from artloop.graphs.runner import open_checkpointer, run_session
 from artloop.store.trajectories import StoreError, TrajectoryStore
-from conftest import make_ctx, verdict
+from conftest import make_ctx, scripted_stack, verdict
 from fakes import ScriptedChat
 
 
@@ -158,6 +158,7 @@ def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 @pytest.mark.slow  # CLI processes
 def test_terminal_session_asks_at_each_pause(tmp_path):
     home = str(tmp_path / "home")
+    fast = ["--config", str(scripted_stack(tmp_path / "artloop.toml"))]
     # prompt pause: edit -> prompt, negative (kept), seed 7, steps and guidance (kept);
     # plan pause: the agent's plan; verdict pause: accept.
     done = cli(
@@ -168,6 +169,7 @@ def test_terminal_session_asks_at_each_pause(tmp_path):
         home,
         "--max-iters",
         "2",
+        *fast,
         stdin="e\na blue fox\n\n7\n\n\na\ny\n",
     )
     assert done.returncode == 0, done.stderr
@@ -185,6 +187,7 @@ def test_terminal_session_asks_at_each_pause(tmp_path):
 @pytest.mark.slow
 def test_a_killed_session_resumes_at_its_pause(tmp_path):
     home = str(tmp_path / "home")
+    fast = ["--config", str(scripted_stack(tmp_path / "artloop.toml"))]
     proc = subprocess.Popen(
         [
             ARTLOOP,
@@ -197,6 +200,7 @@ def test_a_killed_session_resumes_at_its_pause(tmp_path):
             "plan",
             "--max-iters",
             "1",
+            *fast,
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -233,10 +237,19 @@ def test_a_killed_session_resumes_at_its_pause(tmp_path):
         "--no-wait",
         "--answer",
         '{"action": "edit", "regions": [{"box": [600, 0, 100, 50], "prompt": "x"}]}',
+        *fast,
     )
     assert bad.returncode == 2 and "inverted" in bad.stderr
     done = cli(
-        "session", "resume", run_id, "--home", home, "--no-wait", "--answer", json.dumps(answer)
+        "session",
+        "resume",
+        run_id,
+        "--home",
+        home,
+        "--no-wait",
+        "--answer",
+        json.dumps(answer),
+        *fast,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["status"] in ("accepted", "max_iters")
