@@ -21,7 +21,8 @@ from artloop.rewards import shapes as shapes
 from artloop.rewards import vqa as vqa
 from artloop.rewards.composite import (
     AGFSYNC,
-    AGFSYNC_CODE,
+    AGFSYNC_PAPER,
+    AGFSYNC_VQA,
     PRESETS,
     Composite,
     composite_weights,
@@ -56,7 +57,8 @@ from artloop.rewards.vlm import (
 
 __all__ = [
     "AGFSYNC",
-    "AGFSYNC_CODE",
+    "AGFSYNC_PAPER",
+    "AGFSYNC_VQA",
     "ENTRY_POINT_GROUP",
     "PRESETS",
     "REWARDS",

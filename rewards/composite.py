@@ -22,26 +22,29 @@ PREFIX = "composite:"
 # each of N candidates gets a weighted sum of its VQA, CLIP and aesthetic scores, and the best
 # and the worst by that sum form the DPO pair.
 #
-# `agfsync` (VQA 0.35, CLIP 0.55, aesthetic 0.10) is NOT confirmed from the paper: the numbers
-# were recalled, and no source that could be read here states the paper's weights. The search
-# tools here return only openings of the stored copies (arxiv.org/html/2403.13352v1 and v6, a
-# markdown copy of the v6 HTML, summaries), none reaching section 3.2, and the dataset card
-# (huggingface.co/datasets/JingkunAn/AGFSync), as far as stored, does not give them either.
-# Check them against the PDF before citing them as the paper's.
+# `agfsync` is what the authors' released code does, read in github.com/Anjingkun/AGFSync at
+# commit 70076195556295c7fcc259e7f9144cc6e3ea7779 ("init project", 2024-04-16; the one before it
+# holds only the licence): build_dataset.py line 70 scores with CLIP 0.85 + aesthetic 0.15 and no
+# VQA; lines 71 and 72, commented out, are VQA 0.9 + aesthetic 0.01 and aesthetic 0.3 + VQA 0.7
+# (`agfsync-vqa` is the second). There the weights multiply the raw stored scores (line 63) and
+# the pair is the argmax and argmin (lines 64-65): CLIP's logits_per_image (100 x cosine,
+# scorer/clip_scorer.py line 25), the aesthetic predictor's output x 100 (dpo_dataset/
+# aes_score.py line 29), the share of "yes" x 100 (dpo_dataset/prompt/vqa_score.py line 24).
+# Here each part is first put on [0, 1] by its declared range, which the released code does not
+# do, so the same weights do not rank candidates exactly as the released code did. Its VQA
+# answerer was BLIP-2 FlanT5-XXL (dpo_dataset/blip2_vqa.py): `scorers.models.vqa` takes it.
 #
-# `agfsync-code` is what the authors' released code does, read in github.com/Anjingkun/AGFSync
-# at commit 70076195556295c7fcc259e7f9144cc6e3ea7779 ("init project", 2024-04-16; the one before
-# it holds only the licence): build_dataset.py line 70 scores with CLIP 0.85 + aesthetic 0.15
-# and no VQA; lines 71 and 72, commented out, are VQA 0.9 + aesthetic 0.01 and aesthetic 0.3 +
-# VQA 0.7. There the weights multiply the raw stored scores (line 63) and the pair is the argmax
-# and argmin (lines 64-65): CLIP's logits_per_image (100 x cosine, scorer/clip_scorer.py line
-# 25), the aesthetic predictor's output x 100 (dpo_dataset/aes_score.py line 29), the share of
-# "yes" x 100 (dpo_dataset/prompt/vqa_score.py line 24). Here each part is first put on [0, 1]
-# by its declared range, which the released code does not do (whether the paper does was not
-# read), so the same weights do not rank candidates exactly as the released code did.
-AGFSYNC: dict[str, float] = {"vqa": 0.35, "clip": 0.55, "aesthetic": 0.10}
-AGFSYNC_CODE: dict[str, float] = {"clip": 0.85, "aesthetic": 0.15}
-PRESETS: dict[str, dict[str, float]] = {"agfsync": AGFSYNC, "agfsync-code": AGFSYNC_CODE}
+# `agfsync-paper` (VQA 0.35, CLIP 0.55, aesthetic 0.10) is NOT confirmed: the numbers were
+# recalled as the paper's, and no copy of the paper that could be read here reaches section 3.2
+# (the stored copies stop after the introduction). Check them against the PDF before citing them.
+AGFSYNC: dict[str, float] = {"clip": 0.85, "aesthetic": 0.15}
+AGFSYNC_VQA: dict[str, float] = {"aesthetic": 0.3, "vqa": 0.7}
+AGFSYNC_PAPER: dict[str, float] = {"vqa": 0.35, "clip": 0.55, "aesthetic": 0.10}
+PRESETS: dict[str, dict[str, float]] = {
+    "agfsync": AGFSYNC,
+    "agfsync-vqa": AGFSYNC_VQA,
+    "agfsync-paper": AGFSYNC_PAPER,
+}
 
 
 class Part(Protocol):

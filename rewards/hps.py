@@ -6,7 +6,9 @@ open_clip itself is not used: it needs torchvision, and no torchvision wheel for
 is installable here (PyPI's 0.28.0 is built against CUDA torch and fails to import). The
 checkpoint's open_clip state dict is mapped on load onto transformers' CLIPModel, whose
 architecture is the same (laion/CLIP-ViT-H-14-laion2B-s32B-b79K is the published port of that
-base model; its config and processor are used). The published checkpoint (xswu/HPSv2,
+base model; its config and processor are used). The mapping is checked against open_clip's own
+forward pass (open_clip 3.3.0, in the vLLM environment that has torchvision): a tiny open_clip
+ViT CLIP gives the same features through it, to 1e-7 (tests/test_hps_open_clip.py). The published checkpoint (xswu/HPSv2,
 HPS_v2.1_compressed.pt) is a pickle: convert it once, on your side, to safetensors
 (`safetensors.torch.save_file(torch.load(p, map_location="cpu")["state_dict"], out)`) in a
 directory, and name that directory in `scorers.models.hpsv2`. artloop loads no pickle. A

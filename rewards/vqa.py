@@ -12,7 +12,9 @@ chat, a custom class) answers by a structured call and the score is the share of
 
 The model is the agents' chat model (the config's `chat` section; in-process, the very object
 the agents' context uses, `models.chat.shared_chat_model`) unless `scorers.models.vqa` names
-another (then the `chat` section with that model). Questions come, in order of
+another: a BLIP-2 FlanT5, AGFSync's own answerer, answers in place of the chat model
+(rewards/blip2.py; the chat model still writes the questions); any other name is the `chat`
+section with that model. Questions come, in order of
 preference, from the image's metadata (`metadata[i]["vqa_questions"]`, e.g. from a stored
 trajectory), this scorer's cache, or the model; info["questions"] has them for the caller to
 store."""
@@ -41,6 +43,7 @@ from artloop.models.chat import shared_chat_model
 from artloop.models.inprocess import ChatQwen2VLLocal
 from artloop.models.structured import CallPolicy
 from artloop.models.tiny import resolve_model
+from artloop.rewards.blip2 import blip2_identity, blip2_p_yes, is_blip2
 from artloop.rewards.registry import RewardFn, reward, scorer_model, scorers_chat_config
 
 YES, NO = ("yes", "Yes", "YES"), ("no", "No", "NO")
@@ -53,7 +56,13 @@ def vqa_chat_config() -> ChatConfig:
     `scorers.models.vqa` when that is set."""
     chat = scorers_chat_config()
     name = scorer_model("vqa", "")
-    return chat.model_copy(update={"model": name}) if name else chat
+    return chat.model_copy(update={"model": name}) if name and not is_blip2(name) else chat
+
+
+def _config_blip2() -> str | None:
+    """The BLIP-2 model that `scorers.models.vqa` names, if it names one."""
+    name = scorer_model("vqa", "")
+    return name if name and is_blip2(name) else None
 
 
 def _config_chat() -> Any:
@@ -64,7 +73,8 @@ def _config_chat() -> Any:
 
 def method(model: Any) -> str:
     """How `model`'s answers become probabilities: "logprobs" (in-process Qwen2-VL),
-    "openai-logprobs" (an OpenAI-compatible server) or "share" (right answers counted)."""
+    "openai-logprobs" (an OpenAI-compatible server) or "share" (right answers counted); a BLIP-2
+    answerer's method is "blip2"."""
     if isinstance(model, ChatQwen2VLLocal):
         return "logprobs"
     if type(model).__module__.startswith("langchain_openai"):
@@ -104,11 +114,14 @@ def vqa_reward(
     n_questions: int = 4,
     policy: CallPolicy | None = None,
     top_logprobs: int = TOP_LOGPROBS,
+    blip2: str | None = None,
 ) -> RewardFn:
-    """The VQA score: `chat` answers (default: the config's VQA model), `questions_chat` writes
-    the questions (default: `chat`), at most `n_questions` a prompt (<= MAX_QUESTIONS). info:
-    "questions" (per image), "probabilities" (per image, per question), "method", "sources"
-    (per image: "metadata", "cache" or "generated"), "question_calls", "parse_failures"."""
+    """The VQA score: `chat` answers (default: the config's VQA model), or the BLIP-2 model
+    named by `blip2` (default: `scorers.models.vqa` when it names one); `questions_chat` writes
+    the questions (default: `chat`, else the config's chat model), at most `n_questions` a
+    prompt (<= MAX_QUESTIONS). info: "questions" (per image), "probabilities" (per image, per
+    question), "method", "sources" (per image: "metadata", "cache" or "generated"),
+    "question_calls", "parse_failures"."""
     if not 1 <= n_questions <= MAX_QUESTIONS:
         raise ValueError(f"n_questions {n_questions}: between 1 and {MAX_QUESTIONS}")
     cache: dict[tuple[str, str], list[str]] = {}
@@ -125,37 +138,42 @@ def vqa_reward(
             return qs, "generated", call.failures
 
     def fn(images, prompts, metadata):
-        model = chat if chat is not None else _config_chat()
-        writer = questions_chat if questions_chat is not None else model
+        answerer = blip2 if blip2 is not None else _config_blip2()
+        if answerer:
+            model, how = None, "blip2"
+            writer = questions_chat or chat or shared_chat_model(scorers_chat_config())
+        else:
+            model = chat if chat is not None else _config_chat()
+            writer = questions_chat if questions_chat is not None else model
+            how = method(model)
         p = policy or CallPolicy()
-        how = method(model)
-        all_qs, sources, probs, failures, unseen = [], [], [], [], 0
-        for image, prompt, meta in zip(images, prompts, metadata, strict=True):
+        all_qs, sources, failures = [], [], []
+        for prompt, meta in zip(prompts, metadata, strict=True):
             given = (meta or {}).get("vqa_questions")
             if given:
                 qs, source, failed = [str(q) for q in given], "metadata", 0
             else:
                 qs, source, failed = questions(writer, prompt, p)
-            row = []
-            for q in qs:
-                if how == "share":
-                    call = answer_question(model, image, q, policy=p)
-                    failed += call.failures
-                    row.append(1.0 if call.output.answer == "yes" else 0.0)
-                    continue
-                messages = answer_messages(image, q, policy=p)
-                if how == "logprobs":
-                    prob = p_yes(model.choice_logprobs(messages, YES + NO))
-                else:
-                    prob = _openai_p_yes(model, messages, top_logprobs)
-                if prob is None:  # neither yes nor no in the top tokens: no evidence either way
-                    unseen += 1
-                    prob = 0.5
-                row.append(prob)
             all_qs.append(qs)
             sources.append(source)
-            probs.append(row)
             failures.append(failed)
+        if how == "blip2":  # every (image, question) pair of the batch in batched passes
+            pairs = [(im, q) for im, qs in zip(images, all_qs, strict=True) for q in qs]
+            flat = iter(blip2_p_yes(answerer, [im for im, _ in pairs], [q for _, q in pairs]))
+            probs = [[next(flat) for _ in qs] for qs in all_qs]
+            unseen = 0
+        else:
+            probs, unseen = [], 0
+            for i, (image, qs) in enumerate(zip(images, all_qs, strict=True)):
+                row = []
+                for q in qs:
+                    prob, failed = _answer(model, how, image, q, p, top_logprobs)
+                    failures[i] += failed
+                    if prob is None:  # neither yes nor no in the top tokens: no evidence
+                        unseen += 1
+                        prob = 0.5
+                    row.append(prob)
+                probs.append(row)
         scores = np.array([float(np.mean(r)) for r in probs], dtype=float)
         return scores, {
             "questions": all_qs,
@@ -170,6 +188,19 @@ def vqa_reward(
     return fn
 
 
+def _answer(
+    model: Any, how: str, image: Any, question: str, p: CallPolicy, top_logprobs: int
+) -> tuple[float | None, int]:
+    """(P(yes) or None when unseen, parse failures) for one question from a chat model."""
+    if how == "share":
+        call = answer_question(model, image, question, policy=p)
+        return (1.0 if call.output.answer == "yes" else 0.0), call.failures
+    messages = answer_messages(image, question, policy=p)
+    if how == "logprobs":
+        return p_yes(model.choice_logprobs(messages, YES + NO)), 0
+    return _openai_p_yes(model, messages, top_logprobs), 0
+
+
 @functools.cache
 def _weights_sha256(path: str) -> str:
     h = hashlib.sha256()
@@ -182,8 +213,12 @@ def _weights_sha256(path: str) -> str:
 
 def vqa_identity() -> dict[str, Any]:
     """The VQA model's identity: backend and model id; for the in-process model, the sha256
-    (first 16 hex) of its safetensors; for a server, its base URL."""
+    (first 16 hex) of its safetensors; for a server, its base URL; for a BLIP-2 answerer, its
+    weights' id, revision and sha256 and the model that writes the questions."""
     cfg = vqa_chat_config()
+    answerer = _config_blip2()
+    if answerer:  # BLIP-2's weights; the chat model only writes the questions
+        return {**blip2_identity(answerer), "answerer": "blip2", "questions_by": cfg.model}
     ident: dict[str, Any] = {"id": cfg.model, "backend": cfg.backend}
     if cfg.backend == "inprocess":
         path = resolve_model(cfg.model)

@@ -7,7 +7,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv-vllm}"
 python="${PYTHON:-python3}"
+# open_clip, HPSv2's reference implementation, for the parity test of artloop's HPSv2 weights
+# mapping (tests/test_hps_open_clip.py); --no-deps, or pip would replace torch: beyond vLLM's
+# dependencies it needs only ftfy (timm only for timm towers, torchvision is installed below).
+install_open_clip() {
+    "$venv/bin/python" -m pip install -q --no-deps "open-clip-torch==3.3.0" "ftfy==6.3.1" \
+        "wcwidth==0.9.4"
+}
+has_open_clip() {  # torchvision loads only with the CUDA stand-ins on the library path
+    LD_LIBRARY_PATH="$(cd "$venv" && pwd)/cuda-stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        "$venv/bin/python" -c "import open_clip" >/dev/null 2>&1
+}
+no_open_clip() { echo "open_clip does not import in $venv" >&2; exit 1; }
 if [ -x "$venv/bin/vllm" ] && "$venv/bin/vllm" --version >/dev/null 2>&1; then
+    has_open_clip || { install_open_clip && has_open_clip; } || no_open_clip
     echo "vLLM already installed in $venv"; exit 0
 fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
@@ -17,6 +30,7 @@ fi
 # Qwen2-VL's processor needs torchvision; PyPI's wheel is a CUDA build that loads on CPU torch
 # once stand-ins for the CUDA libraries it links are on LD_LIBRARY_PATH.
 "$venv/bin/python" -m pip install -q --no-deps "torchvision==0.28.0"
+install_open_clip
 # torchcodec / torchaudio (audio and video only) are CUDA builds too, and fail to load with an
 # OSError that vLLM's import guard does not catch; an image-only server does without them.
 "$venv/bin/python" -m pip uninstall -q -y torchcodec torchaudio
@@ -63,4 +77,5 @@ if __name__ == "__main__":
 PY
 chmod +x "$venv/bin/vllm"
 "$venv/bin/vllm" --version
+has_open_clip || no_open_clip
 echo "vLLM (CPU) installed: $venv/bin/vllm"

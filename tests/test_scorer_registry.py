@@ -168,10 +168,11 @@ def test_composite_is_a_weighted_sum_of_range_normalised_scores():
 
 
 def test_presets_resolve_lazily_from_the_registry_and_the_config(monkeypatch):
-    assert PRESETS["agfsync"] is AGFSYNC and set(AGFSYNC) == {"vqa", "clip", "aesthetic"}
-    assert sum(AGFSYNC.values()) == pytest.approx(1.0) and min(AGFSYNC.values()) > 0
-    # the authors' released build_dataset.py (rewards/composite.py cites the commit and line)
-    assert PRESETS["agfsync-code"] == {"clip": 0.85, "aesthetic": 0.15}
+    # the authors' released build_dataset.py (rewards/composite.py cites the commit and lines)
+    assert PRESETS["agfsync"] is AGFSYNC and AGFSYNC == {"clip": 0.85, "aesthetic": 0.15}
+    assert PRESETS["agfsync-vqa"] == {"aesthetic": 0.3, "vqa": 0.7}
+    paper = PRESETS["agfsync-paper"]  # recalled, unconfirmed: VQA, CLIP and aesthetic
+    assert set(paper) == {"vqa", "clip", "aesthetic"} and sum(paper.values()) == pytest.approx(1)
     # a preset whose parts are not registered yet resolves once they are
     configure_scorers(ScorersConfig(composites={"later": {"t-late": 1.0, "brightness": 1.0}}))
     with pytest.raises(ValueError, match="composite 'composite:later': part 't-late': unknown"):
@@ -181,16 +182,16 @@ def test_presets_resolve_lazily_from_the_registry_and_the_config(monkeypatch):
         pytest.approx(0.5)
     ]
     assert "composite:later" in str(pytest.raises(ValueError, judge_reward, "sharpness").value)
-    # AGFSync's preset: the three scorers' units weighted as the paper does (stand-ins here,
-    # whichever of clip, aesthetic and vqa are registered already)
+    # AGFSync's presets on the three scorers' units (stand-ins here, whichever of clip,
+    # aesthetic and vqa are registered already): each part on [0, 1] by its range, then weighted
     for name, value in {"vqa": 1.0, "clip": 50.0, "aesthetic": 10.0}.items():
         lo, hi = {"vqa": (0.0, 1.0), "clip": (0.0, 100.0), "aesthetic": (1.0, 10.0)}[name]
         fn = (lambda v: lambda ims, p, m: (np.full(len(ims), v), {}))(value)
         monkeypatch.setitem(REWARDS, name, registry.Reward(name, fn, range=(lo, hi)))
     scores, _ = get_reward("composite:agfsync")([GREY], ["a"], [{}])
-    assert scores.tolist() == [
-        pytest.approx(AGFSYNC["vqa"] + AGFSYNC["clip"] / 2 + AGFSYNC["aesthetic"])
-    ]
+    assert scores.tolist() == [pytest.approx(0.85 / 2 + 0.15)]
+    scores, _ = get_reward("composite:agfsync-paper")([GREY], ["a"], [{}])
+    assert scores.tolist() == [pytest.approx(paper["vqa"] + paper["clip"] / 2 + paper["aesthetic"])]
 
 
 @pytest.mark.parametrize(
@@ -201,7 +202,7 @@ def test_presets_resolve_lazily_from_the_registry_and_the_config(monkeypatch):
         ("composite:brightness=x", "the weight of 'brightness', 'x', is not a number"),
         (
             "composite:brightness",
-            "unknown composite preset 'brightness'; choose from agfsync, agfsync-code",
+            "unknown composite preset 'brightness'; choose from agfsync, agfsync-paper, agfsync-vqa",
         ),
         ("composite:brightness=1,brightness=2", "names 'brightness' twice"),
         ("composite:", "names no preset and no weights"),

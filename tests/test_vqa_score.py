@@ -190,3 +190,104 @@ def test_vllm_logprobs(vllm_server):
     assert 0 <= scores[0] <= 1 and all(0 <= p <= 1 for p in info["probabilities"][0])
     again, _ = fn([RED], ["a red fox in snow"], [{}])
     assert again[0] == pytest.approx(scores[0], abs=1e-3)  # greedy, the same answer
+
+
+# --- BLIP-2 FlanT5 as the answerer (AGFSync's own: rewards/blip2.py) -----------------------------
+def _blip2_pictures() -> list[Image.Image]:
+    from artloop.models.tiny.blip2 import colour_picture
+
+    rng = np.random.default_rng(5)  # not the fitting's pictures
+    return [colour_picture(c, rng) for c in ("red", "green", "blue", "red", "blue")]
+
+
+def test_blip2_answers_from_config_and_follows_the_picture():
+    """`scorers.models.vqa = "tiny-blip2"`: the registered scorer answers with BLIP-2 (fitted
+    to "Is the picture red?"), the chat model still writes the questions; red pictures score
+    high and the others low; the same batch scores the same, one pair per pass or all at once."""
+    from artloop.models.tiny.blip2 import FIT_QUESTION
+
+    pictures = _blip2_pictures()
+    meta = [{"vqa_questions": [FIT_QUESTION]}] * len(pictures)
+    scores = {}
+    for batch in (1, 16):
+        configure_scorers(ScorersConfig(models={"vqa": "tiny-blip2"}, batch_size=batch))
+        try:
+            scores[batch], info = get_reward("vqa")(pictures, ["a red picture"] * 5, meta)
+            ident = reward_entry("vqa").identity()["model"]
+        finally:
+            configure_scorers(None)
+        assert info["method"] == "blip2" and info["sources"] == ["metadata"] * 5
+    assert scores[1] == pytest.approx(scores[16], abs=1e-5)
+    red, other = scores[16][[0, 3]], scores[16][[1, 2, 4]]
+    assert red.min() > 0.9 and other.max() < 0.1
+    assert ident["id"] == "tiny-blip2" and ident["answerer"] == "blip2"
+    assert len(ident["sha256"]) == 16 and ident["questions_by"]  # the chat model's id
+
+
+def test_blip2_probability_is_generates_first_step():
+    """P(yes) is the first decoder step's yes / (yes + no), as transformers' own generate()
+    scores that step for AGFSync's prompt; and the chat model writes questions, once a prompt."""
+    import torch
+    from artloop.models.tiny import resolve_model
+    from artloop.models.tiny.blip2 import VQA_PROMPT
+    from artloop.rewards.blip2 import _answer_ids
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    writer = ScriptedChat(scripts={"VQAQuestions": [PAIRS]})
+    pictures = _blip2_pictures()[:2]
+    scores, info = vqa_reward(questions_chat=writer, blip2="tiny-blip2")(
+        pictures, ["a red fox in snow"] * 2, [{}, {}]
+    )
+    assert writer.calls == ["VQAQuestions"] and info["sources"] == ["generated", "cache"]
+    path = resolve_model("tiny-blip2")
+    model = Blip2ForConditionalGeneration.from_pretrained(path).eval()
+    processor = Blip2Processor.from_pretrained(path)
+    yes, no = _answer_ids(processor.tokenizer)
+    for image, row in zip(pictures, info["probabilities"], strict=True):
+        for question, prob in zip(QUESTIONS, row, strict=True):
+            batch = processor(
+                images=image, text=VQA_PROMPT.format(question=question), return_tensors="pt"
+            )
+            with torch.no_grad():
+                out = model.generate(
+                    **batch, max_new_tokens=1, output_scores=True, return_dict_in_generate=True
+                )
+            p = out.scores[0][0].softmax(-1)
+            assert prob == pytest.approx(
+                (p[yes].sum() / (p[yes].sum() + p[no].sum())).item(), abs=1e-5
+            )
+    assert scores == pytest.approx([np.mean(r) for r in info["probabilities"]])
+
+
+def test_blip2_names_and_bad_models(tmp_path):
+    """Which names are BLIP-2; an OPT BLIP-2 and a pickle-only directory: one-line errors."""
+    import torch
+    from artloop.rewards.blip2 import blip2_p_yes, is_blip2
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    assert is_blip2("Salesforce/blip2-flan-t5-xxl") and is_blip2("tiny-blip2")
+    assert not is_blip2("Qwen/Qwen2-VL-7B-Instruct") and not is_blip2("tiny-qwen2vl")
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    opt = Blip2Config(
+        vision_config={**small, "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+        qformer_config={**small, "intermediate_size": 64, "encoder_hidden_size": 32},
+        text_config={
+            "model_type": "opt",
+            **small,
+            "ffn_dim": 64,
+            "word_embed_proj_dim": 32,
+            "vocab_size": 64,
+            "max_position_embeddings": 64,
+        },
+        num_query_tokens=2,
+    )
+    torch.manual_seed(0)
+    Blip2ForConditionalGeneration(opt).save_pretrained(tmp_path / "opt")
+    assert is_blip2(str(tmp_path / "opt"))  # by its config.json, whatever the folder's name
+    with pytest.raises(ValueError, match="decoder-only language model"):
+        blip2_p_yes(str(tmp_path / "opt"), [RED], ["Is it red?"])
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text('{"model_type": "blip-2"}')
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="pickle"):
+        blip2_p_yes(str(tmp_path / "pickled"), [RED], ["Is it red?"])

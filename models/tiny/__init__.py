@@ -33,6 +33,7 @@ class TinyModel:
     name: str
     kind: str  # "vlm" | "diffusion" | "inpaint" | "scorer"
     # "qwen2vl" | "qwen2.5vl" | "qwen3vl" | "sd" | "sdxl" | "flux" | "clip" | "aesthetic" | "hpsv2"
+    # | "imagereward" | "blip2"
     family: str
     description: str
     build: Callable[[], Path]
@@ -53,7 +54,7 @@ class TinyModel:
 
 def _registry() -> dict[str, TinyModel]:
     # Imported lazily: the builders import torch / transformers / diffusers.
-    from artloop.models.tiny import blip, clip, diffusion, fit, shapes_sd, vlm
+    from artloop.models.tiny import blip, blip2, clip, diffusion, fit, shapes_sd, vlm
 
     return {
         "tiny-qwen2vl": TinyModel(
@@ -150,6 +151,14 @@ def _registry() -> dict[str, TinyModel]:
             "ImageReward: BLIP ViT 2 layers width 32 + BERT 2 layers with cross-attention + MLP head",
             blip.build_tiny_imagereward,
         ),
+        "tiny-blip2": TinyModel(
+            "tiny-blip2",
+            "scorer",
+            "blip2",
+            "BLIP-2 FlanT5 (vqa's answerer): ViT, Q-Former, T5 2 layers width 32, fitted to one "
+            "question",
+            blip2.build_tiny_blip2,
+        ),
     }
 
 
@@ -167,6 +176,7 @@ TINY_NAMES = (
     "tiny-aesthetic",
     "tiny-hps",
     "tiny-imagereward",
+    "tiny-blip2",
 )
 
 

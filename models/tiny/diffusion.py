@@ -99,8 +99,9 @@ def clip_tokenizer(vocab_size: int, model_max_length: int, corpus: list[str] | N
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def _t5_tokenizer(vocab_size: int, model_max_length: int):
-    """A T5 Unigram tokenizer (pad=0, </s>=1, <unk>=2, no sentinels) over BPE-learnt pieces.
+def t5_tokenizer(vocab_size: int, model_max_length: int, corpus: list[str] | None = None):
+    """A T5 Unigram tokenizer (pad=0, </s>=1, <unk>=2, no sentinels) over BPE-learnt pieces of
+    `corpus` (default: the tiny models' prompt words).
 
     `tokenizers`' Unigram trainer gives rare pieces scores that change between runs; equal
     scores instead make Viterbi pick the fewest pieces, and the files are the same every build.
@@ -111,7 +112,7 @@ def _t5_tokenizer(vocab_size: int, model_max_length: int):
 
     specials = ["<pad>", "</s>", "<unk>"]
     words: dict[tuple[str, ...], int] = {}
-    for line in _corpus():
+    for line in corpus or _corpus():
         for word in line.split() + line.capitalize().split()[:1]:
             key = ("▁", *word)  # T5's Metaspace marks word starts with "▁"
             words[key] = words.get(key, 0) + 1
@@ -345,7 +346,7 @@ def _build_flux(config: dict, out_dir: Path) -> None:
         text_encoder=_clip_text_encoder(config["text_encoder"]),
         tokenizer=clip_tokenizer(**config["tokenizer"]),
         text_encoder_2=T5EncoderModel(T5Config(**config["text_encoder_2"])),
-        tokenizer_2=_t5_tokenizer(**config["tokenizer_2"]),
+        tokenizer_2=t5_tokenizer(**config["tokenizer_2"]),
         transformer=FluxTransformer2DModel(**config["transformer"]),
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
