@@ -1,6 +1,8 @@
 """Scorer throughput on the tiny twins, side by side in one run: images/s scoring N images in
-batches of `scorers.batch_size` vs one call per image, for each CLIP-family scorer (and any
-other registered scorer named with --scorers whose tiny twin is given with --model name=tiny-x).
+batches of `scorers.batch_size` vs one call per image, for each CLIP-family scorer, ImageReward
+and the VQA score answered by BLIP-2 (one question an image, given in the metadata, so that only
+the answerer is timed), and any other registered scorer named with --scorers whose tiny twin is
+given with --model name=tiny-x.
 
     .venv/bin/python bench/scorer_speed.py [--images 64] [--batch-size 16] [--device cpu]
 
@@ -18,6 +20,8 @@ from artloop.config import ScorersConfig
 from artloop.models.tiny.clip import COLOURS
 from artloop.rewards import clip as _clip  # noqa: F401  # registers the CLIP-family scorers
 from artloop.rewards import hps as _hps  # noqa: F401  # registers hpsv2
+from artloop.rewards import imagereward as _ir  # noqa: F401  # registers imagereward
+from artloop.rewards import vqa as _vqa  # noqa: F401  # registers vqa
 from artloop.rewards.registry import configure_scorers, reward_entry
 from PIL import Image
 
@@ -26,22 +30,24 @@ TINY = {
     "pickscore": "tiny-clip",
     "aesthetic": "tiny-aesthetic",
     "hpsv2": "tiny-hps",
+    "imagereward": "tiny-imagereward",
+    "vqa": "tiny-blip2",
 }
 
 
-def _images(n: int, size: int) -> tuple[list[Image.Image], list[str]]:
+def _images(n: int, size: int) -> tuple[list[Image.Image], list[str], list[dict]]:
     rng = np.random.default_rng(0)
-    images, prompts = [], []
+    images, prompts, meta = [], [], []
     for i in range(n):
         name, rgb = COLOURS[i % len(COLOURS)]
         a = np.clip(np.array(rgb) + rng.integers(-20, 21, size=(size, size, 3)), 0, 255)
         images.append(Image.fromarray(a.astype(np.uint8)))
         prompts.append(f"a {name} painting")
-    return images, prompts
+        meta.append({"vqa_questions": [f"Is the picture {name}?"]})
+    return images, prompts, meta
 
 
-def _rate(fn, images, prompts, one_at_a_time: bool, repeats: int) -> float:
-    meta = [{} for _ in images]
+def _rate(fn, images, prompts, meta, one_at_a_time: bool, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -66,13 +72,13 @@ def main() -> None:
     args = parser.parse_args()
     models = dict(TINY, **dict(m.split("=", 1) for m in args.model))
     configure_scorers(ScorersConfig(device=args.device, batch_size=args.batch_size, models=models))
-    images, prompts = _images(args.images, args.size)
+    images, prompts, meta = _images(args.images, args.size)
     rows = []
     for name in args.scorers.split(","):
         fn = reward_entry(name).fn
-        fn(images[:2], prompts[:2], [{}, {}])  # load (and build the tiny twin) before timing
-        batched = _rate(fn, images, prompts, False, args.repeats)
-        single = _rate(fn, images, prompts, True, args.repeats)
+        fn(images[:2], prompts[:2], meta[:2])  # load (and build the tiny twin) before timing
+        batched = _rate(fn, images, prompts, meta, False, args.repeats)
+        single = _rate(fn, images, prompts, meta, True, args.repeats)
         rows.append((name, models.get(name, "?"), batched, single))
     print(
         f"{args.images} images of {args.size}px, batch {args.batch_size}, device {args.device}, "
