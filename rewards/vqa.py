@@ -59,6 +59,11 @@ def vqa_chat_config() -> ChatConfig:
     return chat.model_copy(update={"model": name}) if name and not is_blip2(name) else chat
 
 
+def _question_writer() -> Any:
+    """Who writes the questions a BLIP-2 answers: the `chat` section's model (shared)."""
+    return shared_chat_model(scorers_chat_config())
+
+
 def _config_blip2() -> str | None:
     """The BLIP-2 model that `scorers.models.vqa` names, if it names one."""
     name = scorer_model("vqa", "")
@@ -141,7 +146,8 @@ def vqa_reward(
         answerer = blip2 if blip2 is not None else _config_blip2()
         if answerer:
             model, how = None, "blip2"
-            writer = questions_chat or chat or shared_chat_model(scorers_chat_config())
+            given_writer = questions_chat if questions_chat is not None else chat
+            writer = given_writer if given_writer is not None else _question_writer()
         else:
             model = chat if chat is not None else _config_chat()
             writer = questions_chat if questions_chat is not None else model
