@@ -25,13 +25,13 @@ from artloop.trainers.shapes_agents import Example, Recorder, answer_text
 from artloop.trainers.shapes_vlm import (
     ShapesVLMTraining,
     _prompt_text,
-    copy_warmup,
     episodes,
     fixed_lines,
     new_model,
     train,
     words_of,
 )
+from artloop.trainers.shapes_warmups import copy_warmup
 from artloop.world.scenes import sample_scenes
 
 

@@ -148,7 +148,8 @@ def test_copy_strings_learn_only_the_repeat():
     learned, and padding is masked."""
     from artloop.models.tiny import resolve_model
     from artloop.models.tiny.vlm import load_processor
-    from artloop.trainers.shapes_vlm import copy_strings, words_of
+    from artloop.trainers.shapes_vlm import words_of
+    from artloop.trainers.shapes_warmups import copy_strings
 
     examples = _episode([RED_CIRCLE], [RED_CIRCLE, BLUE_SQUARE])
     words = words_of(examples, set())
@@ -163,3 +164,31 @@ def test_copy_strings_learn_only_the_repeat():
         assert row[: len(learned)].tolist() == learned
         assert tok.decode(row[len(learned) : n - len(learned)]) == "\n"
         assert (lab[n:] == -100).all() and (m[n:] == 0).all()
+
+
+def test_looking_rows_learn_the_object_list_and_nothing_else():
+    """The looking warm-up's rows: a picture, the question, Data-CoT's object list (the
+    detector's labels and boxes, largest first) learned; the prompt and padding are not."""
+    import json
+
+    from artloop.models.tiny import resolve_model
+    from artloop.models.tiny.vlm import load_processor
+    from artloop.trainers.shapes_warmups import LOOK_ASK, look_answer, look_rows
+
+    two, one = render([RED_CIRCLE, BLUE_SQUARE]), render([BLUE_SQUARE])
+    answers = [look_answer(two), look_answer(one)]
+    listed = json.loads(answers[0])["objects"]
+    largest_first = sorted(detect(two), key=lambda d: -d.area)
+    assert [o["label"] for o in listed] == ["large blue square", "large red circle"]
+    assert [o["label"] for o in listed] == [d.text() for d in largest_first]
+    assert listed[0]["box"] == [round(v * 1000) for v in largest_first[0].box]
+    processor = load_processor(resolve_model("tiny-qwen2vl"))
+    enc, labels = look_rows(processor, [two, one], answers)
+    assert enc["pixel_values"] is not None and enc["image_grid_thw"].shape[0] == 2
+    tok = processor.tokenizer
+    for r, answer in enumerate(answers):
+        learned = labels[r][labels[r] != -100]
+        assert tok.decode(learned) == answer + "<|im_end|>"
+        n = int(enc["attention_mask"][r].sum())
+        assert (labels[r][n:] == -100).all()  # padding
+        assert LOOK_ASK in tok.decode(enc["input_ids"][r][: n - len(learned)])

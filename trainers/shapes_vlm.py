@@ -10,14 +10,10 @@ cross-entropy on the answer tokens only. The system message is the same in every
 step runs it once and shares its keys and values with the batch's rows (gradients flow back
 through the shared copy).
 
-Before the agents' calls, a copying warm-up: strings of the calls' words, each said twice, the
-second time learned. The agents mostly copy (the caption into a prompt, a box from the critique
-into the plan), and a model trained from scratch on the calls alone learned the training
-captions by heart instead: on the enhancer's calls alone, 1500 steps, 0 of 30 held-out captions
-copied; 600 warm-up steps first, then 500 on the calls, 24 of 30 (the induction heads that copy
-form on strings that cannot be memorised). Those runs drew the strings from the captions' words;
-here they come from every word of the calls, and bench/copy_warmup.py measured 500 steps on
-the enhancer's calls after it copying 30 of 30 held-out captions (0 of 30 without it).
+Before the agents' calls, two warm-ups (trainers/shapes_warmups.py): copying (strings of the
+calls' words, said twice), so that the model copies captions and boxes instead of learning the
+training captions by heart; and looking (a picture -> Data-CoT's object list with boxes, fresh
+pictures every step), so that the vision tower learns where things are.
 """
 
 from __future__ import annotations
@@ -58,6 +54,10 @@ class ShapesVLMTraining:
         600, help="Copying warm-up steps before the agents' calls (random word strings, twice)"
     )
     copy_batch: int = help_field(64, help="Strings per copying warm-up step")
+    look_steps: int = help_field(
+        1500, help="Looking warm-up steps: a picture -> its shapes with boxes (fresh pictures)"
+    )
+    look_batch: int = help_field(32, help="Pictures per looking warm-up step")
     steps: int = help_field(2000, help="Training steps")
     batch_size: int = help_field(16, help="Agent calls per step")
     lr: float = help_field(1e-3, help="Peak learning rate (AdamW), warm-up then cosine decay")
@@ -67,7 +67,7 @@ class ShapesVLMTraining:
 
     def check(self) -> None:
         """ValueError naming the first field out of its range."""
-        for name in ("episodes", "steps", "batch_size", "copy_batch"):
+        for name in ("episodes", "steps", "batch_size", "copy_batch", "look_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("lr", "max_grad_norm"):
@@ -75,8 +75,8 @@ class ShapesVLMTraining:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if not 0 <= self.sd_share <= 1:
             raise ValueError(f"sd_share must be in [0, 1], not {self.sd_share}")
-        if min(self.warmup, self.eval_scenes, self.copy_steps) < 0:
-            raise ValueError("warmup, eval_scenes and copy_steps must not be negative")
+        if min(self.warmup, self.eval_scenes, self.copy_steps, self.look_steps) < 0:
+            raise ValueError("warmup, eval_scenes, copy_steps and look_steps must not be negative")
 
 
 # --- the data: episodes of the loop, each agent's prompt recorded with its target ------------
@@ -250,58 +250,6 @@ def words_of(examples: list[Example], fixed: set[str]) -> list[str]:
     return sorted({w for line in corpus(examples, fixed) for w in line.split() if len(w) <= 24})
 
 
-def copy_strings(tokenizer, words: list[str], n: int, rng: random.Random):
-    """`n` copying rows: 3-14 random `words`, a newline, the same again (learned: labels
-    -100 elsewhere); ids, attention mask and labels, (n, T) right-padded."""
-    import torch
-
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    rows = []
-    for _ in range(n):
-        said = " " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
-        ids = tokenizer(said, add_special_tokens=False)["input_ids"]
-        rows.append((ids + newline, ids))
-    width = max(len(a) + len(b) for a, b in rows)
-    ids = torch.zeros(n, width, dtype=torch.long)
-    mask = torch.zeros(n, width, dtype=torch.long)
-    labels = torch.full((n, width), -100)
-    for r, (first, again) in enumerate(rows):
-        both = first + again
-        ids[r, : len(both)] = torch.tensor(both)
-        mask[r, : len(both)] = 1
-        labels[r, len(first) : len(both)] = torch.tensor(again)
-    return ids, mask, labels
-
-
-def copy_warmup(model, processor, words: list[str], cfg: ShapesVLMTraining, log=print) -> list:
-    """The copying warm-up on the language model (no images): AdamW at the peak rate with a
-    short warm-up; the losses, one per step."""
-    import torch
-    import torch.nn.functional as F
-    from artloop.models.tiny.shapes_sd import optimiser_step
-    from transformers import get_constant_schedule_with_warmup
-
-    rng = random.Random(cfg.seed + 1)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = get_constant_schedule_with_warmup(opt, min(cfg.warmup, cfg.copy_steps // 4))
-    losses = []
-    start = time.perf_counter()
-    for step in range(cfg.copy_steps):
-        ids, mask, labels = copy_strings(processor.tokenizer, words, cfg.copy_batch, rng)
-        hidden = model.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = model.lm_head(hidden[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten())
-        optimiser_step(loss, opt, sched, list(model.parameters()), cfg.max_grad_norm)
-        losses.append(loss.item())
-        if step % 100 == 0 or step == cfg.copy_steps - 1:
-            log(
-                f"copy {step + 1}/{cfg.copy_steps} loss {loss.item():.4f} "
-                f"({time.perf_counter() - start:.0f}s)"
-            )
-    return losses
-
-
 def train(model, processor, examples: list[Example], cfg: ShapesVLMTraining, log=print) -> list:
     """AdamW with warm-up and cosine decay, gradient clipping; the losses, one per step."""
     import torch
@@ -338,6 +286,7 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
     held-out figures, measured on the stored weights, when `eval_scenes` > 0."""
     from artloop.models.tiny.vlm import save_vlm
     from artloop.trainers.shapes_eval import evaluate_agents, model_card
+    from artloop.trainers.shapes_warmups import copy_warmup, look_warmup
 
     cfg.check()
     start = time.perf_counter()
@@ -346,6 +295,8 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
     fixed = fixed_lines(examples)  # the tokenizer's one-token lines, which the warm-up skips
     model, processor = new_model(examples, cfg.seed, fixed)
     copied = copy_warmup(model, processor, words_of(examples, set(fixed)), cfg, log)
+    before = [e.images[0] for e in examples if e.agent == "data_cot"]
+    looked = look_warmup(model, processor, before, cfg, log)
     lengths = [
         len(processor.tokenizer(_prompt_text(processor, e))["input_ids"]) for e in examples[:5]
     ]
@@ -361,6 +312,7 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
         "examples": len(examples),
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "copy_final_loss": sum(copied[-50:]) / len(copied[-50:]) if copied else None,
+        "look_final_loss": sum(looked[-50:]) / len(looked[-50:]) if looked else None,
         "seconds": round(time.perf_counter() - start),
     }
     if cfg.eval_scenes:
