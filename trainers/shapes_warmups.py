@@ -34,9 +34,18 @@ if TYPE_CHECKING:
 LOOK_ASK = "Which shapes are in the picture, and where? List them largest first, with boxes."
 
 
-def run_warmup(model, cfg: ShapesVLMTraining, name: str, steps: int, loss_of: Callable, log):
+def run_warmup(
+    model,
+    cfg: ShapesVLMTraining,
+    name: str,
+    steps: int,
+    loss_of: Callable,
+    log,
+    after_step: Callable[[int], None] | None = None,
+):
     """`steps` AdamW steps at the peak rate after a short linear warm-up, clipped; `loss_of(rng)`
-    draws a batch and returns its loss. The losses, one per step."""
+    draws a batch and returns its loss; `after_step(n)` runs after the n-th step (a bench's
+    measurement). The losses, one per step."""
     import torch
     from artloop.models.tiny.shapes_sd import optimiser_step
     from transformers import get_constant_schedule_with_warmup
@@ -54,6 +63,8 @@ def run_warmup(model, cfg: ShapesVLMTraining, name: str, steps: int, loss_of: Ca
         if step % 100 == 0 or step == steps - 1:
             recent = sum(losses[-100:]) / len(losses[-100:])
             log(f"{name} {step + 1}/{steps} loss {recent:.4f} ({time.perf_counter() - start:.0f}s)")
+        if after_step is not None:
+            after_step(step + 1)
     return losses
 
 
@@ -101,13 +112,19 @@ def look_answer(image: Image.Image) -> str:
     return answer_text({"objects": facts(detect(image))["objects"]})
 
 
+def look_prompt(processor) -> str:
+    """The looking question as the model sees it: a user turn with the picture, then the
+    assistant's turn opened."""
+    ask = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": LOOK_ASK}]}]
+    return processor.apply_chat_template(ask, tokenize=False, add_generation_prompt=True)
+
+
 def look_rows(processor, pictures: list[Image.Image], answers: list[str]):
     """The rows of a looking batch: ids, attention mask, labels (the answer tokens only),
     pixels and grid, right-padded."""
     import torch
 
-    ask = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": LOOK_ASK}]}]
-    prompt = processor.apply_chat_template(ask, tokenize=False, add_generation_prompt=True)
+    prompt = look_prompt(processor)
     tok = processor.tokenizer
     tok.padding_side = "right"
     enc = processor(
@@ -125,7 +142,14 @@ def look_rows(processor, pictures: list[Image.Image], answers: list[str]):
     return enc, labels
 
 
-def look_warmup(model, processor, pool: list[Image.Image], cfg: ShapesVLMTraining, log=print):
+def look_warmup(
+    model,
+    processor,
+    pool: list[Image.Image],
+    cfg: ShapesVLMTraining,
+    log=print,
+    after_step: Callable[[int], None] | None = None,
+):
     """The looking warm-up: each batch half fresh renders of training scenes (one thing wrong
     or none), half pictures of `pool` (the episodes' BEFORE pictures); the losses, one per
     step."""
@@ -146,4 +170,4 @@ def look_warmup(model, processor, pool: list[Image.Image], cfg: ShapesVLMTrainin
         logits = model(**enc).logits[:, :-1]
         return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten())
 
-    return run_warmup(model, cfg, "look", cfg.look_steps, loss_of, log)
+    return run_warmup(model, cfg, "look", cfg.look_steps, loss_of, log, after_step)
