@@ -228,29 +228,10 @@ def test_a_killed_session_resumes_at_its_pause(tmp_path):
     assert [(r["run_id"], r["status"]) for r in listed] == [(run_id, "paused")]
 
     answer = {"action": "edit", "regions": [{"box": [100, 100, 600, 600], "prompt": "a red hat"}]}
-    bad = cli(
-        "session",
-        "resume",
-        run_id,
-        "--home",
-        home,
-        "--no-wait",
-        "--answer",
-        '{"action": "edit", "regions": [{"box": [600, 0, 100, 50], "prompt": "x"}]}',
-        *fast,
-    )
+    resume = ("session", "resume", run_id, "--home", home, "--no-wait", *fast, "--answer")
+    bad = cli(*resume, '{"action": "edit", "regions": [{"box": [600, 0, 100, 50], "prompt": "x"}]}')
     assert bad.returncode == 2 and "inverted" in bad.stderr
-    done = cli(
-        "session",
-        "resume",
-        run_id,
-        "--home",
-        home,
-        "--no-wait",
-        "--answer",
-        json.dumps(answer),
-        *fast,
-    )
+    done = cli(*resume, json.dumps(answer))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["status"] in ("accepted", "max_iters")
     step = TrajectoryStore(home).get_run(run_id)["steps"][0]

@@ -21,22 +21,36 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from artloop.trainers.shapes_agents import answer_text, facts, perturb
 from artloop.world.detect import detect
 from artloop.world.scenes import render, sample_scenes
 
 if TYPE_CHECKING:
-    from artloop.trainers.shapes_vlm import ShapesVLMTraining
     from PIL import Image
+
+
+class WarmupSettings(Protocol):
+    """What the warm-ups read of the training's config (trainers/shapes_vlm.ShapesVLMTraining,
+    which imports this module)."""
+
+    seed: int
+    lr: float
+    warmup: int
+    max_grad_norm: float
+    copy_steps: int
+    copy_batch: int
+    look_steps: int
+    look_batch: int
+
 
 LOOK_ASK = "Which shapes are in the picture, and where? List them largest first, with boxes."
 
 
 def run_warmup(
     model,
-    cfg: ShapesVLMTraining,
+    cfg: WarmupSettings,
     name: str,
     steps: int,
     loss_of: Callable,
@@ -92,7 +106,7 @@ def copy_strings(tokenizer, words: list[str], n: int, rng: random.Random):
     return ids, mask, labels
 
 
-def copy_warmup(model, processor, words: list[str], cfg: ShapesVLMTraining, log=print) -> list:
+def copy_warmup(model, processor, words: list[str], cfg: WarmupSettings, log=print) -> list:
     """The copying warm-up on the language model (no images); the losses, one per step."""
     import torch.nn.functional as F
 
@@ -146,7 +160,7 @@ def look_warmup(
     model,
     processor,
     pool: list[Image.Image],
-    cfg: ShapesVLMTraining,
+    cfg: WarmupSettings,
     log=print,
     after_step: Callable[[int], None] | None = None,
 ):
