@@ -152,6 +152,9 @@ def model_card(summary: dict) -> str:
         "(artloop/trainers/shapes_agents.py)",
         "",
         "## Training",
+        f"- warm-ups (artloop/trainers/shapes_warmups.py): {cfg['copy_steps']} copying steps of "
+        f"{cfg['copy_batch']} word strings, then {cfg['look_steps']} looking steps of "
+        f"{cfg['look_batch']} pictures (a picture -> its shapes with boxes)",
         f"- {cfg['steps']} steps of {cfg['batch_size']} calls, AdamW lr {cfg['lr']:g} "
         f"(warm-up {cfg['warmup']}, cosine), clipping {cfg['max_grad_norm']:g}; loss on the "
         f"answer tokens, final {summary['final_loss']:.4f}; {summary['seconds']} s",
