@@ -61,7 +61,7 @@ def _load(path: str, device: str, dtype: str) -> tuple[Any, Any, list[int], list
     if model.config.use_decoder_only_language_model:
         raise ValueError(
             f"{path}: a BLIP-2 with a decoder-only language model (OPT); the vqa scorer takes "
-            "the FlanT5 variants (e.g. Salesforce/blip2-flan-t5-xl)"
+            f"the FlanT5 variants (e.g. {BLIP2_ID})"
         )
     processor = Blip2Processor.from_pretrained(path)
     return model.to(device).eval(), processor, *_answer_ids(processor.tokenizer)

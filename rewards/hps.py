@@ -8,10 +8,12 @@ checkpoint's open_clip state dict is mapped on load onto transformers' CLIPModel
 architecture is the same (laion/CLIP-ViT-H-14-laion2B-s32B-b79K is the published port of that
 base model; its config and processor are used). The mapping is checked against open_clip's own
 forward pass (open_clip 3.3.0, in the vLLM environment that has torchvision): a tiny open_clip
-ViT CLIP gives the same features through it, to 1e-7 (tests/test_hps_open_clip.py). The published checkpoint (xswu/HPSv2,
-HPS_v2.1_compressed.pt) is a pickle: convert it once, on your side, to safetensors
-(`safetensors.torch.save_file(torch.load(p, map_location="cpu")["state_dict"], out)`) in a
-directory, and name that directory in `scorers.models.hpsv2`. artloop loads no pickle. A
+ViT CLIP gives the same features through it, to 1e-7 (tests/test_hps_open_clip.py).
+
+The published checkpoint (xswu/HPSv2, HPS_v2.1_compressed.pt) is a pickle: convert it once, on
+your side, to safetensors (`safetensors.torch.save_file(torch.load(p,
+map_location="cpu")["state_dict"], out)`) in a directory, and name that directory in
+`scorers.models.hpsv2`. artloop loads no pickle. A
 directory with its own config.json and processor files uses those instead of the base model's.
 """
 
