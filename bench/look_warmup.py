@@ -5,6 +5,10 @@ on held-out renders scored against the detector: object F1 (a listed object must
 detection's colour and shape) and the box IoU of the matches (trainers/shapes_eval).
 
     .venv/bin/python bench/look_warmup.py [--steps 1200] [--every 400] [--batch 32] [--cases 40]
+        [--see-steps 0]
+
+`--see-steps N` runs the seeing warm-up (the vision tower alone, each cell's shape and box)
+first, as the trainer does; compare a run with 0.
 
 The model and tokenizer are built as the trainer builds them (on the calls of `--episodes`
 recorded episodes, rendered BEFORE pictures only); its image size is SHAPES_CONFIG's.
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from artloop.trainers.shapes_eval import object_match
 from artloop.trainers.shapes_vlm import ShapesVLMTraining, episodes, fixed_lines, new_model
-from artloop.trainers.shapes_warmups import look_prompt, look_warmup
+from artloop.trainers.shapes_warmups import look_prompt, look_warmup, see_warmup
 from artloop.world.detect import detect
 from artloop.world.scenes import render, sample_scenes
 
@@ -67,14 +71,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--cases", type=int, default=40)
     ap.add_argument("--episodes", type=int, default=60, help="calls the tokenizer is trained on")
+    ap.add_argument("--see-steps", type=int, default=0, help="seeing warm-up steps first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench/results/look_warmup.json"))
     args = ap.parse_args()
     cfg = ShapesVLMTraining(
-        seed=args.seed, sd_share=0.0, look_batch=args.batch, episodes=args.episodes
+        seed=args.seed,
+        sd_share=0.0,
+        look_batch=args.batch,
+        episodes=args.episodes,
+        see_steps=args.see_steps,
     )
     examples = episodes(cfg, "train", args.episodes, args.seed, log=lambda _: None)
     model, processor = new_model(examples, args.seed, fixed_lines(examples))
+    see_warmup(model, processor, [], cfg)
     rows = [{"steps": 0, **grounding(model, processor, args.cases, args.seed + 90_000)}]
     start = time.perf_counter()
 

@@ -192,3 +192,57 @@ def test_looking_rows_learn_the_object_list_and_nothing_else():
         n = int(enc["attention_mask"][r].sum())
         assert (labels[r][n:] == -100).all()  # padding
         assert LOOK_ASK in tok.decode(enc["input_ids"][r][: n - len(learned)])
+
+
+def test_seeing_targets_mark_each_cell_with_the_shape_whose_box_holds_it():
+    """The seeing warm-up's targets: the cells whose centres lie in a shape's box carry its kind
+    and box, the rest are background; the smaller of two boxes wins a shared cell."""
+    from artloop.trainers.shapes_warmups import CELLS, KINDS, see_targets
+
+    kinds, boxes = see_targets(render([RED_CIRCLE, BLUE_SQUARE]))
+    grid = kinds.view(CELLS, CELLS)
+    red, blue = KINDS.index(("red", "circle")) + 1, KINDS.index(("blue", "square")) + 1
+    # Detected boxes 0.0625-0.4375 and 0.5625-0.9375 across, 0.3125-0.6875 down: their edges
+    # fall on cell centres ((k + 0.5) / 8), which count as outside.
+    assert (grid[3:5, 1:3] == red).all() and (grid[3:5, 5:7] == blue).all()
+    assert (grid == 0).sum() == CELLS * CELLS - 8
+    blue_box = [d.box for d in detect(render([BLUE_SQUARE]))][0]
+    assert boxes[3 * CELLS + 5].tolist() == pytest.approx(list(blue_box))
+    assert (boxes[kinds == 0] == 0).all()
+    on_top = render([BLUE_SQUARE, Obj("circle", "yellow", "small", 0.75, 0.5, 0.2)])
+    small = min(detect(on_top), key=lambda d: d.area)
+    kinds, _ = see_targets(on_top)
+    assert small.colour == "yellow"
+    assert kinds[4 * CELLS + 6] == KINDS.index((small.colour, small.shape)) + 1
+
+
+@pytest.mark.slow  # building the 112 px model's tokenizer: ~8 s
+def test_seeing_head_reads_each_cell_from_the_merged_token_over_it():
+    """The head's outputs go to the cells' raster order: merged token (r, c)'s k-th block of
+    outputs is cell (2r + k // 2, 2c + k % 2); and the vision tower learns from the loss."""
+    import torch
+    from artloop.models.tiny.vlm import SHAPES_CONFIG, new_vlm
+    from artloop.trainers.shapes_warmups import CELLS, in_cells, see_head, see_loss, see_targets
+
+    side = CELLS // 2
+    out = torch.zeros(1, side * side, 4 * 2)
+    for r in range(side):
+        for c in range(side):
+            for k in range(4):
+                out[0, r * side + c, 2 * k] = (2 * r + k // 2) * CELLS + 2 * c + k % 2
+    assert in_cells(out)[0, :, 0].tolist() == list(range(CELLS * CELLS))
+
+    torch.manual_seed(0)
+    model, processor = new_vlm({**SHAPES_CONFIG, "seed": 0})  # 112 px: 4 x 4 merged tokens
+    head = see_head(model)
+    picture = render([RED_CIRCLE, BLUE_SQUARE])
+    targets = see_targets(picture)
+    opt = torch.optim.AdamW([*model.model.visual.parameters(), *head.parameters()], lr=3e-3)
+    first = None
+    for _ in range(20):
+        loss, _, _ = see_loss(model, head, processor, [picture], [targets])
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 2

@@ -54,11 +54,20 @@ class ShapesVLMTraining:
         600, help="Copying warm-up steps before the agents' calls (random word strings, twice)"
     )
     copy_batch: int = help_field(64, help="Strings per copying warm-up step")
+    see_steps: int = help_field(
+        1000, help="Seeing warm-up steps: the vision tower alone, each cell's shape and box"
+    )
     look_steps: int = help_field(
         1500, help="Looking warm-up steps: a picture -> its shapes with boxes (fresh pictures)"
     )
     look_batch: int = help_field(32, help="Pictures per looking warm-up step")
     steps: int = help_field(2000, help="Training steps")
+    rehearse_copy: int = help_field(
+        16, help="Copying strings added to each training step (0: none), so it is not forgotten"
+    )
+    rehearse_look: int = help_field(
+        8, help="Looking pictures added to each training step (0: none), so it is not forgotten"
+    )
     batch_size: int = help_field(16, help="Agent calls per step")
     lr: float = help_field(1e-3, help="Peak learning rate (AdamW), warm-up then cosine decay")
     warmup: int = help_field(100, help="Linear warm-up steps")
@@ -75,8 +84,10 @@ class ShapesVLMTraining:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if not 0 <= self.sd_share <= 1:
             raise ValueError(f"sd_share must be in [0, 1], not {self.sd_share}")
-        if min(self.warmup, self.eval_scenes, self.copy_steps, self.look_steps) < 0:
-            raise ValueError("warmup, eval_scenes, copy_steps and look_steps must not be negative")
+        counts = ("warmup", "eval_scenes", "copy_steps", "see_steps", "look_steps")
+        for name in (*counts, "rehearse_copy", "rehearse_look"):  # 0 turns each off
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
 
 
 # --- the data: episodes of the loop, each agent's prompt recorded with its target ------------
@@ -250,8 +261,17 @@ def words_of(examples: list[Example], fixed: set[str]) -> list[str]:
     return sorted({w for line in corpus(examples, fixed) for w in line.split() if len(w) <= 24})
 
 
-def train(model, processor, examples: list[Example], cfg: ShapesVLMTraining, log=print) -> list:
-    """AdamW with warm-up and cosine decay, gradient clipping; the losses, one per step."""
+def train(
+    model,
+    processor,
+    examples: list[Example],
+    cfg: ShapesVLMTraining,
+    log=print,
+    rehearsals: tuple[Callable, ...] = (),
+) -> list:
+    """AdamW with warm-up and cosine decay, gradient clipping; each step's loss is the agent
+    calls' plus each of `rehearsals(rng)` (a warm-up's batch: without them the agents' calls
+    overwrite copying and looking); the agent calls' losses, one per step."""
     import torch
     from artloop.models.tiny.shapes_sd import optimiser_step
     from transformers import get_cosine_schedule_with_warmup
@@ -270,7 +290,8 @@ def train(model, processor, examples: list[Example], cfg: ShapesVLMTraining, log
             order += rng.sample(range(len(examples)), len(examples))
         batch = [examples[order.pop()] for _ in range(cfg.batch_size)]
         loss = batch_loss(model, processor, batch, prefix)
-        optimiser_step(loss, opt, sched, list(model.parameters()), cfg.max_grad_norm)
+        total = loss + sum(rehearse(rng) for rehearse in rehearsals)
+        optimiser_step(total, opt, sched, list(model.parameters()), cfg.max_grad_norm)
         losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
             recent = sum(losses[-50:]) / len(losses[-50:])
@@ -286,7 +307,13 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
     held-out figures, measured on the stored weights, when `eval_scenes` > 0."""
     from artloop.models.tiny.vlm import save_vlm
     from artloop.trainers.shapes_eval import evaluate_agents, model_card
-    from artloop.trainers.shapes_warmups import copy_warmup, look_warmup
+    from artloop.trainers.shapes_warmups import (
+        copy_loss,
+        copy_warmup,
+        look_loss,
+        look_warmup,
+        see_warmup,
+    )
 
     cfg.check()
     start = time.perf_counter()
@@ -294,14 +321,21 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
     log(f"recorded {len(examples)} agent calls in {time.perf_counter() - start:.0f}s")
     fixed = fixed_lines(examples)  # the tokenizer's one-token lines, which the warm-up skips
     model, processor = new_model(examples, cfg.seed, fixed)
-    copied = copy_warmup(model, processor, words_of(examples, set(fixed)), cfg, log)
+    words = words_of(examples, set(fixed))
+    copied = copy_warmup(model, processor, words, cfg, log)
     before = [e.images[0] for e in examples if e.agent == "data_cot"]
+    seen = see_warmup(model, processor, before, cfg, log)
     looked = look_warmup(model, processor, before, cfg, log)
     lengths = [
         len(processor.tokenizer(_prompt_text(processor, e))["input_ids"]) for e in examples[:5]
     ]
     log(f"prompt tokens of one episode's calls: {lengths}")
-    losses = train(model, processor, examples, cfg, log)
+    rehearsals = []
+    if cfg.rehearse_copy:
+        rehearsals.append(copy_loss(model, processor, words, cfg.rehearse_copy))
+    if cfg.rehearse_look:
+        rehearsals.append(look_loss(model, processor, before, cfg.rehearse_look))
+    losses = train(model, processor, examples, cfg, log, tuple(rehearsals))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_vlm(model.half(), processor, out)  # stored in float16; run (and measured) in float32
@@ -312,6 +346,7 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
         "examples": len(examples),
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "copy_final_loss": sum(copied[-50:]) / len(copied[-50:]) if copied else None,
+        "see_final_loss": sum(seen[-50:]) / len(seen[-50:]) if seen else None,
         "look_final_loss": sum(looked[-50:]) / len(looked[-50:]) if looked else None,
         "seconds": round(time.perf_counter() - start),
     }

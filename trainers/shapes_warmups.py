@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from artloop.trainers.shapes_agents import answer_text, facts, perturb
 from artloop.world.detect import detect
-from artloop.world.scenes import render, sample_scenes
+from artloop.world.language import SHAPES
+from artloop.world.scenes import RGB, render, sample_scenes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -43,6 +44,7 @@ class WarmupSettings(Protocol):
     copy_batch: int
     look_steps: int
     look_batch: int
+    see_steps: int
 
 
 LOOK_ASK = "Which shapes are in the picture, and where? List them largest first, with boxes."
@@ -106,16 +108,22 @@ def copy_strings(tokenizer, words: list[str], n: int, rng: random.Random):
     return ids, mask, labels
 
 
-def copy_warmup(model, processor, words: list[str], cfg: WarmupSettings, log=print) -> list:
-    """The copying warm-up on the language model (no images); the losses, one per step."""
+def copy_loss(model, processor, words: list[str], batch: int) -> Callable:
+    """`loss_of(rng)` for copying: `batch` strings through the language model (no images)."""
     import torch.nn.functional as F
 
     def loss_of(rng: random.Random):
-        ids, mask, labels = copy_strings(processor.tokenizer, words, cfg.copy_batch, rng)
+        ids, mask, labels = copy_strings(processor.tokenizer, words, batch, rng)
         hidden = model.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state
         logits = model.lm_head(hidden[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten())
 
+    return loss_of
+
+
+def copy_warmup(model, processor, words: list[str], cfg: WarmupSettings, log=print) -> list:
+    """The copying warm-up on the language model (no images); the losses, one per step."""
+    loss_of = copy_loss(model, processor, words, cfg.copy_batch)
     return run_warmup(model, cfg, "copy", cfg.copy_steps, loss_of, log)
 
 
@@ -156,6 +164,37 @@ def look_rows(processor, pictures: list[Image.Image], answers: list[str]):
     return enc, labels
 
 
+def pictures_of(
+    pool: list[Image.Image], batch: int, rng: random.Random, label: Callable, cache: dict
+) -> list[tuple]:
+    """A warm-up batch: fresh renders of training scenes (one thing wrong or none), and up to
+    half of it pictures of `pool` (the episodes' BEFORE pictures), each with `label(picture)`;
+    the pool's labels are computed once, into `cache`."""
+    n_fresh = batch - min(len(pool), batch // 2)
+    scenes = sample_scenes("train", n_fresh, seed=rng.randrange(1 << 30))
+    pictures = [render(perturb(s, rng)) for s in scenes]
+    picked = rng.sample(range(len(pool)), batch - n_fresh)
+    for k in picked:
+        if k not in cache:
+            cache[k] = label(pool[k])
+    return [(p, label(p)) for p in pictures] + [(pool[k], cache[k]) for k in picked]
+
+
+def look_loss(model, processor, pool: list[Image.Image], batch: int) -> Callable:
+    """`loss_of(rng)` for looking: `batch` pictures (`pictures_of`) -> their object lists."""
+    import torch.nn.functional as F
+
+    cache: dict[int, str] = {}
+
+    def loss_of(rng: random.Random):
+        drawn = pictures_of(pool, batch, rng, look_answer, cache)
+        enc, labels = look_rows(processor, [p for p, _ in drawn], [a for _, a in drawn])
+        logits = model(**enc).logits[:, :-1]
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten())
+
+    return loss_of
+
+
 def look_warmup(
     model,
     processor,
@@ -164,24 +203,102 @@ def look_warmup(
     log=print,
     after_step: Callable[[int], None] | None = None,
 ):
-    """The looking warm-up: each batch half fresh renders of training scenes (one thing wrong
-    or none), half pictures of `pool` (the episodes' BEFORE pictures); the losses, one per
-    step."""
+    """The looking warm-up; the losses, one per step."""
+    loss_of = look_loss(model, processor, pool, cfg.look_batch)
+    return run_warmup(model, cfg, "look", cfg.look_steps, loss_of, log, after_step)
+
+
+# --- seeing -----------------------------------------------------------------------------------
+# The vision tower alone, on a dense task: for each cell of an 8 x 8 grid over the picture (one
+# 14 px patch at 112 px), the kind of the shape whose box holds the cell's centre (or none) and
+# that box. Every cell of every picture is a target, where the looking warm-up gives a few box
+# digits per picture through the whole language model; the head is dropped afterwards, so the
+# model stays a Qwen2-VL.
+CELLS = 8
+KINDS = [(c, s) for c in RGB for s in SHAPES]  # class k + 1; 0 is background
+
+
+def see_targets(image: Image.Image):
+    """The dense targets of `image` from the detector: kinds (CELLS * CELLS,) and boxes
+    (CELLS * CELLS, 4) as shares of the side, cells in raster order; the smallest box wins a
+    cell two boxes hold."""
+    import torch
+
+    kinds = torch.zeros(CELLS * CELLS, dtype=torch.long)
+    boxes = torch.zeros(CELLS * CELLS, 4)
+    found = sorted(detect(image), key=lambda d: -d.area)  # smaller ones overwrite
+    centres = [(k + 0.5) / CELLS for k in range(CELLS)]
+    for d in found:
+        x1, y1, x2, y2 = d.box
+        for r, cy in enumerate(centres):
+            for c, cx in enumerate(centres):
+                if x1 < cx < x2 and y1 < cy < y2:  # a box edge on a centre: not held
+                    kinds[r * CELLS + c] = KINDS.index((d.colour, d.shape)) + 1
+                    boxes[r * CELLS + c] = torch.tensor(d.box)
+    return kinds, boxes
+
+
+def see_head(model):
+    """A linear read-out of each merged vision token (a 2 x 2 block of cells): per cell, the
+    kind's logits and the box."""
+    import torch
+
+    width = model.config.text_config.hidden_size
+    return torch.nn.Linear(width, 4 * (len(KINDS) + 1 + 4))
+
+
+def in_cells(out):
+    """The head's outputs (B, merged tokens, 4 * F), each merged token's 2 x 2 cells in a row,
+    as (B, CELLS * CELLS, F) in the cells' raster order: the merged tokens run in raster order
+    over the picture (Qwen2-VL's processor groups each 2 x 2 block of patches into one)."""
+    side = CELLS // 2  # merged tokens per side
+    out = out.view(out.shape[0], side, side, 2, 2, -1).permute(0, 1, 3, 2, 4, 5)
+    return out.reshape(out.shape[0], CELLS * CELLS, -1)
+
+
+def see_loss(model, head, processor, pictures: list[Image.Image], targets: list) -> tuple:
+    """Cross-entropy of the cells' kinds, plus the L1 error of the boxes of the cells a shape
+    holds; and the share of cells whose kind is right."""
+    import torch
     import torch.nn.functional as F
 
-    answers: dict[int, str] = {}  # the pool's, detected once
+    enc = processor.image_processor(images=pictures, return_tensors="pt")
+    feats = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
+    tokens = torch.stack(list(feats.pooler_output))  # (B, merged tokens, width)
+    if tokens.shape[1] != (CELLS // 2) ** 2:
+        raise ValueError(
+            f"seeing needs {(CELLS // 2) ** 2} merged tokens a picture, not {tokens.shape[1]}"
+        )
+    out = in_cells(head(tokens))
+    kinds = torch.stack([k for k, _ in targets])
+    boxes = torch.stack([b for _, b in targets])
+    n = len(KINDS) + 1
+    ce = F.cross_entropy(out[..., :n].flatten(0, 1), kinds.flatten())
+    held = kinds > 0
+    l1 = F.l1_loss(out[..., n:][held], boxes[held]) if held.any() else out.sum() * 0
+    right = (out[..., :n].argmax(-1) == kinds).float().mean()
+    return ce + 10 * l1, right.item(), l1.item()
+
+
+def see_warmup(model, processor, pool: list[Image.Image], cfg: WarmupSettings, log=print):
+    """The seeing warm-up on the vision tower (and its merger) with a throwaway head, pictures
+    drawn as the looking warm-up draws them; the losses, one per step."""
+    import torch
+
+    head = see_head(model)
+    recent: list[tuple[float, float]] = []
+    cache: dict[int, tuple] = {}
 
     def loss_of(rng: random.Random):
-        n_fresh = cfg.look_batch - min(len(pool), cfg.look_batch // 2)
-        scenes = sample_scenes("train", n_fresh, seed=rng.randrange(1 << 30))
-        pictures = [render(perturb(s, rng)) for s in scenes]
-        picked = rng.sample(range(len(pool)), cfg.look_batch - n_fresh)
-        for k in picked:
-            if k not in answers:
-                answers[k] = look_answer(pool[k])
-        batch = [(p, look_answer(p)) for p in pictures] + [(pool[k], answers[k]) for k in picked]
-        enc, labels = look_rows(processor, [p for p, _ in batch], [a for _, a in batch])
-        logits = model(**enc).logits[:, :-1]
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten())
+        drawn = pictures_of(pool, cfg.look_batch, rng, see_targets, cache)
+        loss, right, l1 = see_loss(model, head, processor, *map(list, zip(*drawn, strict=True)))
+        recent.append((right, l1))
+        return loss
 
-    return run_warmup(model, cfg, "look", cfg.look_steps, loss_of, log, after_step)
+    def report(step: int) -> None:
+        if step % 100 == 0 or step == cfg.see_steps:
+            right, l1 = recent[-1]
+            log(f"see {step}/{cfg.see_steps}: cells right {right:.3f}, box L1 {l1:.4f}")
+
+    parts = torch.nn.ModuleList([model.model.visual, head])
+    return run_warmup(parts, cfg, "see", cfg.see_steps, loss_of, log, report)
