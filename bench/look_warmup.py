@@ -1,6 +1,6 @@
 """Does tiny-shapes-qwen2vl's looking warm-up teach the vision tower where things are? The
 warm-up alone (trainers/shapes_warmups.look_warmup: a picture -> Data-CoT's object list with
-boxes, fresh pictures every step) on a fresh model, and every `--every` steps the greedy answer
+boxes; after the seeing warm-up when `--see-steps` > 0) on a fresh model, and every `--every` steps the greedy answer
 on held-out renders scored against the detector: object F1 (a listed object must match a
 detection's colour and shape) and the box IoU of the matches (trainers/shapes_eval).
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from artloop.trainers.shapes_eval import object_match
 from artloop.trainers.shapes_vlm import ShapesVLMTraining, episodes, fixed_lines, new_model
-from artloop.trainers.shapes_warmups import look_prompt, look_warmup, see_warmup
+from artloop.trainers.shapes_warmups import Pictures, look_prompt, look_warmup, see_warmup
 from artloop.world.detect import detect
 from artloop.world.scenes import render, sample_scenes
 
@@ -84,7 +84,8 @@ def main() -> None:
     )
     examples = episodes(cfg, "train", args.episodes, args.seed, log=lambda _: None)
     model, processor = new_model(examples, args.seed, fixed_lines(examples))
-    see_warmup(model, processor, [], cfg)
+    pictures = Pictures([], cfg.pictures, args.seed)
+    see_warmup(model, processor, pictures, cfg)
     rows = [{"steps": 0, **grounding(model, processor, args.cases, args.seed + 90_000)}]
     start = time.perf_counter()
 
@@ -95,7 +96,7 @@ def main() -> None:
             )
             print(rows[-1], f"({time.perf_counter() - start:.0f}s)", flush=True)
 
-    look_warmup(model, processor, [], replace(cfg, look_steps=args.steps), after_step=measure)
+    look_warmup(model, processor, pictures, replace(cfg, look_steps=args.steps), after_step=measure)
     print(f"{'steps':>6}{'object F1':>11}{'box IoU':>9}{'IoU>0.5':>9}{'unparsed':>10}")
     for r in rows:
         print(

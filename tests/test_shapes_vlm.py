@@ -176,7 +176,7 @@ def test_looking_rows_learn_the_object_list_and_nothing_else():
     from artloop.trainers.shapes_warmups import LOOK_ASK, look_answer, look_rows
 
     two, one = render([RED_CIRCLE, BLUE_SQUARE]), render([BLUE_SQUARE])
-    answers = [look_answer(two), look_answer(one)]
+    answers = [look_answer(detect(two)), look_answer(detect(one))]
     listed = json.loads(answers[0])["objects"]
     largest_first = sorted(detect(two), key=lambda d: -d.area)
     assert [o["label"] for o in listed] == ["large blue square", "large red circle"]
@@ -199,7 +199,7 @@ def test_seeing_targets_mark_each_cell_with_the_shape_whose_box_holds_it():
     and box, the rest are background; the smaller of two boxes wins a shared cell."""
     from artloop.trainers.shapes_warmups import CELLS, KINDS, see_targets
 
-    kinds, boxes = see_targets(render([RED_CIRCLE, BLUE_SQUARE]))
+    kinds, boxes = see_targets(detect(render([RED_CIRCLE, BLUE_SQUARE])))
     grid = kinds.view(CELLS, CELLS)
     red, blue = KINDS.index(("red", "circle")) + 1, KINDS.index(("blue", "square")) + 1
     # Detected boxes 0.0625-0.4375 and 0.5625-0.9375 across, 0.3125-0.6875 down: their edges
@@ -211,7 +211,7 @@ def test_seeing_targets_mark_each_cell_with_the_shape_whose_box_holds_it():
     assert (boxes[kinds == 0] == 0).all()
     on_top = render([BLUE_SQUARE, Obj("circle", "yellow", "small", 0.75, 0.5, 0.2)])
     small = min(detect(on_top), key=lambda d: d.area)
-    kinds, _ = see_targets(on_top)
+    kinds, _ = see_targets(detect(on_top))
     assert small.colour == "yellow"
     assert kinds[4 * CELLS + 6] == KINDS.index((small.colour, small.shape)) + 1
 
@@ -236,7 +236,7 @@ def test_seeing_head_reads_each_cell_from_the_merged_token_over_it():
     model, processor = new_vlm({**SHAPES_CONFIG, "seed": 0})  # 112 px: 4 x 4 merged tokens
     head = see_head(model)
     picture = render([RED_CIRCLE, BLUE_SQUARE])
-    targets = see_targets(picture)
+    targets = see_targets(detect(picture))
     opt = torch.optim.AdamW([*model.model.visual.parameters(), *head.parameters()], lr=3e-3)
     first = None
     for _ in range(20):
@@ -246,3 +246,24 @@ def test_seeing_head_reads_each_cell_from_the_merged_token_over_it():
         loss.backward()
         opt.step()
     assert loss.item() < first / 2
+
+
+def test_warmup_pictures_are_half_before_pictures_and_detected_once(monkeypatch):
+    """A warm-up batch is up to half BEFORE pictures, the rest renders; each picture is
+    detected on first use only, and its detections are the detector's."""
+    from artloop.trainers import shapes_warmups
+
+    before = [render([RED_CIRCLE]), render([BLUE_SQUARE])]
+    pictures = shapes_warmups.Pictures(before, fresh=6, seed=0)
+    calls = []
+    real = shapes_warmups.detect
+    monkeypatch.setattr(shapes_warmups, "detect", lambda im: calls.append(im) or real(im))
+    rng = random.Random(0)
+    drawn = pictures.draw(6, rng)
+    assert sum(any(p is b for b in before) for p, _ in drawn) == 2  # half is 3; 2 exist
+    for p, found in drawn:
+        assert found == real(p)
+    assert len(calls) == len({id(p) for p, _ in drawn})  # each picture once
+    for _ in range(10):
+        pictures.draw(6, rng)
+    assert len(calls) == 6 + 2  # all 8 pictures, each detected once

@@ -46,7 +46,7 @@ class ShapesTraining:
         sizes = [
             (sd, ("vae_steps", "scenes", "unet_steps")),
             (inpaint, ("scenes", "steps")),
-            (vlm, ("episodes", "copy_steps", "see_steps", "look_steps", "steps")),
+            (vlm, ("episodes", "copy_steps", "see_steps", "look_steps", "steps", "pictures")),
         ]
         for stage, names in sizes:
             for name in names:  # at least 2 of each

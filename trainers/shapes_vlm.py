@@ -60,7 +60,10 @@ class ShapesVLMTraining:
     look_steps: int = help_field(
         1500, help="Looking warm-up steps: a picture -> its shapes with boxes (fresh pictures)"
     )
-    look_batch: int = help_field(32, help="Pictures per looking warm-up step")
+    look_batch: int = help_field(32, help="Pictures per seeing and looking warm-up step")
+    pictures: int = help_field(
+        8000, help="Renders the seeing and looking warm-ups draw from, beside the BEFORE pictures"
+    )
     steps: int = help_field(2000, help="Training steps")
     rehearse_copy: int = help_field(
         16, help="Copying strings added to each training step (0: none), so it is not forgotten"
@@ -76,7 +79,7 @@ class ShapesVLMTraining:
 
     def check(self) -> None:
         """ValueError naming the first field out of its range."""
-        for name in ("episodes", "steps", "batch_size", "copy_batch", "look_batch"):
+        for name in ("episodes", "steps", "batch_size", "copy_batch", "look_batch", "pictures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("lr", "max_grad_norm"):
@@ -308,6 +311,7 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
     from artloop.models.tiny.vlm import save_vlm
     from artloop.trainers.shapes_eval import evaluate_agents, model_card
     from artloop.trainers.shapes_warmups import (
+        Pictures,
         copy_loss,
         copy_warmup,
         look_loss,
@@ -324,8 +328,9 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
     words = words_of(examples, set(fixed))
     copied = copy_warmup(model, processor, words, cfg, log)
     before = [e.images[0] for e in examples if e.agent == "data_cot"]
-    seen = see_warmup(model, processor, before, cfg, log)
-    looked = look_warmup(model, processor, before, cfg, log)
+    pictures = Pictures(before, cfg.pictures, cfg.seed)
+    seen = see_warmup(model, processor, pictures, cfg, log)
+    looked = look_warmup(model, processor, pictures, cfg, log)
     lengths = [
         len(processor.tokenizer(_prompt_text(processor, e))["input_ids"]) for e in examples[:5]
     ]
@@ -334,7 +339,7 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
     if cfg.rehearse_copy:
         rehearsals.append(copy_loss(model, processor, words, cfg.rehearse_copy))
     if cfg.rehearse_look:
-        rehearsals.append(look_loss(model, processor, before, cfg.rehearse_look))
+        rehearsals.append(look_loss(model, processor, pictures, cfg.rehearse_look))
     losses = train(model, processor, examples, cfg, log, tuple(rehearsals))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""tiny-shapes-qwen2vl's two warm-ups, run before the agents' calls (trainers/shapes_vlm.py).
+"""tiny-shapes-qwen2vl's warm-ups, run before the agents' calls (trainers/shapes_vlm.py).
 
 Copying: strings of the calls' words, each said twice, the second time learned, on the
 language model alone. The agents mostly copy (the caption into a prompt, a box from the critique
@@ -6,13 +6,19 @@ into the plan), and a model trained from scratch on the calls alone learned the 
 captions by heart instead (bench/copy_warmup.py: 0 of 30 held-out captions copied without it,
 30 of 30 after it).
 
+Seeing: the vision tower alone, with a throwaway linear head, on a dense task: each cell of an
+8 x 8 grid over the picture is labelled with the kind and box of the shape over it. Every cell
+of every picture is a target, so the tower learns where things are in a few hundred cheap steps.
+
 Looking: a picture and the question "which shapes, where?", answered with Data-CoT's own object
-list (labels and boxes on the 0-1000 grid, from the detector), on fresh pictures every step:
-renders of training scenes (some with one thing wrong) and the episodes' BEFORE pictures (half of
-them tiny-shapes-sd samples). In the agents' calls a box is a few tokens of a long answer, and
-three runs trained on the calls alone placed every box near the whole picture (held-out box IoU
-0.04-0.07): the vision tower had not learned where things are. Pictures cannot be memorised, so
-the warm-up makes it learn to see them.
+list (labels and boxes on the 0-1000 grid, from the detector). In the agents' calls a box is a
+few tokens of a long answer, and three runs trained on the calls alone placed every box near the
+whole picture (held-out box IoU 0.04-0.07); this teaches the language model to read the boxes
+off the picture.
+
+Seeing and looking draw from `Pictures`: thousands of renders of training scenes (some with one
+thing wrong) and the episodes' BEFORE pictures (half of them tiny-shapes-sd samples), each
+detected once. Copying and looking are rehearsed in every training step afterwards.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from artloop.trainers.shapes_agents import answer_text, facts, perturb
-from artloop.world.detect import detect
+from artloop.world.detect import Detection, detect
 from artloop.world.language import SHAPES
 from artloop.world.scenes import RGB, render, sample_scenes
 
@@ -128,10 +134,10 @@ def copy_warmup(model, processor, words: list[str], cfg: WarmupSettings, log=pri
 
 
 # --- looking ----------------------------------------------------------------------------------
-def look_answer(image: Image.Image) -> str:
-    """What the looking warm-up learns for `image`: Data-CoT's object list, as the grammar
-    writes it."""
-    return answer_text({"objects": facts(detect(image))["objects"]})
+def look_answer(found: list[Detection]) -> str:
+    """What the looking warm-up learns for a picture in which the detector `found` these:
+    Data-CoT's object list, as the grammar writes it."""
+    return answer_text({"objects": facts(found)["objects"]})
 
 
 def look_prompt(processor) -> str:
@@ -164,31 +170,39 @@ def look_rows(processor, pictures: list[Image.Image], answers: list[str]):
     return enc, labels
 
 
-def pictures_of(
-    pool: list[Image.Image], batch: int, rng: random.Random, label: Callable, cache: dict
-) -> list[tuple]:
-    """A warm-up batch: fresh renders of training scenes (one thing wrong or none), and up to
-    half of it pictures of `pool` (the episodes' BEFORE pictures), each with `label(picture)`;
-    the pool's labels are computed once, into `cache`."""
-    n_fresh = batch - min(len(pool), batch // 2)
-    scenes = sample_scenes("train", n_fresh, seed=rng.randrange(1 << 30))
-    pictures = [render(perturb(s, rng)) for s in scenes]
-    picked = rng.sample(range(len(pool)), batch - n_fresh)
-    for k in picked:
-        if k not in cache:
-            cache[k] = label(pool[k])
-    return [(p, label(p)) for p in pictures] + [(pool[k], cache[k]) for k in picked]
+class Pictures:
+    """What the seeing and looking warm-ups (and their rehearsals) draw from: `fresh` renders of
+    training scenes (one thing wrong or none) made once, and `before` (the episodes' BEFORE
+    pictures, half of them tiny-shapes-sd samples); each picture's detections are computed on
+    first use and kept (detecting is most of a small step's cost)."""
+
+    def __init__(self, before: list[Image.Image], fresh: int, seed: int) -> None:
+        rng = random.Random(f"{seed}-pictures")
+        scenes = sample_scenes("train", fresh, seed=rng.randrange(1 << 30))
+        self.pools = ([render(perturb(s, rng)) for s in scenes], list(before))
+        self._found: dict[tuple[int, int], list[Detection]] = {}
+
+    def draw(self, n: int, rng: random.Random) -> list[tuple[Image.Image, list[Detection]]]:
+        """`n` pictures with their detections, up to half of them BEFORE pictures."""
+        fresh, before = self.pools
+        n_before = min(len(before), n // 2)
+        # With replacement: a scaled-down run's pools may be smaller than a batch.
+        picks = [(0, k) for k in rng.choices(range(len(fresh)), k=n - n_before)]
+        picks += [(1, k) for k in rng.choices(range(len(before)), k=n_before)]
+        for pick in picks:
+            if pick not in self._found:
+                self._found[pick] = detect(self.pools[pick[0]][pick[1]])
+        return [(self.pools[p][k], self._found[p, k]) for p, k in picks]
 
 
-def look_loss(model, processor, pool: list[Image.Image], batch: int) -> Callable:
-    """`loss_of(rng)` for looking: `batch` pictures (`pictures_of`) -> their object lists."""
+def look_loss(model, processor, pictures: Pictures, batch: int) -> Callable:
+    """`loss_of(rng)` for looking: `batch` pictures -> their object lists."""
     import torch.nn.functional as F
 
-    cache: dict[int, str] = {}
-
     def loss_of(rng: random.Random):
-        drawn = pictures_of(pool, batch, rng, look_answer, cache)
-        enc, labels = look_rows(processor, [p for p, _ in drawn], [a for _, a in drawn])
+        drawn = pictures.draw(batch, rng)
+        answers = [look_answer(found) for _, found in drawn]
+        enc, labels = look_rows(processor, [p for p, _ in drawn], answers)
         logits = model(**enc).logits[:, :-1]
         return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten())
 
@@ -198,44 +212,40 @@ def look_loss(model, processor, pool: list[Image.Image], batch: int) -> Callable
 def look_warmup(
     model,
     processor,
-    pool: list[Image.Image],
+    pictures: Pictures,
     cfg: WarmupSettings,
     log=print,
     after_step: Callable[[int], None] | None = None,
 ):
     """The looking warm-up; the losses, one per step."""
-    loss_of = look_loss(model, processor, pool, cfg.look_batch)
+    loss_of = look_loss(model, processor, pictures, cfg.look_batch)
     return run_warmup(model, cfg, "look", cfg.look_steps, loss_of, log, after_step)
 
 
 # --- seeing -----------------------------------------------------------------------------------
-# The vision tower alone, on a dense task: for each cell of an 8 x 8 grid over the picture (one
-# 14 px patch at 112 px), the kind of the shape whose box holds the cell's centre (or none) and
-# that box. Every cell of every picture is a target, where the looking warm-up gives a few box
-# digits per picture through the whole language model; the head is dropped afterwards, so the
-# model stays a Qwen2-VL.
+# Each cell of the 8 x 8 grid is one 14 px patch at 112 px: the kind of the shape whose box holds
+# the cell's centre (or none), and that box. The head is dropped afterwards, so the model stays a
+# Qwen2-VL.
 CELLS = 8
 KINDS = [(c, s) for c in RGB for s in SHAPES]  # class k + 1; 0 is background
 
 
-def see_targets(image: Image.Image):
-    """The dense targets of `image` from the detector: kinds (CELLS * CELLS,) and boxes
-    (CELLS * CELLS, 4) as shares of the side, cells in raster order; the smallest box wins a
-    cell two boxes hold."""
+def see_targets(found: list[Detection]):
+    """The dense targets of a picture in which the detector `found` these: kinds
+    (CELLS * CELLS,) and boxes (CELLS * CELLS, 4) as shares of the side, cells in raster
+    order; a cell two boxes hold goes to the smaller."""
     import torch
 
-    kinds = torch.zeros(CELLS * CELLS, dtype=torch.long)
-    boxes = torch.zeros(CELLS * CELLS, 4)
-    found = sorted(detect(image), key=lambda d: -d.area)  # smaller ones overwrite
-    centres = [(k + 0.5) / CELLS for k in range(CELLS)]
-    for d in found:
+    kinds = torch.zeros(CELLS, CELLS, dtype=torch.long)
+    boxes = torch.zeros(CELLS, CELLS, 4)
+    centres = (torch.arange(CELLS) + 0.5) / CELLS
+    for d in sorted(found, key=lambda d: -d.area):  # smaller ones overwrite
         x1, y1, x2, y2 = d.box
-        for r, cy in enumerate(centres):
-            for c, cx in enumerate(centres):
-                if x1 < cx < x2 and y1 < cy < y2:  # a box edge on a centre: not held
-                    kinds[r * CELLS + c] = KINDS.index((d.colour, d.shape)) + 1
-                    boxes[r * CELLS + c] = torch.tensor(d.box)
-    return kinds, boxes
+        across, down = (x1 < centres) & (centres < x2), (y1 < centres) & (centres < y2)
+        held = down[:, None] & across[None, :]  # a box edge on a centre: not held
+        kinds[held] = KINDS.index((d.colour, d.shape)) + 1
+        boxes[held] = torch.tensor(d.box)
+    return kinds.flatten(), boxes.view(-1, 4)
 
 
 def see_head(model):
@@ -280,18 +290,18 @@ def see_loss(model, head, processor, pictures: list[Image.Image], targets: list)
     return ce + 10 * l1, right.item(), l1.item()
 
 
-def see_warmup(model, processor, pool: list[Image.Image], cfg: WarmupSettings, log=print):
+def see_warmup(model, processor, pictures: Pictures, cfg: WarmupSettings, log=print):
     """The seeing warm-up on the vision tower (and its merger) with a throwaway head, pictures
     drawn as the looking warm-up draws them; the losses, one per step."""
     import torch
 
     head = see_head(model)
     recent: list[tuple[float, float]] = []
-    cache: dict[int, tuple] = {}
 
     def loss_of(rng: random.Random):
-        drawn = pictures_of(pool, cfg.look_batch, rng, see_targets, cache)
-        loss, right, l1 = see_loss(model, head, processor, *map(list, zip(*drawn, strict=True)))
+        drawn = pictures.draw(cfg.look_batch, rng)
+        targets = [see_targets(found) for _, found in drawn]
+        loss, right, l1 = see_loss(model, head, processor, [p for p, _ in drawn], targets)
         recent.append((right, l1))
         return loss
 
