@@ -13,11 +13,19 @@ import tempfile
 from collections.abc import Iterable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from jinja2 import Environment, TemplateSyntaxError
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
@@ -244,6 +252,31 @@ class DiffusionConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+# The loop's parts a variant switches (docs/architecture.md, "Variants"): the critics in the order
+# they run (or "merged": one call answers for all three), and the edit modes the edit node applies.
+Critic = Literal["data_cot", "concept_cot", "thesis_cot"]
+CRITICS: tuple[str, ...] = get_args(Critic)
+EditMode = Literal["img2img", "inpaint", "tone"]
+EDIT_MODES: tuple[str, ...] = get_args(EditMode)
+
+
+def _distinct_in_order(value: Any, known: tuple[str, ...], what: str, also: str = "") -> Any:
+    """A list of names from `known` without repeats, put in `known`'s order; anything else is
+    left to the field's type to refuse."""
+    if not isinstance(value, list | tuple):
+        return value
+    for name in value:
+        if name not in known:
+            raise PydanticCustomError(
+                "unknown_name",
+                "'{name}' is not {what} (one of {known}{also})",
+                {"name": str(name), "what": what, "known": ", ".join(known), "also": also},
+            )
+        if list(value).count(name) > 1:
+            raise PydanticCustomError("repeated_name", "'{name}' is listed twice", {"name": name})
+    return [name for name in known if name in value]
+
+
 class LoopConfig(_Section):
     max_iters: int = Field(3, ge=1, le=50, description="Iterations before giving up")
     accept_score: float = Field(7.0, ge=0.0, le=10.0, description="Validator score to accept")
@@ -275,6 +308,106 @@ class LoopConfig(_Section):
         "the step record and the report only: no agent sees them (e.g. shapes, the shapes "
         "world's exact judge)",
     )
+    # --- the variant: which agents run, how images are edited and chosen, what is remembered ---
+    enhancer: bool = Field(
+        True,
+        description="Run the prompt enhancer each iteration; off: the user's prompt is drawn "
+        "first, then each plan's revised and negative prompts (the compose node)",
+    )
+    critics: list[Critic] | Literal["merged"] = Field(
+        default_factory=lambda: list(CRITICS),
+        description="Which of data_cot, concept_cot, thesis_cot run (in that order; a critic "
+        "left out is not a node, and the next one works without its output), or merged: one "
+        "critic call answers facts -> critique -> plan, the image sent once. Without "
+        "thesis_cot there is no plan: set edit_modes = [] (each iteration is then drawn and "
+        "judged; with no enhancer either, it re-rolls the seed)",
+    )
+    edit_modes: list[EditMode] = Field(
+        default_factory=lambda: list(EDIT_MODES),
+        description="The plan's edits the edit node applies: img2img (a global pass), inpaint "
+        "(its box edits), tone (exposure, contrast, saturation); [] = no edit node: the "
+        "validator judges the generated image alone (the rater, or a reward's score)",
+    )
+    best_of: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Text-to-image candidates per iteration, seeds seed, seed+1, ...; the "
+        "best_of_judge keeps the best (the pick node); all are recorded in the step",
+    )
+    best_of_judge: str = Field(
+        "vlm",
+        min_length=1,
+        description="Who picks among best_of candidates: vlm (the rater agent's 0-10 score) or "
+        "a reward name, e.g. aesthetic or composite:mine (checked by graphs/context.check_judge)",
+    )
+    memory: Literal["last", "history"] = Field(
+        "last",
+        description="What the enhancer sees of earlier iterations: last (the last plan's prompt "
+        "and the last verdict's reasons) or history (every earlier attempt: its prompt, score, "
+        "verdict and reasons, oldest first)",
+    )
+
+    @field_validator("critics", mode="before")
+    @classmethod
+    def _critics_named(cls, value: Any) -> Any:
+        if value == "merged" or (isinstance(value, list | tuple) and list(value) == ["merged"]):
+            return "merged"
+        if isinstance(value, list | tuple) and "merged" in value:
+            raise PydanticCustomError(
+                "merged_alone",
+                "merged replaces data_cot, concept_cot and thesis_cot: give it alone",
+            )
+        if isinstance(value, str):
+            raise PydanticCustomError(
+                "critics", "'{value}' is not a list of critics or merged", {"value": value}
+            )
+        value = _distinct_in_order(value, CRITICS, "a critic", "; or merged, alone")
+        if "thesis_cot" not in value and (unread := [c for c in value if c in CRITICS]):
+            raise PydanticCustomError(
+                "critic_unread",
+                "{names} without thesis_cot: nothing would read its output (thesis_cot makes "
+                "the plan; [] runs no critic)",
+                {"names": " and ".join(unread)},
+            )
+        return value
+
+    @field_validator("edit_modes", mode="before")
+    @classmethod
+    def _edit_modes_named(cls, value: Any) -> Any:
+        return _distinct_in_order(value, EDIT_MODES, "an edit mode")
+
+    @model_validator(mode="after")
+    def _parts_fit(self) -> LoopConfig:
+        if self.edit_modes and not self.plans:
+            raise PydanticCustomError(
+                "edits_without_plan",
+                "edit_modes {modes} apply a plan, and without thesis_cot there is none: set "
+                "edit_modes = [] or add thesis_cot to critics",
+                {"modes": ", ".join(self.edit_modes)},
+            )
+        if self.carry_edits and not self.edit_modes:
+            raise PydanticCustomError(
+                "carry_without_edits",
+                "carry_edits: with edit_modes = [] there are no edits to carry",
+            )
+        if self.memory == "history" and not self.enhancer:
+            raise PydanticCustomError(
+                "memory_unread",
+                "memory = history is what the enhancer reads, and enhancer = false",
+            )
+        return self
+
+    @property
+    def plans(self) -> bool:
+        """Whether an iteration makes an edit plan (thesis_cot, alone or merged)."""
+        return self.critics == "merged" or "thesis_cot" in self.critics
+
+    @property
+    def rerolls(self) -> bool:
+        """Whether nothing can change the prompt between iterations (no enhancer, no plan): each
+        iteration then draws new seeds instead of the same image again."""
+        return not self.enhancer and not self.plans
 
 
 class ServeConfig(_Section):
@@ -404,6 +537,7 @@ TEMPLATES = (
     "artifacts",
     "vqa_questions",
     "vqa_answer",
+    "critic",
 )
 
 

@@ -123,17 +123,27 @@ def ask(
     image: Image.Image | None = None,
     more_images: Sequence[Image.Image] = (),
     policy: CallPolicy = CallPolicy(),
+    token_budget: int = 1,
     **variables: Any,
 ) -> Structured[T]:
     """Render prompts/<agent>.jinja in the common layout, attach `image` (then `more_images`),
-    and get a validated `schema` answer."""
+    and get a validated `schema` answer (`token_budget`: in that many times the model's
+    answer-token limit, for an answer that stands for several agents')."""
     images = ([image] if image is not None else []) + list(more_images)
     # Downscaled here, as sent: a pixel family's boxes are in the model's resize of this size.
     images = [fit_image(im, policy.image_max_side) for im in images]
     frame = policy.box_frame(*images[0].size) if images else GRID
     answer = answer_guide(schema, frame) if enforces_schema(model) else schema_instructions(schema)
     messages = messages_for(agent, answer, images, policy, frame, **variables)
-    return invoke_structured(model, messages, schema, agent=agent, policy=policy, box_frame=frame)
+    return invoke_structured(
+        model,
+        messages,
+        schema,
+        agent=agent,
+        policy=policy,
+        box_frame=frame,
+        token_budget=token_budget,
+    )
 
 
 def _boxes_in(node: Any, frame: BoxFrame) -> Any:

@@ -14,12 +14,13 @@ def concept_cot(
     model: BaseChatModel,
     image: Image.Image,
     prompt: str,
-    facts: ImageFacts,
+    facts: ImageFacts | None,
     stats: dict[str, float],
     *,
     policy: CallPolicy = CallPolicy(),
 ) -> Structured[Critique]:
-    """What is wrong with `image`, how badly and where."""
+    """What is wrong with `image`, how badly and where. `facts`: Data-CoT's description, None
+    where this loop runs no Data-CoT (the image alone is judged)."""
     return ask(
         model,
         agent="concept_cot",

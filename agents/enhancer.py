@@ -15,10 +15,13 @@ def enhance(
     *,
     previous_prompt: str | None = None,
     feedback: list[str] | None = None,
+    history: list[dict] | None = None,
     policy: CallPolicy = CallPolicy(),
 ) -> Structured[EnhancedPrompt]:
     """First iteration: expand `prompt`. Later ones: rework `previous_prompt` (the last edit
-    plan's revised prompt) so that it addresses the validator's `feedback`."""
+    plan's revised prompt) so that it addresses the validator's `feedback`, or, given the
+    `history` of every earlier attempt (prompt, score, verdict, reasons; `loop.memory =
+    "history"`), what all of them taught."""
     return ask(
         model,
         agent="enhance",
@@ -27,4 +30,5 @@ def enhance(
         prompt=prompt,
         previous_prompt=previous_prompt,
         feedback=feedback or [],
+        history=history or [],
     )

@@ -233,6 +233,17 @@ class EditPlan(_Out):
     params: ParamChanges = Field(description="Parameter changes; null keeps each current value")
 
 
+class CriticAnswer(_Out):
+    """The merged critic: Data-CoT's facts, Concept-CoT's critique and Thesis-CoT's plan in one
+    answer, in that order (each part reads the ones before it)."""
+
+    facts: ImageFacts = Field(description="First: what the picture shows, before any judgement")
+    critique: Critique = Field(
+        description="Then: the picture judged against the prompt, the checklist and the taxonomy"
+    )
+    plan: EditPlan = Field(description="Last: the edit plan that fixes what the critique found")
+
+
 class Verdict(_Out):
     """Validator: the AFTER image judged against the prompt and against BEFORE."""
 

@@ -19,8 +19,13 @@ def _summarise(name: str, update: dict) -> str:
     step = update.get("step", {})
     out = step.get("agents", {})
     match name:
-        case "enhance":
+        case "enhance" | "compose":
             return f"prompt: {step.get('prompt', '')[:70]!r}"
+        case "pick" if step.get("candidates"):
+            kept = step["candidates"][step["picked"]]
+            return f"seed {kept['seed']} of {len(step['candidates'])}, score {kept['score']:.2f}"
+        case "generate" if step.get("candidates"):  # best-of: pick keeps one
+            return f"{len(step['candidates'])} candidates"
         case "generate" | "edit":
             digest = step.get("image" if name == "generate" else "edited_image") or ""
             extra = f", {len(step.get('edits', []))} edit(s)" if name == "edit" else ""
@@ -34,7 +39,7 @@ def _summarise(name: str, update: dict) -> str:
             return (
                 f"{len(c.get('artifacts', []))} artifact(s), alignment {c.get('prompt_alignment')}"
             )
-        case "thesis_cot":
+        case "thesis_cot" | "critic":
             return f"{len(out.get('thesis_cot', {}).get('regional_edits', []))} regional edit(s)"
         case "validate":
             v = out.get("validate", {})

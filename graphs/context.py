@@ -95,20 +95,28 @@ class RefineContext:
         for key in ("fact_scorers", "watch_scorers"):
             if names := getattr(self.loop, key):
                 models[key] = {name: reward_entry(name).identity() for name in names}
+        if self.loop.best_of > 1 and self.loop.best_of_judge != "vlm":  # who picks, its weights
+            models["best_of_judge"] = reward_entry(self.loop.best_of_judge).identity()
         return models
 
 
 def check_judge(loop: LoopConfig) -> None:
     """`loop.judge` is "vlm" (the validator agent) or a reward that can judge, and each of
-    `loop.fact_scorers` and `loop.watch_scorers` a reward: ConfigError naming it otherwise.
-    Checked here, not in config.py: the reward registry is a layer above it."""
+    `loop.fact_scorers` and `loop.watch_scorers` a reward, and `loop.best_of_judge` "vlm" (the
+    rater) or a reward: ConfigError naming it otherwise. Checked here, not in config.py: the
+    reward registry is a layer above it."""
     if loop.judge != "vlm":
         try:
             judge_reward(loop.judge)
         except ValueError as e:
             raise ConfigError(f"loop.judge: {e}") from None
-    for key in ("fact_scorers", "watch_scorers"):
-        for name in getattr(loop, key):
+    picker = [] if loop.best_of_judge == "vlm" else [loop.best_of_judge]
+    for key, names in (
+        ("fact_scorers", loop.fact_scorers),
+        ("watch_scorers", loop.watch_scorers),
+        ("best_of_judge", picker),
+    ):
+        for name in names:
             try:
                 reward_entry(name)
             except ValueError as e:  # UnknownRewardError is one too

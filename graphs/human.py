@@ -164,8 +164,10 @@ def pauses_at(state: dict, point: str) -> bool:
     return "all" in wanted or point in wanted
 
 
-def check_pause_at(points: str | list[str]) -> list[str]:
-    """Validate a session's pause points (one point may be given as a string)."""
+def check_pause_at(points: str | list[str], *, plans: bool = True) -> list[str]:
+    """Validate a session's pause points (one point may be given as a string); `plans`: whether
+    the session's loop makes a plan to pause at (loop.critics with thesis_cot; "all" pauses
+    wherever there is a point)."""
     points = [points] if isinstance(points, str) else points
     if not isinstance(points, list | tuple) or not all(isinstance(p, str) for p in points):
         raise HumanActionError(f"pause_at must be a pause point or a list of them, got {points!r}")
@@ -173,6 +175,8 @@ def check_pause_at(points: str | list[str]) -> list[str]:
         raise HumanActionError(
             f"unknown pause point(s) {bad}: choose from {', '.join(PAUSES)}, all"
         )
+    if "plan" in points and not plans:
+        raise HumanActionError("pause_at plan: this loop makes no plan (no thesis_cot in critics)")
     return list(points)
 
 

@@ -12,40 +12,45 @@ kept. State holds image hashes, never pixels; each finished iteration is written
 A session lists its pauses in `pause_at` (graphs/human.py); a pause is LangGraph's `interrupt()`,
 and every node is safe to re-run from its top when a session resumes.
 
+That is the default loop. A variant (`loop.enhancer`, `critics`, `edit_modes`, `best_of`) is
+built with only the nodes it runs (`build_graph`): `compose` in place of the enhancer, `pick`
+after generate for best-of-N, one `critic` call in place of the three critics, no review_plan
+without a plan and no edit without edit modes (the image is then judged alone).
+
 Each node streams custom events (`stream_mode="custom"`): node_started, node_finished and
 diffusion_step (step i of n). A run a LangGraph server drives (`graph` below, as langgraph.json
-names it) keeps the store's status true by itself: paused at a point, running, cancelled, or
-failed with its cause; artloop's runner compiles `builder` and sets the status itself.
+names it) keeps the store's status true by itself (graphs/served.py): paused at a point,
+running, cancelled, or failed with its cause; artloop's runner compiles `build_graph(loop)` for
+its session and sets the status itself.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import math
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from itertools import pairwise
 from typing import Any, Literal, TypedDict
-from uuid import UUID
 
 from artloop import agents
 from artloop.agents.schemas import Critique, ImageFacts, Verdict
-from artloop.config import ConfigError, validate_prompt
+from artloop.config import CRITICS, ConfigError, LoopConfig, validate_prompt
 from artloop.graphs import human
-from artloop.graphs.context import RefineContext, RunSettings, for_server, merge_settings
+from artloop.graphs.context import RefineContext, RunSettings
 from artloop.graphs.human import Plan
+from artloop.graphs.judging import canaries, judge_alone, rank, scores_of, watched
+from artloop.graphs.served import ServerRuns, drive, node_context
 from artloop.models.structured import Structured
 from artloop.prompts import PROMPTS_VERSION
-from artloop.rewards import BrokenJudgeError, judge_by_reward, reward_entry
+from artloop.rewards import judge_by_reward
 from artloop.runtime.accounting import breakdown, ledger
-from artloop.store import leases
-from artloop.store.trajectories import TrajectoryStore, check_run_id, new_run_id
+from artloop.store.trajectories import check_run_id, new_run_id
 from artloop.tools.diffusion import GenParams, on_step
 from artloop.tools.image_facts import measure
 from artloop.tools.images import adjust_tone
-from langchain_core.callbacks import BaseCallbackHandler
 from langgraph.config import get_config
 from langgraph.errors import GraphInterrupt
 from langgraph.graph import END, START, StateGraph
@@ -60,7 +65,9 @@ class RefineState(TypedDict, total=False):
     prompt: str  # the user's prompt, never changed
     iteration: int  # 0-based
     current_prompt: str | None  # the last plan's revised prompt, for the next enhance
+    current_negative_prompt: str | None  # the last plan's negative prompt, for compose
     feedback: list[str]  # the last verdict's reasons, for the next enhance
+    attempts: list[dict]  # every finished iteration's prompt, score, verdict, reasons
     params: dict[str, Any]  # GenParams as a dict: size, steps, guidance, seed
     step: dict[str, Any]  # the record of the iteration under way (see store/trajectories.py)
     scores: list[float]  # validator score of each finished iteration
@@ -72,53 +79,6 @@ class RefineState(TypedDict, total=False):
 
 
 # --- nodes ------------------------------------------------------------------------------------
-@dataclass
-class _Driven:
-    """A session a run of the server's graph works on (not artloop's runner), and its lease:
-    while the run lasts, the store knows a live process works on it (see store/leases.py)."""
-
-    store: TrajectoryStore
-    run_id: str
-    lease: leases.Lease
-
-    def end(self, status: str | None = None, error: str | None = None) -> None:
-        if status is not None:
-            self.store.finish_run(self.run_id, status, error=error)
-        self.lease.release()
-
-
-# Server run id (LangGraph's run id, also its callbacks' root run id) -> the session it drives;
-# and the server runs that ended (a node still running in its thread when the server cancelled
-# the run may finish after that: it must not register the run again).
-DRIVEN: dict[str, _Driven] = {}
-ENDED: deque[str] = deque(maxlen=1000)
-
-
-def _context(runtime: Runtime, state: RefineState, name: str) -> tuple[RefineContext, dict | None]:
-    """The node's context; and for a run a server started (with no context, or a client's
-    RunSettings), the session's settings: the client's context applies to the session from the
-    run it came with on (merged over what earlier runs gave; begin starts from none)."""
-    given = runtime.context
-    if isinstance(given, RefineContext):  # artloop's runner
-        return given, None
-    stored = None if name == "begin" else state.get("settings")
-    settings = merge_settings(stored, given if isinstance(given, RunSettings) else None)
-    return for_server(RunSettings(**settings)), settings
-
-
-def _drive(runtime: Runtime, ctx: RefineContext, run_id: str | None) -> None:
-    """The first node of each server run marks its session running (it may have been paused,
-    cancelled or failed before) and registers it for ServerRuns."""
-    info = runtime.execution_info
-    server_run = str(info.run_id) if info is not None and info.run_id is not None else None
-    if server_run is None or run_id is None or server_run in DRIVEN or server_run in ENDED:
-        return
-    lease = leases.Lease(ctx.store, run_id, leases.LEASE_S)
-    lease.acquire()  # RunBusyError if another session works on it: this run changes nothing
-    DRIVEN[server_run] = _Driven(ctx.store, run_id, lease)
-    ctx.store.finish_run(run_id, "running")
-
-
 def node(fn=None, *, persist: bool = False):
     """Give a node its context and time it into the step, with progress events around it;
     `persist` writes the finished step to the store (an upsert: safe to repeat on resume)."""
@@ -127,10 +87,12 @@ def node(fn=None, *, persist: bool = False):
     name = fn.__name__
 
     def wrapper(state: RefineState, runtime: Runtime[RefineContext]) -> dict:
-        ctx, settings = _context(runtime, state, name)
+        ctx, settings = node_context(runtime, state, name)
         managed = settings is None
-        if not managed and name != "begin":  # begin names the session: see below
-            _drive(runtime, ctx, state.get("run_id"))
+        if not managed:
+            check_served(ctx.loop)
+            if name != "begin":  # begin names the session: see below
+                drive(runtime, ctx, state.get("run_id"))
         emit = runtime.stream_writer
         where = {
             "node": name,
@@ -158,7 +120,7 @@ def node(fn=None, *, persist: bool = False):
         if settings is not None and settings != state.get("settings"):
             update["settings"] = settings  # for the session's later runs
         if not managed and name == "begin":
-            _drive(runtime, ctx, update["run_id"])
+            drive(runtime, ctx, update["run_id"])
         emit(
             {
                 "event": "node_finished",
@@ -174,17 +136,18 @@ def node(fn=None, *, persist: bool = False):
     return wrapper
 
 
-def _agent(step: dict, name: str, result: Structured) -> dict:
+def _agent(step: dict, name: str, result: Structured, parts: dict | None = None) -> dict:
     """The step with one agent's output, its parse-failure count and its calls' tokens
-    (prompt, cached, completion; the answers' mean token log-probability) added."""
+    (prompt, cached, completion; the answers' mean token log-probability) added. `parts`: an
+    answer that stands for several agents (the merged critic's), under their names."""
     failures = {**step.get("parse_failures", {}), name: {result.backend: result.failures}}
-    agents_out = {**step.get("agents", {}), name: result.output.model_dump()}
+    answers = parts if parts is not None else {name: result.output.model_dump()}
     seconds = {**step.get("agent_seconds", {}), name: result.seconds}
     usage = {**step.get("agent_usage", {}), name: result.usage()}
     return {
         "step": {
             **step,
-            "agents": agents_out,
+            "agents": {**step.get("agents", {}), **answers},
             "parse_failures": failures,
             "agent_seconds": seconds,
             "agent_usage": usage,
@@ -208,7 +171,7 @@ def begin(state: RefineState, ctx: RefineContext) -> dict:
             f"{', '.join(INPUTS)}; its settings come in the run's context)"
         )
     prompt = validate_prompt(state.get("prompt", ""))
-    pause_at = human.check_pause_at(state.get("pause_at") or [])
+    pause_at = human.check_pause_at(state.get("pause_at") or [], plans=ctx.loop.plans)
     run_id = check_run_id(state["run_id"]) if fresh and state.get("run_id") else new_run_id()
     config: dict[str, Any] = {"loop": ctx.loop.model_dump()}
     if (thread := (get_config().get("configurable") or {}).get("thread_id")) != run_id:
@@ -225,7 +188,9 @@ def begin(state: RefineState, ctx: RefineContext) -> dict:
     defaults = {
         "iteration": 0,
         "current_prompt": None,
+        "current_negative_prompt": None,
         "feedback": [],
+        "attempts": [],
         "params": asdict(params),
         "step": {},
         "scores": [],
@@ -244,6 +209,7 @@ def enhance(state: RefineState, ctx: RefineContext) -> dict:
         state["prompt"],
         previous_prompt=None if first else state.get("current_prompt"),
         feedback=None if first else state.get("feedback"),
+        history=state.get("attempts") if ctx.loop.memory == "history" else None,
         policy=ctx.policy,
     )
     fresh = {
@@ -252,6 +218,19 @@ def enhance(state: RefineState, ctx: RefineContext) -> dict:
         "negative_prompt": result.output.negative_prompt,
     }
     return _agent(fresh, "enhance", result)
+
+
+@node
+def compose(state: RefineState, ctx: RefineContext) -> dict:
+    """The step's prompts where no enhancer runs (`loop.enhancer = false`): the user's prompt
+    first, then the last plan's revised and negative prompts (or the same prompt again)."""
+    later = state.get("iteration", 0) > 0 and state.get("current_prompt")
+    fresh = {
+        "iteration": state.get("iteration", 0),
+        "prompt": state["current_prompt"] if later else state["prompt"],
+        "negative_prompt": (state.get("current_negative_prompt") or "") if later else "",
+    }
+    return {"step": fresh}
 
 
 def review(state: RefineState, ctx: RefineContext, point: str, proposal: dict) -> human.HumanAction:
@@ -293,51 +272,73 @@ def review_prompt(state: RefineState, ctx: RefineContext) -> dict:
     return {"step": human.record(step, "prompt", action), "params": params}
 
 
+def draw_seeds(loop: LoopConfig, seed: int, iteration: int) -> list[int]:
+    """The seeds of an iteration's text-to-image draws: `loop.best_of` consecutive ones from
+    `seed`. Where nothing can change the prompt (`loop.rerolls`), each iteration draws the next
+    ones instead of the same images again."""
+    first = seed + (iteration * loop.best_of if loop.rerolls else 0)
+    return [first + k for k in range(loop.best_of)]
+
+
 @node
 def generate(state: RefineState, ctx: RefineContext) -> dict:
+    """Text-to-image with the step's prompts; with `loop.best_of` > 1, every candidate (the
+    pick node keeps one)."""
+    step, i = state["step"], state.get("iteration", 0)
+    if ctx.loop.carry_edits and i > 0 and state.get("best_image"):
+        # The edits so far, kept: this iteration edits them further.
+        carried = {**step, "carried": True, "params": state["params"]}
+        return {"step": measured(ctx, state, carried, state["best_image"])}
+    params = GenParams(**state["params"])
+    seeds = draw_seeds(ctx.loop, params.seed, i)
+    drawn = [
+        ctx.diffusion.text_to_image(
+            step["prompt"], step["negative_prompt"], replace(params, seed=seed)
+        )
+        for seed in seeds
+    ]
+    step = {**step, "params": {**state["params"], "seed": seeds[0]}}
+    if len(drawn) > 1:
+        candidates = [{"seed": s, "image": d} for s, d in zip(seeds, drawn, strict=True)]
+        return {"step": {**step, "candidates": candidates}}
+    return {"step": measured(ctx, state, step, drawn[0])}
+
+
+@node
+def pick(state: RefineState, ctx: RefineContext) -> dict:
+    """Keep the best of the iteration's candidates by `loop.best_of_judge` (the rater's score
+    against the user's prompt, or a reward's; the first of equals); each candidate's seed,
+    image and score stay in the step."""
     step = state["step"]
-    if ctx.loop.carry_edits and state.get("iteration", 0) > 0 and state.get("best_image"):
-        image = state["best_image"]  # the edits so far, kept: this iteration edits them further
-        step = {**step, "carried": True}
-    else:
-        params = GenParams(**state["params"])
-        image = ctx.diffusion.text_to_image(step["prompt"], step["negative_prompt"], params)
+    if "candidates" not in step:  # a carried image (loop.carry_edits): nothing to choose from
+        return {"step": step}
+    pictures = [ctx.store.images.get(c["image"]) for c in step["candidates"]]
+    judged, best, rated = rank(ctx, pictures, state["prompt"])
+    candidates = [c | j for c, j in zip(step["candidates"], judged, strict=True)]
+    step = {
+        **step,
+        "candidates": candidates,
+        "picked": best,
+        "params": {**step["params"], "seed": candidates[best]["seed"]},
+    }
+    if rated:  # the rater's calls, counted like an agent's
+        backend = rated[0].backend
+        failures = {backend: sum(r.failures for r in rated)}
+        step["parse_failures"] = {**step.get("parse_failures", {}), "pick": failures}
+        seconds = sum(r.seconds for r in rated)
+        step["agent_seconds"] = {**step.get("agent_seconds", {}), "pick": seconds}
+    return {"step": measured(ctx, state, step, candidates[best]["image"])}
+
+
+def measured(ctx: RefineContext, state: RefineState, step: dict, image: str) -> dict:
+    """The step with its image, the image's statistics and the fact and watch scorers' scores."""
     picture = ctx.store.images.get(image)
-    stats = measure(picture)
-    step = {**step, "params": state["params"], "image": image, "stats": {"image": stats}}
+    step = {**step, "image": image, "stats": {"image": measure(picture)}}
     if ctx.loop.fact_scorers:  # measured facts too, scored against the user's prompt
         step["scores"] = {"image": scores_of(ctx.loop.fact_scorers, picture, state["prompt"])}
     if ctx.loop.watch_scorers:
         step["watch"] = {"image": watched(ctx, picture, state["prompt"])}
-    return {"step": step}
-
-
-def scores_of(names: list[str], image: Image.Image, prompt: str) -> dict[str, dict]:
-    """Each named reward's score of `image` for `prompt`, with what the score means (its range,
-    None when unbounded, and direction): name -> {score, range, higher_is_better}."""
-    found = {}
-    for name in names:
-        entry = reward_entry(name)
-        (value,), _ = entry.fn([image], [prompt], [{}])
-        found[name] = {
-            "score": round(float(value), 4),
-            "range": list(entry.range) if entry.range else None,
-            "higher_is_better": entry.higher_is_better,
-        }
-    return found
-
-
-def watched(ctx: RefineContext, image: Image.Image, prompt: str) -> dict[str, dict]:
-    """`loop.watch_scorers`' scores of `image`, for the record only. A scorer that cannot read
-    the prompt (`shapes` of a prompt that names no shape) records why instead of stopping a
-    run it takes no part in."""
-    found = {}
-    for name in ctx.loop.watch_scorers:
-        try:
-            found |= scores_of([name], image, prompt)
-        except ValueError as e:
-            found[name] = {"error": str(e)}
-    return found
+    return step
 
 
 @node
@@ -355,11 +356,17 @@ def data_cot(state: RefineState, ctx: RefineContext) -> dict:
     return _agent(step, "data_cot", result)
 
 
+def _answer(step: dict, agent: str, schema: type[Any]) -> Any:
+    """An earlier agent's answer in this step, or None where the loop does not run it."""
+    found = step.get("agents", {}).get(agent)
+    return None if found is None else schema.model_validate(found)
+
+
 @node
 def concept_cot(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
     image = ctx.store.images.get(step["image"])
-    facts = ImageFacts.model_validate(step["agents"]["data_cot"])
+    facts = _answer(step, "data_cot", ImageFacts)
     result = agents.concept_cot(
         ctx.chat, image, state["prompt"], facts, step["stats"]["image"], policy=ctx.policy
     )
@@ -370,17 +377,42 @@ def concept_cot(state: RefineState, ctx: RefineContext) -> dict:
 def thesis_cot(state: RefineState, ctx: RefineContext) -> dict:
     step = state["step"]
     image = ctx.store.images.get(step["image"])
-    critique = Critique.model_validate(step["agents"]["concept_cot"])
     result = agents.thesis_cot(
         ctx.chat,
         image,
         state["prompt"],
         step["prompt"],
         state["params"],
-        critique,
+        _answer(step, "concept_cot", Critique),
         policy=ctx.policy,
+        facts=_answer(step, "data_cot", ImageFacts),
+        edit_modes=ctx.loop.edit_modes,
     )
     return _agent(step, "thesis_cot", result)
+
+
+@node
+def critic(state: RefineState, ctx: RefineContext) -> dict:
+    """The merged critic (`loop.critics = "merged"`): facts, critique and plan in one call,
+    recorded under the three critics' names (what the report, exports and trainers read), with
+    `answered_by` saying that the critic's one call answered for them."""
+    step = state["step"]
+    result = agents.critic(
+        ctx.chat,
+        ctx.store.images.get(step["image"]),
+        state["prompt"],
+        step["prompt"],
+        state["params"],
+        step["stats"]["image"],
+        policy=ctx.policy,
+        scores=step.get("scores", {}).get("image"),
+        edit_modes=ctx.loop.edit_modes,
+    )
+    answer = result.output
+    parts = dict(zip(CRITICS, (answer.facts, answer.critique, answer.plan), strict=True))
+    update = _agent(step, "critic", result, {k: v.model_dump() for k, v in parts.items()})
+    update["step"]["answered_by"] = dict.fromkeys(CRITICS, "critic")
+    return update
 
 
 @node
@@ -400,16 +432,20 @@ def enough_steps(params: GenParams, strength: float) -> GenParams:
 
 @node
 def edit(state: RefineState, ctx: RefineContext) -> dict:
-    """Apply the plan: a global img2img pass (when asked for, or when there is nothing regional),
-    one inpainting pass per regional box edit, then the global tone factors."""
-    step = state["step"]
+    """Apply the plan, as far as `loop.edit_modes` allows: a global img2img pass (when asked
+    for, or when there is nothing regional), one inpainting pass per regional box edit, then
+    the global tone factors."""
+    step, modes = state["step"], ctx.loop.edit_modes
     plan = Plan.model_validate(step["plan"])
-    params = GenParams(**state["params"])
+    params = GenParams(**step["params"])  # the image's own (best-of: the seed picked)
     if ctx.loop.carry_edits:  # a new draw for an edit of what may be the same image again
         params = replace(params, seed=params.seed + step["iteration"])
+    regions = plan.regional_edits if "inpaint" in modes else []
     strength = plan.params.strength
     if strength is None:
-        strength = 0.0 if plan.regional_edits else ctx.diffusion_config.edit_strength
+        strength = 0.0 if regions else ctx.diffusion_config.edit_strength
+    if "img2img" not in modes:
+        strength = 0.0
     image, ops = step["image"], []
     if strength > 0:
         p = enough_steps(params, strength)
@@ -419,7 +455,7 @@ def edit(state: RefineState, ctx: RefineContext) -> dict:
         ops.append(
             {"op": "img2img", "strength": strength, "steps": p.num_inference_steps, "image": image}
         )
-    for region in plan.regional_edits:
+    for region in regions:
         p = enough_steps(params, region.strength)
         image = ctx.diffusion.inpaint(
             image, tuple(region.box), region.prompt, plan.negative_prompt, p, region.strength
@@ -435,7 +471,7 @@ def edit(state: RefineState, ctx: RefineContext) -> dict:
             }
         )
     tone = plan.params.model_dump(include={"exposure", "contrast", "saturation"}, exclude_none=True)
-    if any(v != 1.0 for v in tone.values()):
+    if "tone" in modes and any(v != 1.0 for v in tone.values()):
         image = ctx.store.images.put(adjust_tone(ctx.store.images.get(image), **tone))
         ops.append({"op": "tone", **tone, "image": image})
     picture = ctx.store.images.get(image)
@@ -448,47 +484,33 @@ def edit(state: RefineState, ctx: RefineContext) -> dict:
 
 @node
 def validate(state: RefineState, ctx: RefineContext) -> dict:
+    """The iteration judged: its edit (BEFORE, then AFTER) by the validator or a reward judge
+    (`loop.judge`). In a loop with no edit, its image alone: the rater's score or the reward's,
+    as a verdict (`verdict_alone`: accept from accept_score, else revise)."""
     step, loop = state["step"], ctx.loop
-    before, after = (ctx.store.images.get(step[k]) for k in ("image", "edited_image"))
-    if loop.judge == "vlm":
-        result = agents.validate(
+    before = ctx.store.images.get(step["image"])
+    if "edited_image" not in step:
+        return _agent(step, "validate", judge_alone(state, ctx, before))
+    after = ctx.store.images.get(step["edited_image"])
+    if loop.judge != "vlm":  # a measured preference judges instead of the VLM
+        result = judge_by_reward(before, after, state["prompt"], loop.judge, loop.accept_score)
+        return _agent(step, "validate", result)
+
+    def ask(edited: Image.Image) -> Structured[Verdict]:
+        return agents.validate(
             ctx.chat,
             before,
-            after,
+            edited,
             state["prompt"],
             Plan.model_validate(step["plan"]),
             step["stats"]["image"],
-            step["stats"]["edited"],
+            step["stats"]["edited"] if edited is after else measure(edited),
             policy=ctx.policy,
             accept_score=loop.accept_score,
         )
-        try:  # its canary pairs: `before` edited into a control image (noise, grey), when due
-            ctx.judge_watch.check(
-                state["run_id"],
-                step["edited_image"],
-                result.output,
-                "validator",
-                ask=lambda canary: (
-                    agents.validate(
-                        ctx.chat,
-                        before,
-                        canary,
-                        state["prompt"],
-                        Plan.model_validate(step["plan"]),
-                        step["stats"]["image"],
-                        measure(canary),
-                        policy=ctx.policy,
-                        accept_score=loop.accept_score,
-                    ).output
-                ),
-                before=before,
-            )
-        except BrokenJudgeError as e:  # the runs it already judged lose their verdicts too
-            for run_id in set(e.runs) - {state["run_id"]}:
-                ctx.store.revoke(run_id, f"BrokenJudgeError: {e}")
-            raise
-    else:  # a measured preference judges instead of the VLM
-        result = judge_by_reward(before, after, state["prompt"], loop.judge, loop.accept_score)
+
+    result = ask(after)
+    canaries(state, ctx, step["edited_image"], result.output, lambda c: ask(c).output, before)
     return _agent(step, "validate", result)
 
 
@@ -504,11 +526,11 @@ def decide(state: RefineState, ctx: RefineContext) -> dict:
     ]
     score = agent_verdict.score
     # A rejected edit made things worse: the iteration's result is the image before it.
-    result_image = step["image"] if verdict == "reject" else step["edited_image"]
+    kept = step["image"] if verdict == "reject" else step.get("edited_image", step["image"])
     step = human.record(step, "verdict", action) | {
         "score": score,
         "verdict": verdict,
-        "result_image": result_image,
+        "result_image": kept,
     }
     i, scores = step["iteration"], [*state.get("scores", []), score]
     best_score = state.get("best_score")
@@ -525,19 +547,31 @@ def decide(state: RefineState, ctx: RefineContext) -> dict:
         and max(scores[-patience:]) < max(scores[:-patience]) + loop.plateau_min_delta
     ):
         status = "plateau"
-    plan = Plan.model_validate(step["plan"])
-    changes = plan.params.model_dump(
-        include={"guidance_scale", "num_inference_steps"}, exclude_none=True
+    # Without a plan (no thesis_cot) the next iteration starts from this one's prompts.
+    plan = Plan.model_validate(step["plan"]) if "plan" in step else None
+    changes = (
+        plan.params.model_dump(include={"guidance_scale", "num_inference_steps"}, exclude_none=True)
+        if plan
+        else {}
     )
+    attempt = {
+        "iteration": i,
+        "prompt": step["prompt"],
+        "score": score,
+        "verdict": verdict,
+        "reasons": agent_verdict.reasons,
+    }
     return {
         "step": step,
         "scores": scores,
         "status": status,
         "iteration": i + 1,
-        "current_prompt": plan.revised_prompt,
+        "current_prompt": plan.revised_prompt if plan else step["prompt"],
+        "current_negative_prompt": plan.negative_prompt if plan else step["negative_prompt"],
         "feedback": agent_verdict.reasons,
+        "attempts": [*state.get("attempts", []), attempt],
         "params": {**state["params"], **changes},
-        "best_image": result_image if improved else state.get("best_image"),
+        "best_image": kept if improved else state.get("best_image"),
         "best_score": score if improved else best_score,
     }
 
@@ -561,72 +595,86 @@ def after_decide(state: RefineState) -> Literal["revise", "accept", "give_up"]:
 
 
 # --- builder ----------------------------------------------------------------------------------
-# The context a server run gets from its client (JSON); artloop's runner passes a RefineContext.
-builder = StateGraph(RefineState, context_schema=RunSettings)
-NODES = (
+# Every node, in the order they run; a variant leaves some out (`nodes_for`).
+ORDER = (
     begin,
     enhance,
+    compose,
     review_prompt,
     generate,
+    pick,
     data_cot,
     concept_cot,
     thesis_cot,
+    critic,
     review_plan,
     edit,
     validate,
     decide,
     record,
 )
-for fn in NODES:
-    builder.add_node(fn.__name__, fn)
-builder.add_edge(START, "begin")
-for a, b in zip(NODES[:-2], NODES[1:-1], strict=True):  # enhance -> ... -> decide, in order
-    builder.add_edge(a.__name__, b.__name__)
-builder.add_conditional_edges(
-    "decide", after_decide, {"revise": "enhance", "accept": "record", "give_up": "record"}
-)
-builder.add_edge("record", END)
+
+
+def nodes_for(loop: LoopConfig) -> tuple[Callable, ...]:
+    """The nodes of `loop`'s variant, in order: a part it leaves out is not a node, so the
+    graph's picture and the trajectory's timings show what ran."""
+    separate = () if loop.critics == "merged" else loop.critics
+    runs = {
+        "enhance": loop.enhancer,
+        "compose": not loop.enhancer,
+        "pick": loop.best_of > 1,
+        **{name: name in separate for name in CRITICS},
+        "critic": loop.critics == "merged",
+        "review_plan": loop.plans,
+        "edit": bool(loop.edit_modes),
+    }
+    return tuple(fn for fn in ORDER if runs.get(fn.__name__, True))
+
+
+def shape(loop: LoopConfig) -> tuple[str, ...]:
+    """The names of the variant's nodes: variants of one shape share one graph."""
+    return tuple(fn.__name__ for fn in nodes_for(loop))
+
+
+def build_graph(loop: LoopConfig | None = None) -> StateGraph:
+    """The refine graph of `loop`'s variant (None: the default loop): its nodes chained in
+    order up to decide, which goes back to the iteration's first node or on to record."""
+    nodes = nodes_for(loop or LoopConfig())
+    # The context a server run gets from its client (JSON); artloop's runner passes a
+    # RefineContext.
+    built = StateGraph(RefineState, context_schema=RunSettings)
+    for fn in nodes:
+        built.add_node(fn.__name__, fn)
+    built.add_edge(START, "begin")
+    for a, b in pairwise(nodes[:-1]):  # begin -> ... -> decide, in order
+        built.add_edge(a.__name__, b.__name__)
+    first = nodes[1].__name__  # enhance, or compose
+    built.add_conditional_edges(
+        "decide", after_decide, {"revise": first, "accept": "record", "give_up": "record"}
+    )
+    built.add_edge("record", END)
+    return built
+
+
+NODES = nodes_for(LoopConfig())  # the default loop's
+SERVED = shape(LoopConfig())  # what a LangGraph server runs (`graph`)
+builder = build_graph()
+
+
+def check_served(loop: LoopConfig) -> None:
+    """A server runs `graph`, the default loop's: a session's loop settings may change what
+    its nodes do (judge, memory, best_of_judge, ...), not which nodes run."""
+    if (wanted := shape(loop)) != SERVED:
+        extra = sorted(set(wanted) - set(SERVED)) or ["none"]
+        missing = sorted(set(SERVED) - set(wanted)) or ["none"]
+        raise ConfigError(
+            f"loop: this variant runs other nodes than the server's graph (adds "
+            f"{', '.join(extra)}; leaves out {', '.join(missing)}): run it with artloop run, "
+            "batch or session, whose runner builds the variant's graph"
+        )
 
 
 # --- the server's graph -------------------------------------------------------------------------
-# How a run stopped from outside ends (the server cancels its task: CancelledError).
-STOPPED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
-
-
-class ServerRuns(BaseCallbackHandler):
-    """The end of each server run that the nodes cannot see: a run the server cancels reads
-    `cancelled` in the store, one that fails `failed` with its cause. (Pauses, answers and the
-    finish are written by the nodes; see `DRIVEN`.)"""
-
-    run_inline = True  # a status write, at once: the run may be torn down next
-
-    def on_chain_end(
-        self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        if parent_run_id is None:
-            ENDED.append(str(run_id))
-            if (session := DRIVEN.pop(str(run_id), None)) is not None:
-                session.end()
-
-    def on_chain_error(
-        self,
-        error: BaseException,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if parent_run_id is not None:
-            return
-        ENDED.append(str(run_id))
-        if (session := DRIVEN.pop(str(run_id), None)) is None:
-            return
-        if isinstance(error, STOPPED):
-            session.end("cancelled")
-        else:
-            session.end("failed", " ".join(f"{type(error).__name__}: {error}".split())[:2000])
-
-
 # Without a checkpointer, for `langgraph dev` (it brings its own); artloop's runner compiles
-# `builder` with its checkpointer and keeps the store's status itself.
+# `build_graph(loop)` with its checkpointer and keeps the store's status itself.
 graph = builder.compile().with_config(callbacks=[ServerRuns()])

@@ -15,9 +15,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from artloop.config import LoopConfig
 from artloop.graphs.context import RefineContext
 from artloop.graphs.human import check_action, check_pause_at
-from artloop.graphs.refine import builder
+from artloop.graphs.refine import build_graph, shape
 from artloop.prompts import PROMPTS_VERSION
 from artloop.store.leases import RunBusyError, hold_run
 from artloop.store.trajectories import TrajectoryStore, check_run_id, new_run_id
@@ -46,11 +47,12 @@ class CheckpointerError(RuntimeError):
 
 @dataclass
 class _Open:
-    """A saver open for one store, and the graphs compiled with it (dropped when it closes)."""
+    """A saver open for one store, and the graphs compiled with it (dropped when it closes),
+    by the variant's nodes and the nodes to stop before."""
 
     saver: BaseCheckpointSaver
     users: int = 0
-    graphs: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    graphs: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = field(default_factory=dict)
 
 
 _OPEN: dict[TrajectoryStore, _Open] = {}
@@ -136,18 +138,31 @@ def _postgres(url: str) -> BaseCheckpointSaver:
     return PostgresSaver(pool)
 
 
-def compiled(saver: BaseCheckpointSaver, interrupt_before: tuple[str, ...] = ()) -> Any:
-    """The refine graph compiled with `saver`, once per open saver (compiling inspects every
-    node's code: ~40 ms, as much as the rest of the framework's work in a session)."""
+def compiled(
+    saver: BaseCheckpointSaver, loop: LoopConfig, interrupt_before: tuple[str, ...] = ()
+) -> Any:
+    """The refine graph of `loop`'s variant compiled with `saver`, once per open saver and
+    variant shape (compiling inspects every node's code: ~40 ms, as much as the rest of the
+    framework's work in a session)."""
+
+    def compile_it() -> Any:
+        return build_graph(loop).compile(
+            checkpointer=saver, interrupt_before=list(interrupt_before)
+        )
+
     with _LOCK:
         held = next((h for h in _OPEN.values() if h.saver is saver), None)
         if held is None:  # a saver the caller opened itself: not kept
-            return builder.compile(checkpointer=saver, interrupt_before=list(interrupt_before))
-        if interrupt_before not in held.graphs:
-            held.graphs[interrupt_before] = builder.compile(
-                checkpointer=saver, interrupt_before=list(interrupt_before)
-            )
-        return held.graphs[interrupt_before]
+            return compile_it()
+        key = (shape(loop), interrupt_before)
+        if key not in held.graphs:
+            held.graphs[key] = compile_it()
+        return held.graphs[key]
+
+
+def stored_loop(run: dict) -> LoopConfig:
+    """The loop a stored run runs (its config's; the default for a run stored without one)."""
+    return LoopConfig(**(run["config"].get("loop") or {}))
 
 
 def pending_pause(snapshot: StateSnapshot) -> dict | None:
@@ -168,6 +183,10 @@ def run_session(
 ) -> RunSummary:
     """Start a run (`prompt` given; `run_id` optional) or resume one (`run_id` alone).
 
+    The graph is built for `ctx.loop`'s variant, and the run's stored config records that loop
+    (under "loop", over any the caller's `config` gives): a resumed run must be given the loop
+    it started with (`stored_loop`; the CLI does so).
+
     `pause_at` lists where a new session waits for a person; a paused session resumes with
     their `answer` (a HumanAction's fields; None lets the agent decide), checked before anything
     changes.
@@ -181,18 +200,22 @@ def run_session(
         raise ValueError("resuming needs a run id")
     run_id = check_run_id(run_id) if run_id else new_run_id()
     if not resume:
-        check_pause_at(pause_at or [])
+        check_pause_at(pause_at or [], plans=ctx.loop.plans)
     start = time.perf_counter()
     thread = {"configurable": {"thread_id": run_id}}
     with ExitStack() as held:
         saver = held.enter_context(open_checkpointer(ctx.store))  # failing: nothing is stored
         if not resume:
-            ctx.store.create_run(run_id, prompt, config or {}, ctx.models(), PROMPTS_VERSION)
-        else:
-            ctx.store.get_run(run_id)  # raises StoreError for an unknown run
+            recorded = {**(config or {}), "loop": ctx.loop.model_dump()}  # what ran
+            ctx.store.create_run(run_id, prompt, recorded, ctx.models(), PROMPTS_VERSION)
+        elif shape(stored_loop(ctx.store.get_run(run_id))) != shape(ctx.loop):  # or StoreError
+            raise ValueError(
+                f"run {run_id} runs another loop variant than this one: resume it with the loop "
+                "stored with it (artloop resume does)"
+            )
         # A second session on this run is refused here, before it reads any state.
         lease = held.enter_context(hold_run(ctx.store, run_id))
-        graph = compiled(saver, tuple(interrupt_before or ()))
+        graph = compiled(saver, ctx.loop, tuple(interrupt_before or ()))
         # The `begin` node completes a new run's state from the context's settings.
         inputs: Any = (
             None if resume else {"run_id": run_id, "prompt": prompt, "pause_at": pause_at or []}

@@ -9,14 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from artloop.graphs.refine import builder
-from artloop.graphs.runner import compiled, open_checkpointer, pending_pause
+from artloop.config import LoopConfig
+from artloop.graphs.refine import build_graph, nodes_for
+from artloop.graphs.runner import compiled, open_checkpointer, pending_pause, stored_loop
 from artloop.store.trajectories import StoreError, TrajectoryStore, check_run_id, new_run_id
 from langgraph.graph import START
 
-# The node whose update leads to each node (to re-enter the graph at a forked checkpoint);
-# enhance and record are also reached from decide, which a later iteration comes from.
-PREDECESSOR = {end: start for start, end in builder.edges if end != "__end__"}
+
+def predecessors(loop: LoopConfig) -> dict[str, str]:
+    """The node whose update leads to each node of `loop`'s variant (to re-enter the graph at a
+    forked checkpoint); the iteration's first node and record are also reached from decide,
+    which a later iteration comes from."""
+    return {end: start for start, end in build_graph(loop).edges if end != "__end__"}
 
 
 @dataclass
@@ -35,8 +39,9 @@ class SessionView:
     best_score: float | None
 
 
-def _graph(saver: Any) -> Any:
-    return compiled(saver)
+def _graph(saver: Any, run: dict) -> Any:
+    """The graph of the loop variant `run` (a stored run) runs."""
+    return compiled(saver, stored_loop(run))
 
 
 def _thread(run_id: str, checkpoint_id: str | None = None) -> dict:
@@ -50,7 +55,7 @@ def view(store: TrajectoryStore, run_id: str) -> SessionView:
     """The session `run_id` as it stands (StoreError if unknown)."""
     run = store.get_run(run_id)
     with open_checkpointer(store) as saver:
-        snapshot = _graph(saver).get_state(_thread(run_id))
+        snapshot = _graph(saver, run).get_state(_thread(run_id))
     values = snapshot.values or {}
     pause = pending_pause(snapshot) if snapshot.next else None
     if not values and run["status"] == "paused":  # a server's session: its pause is stored
@@ -71,9 +76,9 @@ def view(store: TrajectoryStore, run_id: str) -> SessionView:
 
 def history(store: TrajectoryStore, run_id: str) -> list[dict]:
     """The session's checkpoints, oldest first: id, iteration, the node that runs next."""
-    store.get_run(run_id)
+    run = store.get_run(run_id)
     with open_checkpointer(store) as saver:
-        snapshots = list(_graph(saver).get_state_history(_thread(run_id)))
+        snapshots = list(_graph(saver, run).get_state_history(_thread(run_id)))
     return [
         {
             "checkpoint_id": s.config["configurable"]["checkpoint_id"],
@@ -91,7 +96,7 @@ def fork(store: TrajectoryStore, run_id: str, checkpoint_id: str) -> str:
     iterations finished by then. The original is left as it is. Returns the new run id."""
     run = store.get_run(run_id)
     with open_checkpointer(store) as saver:
-        graph = _graph(saver)
+        graph = _graph(saver, run)
         snapshot = graph.get_state(_thread(run_id, checkpoint_id))
         if snapshot.values is None or not snapshot.next:
             raise StoreError(
@@ -108,9 +113,10 @@ def fork(store: TrajectoryStore, run_id: str, checkpoint_id: str) -> str:
         for step in run["steps"][:done]:  # the iterations finished before the fork point
             store.put_step(new_id, step["iteration"], step)
         # Re-enter the graph as if the node before the forked one had just written this state.
-        node = snapshot.next[0]
+        loop, node = stored_loop(run), snapshot.next[0]
+        first = nodes_for(loop)[1].__name__  # an iteration's: enhance, or compose
         as_node = (
-            "decide" if done and node in ("enhance", "record") else PREDECESSOR.get(node, START)
+            "decide" if done and node in (first, "record") else predecessors(loop).get(node, START)
         )
         graph.update_state(_thread(new_id), {**snapshot.values, "run_id": new_id}, as_node=as_node)
     store.finish_run(new_id, "interrupted")

@@ -58,6 +58,13 @@ DEFAULTS: dict[str, Any] = {
     "ArtifactAnswer": {"notes": "soft fur", "artifacts": ["blur"]},
 }
 
+# The merged critic's answer is the three critics' answers in one.
+DEFAULTS["CriticAnswer"] = {
+    "facts": DEFAULTS["ImageFacts"],
+    "critique": DEFAULTS["Critique"],
+    "plan": DEFAULTS["EditPlan"],
+}
+
 _TITLE = re.compile(r'"title":"(\w+)","type":"object"\}\s*$')  # the top-level schema
 
 

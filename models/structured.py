@@ -290,18 +290,33 @@ def box_schema(schema: dict, frame: BoxFrame) -> dict:
     return rewrite(schema, box)
 
 
-def bind_schema(model: BaseChatModel, schema_cls: type[BaseModel], frame: BoxFrame = GRID):
-    """Attach schema-constrained decoding in the form each backend understands; boxes bounded
-    in `frame`'s convention."""
-    schema = box_schema(grammar_schema(copy.deepcopy(json_schema(schema_cls))), frame)
+def token_limit(model: BaseChatModel, budget: int) -> dict[str, int]:
+    """The call options that allow an answer `budget` times the model's own token limit (one
+    call answering for several agents: the merged critic); {} where it is the model's own or
+    the backend takes no such option."""
     kind = backend_name(model)
+    if budget == 1 or kind not in ("inprocess", "openai"):
+        return {}
     if kind == "inprocess":
-        return model.bind(json_schema=schema)
+        return {"max_new_tokens": model.max_new_tokens * budget}  # type: ignore[attr-defined]
+    limit = getattr(model, "max_tokens", None)
+    return {"max_tokens": limit * budget} if limit else {}
+
+
+def bind_schema(
+    model: BaseChatModel, schema_cls: type[BaseModel], frame: BoxFrame = GRID, budget: int = 1
+):
+    """Attach schema-constrained decoding in the form each backend understands; boxes bounded
+    in `frame`'s convention; `budget` times the model's answer-token limit (`token_limit`)."""
+    schema = box_schema(grammar_schema(copy.deepcopy(json_schema(schema_cls))), frame)
+    kind, limit = backend_name(model), token_limit(model, budget)
+    if kind == "inprocess":
+        return model.bind(json_schema=schema, **limit)
     if kind == "openai":  # vLLM and other OpenAI-compatible servers
         fmt = {"name": schema_cls.__name__, "schema": schema, "strict": True}
         # logprobs: each answer token's (the chosen one's only), for Structured.mean_logprob.
         return model.bind(
-            response_format={"type": "json_schema", "json_schema": fmt}, logprobs=True
+            response_format={"type": "json_schema", "json_schema": fmt}, logprobs=True, **limit
         )
     return model  # any other chat model: the schema is described in the prompt
 
@@ -346,12 +361,14 @@ def invoke_structured(
     agent: str,
     policy: CallPolicy = CallPolicy(),
     box_frame: BoxFrame = GRID,
+    token_budget: int = 1,
 ) -> Structured[T]:
     """Call `model` for a `schema_cls` answer; on invalid output, show the model its error and
     retry (at most `policy.attempts` calls in all). Raises StructuredOutputError after the
     last, ChatServerError when the server stays unreachable. `box_frame`: how the model writes
-    boxes about the image sent (its family's convention)."""
-    runnable = bind_schema(model, schema_cls, box_frame)
+    boxes about the image sent (its family's convention); `token_budget`: the answer may be
+    that many times the model's token limit (an answer for several agents)."""
+    runnable = bind_schema(model, schema_cls, box_frame, token_budget)
     backend = backend_name(model)
     history = list(messages)
     errors: list[str] = []

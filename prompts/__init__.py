@@ -63,9 +63,17 @@ def template_names() -> list[str]:
     )
 
 
+@cache
 def examples() -> dict[str, dict]:
-    """One worked example per agent that has one: agent -> {"for": what it is about, "answer"}."""
-    return load_data("examples")
+    """One worked example per agent that has one: agent -> {"for": what it is about, "answer"}.
+    The merged critic's is the three critics' answers about the same cat picture, in one."""
+    found = dict(load_data("examples"))
+    parts = {"facts": "data_cot", "critique": "concept_cot", "plan": "thesis_cot"}
+    found["critic"] = {
+        "for": found["data_cot"]["for"],
+        "answer": {part: found[agent]["answer"] for part, agent in parts.items()},
+    }
+    return found
 
 
 @cache

@@ -27,7 +27,7 @@ from artloop.rewards.composite import (
     Composite,
     composite_weights,
 )
-from artloop.rewards.judge import judge_by_reward
+from artloop.rewards.judge import judge_alone_by_reward, judge_by_reward, verdict_alone
 from artloop.rewards.registry import (
     ENTRY_POINT_GROUP,
     REWARDS,
@@ -74,6 +74,7 @@ __all__ = [
     "composite_weights",
     "configure_scorers",
     "get_reward",
+    "judge_alone_by_reward",
     "judge_by_reward",
     "judge_reward",
     "reward",
@@ -84,5 +85,6 @@ __all__ = [
     "scorers_config",
     "split_names",
     "synartifact_reward",
+    "verdict_alone",
     "vlm_reward",
 ]

@@ -33,3 +33,32 @@ def judge_by_reward(
     return Structured(
         output=out, backend=f"reward:{reward}", failures=0, seconds=time.perf_counter() - start
     )
+
+
+def verdict_alone(
+    score: float, reasons: list[str], accept_score: float, reference: float | None
+) -> Verdict:
+    """The verdict on an image judged alone (a loop with no edit: there is no BEFORE): accept
+    from `accept_score`, else revise (no edit to reject); better than before when it beats
+    `reference`, the best score so far (None: nothing yet)."""
+    return Verdict(
+        reasons=reasons,
+        better_than_before=reference is None or score > reference,
+        score=score,
+        verdict="accept" if score >= accept_score else "revise",
+    )
+
+
+def judge_alone_by_reward(
+    image: Image.Image, prompt: str, reward: str, accept_score: float, reference: float | None
+) -> Structured[Verdict]:
+    """`judge_by_reward` for a loop with no edit: the image's `reward` score mapped onto 0-10,
+    its verdict by `verdict_alone`."""
+    entry = judge_reward(reward)
+    start = time.perf_counter()
+    (value,), _ = entry.fn([image], [prompt], [{}])
+    score = round(10.0 * entry.unit(float(value)), 1)
+    out = verdict_alone(score, [f"{reward} {float(value):.3f}"], accept_score, reference)
+    return Structured(
+        output=out, backend=f"reward:{reward}", failures=0, seconds=time.perf_counter() - start
+    )

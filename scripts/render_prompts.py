@@ -15,6 +15,7 @@ import argparse
 from artloop.agents.base import answer_guide, messages_for, stat_lines, system_text
 from artloop.agents.schemas import (
     ArtifactAnswer,
+    CriticAnswer,
     Critique,
     EditPlan,
     EnhancedPrompt,
@@ -45,7 +46,8 @@ AFTER = {**STATS, "brightness": 0.61, "clipped_bright": 0.012, "sharpness": 905.
 def cases() -> dict[str, tuple[int, type, dict]]:
     """agent -> (how many images it is sent, its schema, its template's variables)."""
     return {
-        "enhance": (0, EnhancedPrompt, {"prompt": PROMPT, "previous_prompt": None, "feedback": []}),
+        "enhance": (0, EnhancedPrompt, {"prompt": PROMPT, "previous_prompt": None, "feedback": [],
+                                        "history": []}),
         "data_cot": (1, ImageFacts, {"prompt": DEFAULTS["EnhancedPrompt"]["prompt"],
                                      "stats": stat_lines(STATS), "scores": {}}),
         "concept_cot": (1, Critique, {"prompt": PROMPT, "facts": DEFAULTS["ImageFacts"],
@@ -55,9 +57,19 @@ def cases() -> dict[str, tuple[int, type, dict]]:
             "current_prompt": DEFAULTS["EnhancedPrompt"]["prompt"],
             "params": {"seed": 0, "guidance_scale": 5.0, "num_inference_steps": 30},
             "critique": DEFAULTS["Critique"],
+            "facts": None,
+            "unavailable": [],
         }),
         "validate": (2, Verdict, {"prompt": PROMPT, "plan": DEFAULTS["EditPlan"],
                                   "stats": compared_stats(STATS, AFTER), "accept_score": "7"}),
+        "critic": (1, CriticAnswer, {  # loop.critics = "merged": the three above in one call
+            "prompt": PROMPT,
+            "current_prompt": DEFAULTS["EnhancedPrompt"]["prompt"],
+            "params": {"seed": 0, "guidance_scale": 5.0, "num_inference_steps": 30},
+            "stats": stat_lines(STATS),
+            "scores": {},
+            "unavailable": [],
+        }),
         "rate": (1, Rating, {"prompt": PROMPT}),
         "artifacts": (1, ArtifactAnswer, {"prompt": PROMPT}),
     }  # fmt: skip

@@ -50,12 +50,13 @@ def gallery(store: Any, v: SessionView) -> list[tuple[str, str]]:
     for step in v.steps:
         n, who = step["iteration"] + 1, step.get("decided_by", {}).get("verdict", "agent")
         items.append((str(store.images.path(step["image"])), f"{n}: generated"))
-        items.append(
-            (
-                str(store.images.path(step["edited_image"])),
-                f"{n}: edited, {step.get('verdict')} {step.get('score')} ({who})",
+        if step.get("edited_image"):  # a loop with no edit modes has none
+            items.append(
+                (
+                    str(store.images.path(step["edited_image"])),
+                    f"{n}: edited, {step.get('verdict')} {step.get('score')} ({who})",
+                )
             )
-        )
     if v.pause and v.iteration >= len(v.steps):
         for key, what in (("image", "generated"), ("edited_image", "edited")):
             if v.pause.get(key):
@@ -93,7 +94,8 @@ def focus_image(store: Any, v: SessionView) -> str | None:
     digest = None
     if v.pause:
         digest = v.pause.get("edited_image") or v.pause.get("image")
-    digest = digest or v.best_image or (v.steps[-1]["edited_image"] if v.steps else None)
+    last = v.steps[-1] if v.steps else {}
+    digest = digest or v.best_image or last.get("edited_image") or last.get("image")
     return str(store.images.path(digest)) if digest else None
 
 
@@ -341,9 +343,10 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt", lines=2)
+                plans = ctx.loop.plans  # a loop variant without Thesis-CoT has no plan to show
                 pause_at = gr.CheckboxGroup(
-                    ["prompt", "plan", "verdict"],
-                    value=["plan", "verdict"],
+                    ["prompt", "plan", "verdict"] if plans else ["prompt", "verdict"],
+                    value=["plan", "verdict"] if plans else ["verdict"],
                     label="Pause for me at",
                     elem_id="pause-at",
                 )

@@ -354,9 +354,11 @@ def _write_prompts(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
 
 
 def step_images(step: dict[str, Any]) -> list[str]:
-    """Every image hash a step record references (generated, edited, result, each edit's)."""
+    """Every image hash a step record references (generated, edited, result, each edit's, each
+    best-of candidate's)."""
     found = [step.get(k) for k in ("image", "edited_image", "result_image")]
     found += [op.get("image") for op in step.get("edits", [])]
+    found += [c.get("image") for c in step.get("candidates", [])]
     return list(dict.fromkeys(d for d in found if d))
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from artloop import agents
 from artloop.agents.schemas import (
     ArtifactAnswer,
+    CriticAnswer,
     Critique,
     EditPlan,
     EnhancedPrompt,
@@ -21,8 +22,18 @@ from artloop.tools.image_facts import measure
 from fakes import DEFAULTS
 from PIL import Image
 
-# Every agent's answer schema, in the loop's order, then the rewards' two.
-ANSWER_SCHEMAS = (EnhancedPrompt, ImageFacts, Critique, EditPlan, Verdict, Rating, ArtifactAnswer)
+# Every agent's answer schema, in the loop's order, then the merged critic's (the three critics'
+# in one), then the rewards' two.
+ANSWER_SCHEMAS = (
+    EnhancedPrompt,
+    ImageFacts,
+    Critique,
+    EditPlan,
+    Verdict,
+    CriticAnswer,
+    Rating,
+    ArtifactAnswer,
+)
 POLICY = CallPolicy()  # a family's (models/families.py) for the other families' tests
 CALLS = 20  # per agent, against the vLLM server
 FEW_CALLS = 3  # per agent, in-process

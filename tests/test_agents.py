@@ -10,10 +10,18 @@ tests/test_vllm_integration.py::test_agent_answers_are_schema_valid, against the
 from __future__ import annotations
 
 import pytest
-from agent_cases import ANSWER_SCHEMAS, CASES, FEW_CALLS, check_answers, image, sample_calls
+from agent_cases import (
+    ANSWER_SCHEMAS,
+    CASES,
+    FEW_CALLS,
+    PROMPTS,
+    check_answers,
+    image,
+    sample_calls,
+)
 from artloop import agents
 from artloop.agents.base import system_text
-from artloop.agents.schemas import Critique, EditPlan, ImageFacts, Verdict
+from artloop.agents.schemas import CriticAnswer, Critique, EditPlan, ImageFacts, Verdict
 from artloop.models.inprocess import ChatQwen2VLLocal
 from artloop.models.structured import CallPolicy
 from artloop.prompts import aesthetics_checklist, examples, template_names
@@ -38,6 +46,22 @@ def test_agent_answers_are_schema_valid(sampling_chat, agent):
     schema, call = CASES[agent]
     results = sample_calls(call, sampling_chat, FEW_CALLS)
     check_answers(schema, results, "inprocess", calls=FEW_CALLS)
+
+
+@pytest.mark.slow  # ~7 s: one batched generate of three ~900-token answers
+def test_the_merged_critic_answers_for_three_in_one_call(sampling_chat):
+    """The merged critic's answer (facts, critique, plan: about the three critics' answers in
+    length) is schema-valid in-process, within three times the model's token limit."""
+    import torch
+
+    torch.manual_seed(0)
+
+    def call(m, i):
+        return agents.critic(m, image(i), PROMPTS[i % 5], "a fox", {"seed": i}, measure(image(i)))
+
+    results = sample_calls(call, sampling_chat, FEW_CALLS)
+    check_answers(CriticAnswer, results, "inprocess", calls=FEW_CALLS)
+    assert max(r.completion_tokens for r in results) > sampling_chat.max_new_tokens
 
 
 def test_the_image_reaches_the_model(tiny_chat):
@@ -202,6 +226,7 @@ def test_the_worked_examples_are_valid_answers():
         "validate": Verdict,
         "rate": schemas.Rating,
         "artifacts": schemas.ArtifactAnswer,
+        "critic": schemas.CriticAnswer,  # the three critics' examples, in one
     }
     assert set(examples()) == set(by_agent)
     for agent, example in examples().items():

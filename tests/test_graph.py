@@ -65,9 +65,12 @@ def test_plateau_stops_early(store, sd_tool):
 
 def test_trajectory_records_every_step(store, sd_tool):
     chat = ScriptedChat(scripts={"Verdict": [verdict("revise", 5.0), verdict("accept", 9.0)]})
-    summary = run_session(make_ctx(store, sd_tool, chat), prompt="a fox", config={"k": 1})
+    ctx = make_ctx(store, sd_tool, chat)
+    summary = run_session(ctx, prompt="a fox", config={"k": 1})
     run = store.get_run(summary.run_id)
-    assert run["config"] == {"k": 1} and run["models"]["diffusion"]["family"] == "sd"
+    # The caller's config, and the loop that ran (its variant: tests/test_variants.py).
+    assert run["config"] == {"k": 1, "loop": ctx.loop.model_dump()}
+    assert run["models"]["diffusion"]["family"] == "sd"
     first, second = run["steps"]
     for step in (first, second):
         assert set(step["agents"]) == AGENTS

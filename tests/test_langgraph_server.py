@@ -245,6 +245,10 @@ def test_client_settings_are_honoured_or_refused(scripted):
         client.runs.wait(thread, "refine", input={"prompt": "a fox", "pause_at": ["sometimes"]})
     with pytest.raises(Exception, match="params: not an input"):
         client.runs.wait(thread, "refine", input={"prompt": "a fox", "params": {"width": 13}})
+    # The server's graph is the default loop's: a variant with other nodes is refused by name.
+    with pytest.raises(Exception, match="loop: this variant runs other nodes .*adds critic"):
+        variant = {"loop": {"critics": "merged"}}
+        client.runs.wait(thread, "refine", input={"prompt": "a fox"}, context=variant)
     assert store.list_runs(limit=-1) == before  # nothing half-made, no `running` row
 
     # The server's config says 1 iteration; this session asks for 2, at 72 px.

@@ -43,10 +43,10 @@ def _config(tmp_path: Path, delay_s: float) -> Path:
 
 
 def _interrupted_run(store: TrajectoryStore, sd_tool) -> str:
-    """A run stopped before its first node: resuming it does all its work."""
-    s = run_session(
-        make_ctx(store, sd_tool, ScriptedChat()), prompt="a red fox", interrupt_before=["enhance"]
-    )
+    """A run stopped before its first node: resuming it does all its work (under the loop
+    stored with it, the one `_config` gives the CLI)."""
+    ctx = make_ctx(store, sd_tool, ScriptedChat(), max_iters=2, plateau_patience=5)
+    s = run_session(ctx, prompt="a red fox", interrupt_before=["enhance"])
     assert s.status == "interrupted"
     return s.run_id
 
