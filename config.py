@@ -284,6 +284,21 @@ class LoopConfig(_Section):
         2, ge=1, le=50, description="Stop after this many iterations without a better score"
     )
     plateau_min_delta: float = Field(0.25, ge=0.0, le=10.0, description="What counts as better")
+    max_vlm_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="A token budget: stop the session (status budget, the best image so far "
+        "kept) after the iteration whose VLM calls bring its prompt + completion tokens to this "
+        "many or more; None: no limit",
+    )
+    max_seconds: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="A time budget: stop the session (status budget, the best image so far "
+        "kept) after the iteration that brings its running time (its nodes' seconds, not time "
+        "paused for a person) to this many or more; None: no limit",
+    )
     judge: str = Field(
         "vlm",
         description="Who validates: vlm (the validator agent) or a "

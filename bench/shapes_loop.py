@@ -14,7 +14,10 @@ the plan of a Thesis-CoT that knows exactly what is wrong, accepted when the `sh
 rises), through the same diffusion tool: the loop's ceiling with these edits.
 
     .venv/bin/python bench/shapes_loop.py [--sessions 40] [--chat-model DIR] [--agents oracle]
-        [--max-iters 3] [--no-carry]
+        [--max-iters 3] [--no-carry] [--loop-set enhancer=false ...]
+
+`--loop-set KEY=VALUE` sets a loop variant field (a JSON value), e.g. `enhancer=false`: the
+caption is drawn as it is, which is all tiny-shapes-sd understands.
 """
 
 from __future__ import annotations
@@ -40,18 +43,29 @@ from artloop.world.scenes import sample_scenes
 SIZE, STEPS = 64, 20
 
 
-def config(home: Path, chat_model: str, max_iters: int, carry: bool) -> ArtloopConfig:
+def config(
+    home: Path, chat_model: str, max_iters: int, carry: bool, extra: dict | None = None
+) -> ArtloopConfig:
+    loop = {"max_iters": max_iters, "watch_scorers": ["shapes"], "carry_edits": carry}
     return ArtloopConfig(
         home=home,
         chat={"backend": "inprocess", "model": chat_model},
-        loop={"max_iters": max_iters, "watch_scorers": ["shapes"], "carry_edits": carry},
+        loop=loop | (extra or {}),
         diffusion={"model": "tiny-shapes-sd", "width": SIZE, "height": SIZE, "steps": STEPS},
     )
 
 
-def loop_sessions(captions: list[str], chat_model: str, max_iters: int, carry: bool, home: Path):
-    """(first, final) `shapes` scores of one loop session per caption (diffusion seed i)."""
-    ctx = build_context(config(home, chat_model, max_iters, carry))
+def loop_sessions(
+    captions: list[str],
+    chat_model: str,
+    max_iters: int,
+    carry: bool,
+    home: Path,
+    extra: dict | None = None,
+):
+    """(first, final) `shapes` scores of one loop session per caption (diffusion seed i);
+    `extra`: loop settings."""
+    ctx = build_context(config(home, chat_model, max_iters, carry, extra))
     shapes = get_reward("shapes")
     pairs = []
     for i, caption in enumerate(captions):
@@ -120,6 +134,13 @@ def main() -> None:
     ap.add_argument(
         "--no-carry", action="store_true", help="every iteration from a fresh text-to-image"
     )
+    ap.add_argument(
+        "--loop-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a loop setting (JSON value), e.g. enhancer=false",
+    )
     ap.add_argument("--seed", type=int, default=0, help="which held-out captions")
     ap.add_argument("--out", type=Path, default=Path("bench/results/shapes_loop.json"))
     args = ap.parse_args()
@@ -130,15 +151,17 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="artloop-shapes-loop-"))
     started = time.perf_counter()
     carry = not args.no_carry
+    extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.loop_set)}
     if args.agents == "oracle":
         pairs = oracle_sessions(captions, scenes, args.max_iters, carry, home)
     else:
-        pairs = loop_sessions(captions, args.chat_model, args.max_iters, carry, home)
+        pairs = loop_sessions(captions, args.chat_model, args.max_iters, carry, home, extra)
     result = {
         "agents": args.agents,
         "chat_model": None if args.agents == "oracle" else args.chat_model,
         "max_iters": args.max_iters,
         "carry_edits": carry,
+        "loop_set": extra,
         **figures(pairs, args.seed),
         "seconds": round(time.perf_counter() - started),
     }

@@ -10,6 +10,7 @@ from typing import Any
 
 from artloop.cli.common import QUIT, err, fail, or_fail, quiet_libraries
 from artloop.config import ArtloopConfig, ConfigError, LoopConfig
+from artloop.runtime.accounting import describe_calls, session_totals
 
 # (pause payload, store) -> an answer dict, None (the agent decides) or QUIT
 Ask = Callable[[dict, Any], Any]
@@ -46,8 +47,30 @@ def _summarise(name: str, update: dict) -> str:
             return f"{v.get('verdict')} score {v.get('score', 0):.2f}"
         case "decide":
             who = step.get("decided_by", {}).get("verdict", "agent")
-            return f"{step.get('verdict')} ({who}) -> {update.get('status') or 'revise'}"
+            out = f"{step.get('verdict')} ({who}) -> {update.get('status') or 'revise'}"
+            if update.get("status") == "budget":
+                out += f" ({_budget(step['budget'])})"
+            return out
     return ""
+
+
+def _budget(used: dict) -> str:
+    """The budgets a session spent: "max_vlm_tokens: 1020 tokens of 600"."""
+    parts = []
+    if "max_vlm_tokens" in used["spent"]:
+        parts.append(f"max_vlm_tokens: {used['vlm_tokens']} tokens of {used['max_vlm_tokens']}")
+    if "max_seconds" in used["spent"]:
+        parts.append(f"max_seconds: {used['seconds']:.1f}s of {used['max_seconds']:g}s")
+    return "; ".join(parts)
+
+
+def _calls(name: str, step: dict) -> str:
+    """The node's VLM calls in brief (decide: the iteration's), after its progress line."""
+    calls = step.get("calls", [])
+    if name == "decide":
+        return f"  [dim]| iteration: {describe_calls(calls)}[/]" if calls else ""
+    calls = [c for c in calls if c.get("node") == name]
+    return f"  [dim]| {describe_calls(calls)}[/]" if calls else ""
 
 
 def _progress(name: str, update: dict) -> None:
@@ -55,7 +78,9 @@ def _progress(name: str, update: dict) -> None:
     seconds = step.get("timings", {}).get(name, 0.0)
     iteration = step.get("iteration")
     where = f"iter {iteration + 1}" if iteration is not None and name != "record" else "done  "
-    err.print(f"[dim]\\[{where}][/] {name:<11} {seconds:6.2f}s  {_summarise(name, update)}")
+    line = f"{_summarise(name, update)}{_calls(name, step) if name != 'record' else ''}"
+    # One line each, however narrow the terminal (a log read later, a pipe's 80 columns).
+    err.print(f"[dim]\\[{where}][/] {name:<11} {seconds:6.2f}s  {line}", soft_wrap=True)
 
 
 def _stored_loop(cfg: ArtloopConfig, run_id: str | None) -> ArtloopConfig:
@@ -130,16 +155,20 @@ def execute(
     except Exception as e:  # e.g. a server error from a client library: still one line
         fail(f"{type(e).__name__}: {e} (continue with: artloop resume {run_id})", code=1)
     report = write_report(ctx.store, summary.run_id)
+    totals = session_totals(ctx.store.get_run(summary.run_id)["steps"])
     if summary.status == "paused":
         err.print(
             f"run [bold]{summary.run_id}[/] is paused at {summary.pause['pause']}; "
             f"continue with: artloop session resume {summary.run_id}"
         )
     if as_json:
-        print(json.dumps({**asdict(summary), "report": str(report), "home": str(cfg.home)}))
+        out = {**asdict(summary), "report": str(report), "home": str(cfg.home), "totals": totals}
+        print(json.dumps(out))
     else:
         err.print(
             f"run [bold]{summary.run_id}[/]: {summary.status} after {summary.iterations} "
-            f"iteration(s), best score {summary.best_score}, {summary.seconds:.1f}s"
+            f"iteration(s), best score {summary.best_score}, {summary.seconds:.1f}s, "
+            f"{totals['calls']} VLM call(s), {totals['vlm_tokens']} tokens",
+            soft_wrap=True,
         )
         err.print(f"report: {report}")

@@ -29,6 +29,7 @@ from artloop.cli.common import (
 )
 from artloop.cli.execute import execute
 from artloop.config import ConfigError, validate_prompt
+from artloop.runtime.accounting import describe_calls
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -121,6 +122,10 @@ def show(
             f"  time spent: diffusion {t['diffusion']:.2f}s, VLM {t['vlm']:.2f}s, waiting "
             f"{t['wait']:.2f}s, framework {t['framework']:.2f}s"
         )
+        if "calls" in step:
+            out.print(f"  VLM calls: {describe_calls(step['calls'])}")
+        if step.get("budget"):
+            out.print(f"  budget (session so far): {json.dumps(step['budget'])}")
         out.print(f"  parse failures: {json.dumps(step.get('parse_failures', {}))}")
     if run.get("error"):
         out.print(f"\nerror: {printable(run['error'])}")

@@ -46,7 +46,7 @@ from artloop.graphs.served import ServerRuns, drive, node_context
 from artloop.models.structured import Structured
 from artloop.prompts import PROMPTS_VERSION
 from artloop.rewards import judge_by_reward
-from artloop.runtime.accounting import breakdown, ledger
+from artloop.runtime.accounting import breakdown, ledger, session_totals
 from artloop.store.trajectories import check_run_id, new_run_id
 from artloop.tools.diffusion import GenParams, on_step
 from artloop.tools.image_facts import measure
@@ -73,7 +73,7 @@ class RefineState(TypedDict, total=False):
     scores: list[float]  # validator score of each finished iteration
     best_image: str | None
     best_score: float | None
-    status: str | None  # None while revising; then accepted | max_iters | plateau
+    status: str | None  # None while revising; then accepted | max_iters | plateau | budget
     pause_at: list[str]  # where a person reviews: prompt, plan, verdict, or all
     settings: dict[str, Any]  # a server's session: its clients' context (RunSettings), merged
 
@@ -115,6 +115,8 @@ def node(fn=None, *, persist: bool = False):
         step = update.setdefault("step", dict(state.get("step", {})))
         step["timings"] = {**step.get("timings", {}), name: seconds}
         step["accounting"] = {**step.get("accounting", {}), name: breakdown(spent, seconds)}
+        # Every VLM request the node made (repairs too), in order: runtime/accounting.vlm_call.
+        step["calls"] = [*step.get("calls", []), *({"node": name, **c} for c in spent["calls"])]
         if persist:
             ctx.store.put_step(state["run_id"], step["iteration"], step)
         if settings is not None and settings != state.get("settings"):
@@ -547,6 +549,10 @@ def decide(state: RefineState, ctx: RefineContext) -> dict:
         and max(scores[-patience:]) < max(scores[:-patience]) + loop.plateau_min_delta
     ):
         status = "plateau"
+    if loop.max_vlm_tokens is not None or loop.max_seconds is not None:
+        step["budget"] = budget(ctx, state["run_id"], step)
+        if status is None and step["budget"]["spent"]:
+            status = "budget"
     # Without a plan (no thesis_cot) the next iteration starts from this one's prompts.
     plan = Plan.model_validate(step["plan"]) if "plan" in step else None
     changes = (
@@ -573,6 +579,27 @@ def decide(state: RefineState, ctx: RefineContext) -> dict:
         "params": {**state["params"], **changes},
         "best_image": kept if improved else state.get("best_image"),
         "best_score": score if improved else best_score,
+    }
+
+
+def budget(ctx: RefineContext, run_id: str, step: dict) -> dict:
+    """The session's use of its budgets after this iteration (its stored earlier steps and this
+    one): VLM tokens (prompt + completion) and seconds (its nodes' time), each budget, and the
+    ones spent (`loop.max_vlm_tokens`, `loop.max_seconds`: reached or crossed)."""
+    loop, i = ctx.loop, step["iteration"]
+    earlier = [s for s in ctx.store.get_run(run_id)["steps"] if s["iteration"] < i]
+    used = session_totals([*earlier, step])
+    spent = []
+    if loop.max_vlm_tokens is not None and used["vlm_tokens"] >= loop.max_vlm_tokens:
+        spent.append("max_vlm_tokens")
+    if loop.max_seconds is not None and used["wall_seconds"] >= loop.max_seconds:
+        spent.append("max_seconds")
+    return {
+        "vlm_tokens": used["vlm_tokens"],
+        "max_vlm_tokens": loop.max_vlm_tokens,
+        "seconds": round(used["wall_seconds"], 3),
+        "max_seconds": loop.max_seconds,
+        "spent": spent,
     }
 
 

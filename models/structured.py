@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 
 from artloop.models.families import GRID, BoxFrame, Family
 from artloop.models.inprocess import ChatQwen2VLLocal
-from artloop.runtime.accounting import charge, count, timed
+from artloop.runtime.accounting import charge, vlm_call
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from pydantic import BaseModel, ValidationError
@@ -118,10 +118,15 @@ def endpoint(model: BaseChatModel) -> str:
 
 
 def call_with_retries(
-    runnable, messages: list[BaseMessage], model: BaseChatModel, policy: CallPolicy
+    runnable,
+    messages: list[BaseMessage],
+    model: BaseChatModel,
+    policy: CallPolicy,
+    call: dict | None = None,
 ):
     """`runnable.invoke(messages)`, retried with exponential backoff on transient errors;
-    then ChatServerError naming the server and the cause."""
+    then ChatServerError naming the server and the cause. `call`: the call's record
+    (runtime/accounting.vlm_call), whose `retries` counts the transport retries."""
     try:
         for try_ in Retrying(
             stop=stop_after_attempt(1 + policy.transport_retries),
@@ -130,6 +135,8 @@ def call_with_retries(
             reraise=False,
         ):
             with try_:
+                if call is not None:
+                    call["retries"] = try_.retry_state.attempt_number - 1
                 return runnable.invoke(messages)
     except RetryError as e:
         cause = e.last_attempt.exception()
@@ -201,6 +208,18 @@ class Usage:
             out.logprob_sum = float(sum(t["logprob"] for t in content))
             out.logprob_tokens = len(content)
         return out
+
+    @classmethod
+    def of_cut_off(cls, error: BaseException) -> Usage:
+        """What an answer cut off at the token limit cost (openai's LengthFinishReasonError
+        carries the server's completion and its usage); nothing where it says nothing."""
+        usage = getattr(getattr(error, "completion", None), "usage", None)
+        if usage is None:
+            return cls()
+        details = getattr(usage, "prompt_tokens_details", None)
+        return cls(
+            usage.prompt_tokens, usage.completion_tokens, getattr(details, "cached_tokens", None)
+        )
 
     def add_to(self, total: Usage) -> None:
         """Add these counts to `total`'s (a count stays None only while no call gave it)."""
@@ -376,20 +395,30 @@ def invoke_structured(
     start = time.perf_counter()
 
     def attempt() -> T:
-        try:
+        # Each attempt is one call in the ledger (runtime/accounting.py): its tokens, latency
+        # and, when its answer is refused, why.
+        with vlm_call(agent, len(errors) + 1, backend) as call:
+            cut_off = None
             try:
-                with timed("vlm"), policy.slot():
-                    answer = call_with_retries(runnable, history, model, policy)
+                with policy.slot():
+                    answer = call_with_retries(runnable, history, model, policy, call)
+                used = Usage.of(answer)
             except _length_errors() as e:  # the answer ran into max_tokens
-                raise InvalidOutput("answer cut off at the token limit", "") from e
-            used = Usage.of(answer)
+                cut_off, used = e, Usage.of_cut_off(e)
             used.add_to(spent)
-            for kind in ("prompt_tokens", "cached_tokens", "completion_tokens"):
-                count(kind, getattr(used, kind) or 0)
+            call.update(
+                prompt_tokens=used.prompt_tokens,
+                cached_tokens=used.cached_tokens,
+                completion_tokens=used.completion_tokens,
+            )
+        try:
+            if cut_off is not None:
+                raise InvalidOutput("answer cut off at the token limit", "") from cut_off
             raw = answer.content
             raw = raw if isinstance(raw, str) else json.dumps(raw)
             return parse_output(raw, schema_cls, box_frame)
         except InvalidOutput as e:
+            call["error"] = str(e)[:500]
             errors.append(str(e))
             # Repair: the next attempt sees its own answer and what was wrong with it.
             history.extend(

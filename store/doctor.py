@@ -18,7 +18,7 @@ from pathlib import Path
 from artloop.store.export import provenance, step_images
 from artloop.store.trajectories import FINAL_STATUSES, StoreError, TrajectoryStore
 
-INCOMPLETE = ("running", "paused", "interrupted", "failed")
+INCOMPLETE = ("running", "paused", "interrupted", "failed", "cancelled")
 
 
 @dataclass

@@ -7,7 +7,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from artloop.runtime.accounting import add_up
+from artloop.runtime.accounting import add_up, describe_calls
 from artloop.store.trajectories import TrajectoryStore
 from artloop.tools.images import atomic_write
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
@@ -45,6 +45,14 @@ def spent(step: dict) -> dict[str, float]:
     return add_up(list(step.get("accounting", {}).values()))
 
 
+def by_agent(calls: list[dict]) -> str:
+    """The calls per agent, in order: "enhance 1, concept_cot 2, validate 1"."""
+    counts: dict[str, int] = {}
+    for c in calls:
+        counts[c["agent"]] = counts.get(c["agent"], 0) + 1
+    return ", ".join(f"{agent} {n}" for agent, n in counts.items())
+
+
 def write_report(store: TrajectoryStore, run_id: str) -> Path:
     """Render home/reports/<run_id>.html (images linked relatively from the store)."""
     run = store.get_run(run_id)
@@ -54,7 +62,14 @@ def write_report(store: TrajectoryStore, run_id: str) -> Path:
         return os.path.relpath(store.images.path(digest), out.parent) if digest else None
 
     html = _env.get_template("report.html.jinja").render(
-        run=run, steps=run["steps"], src=src, agent_order=AGENT_ORDER, spent=spent
+        run=run,
+        steps=run["steps"],
+        src=src,
+        agent_order=AGENT_ORDER,
+        spent=spent,
+        describe_calls=describe_calls,
+        by_agent=by_agent,
+        all_calls=[c for step in run["steps"] for c in step.get("calls", [])],
     )
     atomic_write(out, html.encode("utf-8"))
     return out

@@ -27,7 +27,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     prompt TEXT NOT NULL,
-    status TEXT NOT NULL,          -- running | paused | interrupted | failed | accepted | max_iters | plateau
+    status TEXT NOT NULL,          -- running | paused | interrupted | failed | cancelled | accepted | max_iters | plateau | budget
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     config TEXT NOT NULL,          -- JSON, secrets masked
@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS leases (  -- the session working on a run now: see st
 """
 
 RUN_ID = re.compile(r"^[0-9a-f]{16}$")
-FINAL_STATUSES = ("accepted", "max_iters", "plateau")
+FINAL_STATUSES = ("accepted", "max_iters", "plateau", "budget")  # a session that ended
 
 
 HOST = socket.gethostname()  # a lease names its holder's host and pid

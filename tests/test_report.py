@@ -13,12 +13,13 @@ from artloop.cli import app
 from artloop.graphs.runner import run_session
 from artloop.store.leases import hold_run
 from artloop.store.report import write_report
+from artloop.store.trajectories import FINAL_STATUSES
 from conftest import make_ctx
 from fakes import DEFAULTS, ScriptedChat
 from typer.testing import CliRunner
 
 # Every status a run row can hold (store/trajectories.py's schema).
-STATUSES = ("running", "paused", "interrupted", "failed", "accepted", "max_iters", "plateau")
+STATUSES = ("running", "paused", "interrupted", "failed", "cancelled", *FINAL_STATUSES)
 
 # Every op kind the edit node records: a global img2img pass, an inpainting pass, tone factors.
 PLAN = {**DEFAULTS["EditPlan"], "params": {"strength": 0.5, "exposure": 0.6, "contrast": 1.2}}
@@ -68,7 +69,7 @@ def test_report_shows_an_op_kind_it_does_not_know(run):
 def test_report_renders_for_every_status(run, status):
     store, run_id = run
     done = store.get_run(run_id)
-    finished = status in ("accepted", "max_iters", "plateau")
+    finished = status in FINAL_STATUSES
     store.finish_run(
         run_id,
         status,

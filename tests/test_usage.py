@@ -152,3 +152,62 @@ def test_vllm_answer_usage(vllm_server):
         assert r.logprob_tokens == r.completion_tokens and r.mean_logprob <= 0
         assert r.cached_tokens is not None  # --enable-prompt-tokens-details
     assert 0 < second.cached_tokens < second.prompt_tokens
+
+
+@pytest.mark.integration
+def test_vllm_call_records_match_the_server(vllm_server, store, sd_tool):
+    """A session against vLLM: each recorded call's prompt, completion and cached tokens are
+    what the server's response for it said (read off the HTTP responses), in order, and the
+    step's accounting and the session's totals are their sums (issue 20, item 6)."""
+    import httpx
+    from artloop.config import ChatConfig, DiffusionConfig, LoopConfig
+    from artloop.graphs.context import RefineContext
+    from artloop.runtime.accounting import TOKENS, add_up, session_totals
+    from langchain_openai import ChatOpenAI
+
+    reported: list[dict] = []
+
+    def keep(response: httpx.Response) -> None:
+        if response.url.path.endswith("/chat/completions") and response.status_code == 200:
+            response.read()
+            reported.append(response.json()["usage"])
+
+    cfg = ChatConfig(backend="openai", base_url=vllm_server.base_url, model="tiny-qwen2vl")
+    chat = ChatOpenAI(  # as models/chat.build_chat_model makes it, with the responses kept
+        base_url=cfg.base_url,
+        api_key=cfg.api_key,
+        model=cfg.model,
+        temperature=cfg.temperature,
+        max_tokens=cfg.max_new_tokens,
+        timeout=cfg.timeout_s,
+        max_retries=0,
+        http_client=httpx.Client(event_hooks={"response": [keep]}, timeout=cfg.timeout_s),
+    )
+    ctx = RefineContext(
+        chat=chat,
+        diffusion=sd_tool,
+        store=store,
+        loop=LoopConfig(max_iters=2),
+        chat_config=cfg,
+        diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
+    )
+    steps = store.get_run(run_session(ctx, prompt="a red fox").run_id)["steps"]
+    calls = [c for s in steps for c in s["calls"]]
+    assert len(calls) == len(reported) >= 5
+    for call, usage in zip(calls, reported, strict=True):
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        assert (call["prompt_tokens"], call["completion_tokens"], call["cached_tokens"]) == (
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+            cached,
+        )
+    assert any(c["cached_tokens"] for c in calls)  # --enable-prompt-tokens-details
+    for step in steps:
+        spent = add_up(list(step["accounting"].values()))
+        assert {k: spent[k] for k in TOKENS} == {
+            k: sum(c[k] or 0 for c in step["calls"]) for k in TOKENS
+        }
+    totals = session_totals(steps)
+    assert totals["calls"] == len(reported)
+    assert totals["prompt_tokens"] == sum(u["prompt_tokens"] for u in reported)
+    assert totals["completion_tokens"] == sum(u["completion_tokens"] for u in reported)
