@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typer
-from artloop.cli import batch, doctor, export, models, runs, serve, session, train
+from artloop.cli import batch, doctor, experiment, export, models, runs, serve, session, train
 from artloop.cli.common import Commands, DebugOpt
 
 app = typer.Typer(
@@ -32,6 +32,7 @@ app.add_typer(models.app, name="models")
 app.add_typer(serve.app, name="serve")
 app.add_typer(train.app, name="train")
 app.add_typer(session.app, name="session")
+app.add_typer(experiment.app, name="experiment")
 
 
 def main() -> None:  # pragma: no cover

@@ -193,10 +193,15 @@ async def run_batch(
     on_progress: Progress | None = None,
     chats: list[Any] | None = None,
     stop: threading.Event | None = None,
+    run_ids: list[str] | None = None,
 ) -> BatchResult:
     """Run every item's session (those finished earlier are skipped); the counts. With `chats`
     (one chat model per VLM server), sessions are spread over them in turn. Once `stop` is
-    set no session starts and the running ones stop at their next checkpoint."""
+    set no session starts and the running ones stop at their next checkpoint. `run_ids` gives
+    each item's run id (default `item_run_id(name, index, item)`): a caller whose items have
+    a stable identity of their own (an experiment's variant, prompt and seed) keeps it."""
+    if run_ids is not None and len(run_ids) != len(items):
+        raise ValueError(f"{len(run_ids)} run ids for {len(items)} items")
     result = BatchResult(total=len(items))
     stop = stop or threading.Event()
     start = time.perf_counter()
@@ -210,7 +215,7 @@ async def run_batch(
             on_progress(result)
 
     async def one(pool: ThreadPoolExecutor, index: int, item: BatchItem) -> None:
-        run_id = item_run_id(name, index, item)
+        run_id = run_ids[index] if run_ids is not None else item_run_id(name, index, item)
         result.run_ids.append(run_id)
         try:
             if ctx.store.get_run(run_id)["status"] in FINAL_STATUSES:
