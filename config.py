@@ -219,8 +219,36 @@ class ChatConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+class DiffusionLora(_Section):
+    """A LoRA applied to the diffusion model (tools/diffusion.py fuses it in on load)."""
+
+    path: Path = Field(
+        description="The LoRA: a .safetensors file, or the directory `artloop train` wrote "
+        "(its pytorch_lora_weights.safetensors); safetensors only"
+    )
+    scale: float = Field(
+        1.0,
+        ge=-10.0,
+        le=10.0,
+        allow_inf_nan=False,
+        description="Its strength: 1 is the trained strength (alpha / rank), 0 the base model",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
 class DiffusionConfig(_Section):
     model: str = Field("tiny-sd", description="tiny-sd, tiny-flux, a hub id or a local path")
+    lora: DiffusionLora | None = Field(
+        None,
+        description='A LoRA on the model, e.g. {path = "loras/sft", scale = 1.0} or just the '
+        "path: what `artloop train` made, drawn in the loop (text-to-image and the pipelines "
+        "derived from it; a separate inpaint_model does not get it). Its sha256 is in the "
+        "model identity stored with each run",
+    )
     family: Literal["auto", "sd", "sdxl", "flux"] = "auto"
     inpaint_model: str | None = Field(
         None,
@@ -250,6 +278,12 @@ class DiffusionConfig(_Section):
     max_batch: int = Field(16, ge=1, le=1024, description="Images per batched pipeline call")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_path(cls, value: Any) -> Any:
+        """A path alone is a LoRA at its trained strength."""
+        return {"path": value} if isinstance(value, str | Path) else value
 
 
 # The loop's parts a variant switches (docs/architecture.md, "Variants"): the critics in the order
@@ -594,6 +628,32 @@ class AgentsConfig(_Section):
         return {name: path.expanduser() for name, path in value.items()}
 
 
+Tracker = Literal["none", "mlflow", "tensorboard", "wandb"]  # runtime/tracking.py writes to each
+TRACKERS: tuple[str, ...] = get_args(Tracker)
+
+
+class TrackingConfig(_Section):
+    """Where a finished session's metrics and final image are logged (runtime/tracking.py):
+    nowhere unless `backend` names a tracker."""
+
+    backend: Tracker = Field(
+        "none",
+        description="none (default) | mlflow (a local file store, HOME/mlruns, unless `uri` "
+        "names another) | tensorboard (event files under HOME/tensorboard) | wandb (W&B; "
+        "WANDB_MODE=offline writes HOME/wandb only)",
+    )
+    uri: str | None = Field(
+        None,
+        description="mlflow: a tracking URI (file:DIR, http://server); "
+        "tensorboard, wandb: a directory. Unset: under the home",
+    )
+    experiment: str = Field(
+        "artloop",
+        min_length=1,
+        description="The MLflow experiment, W&B project or TensorBoard folder the runs go to",
+    )
+
+
 def default_home() -> Path:
     return Path.home() / ".artloop"
 
@@ -615,6 +675,7 @@ class ArtloopConfig(BaseSettings):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     scorers: ScorersConfig = Field(default_factory=ScorersConfig)
     agents: AgentsConfig = Field(default_factory=AgentsConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tags: list[str] = Field(
         default_factory=list,
         description="Labels stored with each run (`artloop export --tag` selects by them)",

@@ -34,6 +34,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 def _on_ray(ctx, cfg, address: str, workers: int, gpus: float):
     """`ctx` with its diffusion served by Ray actors (a local instance binds loopback)."""
+    if cfg.diffusion.lora is not None:
+        raise ConfigError("diffusion.lora: the Ray diffusion workers load no LoRA; run without Ray")
     # deliberately lazy (startup time): ray
     import ray
     from artloop.tools.ray_diffusion import RayDiffusion

@@ -121,6 +121,7 @@ def run(
         store_of,
     )
     from artloop.experiments.spec import load_experiment
+    from artloop.experiments.training import run_stages
     from artloop.graphs.batch import batch_summary
     from artloop.graphs.runner import CheckpointerError
     from artloop.models.chat import check_chat_model
@@ -139,7 +140,11 @@ def run(
             check_chat_model(chat)
         check_drift(exp)  # before any model is built or anything written
         quiet_libraries()
-        ctxs = contexts(exp)
+        if exp.train is not None:  # the trainers read their exports with datasets
+            import datasets  # deliberately lazy (startup time)
+
+            datasets.disable_progress_bars()
+        ctxs = contexts(exp.configs)
         prepare(exp)
     stop = threading.Event()
     bar = Progress(
@@ -162,13 +167,28 @@ def run(
             stats=f"skipped {r.skipped} failed {r.failed}",
         )
 
-    with bar, failing(CheckpointerError), _ctrl_c_stops(stop):
-        results = asyncio.run(run_cells(exp, ctxs, stop=stop, on_progress=show))
+    def log(line: str) -> None:
+        if not quiet:
+            bar.console.print(escape(line), soft_wrap=True)
+
+    async def stages_then_columns():
+        # [train] first (collect, export, train): its LoRA columns draw with what it trained
+        trained = await run_stages(exp, ctxs, stop=stop, on_progress=show, log=log)
+        return trained, await run_cells(exp, ctxs, stop=stop, on_progress=show)
+
+    with (
+        bar,
+        failing(CheckpointerError, ExperimentError, DiffusionError),
+        _ctrl_c_stops(stop),
+    ):
+        trained, results = asyncio.run(stages_then_columns())
     summary = {
         "experiment": exp.name,
         "directory": str(exp.directory),
         "columns": {n: _counts(batch_summary(r)) for n, r in results.items()},
     }
+    if trained is not None:
+        summary["train"] = trained
     if stop.is_set():
         print(json.dumps(summary))
         err.print("interrupted: run the same command again to continue", soft_wrap=True)

@@ -1,7 +1,8 @@
 """An experiment's prompts: a local file (txt, csv/tsv, jsonl, json) or a named set, each prompt
 with its categories (so that results split by category).
 
-Named sets: `shapes` (held-out captions of the shapes world, built here, deterministic) and the
+Named sets: `shapes` (held-out captions of the shapes world, built here, deterministic; and
+`shapes-train`, `shapes-val`, its training and validation splits' captions) and the
 field's benchmarks, each read from the first place that has it: a local copy of its own file
 (`prompts.file`), a package's cache that holds it (hpsv2 keeps its benchmark prompts under
 $HPS_ROOT, default ~/.cache/hpsv2), or its Hugging Face dataset (a machine with hub access, or
@@ -283,9 +284,16 @@ def _tifa(file: Path | None) -> list[PromptItem]:
 
 # The shapes set: held-out captions (combinations no model of the shapes world trained on),
 # interleaved by category so that any prefix is balanced. A seed no evaluation of the trained
-# models or bench/ study uses.
+# models or bench/ study uses. shapes-train and shapes-val: the training and validation splits'
+# captions, the same way (no repeats): what an experiment's [train] stage collects and chooses
+# its learning rate on, apart from the held-out captions it is evaluated on.
 SHAPES_SEED = 60_000
 SHAPES_SIZE = 60
+SHAPES_SPLITS = {
+    "heldout": (SHAPES_SEED, SHAPES_SIZE),
+    "train": (61_000, 1000),
+    "val": (62_000, 200),
+}
 SHAPES_CATEGORIES = ("colour", "count", "relation", "position")
 
 
@@ -303,14 +311,23 @@ def shapes_categories(spec: Spec) -> tuple[str, ...]:
     return tuple(found) or ("colour",)
 
 
-def shapes_set(size: int = SHAPES_SIZE) -> list[PromptItem]:
-    """`size` held-out captions, the same ones every time, round-robin over categories."""
-    pool = sample_scenes("heldout", size * 4, seed=SHAPES_SEED)
-    rng = Random(SHAPES_SEED)
+def shapes_set(size: int | None = None, split: str = "heldout") -> list[PromptItem]:
+    """`size` captions of a split (held-out: 60, train: 1000, val: 200), the same ones every
+    time, round-robin over categories; the training and validation sets without repeats."""
+    seed, default = SHAPES_SPLITS[split]
+    size = default if size is None else size
+    pool = sample_scenes(split, size * 4, seed=seed)  # type: ignore[arg-type]  # a known split
+    rng = Random(seed)
+    prefix = "shapes" if split == "heldout" else f"shapes-{split}"
     buckets: dict[str, list[PromptItem]] = {c: [] for c in SHAPES_CATEGORIES}
+    seen = set()
     for index, scene in enumerate(pool):
-        cats = shapes_categories(scene.spec)
-        buckets[cats[0]].append(PromptItem(f"shapes-{index}", scene.caption(rng), cats))
+        cats, caption = shapes_categories(scene.spec), scene.caption(rng)
+        if split != "heldout":  # the held-out set is kept as it was (its ids name runs)
+            if caption in seen:
+                continue
+            seen.add(caption)
+        buckets[cats[0]].append(PromptItem(f"{prefix}-{index}", caption, cats))
     chosen: list[PromptItem] = []
     while len(chosen) < size and any(buckets.values()):
         for bucket in buckets.values():
@@ -321,6 +338,18 @@ def shapes_set(size: int = SHAPES_SIZE) -> list[PromptItem]:
 
 NAMED: tuple[NamedSet, ...] = (
     NamedSet("shapes", "the shapes world's held-out captions", None, lambda f: shapes_set()),
+    NamedSet(
+        "shapes-train",
+        "the shapes world's training-split captions",
+        None,
+        lambda f: shapes_set(split="train"),
+    ),
+    NamedSet(
+        "shapes-val",
+        "the shapes world's validation-split captions",
+        None,
+        lambda f: shapes_set(split="val"),
+    ),
     NamedSet(
         "drawbench",
         "DrawBench (Imagen)",

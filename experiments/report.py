@@ -51,7 +51,7 @@ def pvalue(p: float | None) -> str:
 
 
 def share(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.0f}%"
+    return "—" if x is None else f"{round(100 * x) + 0}%"  # + 0: never "-0%"
 
 
 _env.filters.update(num=num, ci=ci, pvalue=pvalue, share=share)
@@ -112,6 +112,76 @@ def cost_rows(cost: dict[str, dict]) -> list[list]:
             num(c["wall_per_accepted_s"], 2),
         ]  # fmt: skip
         for n, c in cost.items()
+    ]
+
+
+SHARE_HEAD = [
+    "LoRA column", "pairs", "its change over baseline [95% CI]", "the loop's gain [95% CI]",
+    "share of the loop's gain [95% CI]",
+]  # fmt: skip
+TRAIN_HEAD = ["LoRA column", "trainer", "seed", "learning rate", "examples", "steps",
+              "loss first -> last", "sha256"]  # fmt: skip
+
+
+def _diff(r: dict) -> str:
+    return ci({"mean": r["diff"], "lo": r["lo"], "hi": r["hi"]})
+
+
+def share_rows(result: dict[str, Any]) -> list[list]:
+    """Each LoRA column: its change, the loop's gain on the same pairs, the share."""
+    rows = []
+    for n, r in result["columns"].items():
+        s = r["share"]
+        part = (
+            "—"
+            if s["share"] is None
+            else f"{share(s['share'])} [{share(s['lo'])}, {share(s['hi'])}]"
+        )
+        rows.append([n, s["n"], _diff(r["change"]), _diff(r["loop_gain"]), part])
+    return rows
+
+
+def share_lines(result: dict[str, Any]) -> list[str]:
+    return [
+        f"{t}: mean share of the loop's gain over {v['seeds']} training seed(s): "
+        f"{share(v['mean_share'])} (ArtAug's goal: 50%)"
+        for t, v in result["trainers"].items()
+    ]
+
+
+def training_lines(training: dict[str, Any]) -> list[str]:
+    """What the [train] stages did, in sentences."""
+    lines = []
+    if c := training.get("collect"):
+        lines.append(
+            f"Collected {c['sessions']} sessions of {c['variant']} ({c['prompts']} prompts x "
+            f"{len(c['seeds'])} seed(s)), {c['accepted']} accepted; exported "
+            f"{'the accepted' if c['accepted_only'] else 'every finished'} one(s)."
+        )
+    for fmt, d in training.get("data", {}).items():
+        lines.append(f"{fmt} data: {d['rows']} rows from {d['runs']} sessions.")
+    for trainer, ch in training.get("choice", {}).items():
+        means = ", ".join(f"{lr}: {num(m)}" for lr, m in ch["means"].items())
+        lines.append(
+            f"{trainer} learning rate {ch['learning_rate']:g}, chosen by {ch['scorer']} on "
+            f"{ch['cells']} validation cells (mean by rate: {means})."
+        )
+    return lines
+
+
+def training_rows(training: dict[str, Any]) -> list[list]:
+    return [
+        [
+            n,
+            r["trainer"],
+            r["seed"],
+            f"{r['learning_rate']:g}",
+            num(r["examples"]),
+            num(r["steps"]),
+            f"{num(r['first_loss'])} -> {num(r['last_loss'])}",
+            r["sha256"][:12],
+        ]  # fmt: skip
+        for n, r in training.get("loras", {}).items()
     ]
 
 
@@ -188,6 +258,7 @@ def build(data: Collected) -> dict[str, Any]:
         | {"prompts": len(st["prompts"]), "generated": time.time()},
         "categories": sorted({c for p in st["prompts"] for c in p["categories"]}),
         **tables(data),
+        "training": data.training,
     }
 
 
@@ -213,6 +284,16 @@ def markdown(report: dict[str, Any]) -> str:
         if report["vs_baseline"]:
             out += [f"Paired against {BASELINE} (same prompt and seed):", ""]
             out += [md_table(PAIRED_HEAD, paired_rows(report["vs_baseline"][s])), ""]
+        if sh := report["lora_share"].get(s):
+            out += [
+                f"The LoRAs, with no loop, against the loop they learnt from ({sh['loop']}), "
+                f"each over {BASELINE} on the same prompts and seeds:",
+                "",
+                md_table(SHARE_HEAD, share_rows(sh)),
+                "",
+                *share_lines(sh),
+                "",
+            ]
         if report["vs_reference"][s]:
             out += [f"Paired against the reference, {e['reference']}:", ""]
             out += [md_table(PAIRED_HEAD, paired_rows(report["vs_reference"][s])), ""]
@@ -240,6 +321,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     out += [md_table(COST_HEAD, cost_rows(report["cost"])), ""]
+    if training := report["training"]:
+        out += ["## Training", "", *training_lines(training), ""]
+        out += [md_table(TRAIN_HEAD, training_rows(training)), ""]
     return "\n".join(out)
 
 
@@ -262,9 +346,15 @@ def html(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             "mean": mean_rows,
             "paired": paired_rows,
             "cost": cost_rows(report["cost"]),
+            "share": share_rows,
+            "share_lines": share_lines,
+            "training": training_lines(report["training"]) if report["training"] else [],
+            "loras": training_rows(report["training"]) if report["training"] else [],
         },
         paired_head=PAIRED_HEAD,
         cost_head=COST_HEAD,
+        share_head=SHARE_HEAD,
+        train_head=TRAIN_HEAD,
         baseline=BASELINE,
         when=time.strftime("%Y-%m-%d %H:%M", time.localtime(report["experiment"]["generated"])),
     )

@@ -6,13 +6,14 @@ and the score of the image kept after each iteration.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from artloop.experiments.runner import existing, read_scores
 from artloop.experiments.spec import BASELINE
-from artloop.experiments.stats import mean_ci, paired
+from artloop.experiments.stats import mean_ci, paired, share
 from artloop.runtime.accounting import add_up
 from artloop.store.trajectories import FINAL_STATUSES, StoreError
 
@@ -100,6 +101,7 @@ def kept_after(run: dict[str, Any], k: int) -> str | None:
 class Collected:
     state: dict[str, Any]
     cells: list[Cell]
+    training: dict[str, Any] | None = None  # DIR/train/train.json: what [train]'s stages did
 
     @property
     def prompts(self) -> dict[str, dict[str, Any]]:
@@ -134,7 +136,9 @@ def collect(directory: Path) -> Collected:
             cell.by_iteration[scorer] = [
                 scores.get((kept_after(run, k), prompt, scorer)) for k in range(1, iters + 1)
             ]
-    return Collected(st, cells)
+    record = directory / "train" / "train.json"
+    training = json.loads(record.read_text()) if record.is_file() else None
+    return Collected(st, cells, training)
 
 
 # --- tables --------------------------------------------------------------------------------------
@@ -175,7 +179,9 @@ def cost_table(data: Collected, name: str) -> dict[str, Any]:
         "finished": len(done),
         "failed": sum(c.status == "failed" for c in column),
         "unfinished": sum(not c.finished and c.status != "failed" for c in column),
-        "accepted": None if name == BASELINE else sum(c.status == "accepted" for c in done),
+        "accepted": None
+        if name in data.state.get("no_loop", [BASELINE])
+        else sum(c.status == "accepted" for c in done),
     }
     for key in COST_KEYS:
         known = [c.cost[key] for c in done if c.cost.get(key) is not None]
@@ -184,6 +190,42 @@ def cost_table(data: Collected, name: str) -> dict[str, Any]:
     row["wall_total_s"] = wall
     row["wall_per_accepted_s"] = wall / row["accepted"] if row["accepted"] else None
     return row
+
+
+def lora_shares(data: Collected, scorer: str, resamples: int) -> dict[str, Any]:
+    """Each LoRA column against the loop it learnt from ([train]), over the (prompt, seed)
+    the baseline, the loop and the LoRA all scored: the LoRA's change over the baseline, the
+    loop's gain over it, and the change as a share of the gain (ArtAug's goal: half); and
+    per trainer, the mean share over its training seeds."""
+    train = data.state["train"]
+    base, loop = data.column(BASELINE), data.column(train["loop"])
+    columns: dict[str, Any] = {}
+    for name in train["loras"]:
+        lora = data.column(name)
+        keys = [
+            k
+            for k in base
+            if all(k in c and c[k].scores.get(scorer) is not None for c in (base, loop, lora))
+        ]
+        b = [base[k].scores[scorer] for k in keys]
+        changes = [lora[k].scores[scorer] - v for k, v in zip(keys, b, strict=True)]
+        gains = [loop[k].scores[scorer] - v for k, v in zip(keys, b, strict=True)]
+        columns[name] = {
+            "change": paired([lora[k].scores[scorer] for k in keys], b, resamples),
+            "loop_gain": paired([loop[k].scores[scorer] for k in keys], b, resamples),
+            "share": share(changes, gains, resamples),
+        }
+    trainers: dict[str, Any] = {}
+    for name, lora in train["loras"].items():
+        trainers.setdefault(lora["trainer"], []).append(columns[name]["share"]["share"])
+    return {
+        "loop": train["loop"],
+        "columns": columns,
+        "trainers": {
+            t: {"seeds": len(v), "mean_share": _mean([x for x in v if x is not None])}
+            for t, v in trainers.items()
+        },
+    }
 
 
 def _mean(values: list[float]) -> float | None:
@@ -222,7 +264,10 @@ def tables(data: Collected) -> dict[str, Any]:
         },
         "cost": {n: cost_table(data, n) for n in columns},
         "by_iteration": {},
+        "lora_share": {},
     }
+    if st.get("train") and BASELINE in cols:
+        out["lora_share"] = {s: lora_shares(data, s, resamples) for s in scorers}
     if BASELINE in cols:
         others = [n for n in columns if n != BASELINE]
         base = cols[BASELINE]

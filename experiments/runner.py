@@ -9,6 +9,7 @@ works), beside its own state:
     DIR/experiment.json      what the report reads: prompts, seeds, columns, cells' run ids
     DIR/variants/NAME.json   each column's resolved config and its hash, written once
     DIR/scores.jsonl         one line per (image, prompt, scorer), appended as scored
+    DIR/train/               with [train]: the stages' data, LoRAs and train.json (training.py)
 
 Run ids come from (experiment, variant, prompt, seed) only, so a rerun after a kill skips the
 finished runs and resumes the others from their checkpoints; a line of scores.jsonl cut by a
@@ -27,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from artloop.config import ArtloopConfig
-from artloop.experiments.spec import BASELINE, Experiment, ExperimentError, comparable
+from artloop.experiments.prompt_sets import PromptItem
+from artloop.experiments.spec import BASELINE, Experiment, ExperimentError
 from artloop.graphs.batch import BatchResult, run_batch
 from artloop.graphs.context import RefineContext, build_context, open_store
 from artloop.rewards import JudgeWatch, reward_entry, scorers_config
@@ -65,7 +67,7 @@ def check_drift(exp: Experiment) -> None:
             continue
         before = json.loads(stored.read_text())
         if before["hash"] != digest:
-            changed = _differences(before["config"], comparable(exp.configs[name]))
+            changed = _differences(before["config"], exp.records[name])
             raise ExperimentError(
                 f"variant '{name}': its runs in {exp.directory} were made with another config "
                 f"than {exp.path.name} now gives ({', '.join(changed[:3]) or 'hash'} changed); "
@@ -75,7 +77,7 @@ def check_drift(exp: Experiment) -> None:
 
 def state(exp: Experiment) -> dict[str, Any]:
     """What the report needs of the experiment, without reading the file again."""
-    spec = exp.spec
+    spec, plan = exp.spec, exp.train
     return {
         "name": exp.name,
         "description": spec.description,
@@ -93,6 +95,14 @@ def state(exp: Experiment) -> dict[str, Any]:
         "score_iterations": spec.score_iterations,
         "bootstrap": spec.bootstrap,
         "grid_rows": spec.grid_rows,
+        # Columns without a loop (no accepted count): the baseline, and the LoRA columns.
+        "no_loop": [BASELINE, *(plan.loras if plan else ())],
+        "train": None
+        if plan is None
+        else {
+            "loop": plan.collect_from,
+            "loras": {n: {"trainer": t, "seed": s} for n, (t, s) in plan.loras.items()},
+        },
         "cells": [
             {"variant": v, "prompt": p.id, "seed": s, "run_id": exp.run_id(v, p, s)}
             for v in exp.variants
@@ -107,10 +117,10 @@ def prepare(exp: Experiment) -> None:
     match it), the file as run and experiment.json (rewritten: prompts or seeds may grow)."""
     check_drift(exp)
     (exp.directory / "variants").mkdir(parents=True, exist_ok=True)
-    for name, cfg in exp.configs.items():
+    for name in exp.configs:
         stored = exp.directory / "variants" / f"{name}.json"
         if not stored.is_file():
-            record = {"name": name, "hash": exp.hashes[name], "config": comparable(cfg)}
+            record = {"name": name, "hash": exp.hashes[name], "config": exp.records[name]}
             atomic_write(stored, json.dumps(record, indent=2).encode())
     shutil.copyfile(exp.path, exp.directory / "experiment.toml.tmp")
     (exp.directory / "experiment.toml.tmp").replace(exp.directory / "experiment.toml")
@@ -122,15 +132,16 @@ def _tool_key(cfg: ArtloopConfig) -> str:
     pipeline is loaded once, not once per variant)."""
     d = cfg.diffusion
     tool = (d.model, d.family, d.device, d.dtype, d.batch_window_ms, d.max_batch, d.inpaint_model)
-    return json.dumps([cfg.chat.model_dump(mode="json"), tool], sort_keys=True, default=str)
+    lora = d.lora.model_dump(mode="json") if d.lora else None
+    return json.dumps([cfg.chat.model_dump(mode="json"), tool, lora], sort_keys=True, default=str)
 
 
-def contexts(exp: Experiment) -> dict[str, RefineContext]:
+def contexts(configs: dict[str, ArtloopConfig]) -> dict[str, RefineContext]:
     """One refine context per column, sharing the models, the store and the checkpointer
     where the columns' model settings agree."""
     built: dict[str, RefineContext] = {}
     out = {}
-    for name, cfg in exp.configs.items():
+    for name, cfg in configs.items():
         key = _tool_key(cfg)
         if key not in built:
             built[key] = build_context(cfg)
@@ -143,6 +154,17 @@ def contexts(exp: Experiment) -> dict[str, RefineContext]:
             judge_watch=JudgeWatch(schedule=cfg.scorers.canaries),  # each column's own
         )
     return out
+
+
+def lora_missing(exp: Experiment, name: str) -> bool:
+    """A LoRA column whose LoRA is not trained yet (the [train] stages stopped before it)."""
+    plan = exp.train
+    return plan is not None and name in plan.loras and not trained(plan.lora_dir(name))
+
+
+def trained(lora: Path) -> bool:
+    """`artloop train` wrote its summary, which it writes after the LoRA: the LoRA is whole."""
+    return (lora / "train_summary.json").is_file()
 
 
 async def run_cells(
@@ -158,24 +180,47 @@ async def run_cells(
     for name in exp.variants:
         if stop is not None and stop.is_set():
             break
+        if lora_missing(exp, name):
+            continue
         cells = [(p, s) for p in exp.prompts for s in exp.spec.seeds]
-        tags = [f"experiment:{exp.name}", f"variant:{name}"]
-        config = exp.configs[name].public_dict()
-        config |= {
-            "tags": [*config.get("tags", []), *tags],
-            "experiment": {"name": exp.name, "variant": name, "hash": exp.hashes[name]},
-        }
-        results[name] = await run_batch(
-            ctxs[name],
+        results[name] = await run_column(
+            exp, ctxs[name], name, exp.configs[name], cells, stop=stop, on_progress=on_progress
+        )
+    return results
+
+
+async def run_column(
+    exp: Experiment,
+    ctx: RefineContext,
+    name: str,
+    cfg: ArtloopConfig,
+    cells: list[tuple[PromptItem, int]],
+    *,
+    stop: threading.Event | None = None,
+    on_progress: Progress | None = None,
+    tags: tuple[str, ...] = (),
+) -> BatchResult:
+    """One column's sessions (or a [train] stage's: `name` is then `train:...`); a LoRA
+    column's pipeline is let go once it is done."""
+    config = cfg.public_dict()
+    config |= {
+        "tags": [*config.get("tags", []), f"experiment:{exp.name}", f"variant:{name}", *tags],
+        "experiment": {"name": exp.name, "variant": name, "hash": exp.hashes.get(name)},
+    }
+    try:
+        return await run_batch(
+            ctx,
             [exp.item(name, p, s) for p, s in cells],
             name=f"{exp.name}/{name}",
             concurrency=exp.spec.concurrency,
             config=config,
-            on_progress=(lambda r, n=name: on_progress(n, r)) if on_progress else None,
+            on_progress=(lambda r: on_progress(name, r)) if on_progress else None,
             stop=stop,
             run_ids=[exp.run_id(name, p, s) for p, s in cells],
         )
-    return results
+    finally:
+        if cfg.diffusion.lora is not None:
+            ctx.diffusion.unload()
 
 
 # --- scoring -------------------------------------------------------------------------------------
@@ -203,27 +248,34 @@ def images_to_score(run: dict[str, Any], iterations: bool) -> list[str]:
     return list(dict.fromkeys(images))
 
 
-def score_cells(exp: Experiment, store: TrajectoryStore) -> int:
+def score_cells(
+    exp: Experiment,
+    store: TrajectoryStore,
+    cells: dict[str, list[tuple[PromptItem, int]]] | None = None,
+    scorers: list[str] | None = None,
+) -> int:
     """Score every finished cell's images not scored yet by each evaluation scorer, each
     against the cell's original prompt (`metadata.caption` too, for the shapes scorer);
-    appended to scores.jsonl a batch at a time. How many scores were added."""
+    appended to scores.jsonl a batch at a time. How many scores were added. `cells` (column
+    -> (prompt, seed)) and `scorers`: others than the experiment's (the [train] trials')."""
     done = read_scores(exp.directory)
+    if cells is None:
+        cells = {n: [(p, s) for p in exp.prompts for s in exp.spec.seeds] for n in exp.variants}
     wanted: list[tuple[str, str]] = []
-    for name in exp.variants:
-        for prompt in exp.prompts:
-            for seed in exp.spec.seeds:
-                try:
-                    run = store.get_run(exp.run_id(name, prompt, seed))
-                except StoreError:
-                    continue
-                if run["status"] in FINAL_STATUSES:
-                    many = exp.spec.score_iterations and name != BASELINE
-                    wanted += [(im, prompt.prompt) for im in images_to_score(run, many)]
+    for name, pairs in cells.items():
+        for prompt, seed in pairs:
+            try:
+                run = store.get_run(exp.run_id(name, prompt, seed))
+            except StoreError:
+                continue
+            if run["status"] in FINAL_STATUSES:
+                many = exp.spec.score_iterations and name != BASELINE
+                wanted += [(im, prompt.prompt) for im in images_to_score(run, many)]
     wanted = list(dict.fromkeys(wanted))
     size = scorers_config().batch_size
     added = 0
     with (exp.directory / SCORES).open("a", encoding="utf-8") as out:
-        for scorer in exp.spec.scorers:
+        for scorer in scorers or exp.spec.scorers:
             todo = [(im, p) for im, p in wanted if (im, p, scorer) not in done]
             for start in range(0, len(todo), size):
                 rows = _score(scorer, todo[start : start + size], store)

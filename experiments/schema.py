@@ -25,7 +25,8 @@ class Prompts(BaseModel):
     model_config = ConfigDict(extra="forbid")
     set: str | None = Field(
         None,
-        description="A named set: shapes (the shapes world's held-out captions), drawbench, "
+        description="A named set: shapes (the shapes world's held-out captions; shapes-train, "
+        "shapes-val: its training and validation captions), drawbench, "
         "partiprompts, genai-bench, tifa-v1.0 or hpsv2 (from a local copy in `file`, a "
         "package's cache, or its Hugging Face dataset)",
     )
@@ -41,6 +42,72 @@ class Prompts(BaseModel):
     categories: list[str] = Field(
         default_factory=list, description="Only prompts in any of these categories"
     )
+
+
+TRAINERS = ("sft", "dpo")
+
+
+def _distinct_seeds(value: list[int]) -> list[int]:
+    if len(set(value)) != len(value):
+        raise ValueError("a seed is listed twice")
+    if any(not 0 <= s < 2**63 for s in value):
+        raise ValueError("each seed is in 0 .. 2**63 - 1")
+    return value
+
+
+class Train(BaseModel):
+    """[train]: the effect study's stages, run before the columns: collect loop sessions on
+    other prompts, export them, train LoRAs on them; each LoRA is a column (`sft-seed0`, ...):
+    the base model with it and no loop, beside the baseline and the loop it learnt from."""
+
+    model_config = ConfigDict(extra="forbid")
+    collect_from: str = Field(
+        description="The variant whose sessions collect the training data (and whose gain over "
+        "the baseline each LoRA's change is a share of)"
+    )
+    prompts: Prompts = Field(
+        description='[train.prompts]: the collection prompts (e.g. set = "shapes-train"); '
+        "none may be an evaluation prompt"
+    )
+    seeds: list[int] = Field(
+        default=[0], min_length=1, max_length=1000, description="Collection diffusion seeds"
+    )
+    accepted_only: bool = Field(
+        True, description="Export the accepted sessions only (else every finished one)"
+    )
+    sft: dict[str, Any] | None = Field(
+        None,
+        description="[train.sft]: train sft LoRAs on the sft export, with these `artloop train "
+        "sft` fields (train_steps, batch_size, rank, ...; data, output_dir, model and seed are "
+        "the harness's; resolution defaults to the base's width); learning_rate may be a list, "
+        "each tried on the validation prompts",
+    )
+    dpo: dict[str, Any] | None = Field(
+        None, description="[train.dpo]: the same for Diffusion-DPO on the dpo export (beta, ...)"
+    )
+    training_seeds: list[int] = Field(
+        default=[0],
+        min_length=1,
+        max_length=100,
+        description="One LoRA per seed and trainer: the columns sft-seed0, dpo-seed0, ...",
+    )
+    validation: Prompts | None = Field(
+        None,
+        description="[train.validation]: the prompts a learning rate is chosen on (e.g. set = "
+        '"shapes-val"), by the first training seed\'s LoRAs; needed for several rates',
+    )
+    validation_seeds: list[int] | None = Field(
+        None, description="Seeds for the validation prompts (default: the experiment's seeds)"
+    )
+    select_by: str | None = Field(
+        None, description="The scorer that chooses the learning rate (default: the first scorer)"
+    )
+    scale: float = Field(1.0, ge=0.0, le=10.0, description="The LoRA columns' diffusion.lora.scale")
+
+    @field_validator("seeds", "training_seeds", "validation_seeds")
+    @classmethod
+    def _seeds(cls, value: list[int] | None) -> list[int] | None:
+        return None if value is None else _distinct_seeds(value)
 
 
 class ExperimentFile(BaseModel):
@@ -107,6 +174,11 @@ class ExperimentFile(BaseModel):
     grid_rows: int = Field(
         48, ge=1, le=10_000, description="At most this many (prompt, seed) rows in the grid"
     )
+    train: Train | None = Field(
+        None,
+        description="[train]: the effect study (collect, export, train LoRAs, then their "
+        "columns); see train.*",
+    )
 
     @field_validator("name")
     @classmethod
@@ -118,11 +190,7 @@ class ExperimentFile(BaseModel):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value):
-            raise ValueError("a seed is listed twice")
-        if any(not 0 <= s < 2**63 for s in value):
-            raise ValueError("each seed is in 0 .. 2**63 - 1")
-        return value
+        return _distinct_seeds(value)
 
     @field_validator("variants")
     @classmethod
@@ -138,9 +206,9 @@ class ExperimentFile(BaseModel):
 def field_guide() -> str:
     """Every field of the experiment file with its description (the CLI's help)."""
     lines = []
-    for model, prefix in ((ExperimentFile, ""), (Prompts, "prompts.")):
+    for model, prefix in ((ExperimentFile, ""), (Prompts, "prompts."), (Train, "train.")):
         for name, f in model.model_fields.items():
-            if name == "prompts":
+            if name == "prompts" and model is ExperimentFile:
                 continue
             lines.append(f"{prefix}{name}: {f.description}")
     return "\n".join(lines)

@@ -92,3 +92,25 @@ def paired(
 def excludes_zero(result: dict) -> bool:
     """Whether a paired difference's interval lies on one side of 0."""
     return result["n"] > 1 and (result["lo"] > 0 or result["hi"] < 0)
+
+
+def share(
+    part: Sequence[float], whole: Sequence[float], resamples: int = 2000, seed: int = 0
+) -> dict:
+    """mean(part) / mean(whole) over the same pairs (a LoRA's change as a share of the loop's
+    gain), with a paired percentile bootstrap interval; None where the whole's mean is 0 (and
+    resamples whose whole is 0 are left out of the interval)."""
+    a, b = np.asarray(part, dtype=np.float64), np.asarray(whole, dtype=np.float64)
+    n = len(a)
+    if n == 0 or abs(b.mean()) <= TIE:
+        return {"n": n, "share": None, "lo": None, "hi": None}
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for start in range(0, resamples, _CHUNK):
+        idx = rng.integers(0, n, (min(_CHUNK, resamples - start), n))
+        den = b[idx].mean(axis=1)
+        keep = np.abs(den) > TIE
+        ratios.append(a[idx][keep].mean(axis=1) / den[keep])
+    tail = (1 - LEVEL) / 2 * 100
+    lo, hi = np.percentile(np.concatenate(ratios), [tail, 100 - tail])
+    return {"n": n, "share": float(a.mean() / b.mean()), "lo": float(lo), "hi": float(hi)}

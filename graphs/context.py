@@ -18,12 +18,14 @@ from artloop.config import (
     ConfigError,
     DiffusionConfig,
     LoopConfig,
+    TrackingConfig,
     load_config,
 )
 from artloop.models.chat import chat_identity, shared_chat_model
 from artloop.models.families import chat_family
 from artloop.models.structured import CallPolicy
 from artloop.rewards import JudgeWatch, judge_reward, reward_entry
+from artloop.runtime.tracking import TrackingError, require_backend
 from artloop.store.trajectories import TrajectoryStore
 from artloop.tools.diffusion import DiffusionTool
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -34,6 +36,7 @@ SETTINGS = {
     "chat_config": "chat",
     "diffusion_config": "diffusion",
     "agents_config": "agents",
+    "tracking_config": "tracking",
 }
 
 
@@ -51,6 +54,7 @@ class RefineContext:
     chat_config: ChatConfig = None  # type: ignore[assignment]
     diffusion_config: DiffusionConfig = None  # type: ignore[assignment]
     agents_config: AgentsConfig = None  # type: ignore[assignment]
+    tracking_config: TrackingConfig = None  # type: ignore[assignment]
     # Shared by every session on this context: bounds the agent calls in flight to the server.
     vlm_slots: threading.BoundedSemaphore | None = None
     # Shared too: the validator's canaries (by default asked once it gives one answer for many
@@ -128,6 +132,10 @@ def build_context(config: ArtloopConfig) -> RefineContext:
     refused before anything is created, and so is a chat.family the model contradicts."""
     check_judge(config.loop)
     chat_family(config.chat)
+    try:  # a tracker whose library is missing is named before a session runs
+        require_backend(config.tracking.backend)
+    except TrackingError as e:
+        raise ConfigError(f"tracking.backend: {e}") from None
     store = open_store(config)
     d = config.diffusion
     diffusion = DiffusionTool(
@@ -139,6 +147,8 @@ def build_context(config: ArtloopConfig) -> RefineContext:
         batch_window_ms=d.batch_window_ms,
         max_batch=d.max_batch,
         inpaint_model=d.inpaint_model,
+        lora=d.lora.path if d.lora else None,
+        lora_scale=d.lora.scale if d.lora else 1.0,
     )
     return RefineContext(
         chat=shared_chat_model(config.chat),  # the scorers' (vqa, vlm) too, loaded once
@@ -148,6 +158,7 @@ def build_context(config: ArtloopConfig) -> RefineContext:
         chat_config=config.chat,
         diffusion_config=d,
         agents_config=config.agents,
+        tracking_config=config.tracking,
         vlm_slots=threading.BoundedSemaphore(config.chat.max_concurrent_calls),
         judge_watch=JudgeWatch(schedule=config.scorers.canaries),  # when its canaries are asked
         ui_url=config.ui_url,

@@ -19,9 +19,15 @@ from artloop.config import LoopConfig
 from artloop.graphs.context import RefineContext
 from artloop.graphs.human import check_action, check_pause_at
 from artloop.graphs.refine import build_graph, shape
+from artloop.graphs.tracking import track_session
 from artloop.prompts import PROMPTS_VERSION
 from artloop.store.leases import RunBusyError, hold_run
-from artloop.store.trajectories import TrajectoryStore, check_run_id, new_run_id
+from artloop.store.trajectories import (
+    FINAL_STATUSES,
+    TrajectoryStore,
+    check_run_id,
+    new_run_id,
+)
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command, StateSnapshot
@@ -194,6 +200,8 @@ def run_session(
     A failing node (a dead server, invalid output after every retry) marks the run `failed`
     with the error and re-raises; resuming it later continues from the last checkpoint.
     One session works on a run at a time: RunBusyError (naming the holder) for a second one.
+    A session that ends (a final status) is logged to the tracker `ctx.tracking_config` names,
+    if any (graphs/tracking.py).
     """
     resume = prompt is None
     if resume and run_id is None:
@@ -252,7 +260,7 @@ def run_session(
         if state.next:  # waiting for a person, or stopped by interrupt_before: not finished
             status = "paused" if pause else "interrupted"
             ctx.store.finish_run(run_id, status, pause=pause)
-    return RunSummary(
+    summary = RunSummary(
         run_id=run_id,
         status=status,
         iterations=len(values.get("scores", [])),
@@ -262,3 +270,6 @@ def run_session(
         seconds=time.perf_counter() - start,
         pause=pause,
     )
+    if status in FINAL_STATUSES:  # after the lease: logging holds no run
+        track_session(ctx, run_id, summary.seconds)
+    return summary

@@ -144,19 +144,32 @@ ToolFor = Callable[[dict], DiffusionTool]  # the diffusion tool that regenerates
 
 
 def diffusion_tools(store: TrajectoryStore, device: str = "cpu") -> ToolFor:
-    """A run's diffusion tool, from the model identity stored with it (model, family, dtype):
-    one per distinct identity, loaded on first use, writing into `store`'s images."""
+    """A run's diffusion tool, from the model identity stored with it (model, family, dtype,
+    LoRA): one per distinct identity, loaded on first use, writing into `store`'s images."""
     tools: dict[tuple, DiffusionTool] = {}
 
     def tool_for(run: dict) -> DiffusionTool:
         d = run["models"].get("diffusion") or {}
         if not d.get("model"):
             raise ExportError(f"run {run['run_id']} records no diffusion model to regenerate with")
-        key = (d["model"], d.get("family") or "auto", d.get("dtype") or "float32")
+        lora = d.get("lora") or {}  # drawn with a LoRA (diffusion.lora): regenerated with it
+        key = (
+            d["model"],
+            d.get("family") or "auto",
+            d.get("dtype") or "float32",
+            lora.get("path"),
+            lora.get("scale", 1.0),
+        )
         if key not in tools:
-            model, family, dtype = key
+            model, family, dtype, path, scale = key
             tools[key] = DiffusionTool(
-                model=model, store=store.images, family=family, device=device, dtype=dtype
+                model=model,
+                store=store.images,
+                family=family,
+                device=device,
+                dtype=dtype,
+                lora=path,
+                lora_scale=scale,
             )
         return tools[key]
 

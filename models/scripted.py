@@ -1,6 +1,6 @@
 """A scripted chat model: it answers each agent by the output schema named in its prompt, from
 per-schema scripts. For runs whose model content must be fixed: tests of stop rules and faults,
-reproducible demos, and studies where a known plan drives the loop (bench/measured_effect.py).
+reproducible demos, and studies run in miniature in CI (bench/shapes_effect_ci.toml).
 It is the `scripted` chat backend: `chat.backend = "scripted"`, with `chat.custom_kwargs =
 {scripts = {EditPlan = [{...}], ...}}` (schema title -> answers in turn); a schema without a
 script gets DEFAULTS' answer. tests/fakes.py builds its fault-injecting doubles on it."""

@@ -60,7 +60,7 @@ class ExportFilters:
     top_fraction: float | None = None  # keep this fraction of runs by gain (at least one)
     since: datetime | None = None
     until: datetime | None = None
-    run_ids: tuple[str, ...] = ()
+    run_ids: tuple[str, ...] = ()  # only these, exported in this order (else oldest first)
     tags: tuple[str, ...] = ()  # a run must carry all of them (`artloop run --tag`)
     # (scorer, at least): the run's best image scored by that scorer at export time
     min_scores: tuple[tuple[str, float], ...] = ()
@@ -157,7 +157,8 @@ def gain(run: dict[str, Any]) -> float:
 def select_runs(
     store: TrajectoryStore, filters: ExportFilters, scorer: RunScorer | None = None
 ) -> tuple[list[dict], int]:
-    """The matching runs (whole trajectories, oldest first) and how many runs the store holds.
+    """The matching runs (whole trajectories, oldest first, or in the order of the run ids
+    the filters give) and how many runs the store holds.
     Score filters score each remaining run's best image with `scorer` (the scores land in the
     run's `scores`); a run with no best image has no score and does not pass them."""
     if filters.scorers() and scorer is None:
@@ -176,7 +177,11 @@ def select_runs(
         and since <= r["created_at"] < until
         and (not filters.run_ids or r["run_id"] in filters.run_ids)
     ]
-    runs = [store.get_run(r["run_id"]) for r in sorted(chosen, key=lambda r: r["created_at"])]
+    # Given run ids: their order, so that the same runs give the same rows whatever order
+    # concurrent sessions were created in (an experiment's collection: its cells' order).
+    order = {run_id: i for i, run_id in enumerate(filters.run_ids)}
+    key = (lambda r: order[r["run_id"]]) if order else (lambda r: r["created_at"])
+    runs = [store.get_run(r["run_id"]) for r in sorted(chosen, key=key)]
     runs = [r | {"gain": gain(r)} for r in runs if r["steps"]]
     runs = [r for r in runs if set(filters.tags) <= set(r["config"].get("tags", []))]
     if filters.min_gain is not None:

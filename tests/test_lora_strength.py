@@ -1,7 +1,7 @@
 """A LoRA trained at alpha != rank loads at the strength it was trained at (its adapter config
-travels in the file's metadata), in each family, in `artloop eval` and as a preset; a LoRA saved
-before that (no metadata) still loads, at its trained strength when its train_summary.json is
-beside it."""
+travels in the file's metadata), in each family, in `artloop eval`, as a preset and in the loop
+(`diffusion.lora`); a LoRA saved before that (no metadata) still loads, at its trained strength
+when its train_summary.json is beside it."""
 
 from __future__ import annotations
 
@@ -135,3 +135,68 @@ def test_preset_is_fused_at_its_trained_strength(loras, sft_data, tmp_path):
     }
     assert first["new"] == pytest.approx(first["folded"], abs=1e-6)
     assert first["new"] != pytest.approx(first["bare"], abs=1e-6)
+
+
+def test_the_loop_draws_with_a_lora_at_its_trained_strength(loras, tmp_path):
+    """`diffusion.lora`: the diffusion tool fuses the LoRA in at its trained strength (what
+    `artloop eval` draws with it), at `scale` times it (0: the base), and records its sha256
+    in the model identity; a missing or pickled LoRA is one line naming it."""
+    import hashlib
+
+    from artloop.config import ArtloopConfig
+    from artloop.tools.diffusion import DiffusionError, DiffusionTool, GenParams
+    from artloop.tools.images import ImageStore
+
+    store = ImageStore(tmp_path / "images")
+    params = GenParams(width=64, height=64, num_inference_steps=2, guidance_scale=5.0, seed=0)
+
+    def draw(lora=None, scale=1.0) -> np.ndarray:
+        tool = DiffusionTool("tiny-sd", store=store, lora=lora, lora_scale=scale)
+        return np.asarray(store.get(tool.text_to_image("a red fox", "", params)), dtype=float)
+
+    (tmp_path / "p.txt").write_text("a red fox\n")
+    summary = evaluate(
+        EvalConfig(
+            prompts=str(tmp_path / "p.txt"),
+            output_dir=str(tmp_path / "e"),
+            lora=[str(loras["new"])],
+            seeds=[0],
+            width=64,
+            height=64,
+            steps=2,
+            scorers=["darkness"],
+        )
+    )
+    evaluated = np.asarray(summary_image(tmp_path / "e", summary, str(loras["new"])), dtype=float)
+    fused = draw(loras["new"])
+    base = draw()
+    # Measured: the LoRA moves pixels by up to 66 of 255; fused or switched on as `eval` does,
+    # the same image; the old LoRA too (alpha / rank from its summary); the bare one, at
+    # alpha = rank, is 61 away.
+    assert np.abs(fused - base).max() > 8
+    assert np.abs(fused - evaluated).max() <= 2
+    assert np.abs(draw(loras["old"]) - fused).max() <= 2
+    assert np.abs(draw(loras["bare"]) - fused).max() > 8
+    assert np.array_equal(draw(loras["new"], scale=0.0), base)
+
+    tool = DiffusionTool("tiny-sd", store=store, lora=loras["new"] / LORA_FILE)
+    digest = hashlib.sha256((loras["new"] / LORA_FILE).read_bytes()).hexdigest()
+    assert tool.identity["lora"] == {
+        "path": str(loras["new"] / LORA_FILE),
+        "sha256": digest,
+        "scale": 1.0,
+    }
+    cfg = ArtloopConfig(home=tmp_path / "home", diffusion={"lora": str(loras["new"])})
+    assert (cfg.diffusion.lora.path, cfg.diffusion.lora.scale) == (loras["new"], 1.0)
+    with pytest.raises(DiffusionError, match=r"diffusion.lora: no LoRA at .*nothing"):
+        _ = DiffusionTool("tiny-sd", store=store, lora=tmp_path / "nothing").identity
+    (tmp_path / "pickle.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(DiffusionError, match="not a .safetensors file"):
+        DiffusionTool("tiny-sd", store=store, lora=tmp_path / "pickle.bin").setup()
+
+
+def summary_image(out, summary: dict, variant: str):
+    """The image `artloop eval` drew for a variant (its first cell), from its image store."""
+    from artloop.tools.images import ImageStore
+
+    return ImageStore(out / "images").get(summary["results"][variant]["images"][0])

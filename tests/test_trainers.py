@@ -1,6 +1,7 @@
-"""The LoRA trainers on the tiny SD pipeline. SFT: training, diffusers-format output, exact
-resume, cached encodings, differential mode, config and CLI. Diffusion-DPO: labels, the loss
-at its known starting point, a learned preference, CLI."""
+"""The LoRA trainers on the tiny SD pipeline. SFT: training, the direction it moves the model
+(toward its data), diffusers-format output, exact resume, cached encodings, differential mode,
+config and CLI. Diffusion-DPO: labels, the loss at its known starting point, a learned
+preference, CLI. (DDPO's direction: tests/test_ddpo.py, test_trainer_mechanics.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from artloop.tools.diffusion import DiffusionTool
 from artloop.tools.images import ImageStore
 from artloop.trainers.common import TrainerConfigError, load_base, load_trainer_config
 from artloop.trainers.dpo import DPOConfig, dpo_loss, load_pairs, train_dpo
-from artloop.trainers.sft import SFTConfig, train_sft
+from artloop.trainers.sft import SFTConfig, diffusion_loss, load_rows, train_sft
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -41,7 +42,7 @@ def generate(pipe) -> np.ndarray:
     ).images[0]
 
 
-def test_trains_a_lora_that_diffusers_loads(sft_data, tmp_path):
+def test_trains_a_lora_that_moves_the_model_toward_its_data(sft_data, tmp_path):
     summary = train_sft(
         config(sft_data, tmp_path / "lora", train_steps=30, learning_rate=1e-2), progress=False
     )
@@ -55,6 +56,36 @@ def test_trains_a_lora_that_diffusers_loads(sft_data, tmp_path):
     base = generate(pipe)
     pipe.load_lora_weights(tmp_path / "lora")
     assert not np.allclose(base, generate(pipe))
+
+    # The direction, apart from training's own noise: on 16 fixed noise draws, the denoising
+    # loss on the export's images is lower with the trained LoRA than without it.
+    cfg = config(sft_data, tmp_path / "lora")
+    family = load_base(cfg)
+    rows = load_rows(cfg.data)
+    latents = family.encode_images([img for img, _ in rows], 64)
+    text = family.encode_texts([t for _, t in rows])
+    family.pipe.load_lora_weights(tmp_path / "lora")
+
+    def losses() -> np.ndarray:
+        with torch.no_grad():
+            return np.array(
+                [
+                    diffusion_loss(
+                        family, family.denoiser, latents, text, torch.Generator().manual_seed(k)
+                    ).item()
+                    for k in range(16)
+                ]
+            )
+
+    trained = losses()
+    family.pipe.disable_lora()
+    base_losses = losses()
+    # Measured: lower on all 16 draws, by 0.025 on average (sd 0.011; the base's 1.135).
+    lower = int((trained < base_losses).sum())
+    assert lower >= 14 and trained.mean() < base_losses.mean() - 0.01, (
+        lower,
+        trained - base_losses,
+    )
 
 
 def test_resume_matches_an_unbroken_run(sft_data, tmp_path):

@@ -24,6 +24,7 @@ from artloop.models.tiny import paired_inpaint_model, resolve_model
 from artloop.runtime.accounting import charge, timed
 from artloop.runtime.batching import Batcher
 from artloop.tools.images import ImageStore, ImageStoreError
+from artloop.tools.lora import LoraError, fuse_lora, lora_path, sha256
 from PIL import Image, ImageDraw, ImageFilter
 
 FAMILIES = ("sd", "sdxl", "flux")
@@ -123,6 +124,8 @@ class DiffusionTool:
         batch_window_ms: float = 0.0,
         max_batch: int = 16,
         inpaint_model: str | None = None,
+        lora: str | Path | None = None,
+        lora_scale: float = 1.0,
     ) -> None:
         if store is None:
             raise TypeError("DiffusionTool needs an ImageStore (store=...)")
@@ -135,6 +138,9 @@ class DiffusionTool:
         # configured, or the model's own companion (tiny-shapes-sd's, looked up on first use:
         # the tiny registry imports torch); else one derived from the text-to-image modules.
         self._inpaint_model = inpaint_model
+        # A LoRA fused into the text-to-image model on load (diffusion.lora), and its sha256.
+        self.lora, self.lora_scale = lora, lora_scale
+        self._lora_file: tuple[Path, str] | None = None
         self.store = store
         self.device = device
         self.dtype = dtype
@@ -222,7 +228,20 @@ class DiffusionTool:
         }
         if self.inpaint_model:
             identity["inpaint_model"] = self.inpaint_model
+        if self.lora is not None:
+            path, digest = self._lora()
+            identity["lora"] = {"path": str(path), "sha256": digest, "scale": self.lora_scale}
         return identity
+
+    def _lora(self) -> tuple[Path, str]:
+        """The LoRA's file and its sha256 (read once)."""
+        if self._lora_file is None:
+            try:
+                path = lora_path(self.lora)  # type: ignore[arg-type]  # set: the caller checked
+            except LoraError as e:
+                raise DiffusionError(f"diffusion.lora: {e}") from None
+            self._lora_file = (path, sha256(path))
+        return self._lora_file
 
     def _default_max_sequence_length(self) -> int | None:
         # Tiny models record their build config beside the weights (artloop.models.tiny).
@@ -259,8 +278,18 @@ class DiffusionTool:
                 where = f"{self.model!r} ({family}, {resolved})"
                 raise DiffusionError(f"cannot load diffusion model {where}: {_one_line(e)}") from e
             pipe.set_progress_bar_config(disable=True)
+            if self.lora is not None:
+                try:
+                    fuse_lora(pipe, self._lora()[0], self.lora_scale)
+                except LoraError as e:
+                    raise DiffusionError(f"diffusion.lora: {e}") from None
             self._pipe = pipe
             self._pipes = {"t2i": pipe}
+
+    def unload(self) -> None:
+        """Drop the loaded pipelines (the next call loads them again): frees their memory."""
+        with self._lock:
+            self._pipe, self._pipes = None, {}
 
     def _pipeline(self, task: str) -> Any:
         self.setup()

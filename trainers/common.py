@@ -8,13 +8,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from artloop.runtime.tracking import TrackingError, require_backend
 from artloop.tools.diffusion import SIZE_MULTIPLE, DiffusionError, DiffusionTool
 from artloop.tools.images import ImageStore
+from artloop.tools.lora import trained_weight
 from artloop.trainers.families import FAMILIES, Cond, Family
+from artloop.trainers.tracking import log_images, tracking_for, validation_images
 from PIL import Image
 
 if TYPE_CHECKING:  # torch is imported where it runs: the CLI starts without it
@@ -100,27 +103,9 @@ def check_lora(lora: str | Path, field: str) -> None:
         )
 
 
-def lora_weight(path: Path) -> float:
-    """The adapter weight that loads a LoRA at its trained strength. 1.0 when the file carries
-    its adapter config (diffusers restores alpha from it); for a LoRA saved before artloop wrote
-    that config, alpha / rank from the train_summary.json saved beside it (diffusers assumes
-    alpha = rank when the config is missing)."""
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        if LORA_ADAPTER_METADATA_KEY in (f.metadata() or {}):
-            return 1.0
-    try:
-        cfg = json.loads((path.parent / "train_summary.json").read_text())["config"]
-        return float(cfg["lora_alpha"]) / int(cfg["rank"])
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-        return 1.0  # not one of ours: diffusers' convention (alpha = rank) is all there is
-
-
 def load_lora(pipe: Any, lora: str | Path, adapter_name: str, field: str) -> float:
     """Load a checked LoRA onto `pipe` as `adapter_name`; the adapter weight that gives it its
-    trained strength (see lora_weight). One that does not fit the model is a TrainerConfigError."""
+    trained strength (tools/lora.trained_weight). One that does not fit the model is a TrainerConfigError."""
     import logging
 
     path = lora_file(lora)
@@ -141,7 +126,7 @@ def load_lora(pipe: Any, lora: str | Path, adapter_name: str, field: str) -> flo
         raise TrainerConfigError(
             f"{field}: {path} holds no weights for this model (a LoRA for another model family?)"
         )
-    return lora_weight(path)
+    return trained_weight(path)
 
 
 def fuse_preset_lora(pipe: Any, preset: str, field: str) -> None:
@@ -181,6 +166,29 @@ class LoRATrainConfig:
         "first; the new LoRA learns the rest",
     )
     mixed_precision: str = help_field("no", help="no | fp16 | bf16 (accelerate)")
+    report_to: str = help_field(
+        "none",
+        help="Log the loss, learning rate, rewards and validation images to: none | mlflow (a "
+        "local file store, output_dir/mlruns, unless tracking_uri names another) | tensorboard "
+        "(output_dir/tensorboard) | wandb (W&B; WANDB_MODE=offline writes output_dir/wandb only)",
+    )
+    tracking_uri: str = help_field(
+        "",
+        help="mlflow: a tracking URI (file:DIR, http://server); tensorboard, "
+        "wandb: a directory. Empty: under output_dir",
+    )
+    tracking_project: str = help_field(
+        "artloop-train", help="The MLflow experiment, W&B project or TensorBoard folder"
+    )
+    validation_prompts: list[str] = help_field(
+        default_factory=list,
+        help="Prompts drawn with the LoRA and logged to the tracker (repeat); default: the "
+        "data's first prompt. Only with report_to",
+    )
+    validation_every: int = help_field(
+        0, help="Draw the validation images every N steps too (0: at the end only)"
+    )
+    validation_inference_steps: int = help_field(20, help="Inference steps of a validation image")
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -195,10 +203,17 @@ class LoRATrainConfig:
             "checkpoint_every": self.checkpoint_every >= 1,
             "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
             "mixed_precision": self.mixed_precision in ("no", "fp16", "bf16"),
+            "validation_every": self.validation_every >= 0,
+            "validation_inference_steps": self.validation_inference_steps >= 1,
+            "tracking_project": bool(self.tracking_project),
         }
         for field, ok in checks.items():
             if not ok:
                 raise TrainerConfigError(f"{name}.{field}: invalid value {getattr(self, field)!r}")
+        try:  # an unknown tracker, or one whose library is missing
+            require_backend(self.report_to)
+        except TrackingError as e:
+            raise TrainerConfigError(f"{name}.report_to: {e}") from None
         if self.preset_lora:
             check_lora(self.preset_lora, f"{name}.preset_lora")
 
@@ -350,30 +365,67 @@ def train_lora(
     name: str,
     progress: bool = True,
     extra: dict | None = None,
+    *,
+    prompts: Sequence[str] = (),
+    metrics: Callable[[], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """The loop every trainer shares: a LoRA on the denoiser (UNet or transformer), AdamW,
-    accelerate, checkpoints.
+    accelerate, checkpoints, tracking.
 
     `loss_at(denoiser, idx, g, step)` is the trainer's loss on the examples `idx`; `g` supplies all
     its randomness. Batches and generators come from (seed, step, micro-batch), so a run resumed
     from a checkpoint matches an unbroken one exactly.
-    """
-    import math
-    import time
 
+    With `cfg.report_to` a tracker gets each step's loss and learning rate, and whatever
+    `metrics()` returns after the step (the trainer's rewards, accuracies), and validation images
+    (`cfg.validation_prompts`, else the first of the data's `prompts`) at the end and every
+    `cfg.validation_every` steps.
+    """
     import torch
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    tracking = tracking_for(cfg, name)
     # cpu=True where there is no GPU: only then does accelerate read torchrun's environment as
     # several CPU processes (gloo) instead of one.
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         cpu=not torch.cuda.is_available(),
+        **(tracking.accelerator_kwargs() if tracking else {}),
     )
+    if tracking:
+        tracking.start(accelerator, cfg)
+    shown = list(cfg.validation_prompts or prompts[:1]) if tracking else []
+    try:
+        return _loop(
+            accelerator, cfg, family, examples, loss_at, name, progress, extra, shown, metrics
+        )
+    finally:
+        accelerator.end_training()  # ends the trackers' runs (without trackers: nothing)
+
+
+def _loop(
+    accelerator: Any,
+    cfg: LoRATrainConfig,
+    family: Family,
+    examples: int,
+    loss_at: Callable[[Any, torch.Tensor, torch.Generator, int], torch.Tensor],
+    name: str,
+    progress: bool,
+    extra: dict | None,
+    prompts: list[str],
+    metrics: Callable[[], dict[str, float]] | None,
+) -> dict[str, Any]:
+    """train_lora's loop on its accelerator; validation images of `prompts` (none without a
+    tracker) go to the trackers."""
+    import math
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     family.pipe.to(accelerator.device)
     unet = family.denoiser
     torch.manual_seed(cfg.seed)  # the LoRA's initial weights
@@ -404,8 +456,14 @@ def train_lora(
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if accelerator.trackers:  # report_to: this step's numbers to the tracker
+            lr = optimizer.param_groups[0]["lr"]
+            accelerator.log({"loss": losses[-1], "lr": lr, **(metrics() if metrics else {})}, step)
         if (step % cfg.checkpoint_every == 0 or step == cfg.train_steps) and main:
             save_checkpoint(ckpt, step, accelerator.unwrap_model(unet), optimizer)
+        every = cfg.validation_every
+        if prompts and main and (step == cfg.train_steps or (every and step % every == 0)):
+            log_images(accelerator, validation_images(family, cfg, prompts), prompts, step)
     bar.close()
     loop_s = time.perf_counter() - started
     # Each process's LoRA norm, gathered: equal in all processes iff gradients were synced.

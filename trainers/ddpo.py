@@ -257,6 +257,16 @@ def train_ddpo(cfg: DDPOConfig, progress: bool = True) -> dict[str, Any]:
 
     # the reward's identity (its range, direction and model weights) goes into train_summary.json
     extra = {"reward": reward_entry(cfg.reward).identity()}
-    summary = train_lora(cfg, family, len(prompts), loss_at, "ddpo", progress, extra)
+    summary = train_lora(
+        cfg,
+        family,
+        len(prompts),
+        loss_at,
+        "ddpo",
+        progress,
+        extra,
+        prompts=prompts,
+        metrics=lambda: {"reward_mean": rewards[-1]} if rewards else {},  # this round's batch
+    )
     summary["mean_rewards"] = rewards
     return summary

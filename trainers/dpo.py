@@ -66,8 +66,19 @@ def load_pairs(data: str) -> list[tuple[Image.Image, Image.Image, str]]:
     return pairs
 
 
-def dpo_loss(family: Family, denoiser, chosen, rejected, cond: Cond, generator, beta: float):
-    """The Diffusion-DPO loss on a batch of pairs (B chosen, B rejected latents)."""
+def dpo_loss(
+    family: Family,
+    denoiser,
+    chosen,
+    rejected,
+    cond: Cond,
+    generator,
+    beta: float,
+    stats: dict[str, float] | None = None,
+):
+    """The Diffusion-DPO loss on a batch of pairs (B chosen, B rejected latents). `stats`, if
+    given, gets the batch's `implicit_acc`: the share of pairs whose chosen image the policy
+    already prefers more than the reference does (diffusers' DPO example logs it)."""
     import torch
     import torch.nn.functional as F
 
@@ -89,7 +100,10 @@ def dpo_loss(family: Family, denoiser, chosen, rejected, cond: Cond, generator, 
         finally:
             model.enable_adapters()
     (pw, pl), (rw, rl) = policy.chunk(2), reference.chunk(2)
-    return -F.logsigmoid(-0.5 * beta * ((pw - pl) - (rw - rl))).mean()
+    inside = -0.5 * beta * ((pw - pl) - (rw - rl))
+    if stats is not None:
+        stats["implicit_acc"] = (inside > 0).float().mean().item()
+    return -F.logsigmoid(inside).mean()
 
 
 def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict[str, Any]:
@@ -99,10 +113,15 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict[str, Any]:
     chosen = family.encode_images([w for w, _, _ in pairs], cfg.resolution)
     rejected = family.encode_images([lo for _, lo, _ in pairs], cfg.resolution)
     captions, empty = family.encode_captions([c for _, _, c in pairs])
+    stats: dict[str, float] = {}  # the last batch's implicit accuracy, for the tracker
 
     def loss_at(denoiser, idx, g, step):
         d = device_of(denoiser)
         cond = drop_captions(take(captions, idx, d), empty, cfg.caption_dropout, g)
-        return dpo_loss(family, denoiser, chosen[idx].to(d), rejected[idx].to(d), cond, g, cfg.beta)
+        w, lo = chosen[idx].to(d), rejected[idx].to(d)
+        return dpo_loss(family, denoiser, w, lo, cond, g, cfg.beta, stats)
 
-    return train_lora(cfg, family, len(pairs), loss_at, "dpo", progress)
+    prompts = [c for _, _, c in pairs]
+    return train_lora(
+        cfg, family, len(pairs), loss_at, "dpo", progress, prompts=prompts, metrics=lambda: stats
+    )

@@ -137,15 +137,17 @@ class SDFamily:
     def save_lora(self, denoiser: torch.nn.Module, out_dir: Any) -> None:
         """The LoRA in diffusers' layout, with its adapter config (rank, alpha, targets) in the
         file's metadata: without it `load_lora_weights` assumes alpha = rank, which loads a LoRA
-        trained at another alpha at the wrong strength."""
+        trained at another alpha at the wrong strength. The targets are sorted (peft keeps a
+        set), so that the same training writes the same bytes (the same sha256)."""
+        metadata = denoiser.peft_config["default"].to_dict()
+        if isinstance(metadata.get("target_modules"), set | list | tuple):
+            metadata["target_modules"] = sorted(metadata["target_modules"])
         type(self.pipe).save_lora_weights(
             out_dir,
             safe_serialization=True,
             **{
                 f"{self.component}_lora_layers": self.lora_layers(denoiser),
-                f"{self.component}_lora_adapter_metadata": denoiser.peft_config[
-                    "default"
-                ].to_dict(),
+                f"{self.component}_lora_adapter_metadata": metadata,
             },
         )
 

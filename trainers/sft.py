@@ -73,4 +73,5 @@ def train_sft(cfg: SFTConfig, progress: bool = True) -> dict[str, Any]:
         cond = drop_captions(take(captions, idx, d), empty, cfg.caption_dropout, g)
         return diffusion_loss(family, denoiser, latents[idx].to(d), cond, g)
 
-    return train_lora(cfg, family, len(rows), loss_at, "sft", progress, {"encode_s": encode_s})
+    extra, prompts = {"encode_s": encode_s}, [text for _, text in rows]
+    return train_lora(cfg, family, len(rows), loss_at, "sft", progress, extra, prompts=prompts)

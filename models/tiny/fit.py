@@ -2,10 +2,10 @@
 
 A random UNet's samples are noise that a short fine-tune cannot shift: its denoising loss starts
 at ~1.2, and an sft LoRA trained on images 0.2 darker changed held-out darkness by -0.013 (the
-wrong way; bench/measured_effect.py on tiny-sd). Fitted for 300 steps to smooth random colour
+wrong way; the darkness effect study of issue 4, since removed, on tiny-sd). Fitted for 300 steps to smooth random colour
 fields (v-prediction loss 0.97 -> ~0.38), the model samples images whose brightness spread is the
 data's, a distribution fine-tuning can shift, as with a real pretrained model. Used where a
-measured effect must show on the tiny stack (bench/effect_study.py, bench/measured_effect.py);
+trained LoRA must move the model measurably on the tiny stack (the trainers' tests, DDPO);
 everything else uses the faster random tiny-sd.
 """
 
