@@ -131,27 +131,13 @@ def test_the_ci_experiment_end_to_end(tmp_path):
     assert all((d["n"], d["diff"], d["tie"]) == (12, 0.0, 1.0) for d in diffs.values())
 
 
-KILLED = """\
-name = "killed"
-seeds = [0, 1]
-scorers = ["shapes"]
-concurrency = 1
-[prompts]
-set = "shapes"
-limit = 4
-[base.chat]
-backend = "scripted"
-[base.diffusion]
-model = "tiny-shapes-sd"
-width = 64
-height = 64
-steps = 4
-[base.loop]
-max_iters = 2
-[base.scorers]
-canaries = "off"
-[variants.full]
-"""
+# The CI experiment cut to one variant, 4 prompts, one session at a time.
+KILLED = (
+    CI_EXPERIMENT.split("[variants.no_concept_cot]")[0]
+    .replace('name = "critics-ci"', 'name = "killed"')
+    .replace("concurrency = 4", "concurrency = 1")
+    .replace("limit = 6", "limit = 4")
+)
 
 
 @pytest.mark.slow

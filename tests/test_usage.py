@@ -158,9 +158,11 @@ def test_vllm_answer_usage(vllm_server):
 def test_vllm_call_records_match_the_server(vllm_server, store, sd_tool):
     """A session against vLLM: each recorded call's prompt, completion and cached tokens are
     what the server's response for it said (read off the HTTP responses), in order, and the
-    step's accounting and the session's totals are their sums (issue 20, item 6)."""
+    step's accounting, the session's totals and an experiment's cost table are their sums
+    (issue 20, item 6)."""
     import httpx
     from artloop.config import ChatConfig, DiffusionConfig, LoopConfig
+    from artloop.experiments.results import run_cost
     from artloop.graphs.context import RefineContext
     from artloop.runtime.accounting import TOKENS, add_up, session_totals
     from langchain_openai import ChatOpenAI
@@ -191,7 +193,8 @@ def test_vllm_call_records_match_the_server(vllm_server, store, sd_tool):
         chat_config=cfg,
         diffusion_config=DiffusionConfig(width=64, height=64, steps=2),
     )
-    steps = store.get_run(run_session(ctx, prompt="a red fox").run_id)["steps"]
+    run = store.get_run(run_session(ctx, prompt="a red fox").run_id)
+    steps = run["steps"]
     calls = [c for s in steps for c in s["calls"]]
     assert len(calls) == len(reported) >= 5
     for call, usage in zip(calls, reported, strict=True):
@@ -211,3 +214,8 @@ def test_vllm_call_records_match_the_server(vllm_server, store, sd_tool):
     assert totals["calls"] == len(reported)
     assert totals["prompt_tokens"] == sum(u["prompt_tokens"] for u in reported)
     assert totals["completion_tokens"] == sum(u["completion_tokens"] for u in reported)
+    # The experiment report's cost table reads the same run (experiments/results.run_cost).
+    cost = run_cost(run)
+    assert cost["vlm_calls"] == len(reported)
+    assert cost["prompt_tokens"] == sum(u["prompt_tokens"] for u in reported)
+    assert cost["completion_tokens"] == sum(u["completion_tokens"] for u in reported)
