@@ -82,6 +82,8 @@ def test_train_shapes_trains_the_three_models_in_order(tmp_path):
     assert list(summary) == ["tiny-shapes-sd", "tiny-shapes-sd-inpaint", "tiny-shapes-qwen2vl"]
     sd, inpaint, vlm = (out / name for name in summary)
     assert not list(out.rglob("*.bin")) and all((d / "README.md").exists() for d in (sd, vlm))
+    card = (vlm / "README.md").read_text()
+    assert "seeing steps" in card and "rehearsed" in card  # every training stage is stated
     config = json.loads((inpaint / "training.json").read_text())["training"]
     assert config["base"] == str(sd) and config["steps"] == 2
     store = ImageStore(tmp_path / "images")

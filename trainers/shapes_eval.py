@@ -153,9 +153,13 @@ def model_card(summary: dict) -> str:
         "",
         "## Training",
         f"- warm-ups (artloop/trainers/shapes_warmups.py): {cfg['copy_steps']} copying steps of "
-        f"{cfg['copy_batch']} word strings, then {cfg['look_steps']} looking steps of "
-        f"{cfg['look_batch']} pictures (a picture -> its shapes with boxes)",
-        f"- {cfg['steps']} steps of {cfg['batch_size']} calls, AdamW lr {cfg['lr']:g} "
+        f"{cfg['copy_batch']} word strings, then {cfg['see_steps']} seeing steps (the vision "
+        f"tower alone: each cell's shape and box) and {cfg['look_steps']} looking steps of "
+        f"{cfg['look_batch']} pictures (a picture -> its shapes with boxes), drawn from "
+        f"{cfg['pictures']} renders and the BEFORE pictures",
+        f"- {cfg['steps']} steps of {cfg['batch_size']} calls, each with {cfg['rehearse_copy']} "
+        f"copying strings and {cfg['rehearse_look']} looking pictures rehearsed, AdamW lr "
+        f"{cfg['lr']:g} "
         f"(warm-up {cfg['warmup']}, cosine), clipping {cfg['max_grad_norm']:g}; loss on the "
         f"answer tokens, final {summary['final_loss']:.4f}; {summary['seconds']} s",
     ]
