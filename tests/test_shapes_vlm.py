@@ -46,6 +46,28 @@ def test_targets_name_what_the_detector_misses():
     assert worse.verdict == "reject" and not worse.better_than_before
 
 
+def test_judges_spell_out_the_checklist_before_the_score():
+    """Concept-CoT and the validator write every requirement met or not, then a score that is
+    the share of what they wrote (the reasoning a small model can follow step by step)."""
+    spec = parse(PROMPT)
+    report = check(spec, detect(render([RED_CIRCLE])))
+    said = Critique.model_validate(critique(report))
+    assert said.observations == ["red circle yes, blue square no, circle left of square no"]
+    assert said.prompt_alignment == 3
+    perfect = check(spec, detect(render([RED_CIRCLE, BLUE_SQUARE])))
+    judged = Verdict.model_validate(verdict(report, perfect))
+    assert judged.reasons == [
+        "BEFORE red circle yes, blue square no, circle left of square no",
+        "AFTER red circle yes, blue square yes, circle left of square yes",
+    ]
+    # Too long for three lines: BEFORE's checklist becomes its count.
+    many = parse("two small red circles left of a large blue square and a green triangle")
+    empty = check(many, [])
+    long = Verdict.model_validate(verdict(empty, empty))
+    assert long.reasons[0] == f"BEFORE 0 of {len(empty.requirements)} met"
+    assert all(len(r) <= 80 for r in long.reasons) and long.score == 0
+
+
 def test_a_wrong_colour_is_repainted_where_it_is():
     spec = parse(PROMPT)
     green = Obj("square", "green", "large", 0.75, 0.5, 0.36)
@@ -267,3 +289,29 @@ def test_warmup_pictures_are_half_before_pictures_and_detected_once(monkeypatch)
     for _ in range(10):
         pictures.draw(6, rng)
     assert len(calls) == 6 + 2  # all 8 pictures, each detected once
+
+
+def test_the_card_tells_each_stage_a_run_went_on_from():
+    from dataclasses import asdict
+
+    from artloop.trainers.shapes_eval import model_card
+    from artloop.trainers.shapes_vlm import ARCH, ShapesVLMTraining
+
+    first = {
+        "config": asdict(ShapesVLMTraining(steps=1000)),
+        "arch": ARCH,
+        "examples": 10000,
+        "final_loss": 0.15,
+        "seconds": 6806,
+        "commit": "8967089",
+        "heldout": {"split": "heldout", "n": 40, "box_iou": 0.41},
+    }
+    cfg = ShapesVLMTraining(init_from="/x", see_steps=0, copy_steps=0, look_steps=0, steps=600)
+    second = {**first, "config": asdict(cfg), "continued_from": first, "commit": "abc1234"}
+    second["heldout"] = {"split": "heldout", "n": 40, "box_iou": 0.49}
+    card = model_card(second)
+    assert card.index("### Stage 1: `train-shapes-vlm` at artloop commit 8967089") < card.index(
+        "### Stage 2: `train-shapes-vlm` at artloop commit abc1234, going on from stage 1's"
+    )
+    assert card.count("seeing steps") == 1  # stage 2 ran no warm-up
+    assert "| box_iou | 0.410 |" in card and card.endswith("| box_iou | 0.490 |\n")

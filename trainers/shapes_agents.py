@@ -87,12 +87,47 @@ def _artifact(r: Requirement, report: Report) -> dict:
     return {"note": _line(r.asked, 60), "kind": kind, "box": box, "severity": 2}
 
 
+def short(r: Requirement) -> str:
+    """A requirement in a few words: "red circle", "2 circles", "small square", "circle left
+    of square" (colours only where both shapes are alike), "circle at right"."""
+    spec = parse(r.asked)
+    p = spec.phrases[0]
+    match r.kind:
+        case "object":
+            return f"{p.colour} {p.shape}" if p.colour else p.shape
+        case "count":
+            return f"{p.count} {p.shape}s"
+        case "size":
+            return f"{p.size} {p.shape}"
+        case "relation":
+            i, rel, j = spec.relations[0]
+            a, b = spec.phrases[i], spec.phrases[j]
+            alike = a.shape == b.shape
+            name = [f"{x.colour} {x.shape}" if alike and x.colour else x.shape for x in (a, b)]
+            return f"{name[0]} {rel} {name[1]}"
+    return f"{p.shape} at {spec.positions[0][1]}"
+
+
+def checklist(report: Report, head: str = "", lines: int = 3, width: int = 80) -> list[str]:
+    """Every requirement in the prompt's order, met or not ("red circle yes, 2 circles no"),
+    wrapped into at most `lines` lines: the reasoning a judge spells out before its score, so
+    that the score is a count of what it wrote (only the last lines are cut when too long)."""
+    out, line = [], head
+    for item in (f"{short(r)} {'yes' if r.met else 'no'}" for r in report.requirements):
+        joined = f"{line}, {item}" if line and line != head else f"{line}{item}"
+        if len(joined) <= width:
+            line = joined
+            continue
+        out.append(line)
+        line = item
+    return [*out, line][:lines]
+
+
 def critique(report: Report) -> dict:
-    """Concept-CoT: the unmet requirements first, each with what the image shows instead."""
+    """Concept-CoT: the checklist of what the prompt asks, met or not; then the unmet
+    requirements as missing objects and artifacts, and the alignment as the share met."""
     unmet = report.unmet()
-    observations = [_line(f"{r.asked}: not as asked, {r.found}", 80) for r in unmet[:3]]
-    if not observations:
-        observations = [_line(f"everything asked is there: {report.requirements[0].found}", 80)]
+    observations = checklist(report)
     aspects = {a: {"note": "flat shapes on white", "rating": 7} for a in ASPECT_IDS}
     # A clean flat picture: only the composition (what is where) can be wrong.
     aspects["composition"] = {
@@ -186,18 +221,15 @@ def plan(spec: Spec, report: Report, prompt: str) -> dict:
 
 
 def verdict(before: Report, after: Report) -> dict:
-    """The validator: AFTER's share of requirements met is its score; better when it meets more
-    than BEFORE; accepted at the loop's accept score, rejected when worse."""
-    reasons = [_line(f"still wrong: {r.asked}, {r.found}", 80) for r in after.unmet()[:2]]
-    pairs = list(zip(after.requirements, before.requirements, strict=True))  # the same spec
-    gained = [a.asked for a, b in pairs if a.met > b.met]
-    lost = [a.asked for a, b in pairs if a.met < b.met]
-    if gained:
-        reasons.insert(0, _line(f"now right: {gained[0]}", 80))
-    if lost:
-        reasons.insert(0, _line(f"now wrong: {lost[0]}", 80))
-    if not reasons:
-        reasons = ["everything asked is there"]
+    """The validator: BEFORE's and AFTER's checklists (BEFORE's as a count where both do not
+    fit), then AFTER's share of requirements met as its score; better when it meets more than
+    BEFORE; accepted at the loop's accept score, rejected when worse."""
+    first = checklist(before, "BEFORE ", lines=2)
+    then = checklist(after, "AFTER ", lines=2)
+    if len(first) + len(then) > 3:
+        met = sum(r.met for r in before.requirements)
+        first = [f"BEFORE {met} of {len(before.requirements)} met"]
+    reasons = [*first, *then]
     better = after.score > before.score
     if after.score < before.score:
         decision = "reject"

@@ -111,6 +111,7 @@ def evaluate_agents(
     return {
         "split": split,
         "n": n,
+        "seed": seed,
         "enhance_kept": kept / n,
         "objects_f1": 2 * precision * recall / (precision + recall) if tp else 0.0,
         "objects_precision": precision,
@@ -123,10 +124,63 @@ def evaluate_agents(
     }
 
 
+def _stage(summary: dict, number: int) -> list[str]:
+    """One training run of the model: its data and steps."""
+    cfg = summary["config"]
+    went_on = f", going on from stage {number - 1}'s weights" if cfg.get("init_from") else ""
+    commit = f" at artloop commit {summary['commit']}" if summary.get("commit") else ""
+    lines = [
+        f"### Stage {number}: `train-shapes-vlm`{commit}{went_on}",
+        f"- data: {cfg['episodes']} loop iterations on training scenes (seed {cfg['seed']}), "
+        f"five agent calls each ({summary['examples']} examples); BEFORE images: "
+        f"{cfg['sd_share']:.0%} samples of {cfg['sd_model']}, the rest renders with one thing "
+        "wrong; targets from the scene graph and the `shapes` detector "
+        "(artloop/trainers/shapes_agents.py)",
+    ]
+    if cfg["copy_steps"] or cfg["see_steps"] or cfg["look_steps"]:
+        lines.append(
+            f"- warm-ups (artloop/trainers/shapes_warmups.py): {cfg['copy_steps']} copying steps "
+            f"of {cfg['copy_batch']} word strings, then {cfg['see_steps']} seeing steps (the "
+            f"vision tower alone: each cell's shape and box) and {cfg['look_steps']} looking "
+            f"steps of {cfg['look_batch']} pictures (a picture -> its shapes with boxes), drawn "
+            f"from {cfg['pictures']} renders and the BEFORE pictures"
+        )
+    lines.append(
+        f"- {cfg['steps']} steps of {cfg['batch_size']} calls, each with {cfg['rehearse_copy']} "
+        f"copying strings and {cfg['rehearse_look']} looking pictures rehearsed, AdamW lr "
+        f"{cfg['lr']:g} (warm-up {cfg['warmup']}, cosine), clipping {cfg['max_grad_norm']:g}; "
+        f"loss on the answer tokens, final {summary['final_loss']:.4f}; {summary['seconds']} s"
+    )
+    if summary.get("note"):
+        lines.append(f"- {summary['note']}")
+    return lines
+
+
+def _figures(h: dict) -> list[str]:
+    lines = [
+        f"Measured on {h['n']} held-out scenes (artloop/trainers/shapes_eval.py, seed "
+        f"{h.get('seed', 0)}):",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+    ]
+    for key, value in h.items():
+        if key not in ("split", "n", "seed"):
+            shown = (
+                "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else value
+            )
+            lines.append(f"| {key} | {shown} |")
+    return lines
+
+
 def model_card(summary: dict) -> str:
-    """The README.md of a trained tiny-shapes-qwen2vl: data, steps, seeds, figures."""
-    cfg, arch = summary["config"], summary["arch"]
+    """The README.md of a trained tiny-shapes-qwen2vl: architecture, each training stage (a run
+    that went on from another's weights lists that one first), the held-out figures."""
+    arch = summary["arch"]
     text = arch["text"]
+    stages = [summary]
+    while "continued_from" in stages[0]:
+        stages.insert(0, stages[0]["continued_from"])
     lines = [
         "# tiny-shapes-qwen2vl",
         "",
@@ -144,42 +198,12 @@ def model_card(summary: dict) -> str:
         f"- vision: depth {arch['vision']['depth']}, width {arch['vision']['embed_dim']}; "
         f"images resized to {int(arch['min_pixels'] ** 0.5)} px (16 merged tokens)",
         "",
-        "## Data",
-        f"- {cfg['episodes']} loop iterations on training scenes (seed {cfg['seed']}), five "
-        f"agent calls each ({summary['examples']} examples); BEFORE images: "
-        f"{cfg['sd_share']:.0%} samples of {cfg['sd_model']}, the rest renders with one thing "
-        "wrong; targets from the scene graph and the `shapes` detector "
-        "(artloop/trainers/shapes_agents.py)",
-        "",
         "## Training",
-        f"- warm-ups (artloop/trainers/shapes_warmups.py): {cfg['copy_steps']} copying steps of "
-        f"{cfg['copy_batch']} word strings, then {cfg['see_steps']} seeing steps (the vision "
-        f"tower alone: each cell's shape and box) and {cfg['look_steps']} looking steps of "
-        f"{cfg['look_batch']} pictures (a picture -> its shapes with boxes), drawn from "
-        f"{cfg['pictures']} renders and the BEFORE pictures",
-        f"- {cfg['steps']} steps of {cfg['batch_size']} calls, each with {cfg['rehearse_copy']} "
-        f"copying strings and {cfg['rehearse_look']} looking pictures rehearsed, AdamW lr "
-        f"{cfg['lr']:g} "
-        f"(warm-up {cfg['warmup']}, cosine), clipping {cfg['max_grad_norm']:g}; loss on the "
-        f"answer tokens, final {summary['final_loss']:.4f}; {summary['seconds']} s",
     ]
+    for number, stage in enumerate(stages, 1):
+        lines += ["", *_stage(stage, number)]
+        if "heldout" in stage and stage is not summary:
+            lines += ["", *_figures(stage["heldout"])]
     if "heldout" in summary:
-        h = summary["heldout"]
-        lines += [
-            "",
-            f"## Measured on {h['n']} held-out scenes (artloop/trainers/shapes_eval.py)",
-            "",
-            "| figure | value |",
-            "| --- | --- |",
-        ]
-        for key, value in h.items():
-            if key not in ("split", "n"):
-                shown = (
-                    "n/a"
-                    if value is None
-                    else f"{value:.3f}"
-                    if isinstance(value, float)
-                    else value
-                )
-                lines.append(f"| {key} | {shown} |")
+        lines += ["", "## Figures", "", *_figures(summary["heldout"])]
     return "\n".join(lines) + "\n"

@@ -44,6 +44,11 @@ class ShapesVLMTraining:
     """Train tiny-shapes-qwen2vl from scratch on the five agents' prompts (CPU: ~1.4 h on 2 cores)."""
 
     output_dir: str = help_field("tiny-shapes-qwen2vl", help="Where the model directory goes")
+    init_from: str = help_field(
+        "",
+        help="A trained tiny-shapes-qwen2vl directory to go on from (its weights and tokenizer;"
+        " set the warm-ups' steps to 0 to skip them); empty: from scratch",
+    )
     seed: int = help_field(0, help="Seed of the weights, the episodes and their order")
     episodes: int = help_field(4000, help="Loop iterations recorded (five agent calls each)")
     sd_model: str = help_field(
@@ -183,6 +188,16 @@ def new_model(examples: list[Example], seed: int, fixed: list[str] | None = None
     return new_vlm({**ARCH, "seed": seed}, corpus(examples, set(fixed)), fixed)
 
 
+def load_model(path: str):
+    """A trained model and its processor, in float32 for training (stored in float16)."""
+    import torch
+    from artloop.models.tiny.vlm import load_processor
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    return model, load_processor(path)
+
+
 @dataclass
 class _Batch:
     ids: object  # (B, T) right-padded, prefix included
@@ -305,6 +320,23 @@ def train(
     return losses
 
 
+def source_commit() -> str | None:
+    """The git commit of the artloop checkout that trains (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print) -> dict:
     """Record the episodes, train, save (safetensors, float16: 5 MB) with a model card; the
     held-out figures, measured on the stored weights, when `eval_scenes` > 0."""
@@ -324,7 +356,9 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
     examples = episodes(cfg, "train", cfg.episodes, cfg.seed, log)
     log(f"recorded {len(examples)} agent calls in {time.perf_counter() - start:.0f}s")
     fixed = fixed_lines(examples)  # the tokenizer's one-token lines, which the warm-up skips
-    model, processor = new_model(examples, cfg.seed, fixed)
+    model, processor = (
+        load_model(cfg.init_from) if cfg.init_from else new_model(examples, cfg.seed, fixed)
+    )
     words = words_of(examples, set(fixed))
     copied = copy_warmup(model, processor, words, cfg, log)
     before = [e.images[0] for e in examples if e.agent == "data_cot"]
@@ -354,7 +388,11 @@ def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print)
         "see_final_loss": sum(seen[-50:]) / len(seen[-50:]) if seen else None,
         "look_final_loss": sum(looked[-50:]) / len(looked[-50:]) if looked else None,
         "seconds": round(time.perf_counter() - start),
+        "commit": source_commit(),
     }
+    if cfg.init_from and (Path(cfg.init_from) / "training.json").exists():
+        # The card tells every stage: what this run went on from, and what that one did.
+        summary["continued_from"] = json.loads((Path(cfg.init_from) / "training.json").read_text())
     if cfg.eval_scenes:
         summary["heldout"] = evaluate_agents(out, "heldout", cfg.eval_scenes, seed=cfg.seed)
     (out / "training.json").write_text(json.dumps(summary, indent=2))
