@@ -25,7 +25,8 @@ app = typer.Typer(help="Servers: the vLLM server for the agents' VLM.", no_args_
 def serve_vlm(
     ctx: typer.Context,
     model: Annotated[
-        str | None, typer.Option(help="Model id or path; tiny-qwen2vl for CPU")
+        str | None,
+        typer.Option(help="Model id or path; tiny-qwen2vl or tiny-shapes-qwen2vl on CPU"),
     ] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000)")] = None,
@@ -35,6 +36,10 @@ def serve_vlm(
     max_image_pixels: Annotated[int | None, typer.Option(help="Cap image tokens")] = None,
     enforce_eager: Annotated[
         bool | None, typer.Option(help="No CUDA graphs (CPU needs it)")
+    ] = None,
+    compact_json: Annotated[
+        bool | None,
+        typer.Option(help="No whitespace in JSON answers (off for a model trained on spaced JSON)"),
     ] = None,
     vllm: Annotated[str | None, typer.Option(help="The vllm executable")] = None,
     config: ConfigOpt = None,
@@ -51,6 +56,7 @@ def serve_vlm(
         "tensor_parallel_size": tensor_parallel_size,
         "max_image_pixels": max_image_pixels,
         "enforce_eager": enforce_eager,
+        "compact_json": compact_json,
         "vllm": vllm,
     }
     cfg = read_config(config, {f"serve.{k}": v for k, v in flags.items()}).serve

@@ -17,15 +17,35 @@ from artloop.tools.image_facts import measure
 from PIL import Image
 
 
-def test_defaults_are_the_tiny_embedded_stack(monkeypatch):
+def test_defaults_are_the_shapes_world(monkeypatch):
     monkeypatch.delenv("ARTLOOP_HOME", raising=False)
     cfg = load_config()
     assert (cfg.chat.backend, cfg.chat.model, cfg.diffusion.model) == (
         "inprocess",
-        "tiny-qwen2vl",
-        "tiny-sd",
+        "tiny-shapes-qwen2vl",
+        "tiny-shapes-sd",
+    )
+    # The world's own image settings and loop, where nothing else is configured.
+    assert (cfg.diffusion.width, cfg.diffusion.height, cfg.diffusion.steps) == (64, 64, 20)
+    assert (cfg.loop.watch_scorers, cfg.loop.carry_edits, cfg.loop.enhancer) == (
+        ["shapes"],
+        True,
+        False,
     )
     assert cfg.home.name == ".artloop"
+
+
+def test_a_world_default_gives_way_to_what_is_configured(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[diffusion]\nwidth = 128\n[loop]\ncarry_edits = false\n")
+    cfg = load_config(toml)
+    assert (cfg.diffusion.width, cfg.diffusion.height, cfg.diffusion.steps) == (128, 64, 20)
+    assert (cfg.loop.carry_edits, cfg.loop.watch_scorers) == (False, ["shapes"])
+    # Another model: the general defaults, and no world's loop.
+    toml.write_text('[diffusion]\nmodel = "tiny-sd"\n')
+    cfg = load_config(toml)
+    assert (cfg.diffusion.width, cfg.diffusion.steps) == (256, 4)
+    assert (cfg.loop.carry_edits, cfg.loop.watch_scorers) == (False, [])
 
 
 def test_layering(tmp_path, monkeypatch):

@@ -179,7 +179,7 @@ def test_every_field_scorer_from_the_cli(tmp_path, monkeypatch):
         ident = on_disk["scorers"][name]["model"]
         assert ident["id"] == weights and len(ident["sha256"]) == 16, (name, ident)
     vqa = on_disk["scorers"]["vqa"]["model"]
-    assert (vqa["id"], vqa["backend"]) == ("tiny-qwen2vl", "inprocess")
+    assert (vqa["id"], vqa["backend"]) == ("tiny-shapes-qwen2vl", "inprocess")  # the chat's
     assert set(on_disk["scorers"][composite]["model"]["parts"]) == {"clip", "aesthetic"}
     head = (tmp_path / "e" / "results.md").read_text().splitlines()[0]
     assert head == "| model | " + " | ".join([*names, composite]) + " |"

@@ -315,3 +315,46 @@ def test_the_card_tells_each_stage_a_run_went_on_from():
     )
     assert card.count("seeing steps") == 1  # stage 2 ran no warm-up
     assert "| box_iou | 0.410 |" in card and card.endswith("| box_iou | 0.490 |\n")
+
+
+# The shipped model's figures on the first 10 of its card's 40 held-out scenes (seed 0), in
+# process: `evaluate_agents(shipped, n=10)`, measured when the weights were committed.
+# (Its validator scores these 10 alike: no rank correlation to check here; the card's 40 have it.)
+SHIPPED_10 = {"objects_f1": 0.4286, "box_iou": 0.4845, "enhance_kept": 0.3}
+# The first 4 of them, in process: what the served model must match.
+SHIPPED_4 = {"objects_f1": 0.7, "box_iou": 0.3776, "enhance_kept": 0.5}
+
+
+@pytest.mark.slow
+def test_the_shipped_agents_do_what_their_card_says():
+    from artloop.models.tiny import resolve_model
+    from artloop.trainers.shapes_eval import evaluate_agents
+
+    figures = evaluate_agents(resolve_model("tiny-shapes-qwen2vl"), "heldout", n=10, seed=0)
+    assert figures["failures"] == 0  # every call ends in a schema-valid answer
+    # A margin for arithmetic that differs across CPUs (one greedy token can change an answer).
+    for key, value in SHIPPED_10.items():
+        assert figures[key] == pytest.approx(value, abs=0.1), key
+
+
+def test_the_shipped_agents_answer_through_vllm(vllm_exe, tmp_path_factory):
+    """tiny-shapes-qwen2vl served by vLLM's CPU build: the same calls, schema-valid answers,
+    and figures on held-out scenes as in process (both greedy, float32)."""
+    from artloop.config import ChatConfig
+    from artloop.models.chat import build_chat_model
+    from artloop.trainers.shapes_eval import evaluate_agents
+    from conftest import start_tiny_server
+
+    # It learned JSON as json.dumps writes it (", ", ": "), as the in-process grammar does;
+    # vLLM's compact JSON (the serving default) would force a spacing it never saw.
+    server = start_tiny_server(
+        vllm_exe, tmp_path_factory, "tiny-shapes-qwen2vl", compact_json=False
+    )
+    try:
+        cfg = ChatConfig(backend="openai", base_url=server.base_url, model="tiny-shapes-qwen2vl")
+        served = evaluate_agents(None, "heldout", n=4, seed=0, chat=build_chat_model(cfg))
+    finally:
+        server.stop()
+    assert served["failures"] == 0
+    for key, value in SHIPPED_4.items():
+        assert served[key] == pytest.approx(value, abs=0.1), key

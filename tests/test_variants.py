@@ -300,7 +300,7 @@ def test_the_cli_resumes_a_variant_with_its_stored_loop(tmp_path):
         f'home = "{tmp_path / "home"}"\n[chat]\nbackend = "custom"\ncustom_class = '
         '"fakes:FlakyChat"\nmax_retries = 1\nretry_backoff_s = 0\n'
         f'[chat.custom_kwargs]\nmarker = "{marker}"\nfail_on = 5\nfailures = 2\n'
-        "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n"
+        '[diffusion]\nmodel = "tiny-sd"\nwidth = 64\nheight = 64\nsteps = 2\n'
     )
     variant, plain = tmp_path / "variant.toml", tmp_path / "plain.toml"
     variant.write_text(

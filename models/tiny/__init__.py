@@ -78,6 +78,14 @@ def _registry() -> dict[str, TinyModel]:
             "Qwen3VLForConditionalGeneration, 2 layers, hidden 128, 16 px patches, DeepStack",
             vlm.build_tiny_qwen3vl,
         ),
+        "tiny-shapes-qwen2vl": TinyModel(
+            "tiny-shapes-qwen2vl",
+            "vlm",
+            "qwen2vl",
+            "Qwen2-VL trained from scratch to be the five agents in the shapes world (shipped)",
+            vlm.shipped_shapes_vlm,
+            shipped=True,
+        ),
         "tiny-sd": TinyModel(
             "tiny-sd",
             "diffusion",
@@ -166,6 +174,7 @@ TINY_NAMES = (
     "tiny-qwen2vl",
     "tiny-qwen2.5vl",
     "tiny-qwen3vl",
+    "tiny-shapes-qwen2vl",
     "tiny-sd",
     "tiny-sd-fit",
     "tiny-shapes-sd",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from artloop.models.tiny.cache import build_cached
+from artloop.models.tiny.cache import build_cached, shipped
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -162,7 +162,7 @@ QWEN3_CONFIG = {
 }
 
 
-# tiny-shapes-qwen2vl (trained by trainers/shapes_vlm.py; not shipped yet): the tiny Qwen2-VL
+# tiny-shapes-qwen2vl (trained by trainers/shapes_vlm.py, shipped in weights/): the tiny Qwen2-VL
 # grown (hidden 192, 4 layers; head dim 32 still), a BPE trained on the agents' prompts plus one
 # token per fixed prompt line. Images: 64 px upscaled to 112 px = 8 x 8 patches of 14 px -> 16
 # merged tokens (at the tiny default's 56 px minimum, 4 tokens: too coarse for boxes).
@@ -431,6 +431,11 @@ TINY_CONFIGS = {
     "tiny-qwen3vl": QWEN3_CONFIG,
 }
 TINY_FAMILIES = {name: cfg.get("family", "qwen2-vl") for name, cfg in TINY_CONFIGS.items()}
+
+
+def shipped_shapes_vlm() -> Path:
+    """The shipped tiny-shapes-qwen2vl directory; ValueError when this checkout lacks it."""
+    return shipped("tiny-shapes-qwen2vl", "config.json", "train-shapes-vlm", "chat.model")
 
 
 def model_family(path: str) -> str:
