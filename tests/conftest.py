@@ -218,11 +218,13 @@ def make_ctx(store, sd_tool, chat, **loop):
 
 def scripted_stack(path, *, home=None, max_iters: int = 2):
     """A config file for the CLI's fast stack: the scripted chat (no VLM cost), tiny SD at
-    64 px, 2 steps (for tests about sessions, stores and processes, not the models)."""
+    64 px, 2 steps (for tests about sessions, stores and processes, not the models). The model
+    is named: the default (tiny-shapes-sd) brings its world's loop settings and 20 steps."""
     path.write_text(
         (f'home = "{home}"\n' if home else "")
         + '[chat]\nbackend = "scripted"\n'
-        + f"[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = {max_iters}\n"
+        + '[diffusion]\nmodel = "tiny-sd"\n'
+        + f"width = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = {max_iters}\n"
     )
     return path
 

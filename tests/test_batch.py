@@ -196,24 +196,24 @@ def test_cli_batch(tmp_path):
     first = subprocess.run(args, capture_output=True, text=True, timeout=600, env=os.environ)
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["done"] == 2
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600, env=os.environ)
+    # The rest through the same CLI in this process (a fresh process each only adds its start).
+    from artloop.cli import app
+    from typer.testing import CliRunner
+
+    again = CliRunner().invoke(app, args[1:])
+    assert again.exit_code == 0, (again.stderr, again.exception)
     assert json.loads(again.stdout)["skipped"] == 2
     runs = TrajectoryStore(tmp_path / "home").list_runs()
     assert len(runs) == 2
     lighthouse = next(r for r in runs if r["prompt"] == "a lighthouse")
     step = TrajectoryStore(tmp_path / "home").get_run(lighthouse["run_id"])["steps"][0]
     assert step["params"]["seed"] == 3
-    shown = subprocess.run(
-        [artloop, "show", lighthouse["run_id"], "--home", str(tmp_path / "home")],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    shown = CliRunner().invoke(
+        app, ["show", lighthouse["run_id"], "--home", str(tmp_path / "home")]
     )
     assert "time spent: diffusion" in shown.stdout
-    bad = subprocess.run(
-        [artloop, "batch", str(tmp_path / "none.txt")], capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and "cannot read prompts file" in bad.stderr
+    bad = CliRunner().invoke(app, ["batch", str(tmp_path / "none.txt")])
+    assert bad.exit_code == 2 and "cannot read prompts file" in bad.stderr
 
 
 def test_batcher_takes_everything_that_queued_while_it_was_busy():
@@ -253,12 +253,7 @@ def test_ctrl_c_stops_the_batch_and_its_summary_agrees_with_the_store(tmp_path):
 
     from artloop.store.trajectories import FINAL_STATUSES
 
-    config = tmp_path / "artloop.toml"
-    config.write_text(
-        f'home = "{tmp_path / "home"}"\n'
-        '[chat]\nbackend = "scripted"\n'
-        "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 2\n"
-    )
+    config = scripted_stack(tmp_path / "artloop.toml", home=tmp_path / "home", max_iters=2)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a red fox, take {i}\n" for i in range(8)))
     batch = [
@@ -290,8 +285,12 @@ def test_ctrl_c_stops_the_batch_and_its_summary_agrees_with_the_store(tmp_path):
     assert summary["not_started"] == 8 - len(statuses) > 0
     assert "Traceback" not in err and f"interrupted: {summary['interrupted']} session(s)" in err
 
-    again = subprocess.run(batch, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr
+    # Again through the same CLI in this process (a second process would only add its start).
+    from artloop.cli import app
+    from typer.testing import CliRunner
+
+    again = CliRunner().invoke(app, batch[1:])
+    assert again.exit_code == 0, (again.stderr, again.exception)
     rerun = json.loads(again.stdout)
     assert (rerun["skipped"], rerun["done"]) == (summary["done"], 8 - summary["done"])
     runs = store.list_runs(limit=-1)

@@ -137,7 +137,7 @@ def test_the_cli_refuses_an_unreachable_checkpointer_before_storing_anything(tmp
     cfg.write_text(
         f'home = "{tmp_path / "home"}"\ncheckpointer = "postgresql://me:s3cret@127.0.0.1:{free_port()}/db"\n'
         '[chat]\nbackend = "custom"\ncustom_class = "artloop.models.scripted:ScriptedChat"\n'
-        "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 1\n"
+        '[diffusion]\nmodel = "tiny-sd"\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 1\n'
     )
     (tmp_path / "p.txt").write_text("a red fox\n")
     args = [str(tmp_path / "p.txt") if a == "PROMPTS" else a for a in command]

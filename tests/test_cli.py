@@ -14,7 +14,8 @@ from artloop.cli import app
 from artloop.store.trajectories import TrajectoryStore
 from typer.testing import CliRunner
 
-AGENTS = {"enhance", "data_cot", "concept_cot", "thesis_cot", "validate"}
+AGENTS = {"data_cot", "concept_cot", "thesis_cot", "validate"}  # the world's loop: no enhancer
+PROMPT = "a red circle to the left of a blue square"
 ARTLOOP = str(Path(sys.executable).with_name("artloop"))
 
 
@@ -31,11 +32,12 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """One real run on the embedded default: tiny Qwen2-VL in-process + tiny SD."""
+    """The main job: one real run on the embedded default, the shapes world (tiny-shapes-qwen2vl
+    in-process as the agents, tiny-shapes-sd drawing, `shapes` watching)."""
     home = tmp_path_factory.mktemp("home")
     proc = cli(
         "run",
-        "a red fox in the snow",
+        PROMPT,
         "--max-iters",
         "2",
         "--home",
@@ -60,16 +62,21 @@ def test_run_end_to_end(finished):
         assert step["image"] in TrajectoryStore(home).images
         assert step["edited_image"] in TrajectoryStore(home).images
         assert isinstance(step["score"], float) and step["params"]["seed"] == 0
+        assert (step["params"]["width"], step["params"]["num_inference_steps"]) == (64, 20)
+        # The world's exact judge watched the image and the edit (no agent saw it).
+        for watched in step["watch"].values():
+            assert 0 <= watched["shapes"]["score"] <= 1
     assert run["config"]["tags"] == ["demo"] and run["config"]["loop"]["judge"] == "vlm"
     assert run["models"]["chat"] == {
         "backend": "inprocess",
-        "model": "tiny-qwen2vl",
+        "model": "tiny-shapes-qwen2vl",
         "temperature": 0.0,
     }
-    assert run["models"]["diffusion"]["model"] == "tiny-sd" and run["prompts_version"]
-    # A progress line per node, on stderr.
+    assert run["models"]["diffusion"]["model"] == "tiny-shapes-sd" and run["prompts_version"]
+    # A progress line per node, on stderr, with the shapes score of each image.
+    assert re.search(r"\[iter 1\] generate .*shapes \d\.\d\d", progress)
     for name in (
-        "enhance",
+        "compose",
         "generate",
         "data_cot",
         "concept_cot",
@@ -102,25 +109,19 @@ def test_show(finished):
     as_json = runner.invoke(app, ["show", summary["run_id"], "--home", str(home), "--json"])
     assert json.loads(as_json.stdout) == TrajectoryStore(home).get_run(summary["run_id"])
     text = runner.invoke(app, ["show", summary["run_id"], "--home", str(home)])
-    assert "a red fox in the snow" in text.stdout and "iteration 1" in text.stdout
+    assert PROMPT in text.stdout and "iteration 1" in text.stdout
     listing = runner.invoke(app, ["list", "--home", str(home)])
     assert summary["run_id"] in listing.stdout
 
 
 @pytest.mark.slow
 def test_run_with_flux(tmp_path):
-    proc = cli(
-        "run",
-        "a lighthouse",
-        "--max-iters",
-        "1",
-        "--diffusion-model",
-        "tiny-flux",
-        "--home",
-        str(tmp_path),
-        "--json",
-    )
-    assert proc.returncode == 0, proc.stderr
+    """A run on tiny-flux, in this process; the agents are the scripted chat (the chat model is
+    not what this is about: the run above has the default one)."""
+    args = ["run", "a lighthouse", "--max-iters", "1", "--diffusion-model", "tiny-flux"]
+    args += ["--chat-backend", "scripted", "--home", str(tmp_path), "--json"]
+    proc = CliRunner().invoke(app, args)
+    assert proc.exit_code == 0, (proc.stderr, proc.exception)
     run = TrajectoryStore(tmp_path).get_run(json.loads(proc.stdout)["run_id"])
     assert run["models"]["diffusion"]["family"] == "flux" and len(run["steps"]) == 1
 
@@ -226,7 +227,8 @@ def test_failed_run_resumes_from_the_cli(tmp_path):
         f'home = "{tmp_path / "home"}"\n[chat]\nbackend = "custom"\ncustom_class = "fakes:FlakyChat"\n'
         "max_retries = 1\nretry_backoff_s = 0\n"
         f'[chat.custom_kwargs]\nmarker = "{marker}"\nfail_on = 7\nfailures = 2\n'
-        "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 2\nplateau_patience = 5\n"
+        '[diffusion]\nmodel = "tiny-sd"\nwidth = 64\nheight = 64\nsteps = 2\n'
+        "[loop]\nmax_iters = 2\nplateau_patience = 5\n"
     )
     runner = CliRunner()
     failed = runner.invoke(app, ["run", "a fox", "--config", str(config)])
@@ -243,7 +245,7 @@ def test_failed_run_resumes_from_the_cli(tmp_path):
     assert json.loads(resumed.stdout)["status"] == "max_iters"
     run = store.get_run(run_id)
     assert run["status"] == "max_iters" and [s["iteration"] for s in run["steps"]] == [0, 1]
-    assert all(set(s["agents"]) == AGENTS for s in run["steps"])
+    assert all(set(s["agents"]) == AGENTS | {"enhance"} for s in run["steps"])  # tiny-sd's loop
 
 
 def test_package_installs_under_one_name():

@@ -1,12 +1,13 @@
-"""Experiments run for real (slow): the CI experiment end to end (3 variants, 6 shapes-world
-prompts, 2 seeds and the baseline, scored by `shapes`) with every table, the grid and the
-plots in its report, `report` and `compare`; and a run killed with SIGKILL mid-way that a
-rerun finishes without redoing a finished run.
+"""Experiments run for real (slow): the CI experiment (3 variants, 6 shapes-world prompts,
+2 seeds and the baseline, scored by `shapes`) killed with SIGKILL mid-way, then finished by a
+rerun without redoing a finished run, end to end: every table, the grid and the plots in its
+report, `report` and `compare`, and a changed file refused. (One experiment, run once: the
+kill and the end-to-end checks used to run it twice.)
 
-The agents are the scripted chat: the trained tiny-shapes-qwen2vl is not shipped yet, and the
-random tiny-qwen2vl in-process (about 1 s a call on 2 cores, ~140 calls here) would take most
-of the 3 minutes; the scripted answers still drive every node of each variant (enhance, the
-critics or the merged critic, edits, validate). Diffusion is tiny-shapes-sd at 64 px, 4 steps.
+The agents are the scripted chat: tiny-shapes-qwen2vl in-process (about 1 s a call on 2 cores,
+~140 calls here) would take most of the 3 minutes; the scripted answers still drive every node
+of each variant (enhance, the critics or the merged critic, edits, validate). Diffusion is
+tiny-shapes-sd at 64 px, 4 steps.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ steps = 4
 
 [base.loop]
 max_iters = 2
+enhancer = true  # tiny-shapes-sd's world turns it off; here every node runs
 
 [base.scorers]
 canaries = "off"  # the scripted validator answers alike whatever it sees
@@ -66,19 +68,55 @@ COLUMNS = ["baseline", "full", "no_concept_cot", "merged"]
 
 
 @pytest.mark.slow
-def test_the_ci_experiment_end_to_end(tmp_path):
+def test_the_ci_experiment_killed_resumed_and_reported(tmp_path):
     path = tmp_path / "critics.toml"
     path.write_text(CI_EXPERIMENT)
     out = tmp_path / "critics"
+    command = ["experiment", "run", str(path), "--out", str(out), "-q"]
     start = time.monotonic()
-    result = CliRunner().invoke(app, ["experiment", "run", str(path), "--out", str(out), "-q"])
+    proc = subprocess.Popen(
+        [ARTLOOP, *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    finished: dict[str, dict] = {}
+    while not (out / "artloop.sqlite").is_file():  # the first process makes the store
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    store = TrajectoryStore(out, create=False)
+    while len(finished) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+        try:
+            runs = store.list_runs(limit=-1)
+        except sqlite3.OperationalError:  # the file is there, its tables not yet
+            continue
+        finished = {r["run_id"]: r for r in runs if r["status"] in FINAL_STATUSES}
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    before = {run_id: store.get_run(run_id) for run_id in finished}
+    assert len(before) < 48  # killed mid-way
+
+    # The rerun: the same command, in this process (a second process would only add its start).
+    result = CliRunner().invoke(app, command)
     wall = time.monotonic() - start
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert wall < 180, f"the CI experiment took {wall:.0f} s"
     summary = json.loads(result.stdout)
     assert list(summary["columns"]) == COLUMNS
-    for counts in summary["columns"].values():
-        assert (counts["total"], counts["done"], counts["failed"]) == (12, 12, 0)
+    columns = summary["columns"].values()
+    skipped = sum(c["skipped"] for c in columns)
+    done = sum(c["done"] for c in columns)
+    assert skipped >= len(before) and skipped + done == 48
+    for c in columns:  # every cell finished, in the killed process or the rerun
+        assert (c["total"], c["done"] + c["skipped"], c["failed"]) == (12, 12, 0)
+    for run_id, run in before.items():  # untouched: the same record, the same update time
+        assert store.get_run(run_id) == run
+    runs = store.list_runs(limit=-1)
+    assert len(runs) == 48 and all(r["status"] in FINAL_STATUSES for r in runs)
 
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["experiment"]["prompts"] == 6 and report["experiment"]["reference"] == "full"
@@ -113,6 +151,16 @@ def test_the_ci_experiment_end_to_end(tmp_path):
     markdown = (out / "report" / "report.md").read_text()
     assert "## shapes" in markdown and "## Cost per column" in markdown
 
+    # The file changed after the runs: refused, naming the variant; nothing collected is lost.
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "sqlite" not in p.name}
+    changed = CI_EXPERIMENT.replace("[variants.full]", "[variants.full]\nloop = {max_iters = 3}")
+    path.write_text(changed)
+    drifted = CliRunner().invoke(app, ["experiment", "run", str(path), "--out", str(out)])
+    assert drifted.exit_code == 2, drifted.stderr
+    lines = [line for line in drifted.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "variant 'full'" in lines[0] and "loop.max_iters" in lines[0]
+    assert {p: p.read_bytes() for p in kept} == kept and len(store.list_runs(limit=-1)) == 48
+
     again = CliRunner().invoke(app, ["experiment", "report", str(out)])
     assert again.exit_code == 0 and "Paired against baseline" in again.stdout
     # A scorer that is also a column's judge (allow_judge_as_scorer) is marked wherever shown.
@@ -129,64 +177,3 @@ def test_the_ci_experiment_end_to_end(tmp_path):
     diffs = json.loads(compared.stdout)["scorers"]["shapes"]["b_minus_a"]
     assert set(diffs) == set(COLUMNS)
     assert all((d["n"], d["diff"], d["tie"]) == (12, 0.0, 1.0) for d in diffs.values())
-
-
-# The CI experiment cut to one variant, 4 prompts, one session at a time.
-KILLED = (
-    CI_EXPERIMENT.split("[variants.no_concept_cot]")[0]
-    .replace('name = "critics-ci"', 'name = "killed"')
-    .replace("concurrency = 4", "concurrency = 1")
-    .replace("limit = 6", "limit = 4")
-)
-
-
-@pytest.mark.slow
-def test_a_killed_experiment_resumes_without_redoing_finished_runs(tmp_path):
-    path = tmp_path / "killed.toml"
-    path.write_text(KILLED)
-    out = tmp_path / "killed"
-    command = [ARTLOOP, "experiment", "run", str(path), "--out", str(out), "-q"]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    deadline = time.monotonic() + 300
-    finished: dict[str, dict] = {}
-    while not (out / "artloop.sqlite").is_file():  # the first process makes the store
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.1)
-    store = TrajectoryStore(out, create=False)
-    while len(finished) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.1)
-        try:
-            runs = store.list_runs(limit=-1)
-        except sqlite3.OperationalError:  # the file is there, its tables not yet
-            continue
-        finished = {r["run_id"]: r for r in runs if r["status"] in FINAL_STATUSES}
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    before = {run_id: store.get_run(run_id) for run_id in finished}
-    assert len(before) < 16  # killed mid-way
-
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr
-    columns = json.loads(again.stdout)["columns"]
-    skipped = sum(c["skipped"] for c in columns.values())
-    done = sum(c["done"] for c in columns.values())
-    assert skipped >= len(before) and skipped + done == 16
-    assert all(c["failed"] == 0 for c in columns.values())
-    for run_id, run in before.items():  # untouched: the same record, the same update time
-        assert store.get_run(run_id) == run
-    runs = store.list_runs(limit=-1)
-    assert len(runs) == 16 and all(r["status"] in FINAL_STATUSES for r in runs)
-    report = json.loads((out / "report" / "report.json").read_text())
-    assert all(m["n"] == 8 for m in report["means"]["shapes"].values())
-
-    # The file changed after the runs: refused, naming the variant; nothing collected is lost.
-    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "sqlite" not in p.name}
-    path.write_text(KILLED.replace("[variants.full]", "[variants.full]\nloop = {max_iters = 3}"))
-    drifted = CliRunner().invoke(app, ["experiment", "run", str(path), "--out", str(out)])
-    assert drifted.exit_code == 2, drifted.stderr
-    lines = [line for line in drifted.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "variant 'full'" in lines[0] and "loop.max_iters" in lines[0]
-    assert {p: p.read_bytes() for p in kept} == kept and len(store.list_runs(limit=-1)) == 16

@@ -23,9 +23,12 @@ from conftest import free_port
 pytestmark = pytest.mark.slow  # each test starts `langgraph dev`
 ROOT = Path(__file__).resolve().parents[1]
 ARTLOOP = str(Path(sys.executable).with_name("artloop"))
-# The scripted chat backend (tests/fakes' model) and tiny images: fast sessions.
+# The scripted chat backend (tests/fakes' model) and tiny images: fast sessions. The model is
+# named: the default's world (tiny-shapes-sd) turns the enhancer off, which the server's graph
+# (the default loop's) does not run.
 SCRIPTED = {
     "ARTLOOP_CHAT__BACKEND": "scripted",
+    "ARTLOOP_DIFFUSION__MODEL": "tiny-sd",
     "ARTLOOP_DIFFUSION__WIDTH": "64",
     "ARTLOOP_DIFFUSION__HEIGHT": "64",
     "ARTLOOP_DIFFUSION__STEPS": "2",
@@ -90,8 +93,9 @@ def langgraph_dev(tmp_path: Path, **env: str):
 
 @pytest.fixture
 def server(tmp_path):
-    """The configured defaults: the in-process tiny VLM and tiny SD."""
-    with langgraph_dev(tmp_path) as (url, store, _):
+    """The configured defaults, the shapes world (tiny-shapes-qwen2vl in-process, tiny-shapes-sd),
+    with the enhancer on: the server's graph runs the default loop's nodes (README)."""
+    with langgraph_dev(tmp_path, ARTLOOP_LOOP__ENHANCER="true") as (url, store, _):
         yield url, store
 
 

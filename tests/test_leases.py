@@ -37,7 +37,8 @@ def _config(tmp_path: Path, delay_s: float) -> Path:
     cfg.write_text(
         f'home = "{tmp_path / "home"}"\n[chat]\nbackend = "custom"\ncustom_class = "fakes:SlowChat"\n'
         f"[chat.custom_kwargs]\ndelay_s = {delay_s}\n"
-        "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 2\nplateau_patience = 5\n"
+        '[diffusion]\nmodel = "tiny-sd"\nwidth = 64\nheight = 64\nsteps = 2\n'
+        "[loop]\nmax_iters = 2\nplateau_patience = 5\n"
     )
     return cfg
 

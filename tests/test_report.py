@@ -99,7 +99,7 @@ def test_run_with_a_tone_plan_writes_its_report(tmp_path):
         'custom_class = "artloop.models.scripted:ScriptedChat"\n[chat.custom_kwargs.scripts]\n'
         'EditPlan = [{revised_prompt = "a dark fox", negative_prompt = "", regional_edits = [], '
         'rationale = "too bright", params = {exposure = 0.6}}]\n'
-        "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n"
+        '[diffusion]\nmodel = "tiny-sd"\nwidth = 64\nheight = 64\nsteps = 2\n'
     )
     result = CliRunner().invoke(
         app, ["run", "a fox", "--max-iters", "1", "--config", str(config), "--json", "--quiet"]

@@ -330,7 +330,7 @@ def test_cli_run_judged_by_a_composite_of_a_plugin_and_a_registered_reward(tmp_p
     config = tmp_path / "artloop.toml"
     config.write_text(
         f'home = "{home}"\n[chat]\nbackend = "scripted"\n'
-        "[diffusion]\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 1\n"
+        '[diffusion]\nmodel = "tiny-sd"\nwidth = 64\nheight = 64\nsteps = 2\n[loop]\nmax_iters = 1\n'
         f'[scorers]\nplugins = ["{mod}:plug_score"]\n'
     )
     judge = "composite:plug_score=0.6,t-bright=0.4"

@@ -155,6 +155,14 @@ def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     )
 
 
+def in_process(*args: str):
+    """The same command through the CLI's app in this process (no process start)."""
+    from artloop.cli import app
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "500"})
+
+
 @pytest.mark.slow  # CLI processes
 def test_terminal_session_asks_at_each_pause(tmp_path):
     home = str(tmp_path / "home")
@@ -180,7 +188,7 @@ def test_terminal_session_asks_at_each_pause(tmp_path):
     step = TrajectoryStore(home).get_run(summary["run_id"])["steps"][0]
     assert (step["prompt"], step["params"]["seed"]) == ("a blue fox", 7)
     assert step["decided_by"] == {"prompt": "human", "plan": "agent", "verdict": "human"}
-    shown = json.loads(cli("session", "show", summary["run_id"], "--home", home).stdout)
+    shown = json.loads(in_process("session", "show", summary["run_id"], "--home", home).stdout)
     assert shown["steps"][0]["human"]["verdict"] == {"action": "accept"}
 
 
@@ -222,30 +230,35 @@ def test_a_killed_session_resumes_at_its_pause(tmp_path):
     assert "paused at plan" in text, text[-2000:]
     run_id = re.search(r"paused at plan \(run ([0-9a-f]{16})", text).group(1)
     image = re.search(r"image: \S*/([0-9a-f]{64})\.png", text).group(1)
+    # The killed process is gone: the rest is the CLI again, in this process (the session is
+    # on disk; a fresh process for each command would only add its ~4 s start).
     listed = [
-        json.loads(line) for line in cli("session", "list", "--home", home).stdout.splitlines()
+        json.loads(line)
+        for line in in_process("session", "list", "--home", home).stdout.splitlines()
     ]
     assert [(r["run_id"], r["status"]) for r in listed] == [(run_id, "paused")]
 
     answer = {"action": "edit", "regions": [{"box": [100, 100, 600, 600], "prompt": "a red hat"}]}
     resume = ("session", "resume", run_id, "--home", home, "--no-wait", *fast, "--answer")
-    bad = cli(*resume, '{"action": "edit", "regions": [{"box": [600, 0, 100, 50], "prompt": "x"}]}')
-    assert bad.returncode == 2 and "inverted" in bad.stderr
-    done = cli(*resume, json.dumps(answer))
-    assert done.returncode == 0, done.stderr
+    bad = in_process(
+        *resume, '{"action": "edit", "regions": [{"box": [600, 0, 100, 50], "prompt": "x"}]}'
+    )
+    assert bad.exit_code == 2 and "inverted" in bad.stderr
+    done = in_process(*resume, json.dumps(answer))
+    assert done.exit_code == 0, (done.stderr, done.exception)
     assert json.loads(done.stdout.strip().splitlines()[-1])["status"] in ("accepted", "max_iters")
     step = TrajectoryStore(home).get_run(run_id)["steps"][0]
     assert step["image"] == image  # nothing before the pause was redone
     assert step["decided_by"]["plan"] == "human"
     assert [op["box"] for op in step["edits"] if op["op"] == "inpaint"] == [[100, 100, 600, 600]]
     # History and fork from the CLI (one command each; their logic is tested above).
-    points = [
-        json.loads(p) for p in cli("session", "history", run_id, "--home", home).stdout.splitlines()
-    ]
+    history = in_process("session", "history", run_id, "--home", home).stdout
+    points = [json.loads(p) for p in history.splitlines()]
     index = next(p["index"] for p in points if p["next"] == ["review_plan"])
-    forked = json.loads(cli("session", "fork", run_id, str(index), "--home", home).stdout)["run_id"]
+    forked = json.loads(in_process("session", "fork", run_id, str(index), "--home", home).stdout)
+    forked = forked["run_id"]
     assert TrajectoryStore(home).get_run(forked)["config"]["forked_from"]["run_id"] == run_id
-    assert json.loads(cli("session", "delete", forked, "--home", home).stdout) == {
+    assert json.loads(in_process("session", "delete", forked, "--home", home).stdout) == {
         "deleted": forked
     }
 
