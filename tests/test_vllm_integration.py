@@ -100,6 +100,8 @@ def test_cli_run_against_the_server(vllm_server, tmp_path):
             vllm_server.base_url,
             "--chat-model",
             "tiny-qwen2vl",
+            "--diffusion-model",
+            "tiny-sd",  # with its loop, enhancer included (tiny-shapes-sd's world has none)
             "--home",
             str(tmp_path / "home"),
             "--json",
