@@ -206,6 +206,9 @@ def test_the_vlm_reward_with_its_canaries_off(tmp_path, monkeypatch):
     default the canary check still runs and refuses it, in one line; a bad schedule is one line."""
     from artloop.rewards.registry import configure_scorers
 
+    # The random tiny Qwen2-VL as the rater (the default chat model, tiny-shapes-qwen2vl, is
+    # trained: it tells noise from a picture).
+    monkeypatch.setenv("ARTLOOP_CHAT__MODEL", "tiny-qwen2vl")
     configure_scorers(None)  # the environment's scorers section, as in a fresh process
     (tmp_path / "p.txt").write_text("a red fox\n")
 
