@@ -32,6 +32,7 @@ from artloop.graphs.context import RefineContext
 from artloop.graphs.human import HumanActionError, check_action
 from artloop.graphs.runner import CheckpointerError, open_checkpointer, run_session
 from artloop.graphs.sessions import SessionView, view
+from artloop.serve.cards import findings_html
 from artloop.serve.guard import MAX_UPLOAD_BYTES, Guard, UIError, check_serve
 from artloop.store.export import ExportError, ExportFilters, export_dataset
 from artloop.store.trajectories import StoreError, new_run_id
@@ -62,21 +63,6 @@ def gallery(store: Any, v: SessionView) -> list[tuple[str, str]]:
             if v.pause.get(key):
                 items.append((str(store.images.path(v.pause[key])), f"{v.iteration + 1}: {what}"))
     return items
-
-
-def findings(v: SessionView) -> dict:
-    """The agents' outputs per iteration, and what waits for the person."""
-    out: dict[str, Any] = {
-        f"iteration {s['iteration'] + 1}": {
-            "agents": s.get("agents", {}),
-            "decided_by": s.get("decided_by", {}),
-            "human": s.get("human", {}),
-        }
-        for s in v.steps
-    }
-    if v.pause:
-        out["waiting for you"] = {"pause": v.pause["pause"], "proposal": v.pause["proposal"]}
-    return out
 
 
 def status_line(v: SessionView) -> str:
@@ -194,6 +180,7 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         proposal = v.pause["proposal"] if paused else {}
         prompt = proposal.get("prompt") or proposal.get("revised_prompt") or ""
         params = proposal.get("params", {}) if point == "prompt" else {}
+        editable = point in ("prompt", "plan")  # the verdict is accepted or rejected, not edited
         focus = focus_image(store, v)  # shown, and kept server-side (`shown`) to draw boxes on
         return (
             run_id,
@@ -201,18 +188,22 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
             status_line(v),
             focus,
             gallery(store, v),
-            findings(v),
+            findings_html(v),
             gr.update(visible=paused),
             point,
-            prompt,
-            proposal.get("negative_prompt", ""),
+            gr.update(  # no prompt to edit at the verdict
+                value=prompt,
+                visible=editable,
+                label="Revised prompt" if point == "plan" else "Prompt",
+            ),
+            gr.update(value=proposal.get("negative_prompt", ""), visible=editable),
             params.get("seed"),
             params.get("num_inference_steps"),
             params.get("guidance_scale"),
             regions_from_proposal(v),
             [],
-            *[gr.update(interactive=point == "verdict")] * 2,
-            gr.update(interactive=point in ("prompt", "plan")),
+            *[gr.update(visible=point == "verdict")] * 2,  # accept, reject
+            gr.update(visible=editable),  # apply my edit
             gr.update(visible=point == "prompt"),
             gr.update(visible=point == "plan"),
             focus,
@@ -397,7 +388,8 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
                 log = gr.Textbox(label="Progress (node by node)", lines=8, elem_id="log")
             with gr.Column(scale=2):
                 shots = gr.Gallery(label="Iterations", columns=2, height=420, elem_id="gallery")
-                found = gr.JSON(label="Agents' findings", elem_id="findings")
+                gr.Markdown("**Agents' findings** (newest first)")
+                found = gr.HTML("<p>No findings yet.</p>", elem_id="findings")
 
         outputs = [
             run_id,

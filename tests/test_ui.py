@@ -99,6 +99,12 @@ def test_a_person_draws_a_box_and_accepts(page, ui):  # no server started withou
     expect(canvas).to_be_visible()
     page.screenshot(path=SHOTS / "1-paused-at-plan.png", full_page=True)
     run_id = re.search(r"([0-9a-f]{16})", status.inner_text()).group(1)
+    findings = page.locator("#findings")
+    expect(findings).to_contain_text("Waiting for you: plan")  # the plan as a card
+    expect(findings).to_contain_text("revised prompt")
+    expect(page.locator("#edit-prompt")).to_be_visible()  # the plan's revised prompt is edited
+    expect(page.locator("#edit-prompt")).to_contain_text("Revised prompt")
+    expect(page.locator("#accept")).to_be_hidden()  # only at the verdict
 
     # Draw a box: two clicks at opposite corners of the image.
     area = canvas.bounding_box()
@@ -117,8 +123,16 @@ def test_a_person_draws_a_box_and_accepts(page, ui):  # no server started withou
     expect(status).to_contain_text("paused at verdict", timeout=180_000)
     expect(page.locator("#gallery")).to_contain_text("1: edited")
     page.screenshot(path=SHOTS / "3-paused-at-verdict.png", full_page=True)
+    # The verdict is accepted or rejected: no prompt fields, no edit to apply.
+    expect(findings).to_contain_text("Waiting for you: verdict")
+    for hidden in ("#edit-prompt", "#edit-negative", "#apply"):
+        expect(page.locator(hidden)).to_be_hidden()
     page.locator("#accept").click()
     expect(status).to_contain_text("accepted", timeout=180_000)
+    # The finished iteration's findings as cards, one per agent, the raw JSON one click away.
+    for title in ("Data-CoT: facts", "Concept-CoT: critique", "Thesis-CoT: plan", "Verdict"):
+        expect(findings).to_contain_text(title)
+    expect(findings.locator("details.raw").first).to_be_attached()
     page.screenshot(path=SHOTS / "4-accepted.png", full_page=True)
 
     run = store.get_run(run_id)
@@ -127,6 +141,11 @@ def test_a_person_draws_a_box_and_accepts(page, ui):  # no server started withou
     assert step["decided_by"] == {"prompt": "agent", "plan": "human", "verdict": "human"}
     assert step["human"]["plan"]["regions"][0]["box"] == box
     assert step["human"]["plan"]["regions"][0]["prompt"] == "a red woollen hat"
+    expect(findings.locator(".card-thesis")).to_contain_text("a red woollen hat")  # your edit
+    objects = step["agents"]["data_cot"]["objects"]
+    card = findings.locator(".card-data")
+    for o in objects:  # each object's label and box, as the Data-CoT agent found them
+        expect(card).to_contain_text(f"{o['label']} [{', '.join(map(str, o['box']))}]")
     inpaint = [op for op in step["edits"] if op["op"] == "inpaint"]
     assert [(op["box"], op["prompt"]) for op in inpaint] == [(box, "a red woollen hat")]
 
