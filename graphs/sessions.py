@@ -51,6 +51,15 @@ def _thread(run_id: str, checkpoint_id: str | None = None) -> dict:
     return {"configurable": configurable}
 
 
+def live_agents(store: TrajectoryStore, run_id: str) -> dict:
+    """The agents' outputs of the step under way, from its checkpoint (at a pause: the facts,
+    critique and plan so far, which the store gets only when the iteration ends)."""
+    run = store.get_run(run_id)
+    with open_checkpointer(store) as saver:
+        values = _graph(saver, run).get_state(_thread(run_id)).values or {}
+    return (values.get("step") or {}).get("agents") or {}
+
+
 def view(store: TrajectoryStore, run_id: str) -> SessionView:
     """The session `run_id` as it stands (StoreError if unknown)."""
     run = store.get_run(run_id)

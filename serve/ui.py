@@ -31,13 +31,20 @@ from artloop.config import ConfigError, validate_prompt
 from artloop.graphs.context import RefineContext
 from artloop.graphs.human import HumanActionError, check_action
 from artloop.graphs.runner import CheckpointerError, open_checkpointer, run_session
-from artloop.graphs.sessions import SessionView, view
+from artloop.graphs.sessions import SessionView, live_agents, view
+from artloop.serve.boxes import (
+    AGENT_LAYERS,
+    agent_boxes,
+    draw_boxes,
+    iteration_agents,
+    legend_html,
+    shown_size,
+)
 from artloop.serve.cards import findings_html
 from artloop.serve.guard import MAX_UPLOAD_BYTES, Guard, UIError, check_serve
 from artloop.store.export import ExportError, ExportFilters, export_dataset
 from artloop.store.trajectories import StoreError, new_run_id
-from artloop.tools.images import ImageStoreError, check_pixels, open_image
-from PIL import ImageDraw
+from artloop.tools.images import ImageStoreError, check_pixels
 from starlette.middleware import Middleware
 
 REGION_COLUMNS = ["x1", "y1", "x2", "y2", "prompt", "strength"]
@@ -75,13 +82,17 @@ def status_line(v: SessionView) -> str:
     return f"**{v.run_id}**: {v.status} after {len(v.steps)} iteration(s){best}"
 
 
-def focus_image(store: Any, v: SessionView) -> str | None:
+def focus_digest(v: SessionView) -> str | None:
     """The image to look at (and draw boxes on): the pause's, else the best so far."""
     digest = None
     if v.pause:
         digest = v.pause.get("edited_image") or v.pause.get("image")
     last = v.steps[-1] if v.steps else {}
-    digest = digest or v.best_image or last.get("edited_image") or last.get("image")
+    return digest or v.best_image or last.get("edited_image") or last.get("image")
+
+
+def focus_image(store: Any, v: SessionView) -> str | None:
+    digest = focus_digest(v)
     return str(store.images.path(digest)) if digest else None
 
 
@@ -101,20 +112,16 @@ def box_from_clicks(
     return [round(x1 * 1000 / w), round(y1 * 1000 / h), round(x2 * 1000 / w), round(y2 * 1000 / h)]
 
 
-def draw_boxes(path: str, boxes: list[list[int]], out_dir: Path) -> str:
-    """A copy of the image with the boxes drawn on it (the stored image is never changed)."""
-    image = open_image(path)
-    draw = ImageDraw.Draw(image)
-    w, h = image.size
-    for x1, y1, x2, y2 in boxes:
-        draw.rectangle(
-            (x1 * w / 1000, y1 * h / 1000, x2 * w / 1000, y2 * h / 1000),
-            outline=(255, 64, 64),
-            width=max(1, w // 128),
-        )
-    out = out_dir / f"boxes-{abs(hash((path, json.dumps(boxes))))}.png"
-    image.save(out)
-    return str(out)
+def region_boxes(regions: Any) -> list[dict]:
+    """The person's box edits (the regions table's rows) as the "yours" layer."""
+    rows = regions.values.tolist() if hasattr(regions, "values") else list(regions or [])
+    out = []
+    for r in rows:
+        try:
+            out.append({"layer": "yours", "box": [float(c) for c in r[:4]], "label": str(r[4])})
+        except (ValueError, TypeError, IndexError):
+            continue  # a row being typed in
+    return out
 
 
 def answer_from(
@@ -173,7 +180,7 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
     store = ctx.store
     scratch = ui_dir(ctx)
 
-    def screen(run_id: str, log: str) -> tuple:
+    def screen(run_id: str, log: str, layers: list[str]) -> tuple:
         v = view(store, run_id)
         paused = v.pause is not None
         point = v.pause["pause"] if paused else ""
@@ -181,12 +188,15 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         prompt = proposal.get("prompt") or proposal.get("revised_prompt") or ""
         params = proposal.get("params", {}) if point == "prompt" else {}
         editable = point in ("prompt", "plan")  # the verdict is accepted or rejected, not edited
-        focus = focus_image(store, v)  # shown, and kept server-side (`shown`) to draw boxes on
+        focus = focus_image(store, v)  # kept server-side (`shown`) to draw boxes on
+        live = live_agents(store, run_id) if paused else None
+        overlay = agent_boxes(iteration_agents(v, focus_digest(v), live))
+        drawn = draw_boxes(focus, overlay, scratch, layers) if focus else None
         return (
             run_id,
             log,
             status_line(v),
-            focus,
+            drawn,
             gallery(store, v),
             findings_html(v),
             gr.update(visible=paused),
@@ -207,9 +217,10 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
             gr.update(visible=point == "prompt"),
             gr.update(visible=point == "plan"),
             focus,
+            overlay,
         )
 
-    def stream(work, run_id: str, log: str) -> Iterator[tuple]:
+    def stream(work, run_id: str, log: str, layers: list[str]) -> Iterator[tuple]:
         """Run `work(on_update)` in a thread; yield the screen after every node."""
         updates: queue.Queue = queue.Queue()
         error: list[str] = []
@@ -225,13 +236,15 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         threading.Thread(target=target, daemon=True).start()
         while (name := updates.get()) is not None:
             log += f"{name}\n"
-            yield screen(run_id, log)
+            yield screen(run_id, log, layers)
         if error:
             log += f"error: {error[0]}\n"
             gr.Warning(error[0])
-        yield screen(run_id, log)
+        yield screen(run_id, log, layers)
 
-    def start(prompt: str, pause_at: list[str], max_iters: float) -> Iterator[tuple]:
+    def start(
+        prompt: str, pause_at: list[str], max_iters: float, layers: list[str]
+    ) -> Iterator[tuple]:
         try:
             prompt = validate_prompt(prompt)
         except ConfigError as e:
@@ -245,9 +258,10 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
             ),
             run_id,
             f"session {run_id}: {prompt}\n",
+            layers,
         )
 
-    def resume(run_id: str, log: str, answer: dict | None) -> Iterator[tuple]:
+    def resume(run_id: str, log: str, answer: dict | None, layers: list[str]) -> Iterator[tuple]:
         if not run_id:
             raise gr.Error("no session: start one or open a past one")
         try:  # a bad answer fails here, before anything runs: the session stays paused
@@ -262,15 +276,16 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
             lambda cb: run_session(local, run_id=run_id, answer=answer, on_update=cb),
             run_id,
             log + f"answer: {json.dumps(answer)}\n",
+            layers,
         )
 
     def answer(action: str):
-        def handler(run_id, log, point, prompt, negative, seed, steps, guidance, regions):
+        def handler(run_id, log, point, prompt, negative, seed, steps, guidance, regions, layers):
             try:
                 reply = answer_from(action, point, prompt, negative, seed, steps, guidance, regions)
             except HumanActionError as e:
                 raise gr.Error(str(e)) from None
-            yield from resume(run_id, log, reply)
+            yield from resume(run_id, log, reply, layers)
 
         return handler
 
@@ -282,15 +297,31 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         if len(clicks) < 2:
             return gr.update(), clicks
         try:
-            size = check_pixels(image_path)
+            size = shown_size(check_pixels(image_path))  # the image is shown upscaled
         except ImageStoreError as e:
             raise gr.Error(str(e)) from None
         return ",".join(map(str, box_from_clicks(tuple(clicks[0]), tuple(clicks[1]), size))), []
 
-    def resume_chosen(chosen: str | None, log: str):
-        yield from resume(chosen or "", log, None)
+    def resume_chosen(chosen: str | None, log: str, layers: list[str]):
+        yield from resume(chosen or "", log, None, layers)
 
-    def add_box(box: str, local_prompt: str, strength: float, regions: Any, image_path: str | None):
+    def redraw(image_path: str | None, overlay: list, layers: list[str], regions: Any):
+        """The shown image again, with the agents' boxes of `layers` and the person's."""
+        if not image_path:
+            return gr.update()
+        return draw_boxes(
+            image_path, [*overlay, *region_boxes(regions)], scratch, layers + ["yours"]
+        )
+
+    def add_box(
+        box: str,
+        local_prompt: str,
+        strength: float,
+        regions: Any,
+        image_path: str | None,
+        overlay: list,
+        layers: list[str],
+    ):
         try:
             coords = [int(float(c)) for c in box.split(",")]
         except ValueError:
@@ -301,8 +332,7 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         rows = [r for r in rows if any(str(c).strip() for c in r)] + [
             [*coords, local_prompt, strength]
         ]
-        drawn = draw_boxes(image_path, [r[:4] for r in rows], scratch) if image_path else None
-        return rows, "", "", drawn or gr.update()
+        return rows, "", "", redraw(image_path, overlay, layers, rows)
 
     def sessions_list() -> gr.update:
         runs = store.list_runs(200)
@@ -312,10 +342,10 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
             ]
         )
 
-    def open_session(run_id: str | None):
+    def open_session(run_id: str | None, layers: list[str]):
         if not run_id:
             raise gr.Error("choose a session first")
-        return screen(run_id, f"opened session {run_id}\n")
+        return screen(run_id, f"opened session {run_id}\n", layers)
 
     def export(run_id: str):
         if not run_id:
@@ -331,6 +361,7 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
     with gr.Blocks(title="artloop", analytics_enabled=False) as app:
         gr.Markdown("## artloop: refine an image with the agents")
         run_id, clicks, shown = gr.State(""), gr.State([]), gr.State(None)
+        overlay = gr.State([])  # the shown iteration's agents' boxes (agent_boxes)
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt", lines=2)
@@ -360,6 +391,13 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
                     interactive=False,
                     elem_id="canvas",
                 )
+                box_layers = gr.CheckboxGroup(
+                    AGENT_LAYERS,
+                    value=AGENT_LAYERS,
+                    label="The agents' boxes on the image",
+                    elem_id="box-layers",
+                )
+                gr.HTML(legend_html(), elem_id="box-legend")
                 with gr.Group(visible=False, elem_id="pause-panel") as panel:
                     point = gr.Textbox(label="Pause", interactive=False, elem_id="pause-point")
                     edit_prompt = gr.Textbox(label="Prompt", elem_id="edit-prompt")
@@ -413,9 +451,11 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
             params_row,
             boxes_col,
             shown,
+            overlay,
         ]
-        start_btn.click(start, [prompt, pause_at, max_iters], outputs)
+        start_btn.click(start, [prompt, pause_at, max_iters, box_layers], outputs)
         inputs = [run_id, log, point, edit_prompt, edit_negative, seed, steps, guidance, regions]
+        inputs.append(box_layers)
         for button, action in (
             (agent_btn, "agent"),
             (edit_btn, "edit"),
@@ -423,16 +463,17 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
             (reject_btn, "reject"),
         ):
             button.click(answer(action), inputs, outputs)
-        continue_btn.click(resume_chosen, [past, log], outputs)
+        continue_btn.click(resume_chosen, [past, log, box_layers], outputs)
         # The image path comes from the server's State, not the client: no route takes an image.
         image.select(click, [shown, clicks], [box, clicks])
         add_btn.click(
             add_box,
-            [box, local_prompt, strength, regions, shown],
+            [box, local_prompt, strength, regions, shown, overlay, box_layers],
             [regions, box, local_prompt, image],
         )
+        box_layers.change(redraw, [shown, overlay, box_layers, regions], image)
         refresh_btn.click(sessions_list, None, past)
-        open_btn.click(open_session, past, outputs)
+        open_btn.click(open_session, [past, box_layers], outputs)
         export_btn.click(export, run_id, export_file)
         app.load(sessions_list, None, past)
     return app

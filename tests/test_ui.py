@@ -135,6 +135,21 @@ def test_a_person_draws_a_box_and_accepts(page, ui):  # no server started withou
     expect(findings.locator("details.raw").first).to_be_attached()
     page.screenshot(path=SHOTS / "4-accepted.png", full_page=True)
 
+    # The agents' boxes are drawn on the image, each layer toggled on its own.
+    layers = page.locator("#box-layers")
+    expect(layers).to_be_visible()
+    expect(page.locator("#box-legend")).to_contain_text("Data-CoT's objects")
+    expect(canvas).to_have_attribute("src", re.compile(r"boxes-[0-9a-f]+\.png"))
+    drawn = canvas.get_attribute("src")
+    for name in ("objects", "artifacts", "edits"):
+        expect(layers.get_by_label(name)).to_be_checked()  # all on by default
+    layers.get_by_label("objects").uncheck()
+    expect(canvas).not_to_have_attribute("src", drawn)  # redrawn without Data-CoT's objects
+    expect(canvas).to_have_attribute("src", re.compile(r"boxes-[0-9a-f]+\.png"))
+    page.screenshot(path=SHOTS / "5-objects-off.png", full_page=True)
+    layers.get_by_label("objects").check()
+    expect(canvas).to_have_attribute("src", drawn)  # the same drawing again
+
     run = store.get_run(run_id)
     assert run["status"] == "accepted" and len(run["steps"]) == 1
     step = run["steps"][0]
