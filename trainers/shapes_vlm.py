@@ -334,7 +334,9 @@ def source_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def train_shapes_vlm(cfg: ShapesVLMTraining, log: Callable[[str], None] = print) -> dict:
