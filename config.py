@@ -320,8 +320,11 @@ class DiffusionConfig(_Section):
 # they run (or "merged": one call answers for all three), and the edit modes the edit node applies.
 Critic = Literal["data_cot", "concept_cot", "thesis_cot"]
 CRITICS: tuple[str, ...] = get_args(Critic)
-EditMode = Literal["img2img", "inpaint", "tone"]
-EDIT_MODES: tuple[str, ...] = get_args(EditMode)
+EditMode = Literal["img2img", "inpaint", "regional", "tone"]
+ALL_EDIT_MODES: tuple[str, ...] = get_args(EditMode)
+# The default modes, and the plan parts' modes the planner is told of (agents/thesis_cot.py):
+# regional applies the same part as inpaint (the box edits), in one regional-prompting pass.
+EDIT_MODES: tuple[str, ...] = ("img2img", "inpaint", "tone")
 
 
 def _distinct_in_order(value: Any, known: tuple[str, ...], what: str, also: str = "") -> Any:
@@ -404,8 +407,10 @@ class LoopConfig(_Section):
     edit_modes: list[EditMode] = Field(
         default_factory=lambda: list(EDIT_MODES),
         description="The plan's edits the edit node applies: img2img (a global pass), inpaint "
-        "(its box edits), tone (exposure, contrast, saturation); [] = no edit node: the "
-        "validator judges the generated image alone (the rater, or a reward's score)",
+        "(its box edits, one inpainting pass each) or regional (its box edits and the earlier "
+        "iterations' still standing, in one regional-prompting pass: tools/regional.py), tone "
+        "(exposure, contrast, saturation); [] = no edit node: the validator judges the "
+        "generated image alone (the rater, or a reward's score)",
     )
     best_of: int = Field(
         1,
@@ -454,7 +459,13 @@ class LoopConfig(_Section):
     @field_validator("edit_modes", mode="before")
     @classmethod
     def _edit_modes_named(cls, value: Any) -> Any:
-        return _distinct_in_order(value, EDIT_MODES, "an edit mode")
+        value = _distinct_in_order(value, ALL_EDIT_MODES, "an edit mode")
+        if isinstance(value, list) and {"inpaint", "regional"} <= set(value):
+            raise PydanticCustomError(
+                "box_edits_twice",
+                "inpaint and regional both apply the plan's box edits: list one of them",
+            )
+        return value
 
     @model_validator(mode="after")
     def _parts_fit(self) -> LoopConfig:

@@ -21,8 +21,10 @@ EDIT_PARTS = {
 
 
 def unapplied(edit_modes: Collection[str]) -> list[str]:
-    """The plan's parts that a run with `edit_modes` does not apply (loop.edit_modes)."""
-    return [EDIT_PARTS[mode] for mode in EDIT_MODES if mode not in edit_modes]
+    """The plan's parts that a run with `edit_modes` does not apply (loop.edit_modes); the
+    regional mode applies the box edits as inpaint does (in one regional-prompting pass)."""
+    applied = set(edit_modes) | ({"inpaint"} if "regional" in edit_modes else set())
+    return [EDIT_PARTS[mode] for mode in EDIT_MODES if mode not in applied]
 
 
 def thesis_cot(

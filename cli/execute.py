@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from artloop.cli.common import QUIT, err, fail, or_fail, quiet_libraries
@@ -30,6 +31,7 @@ def _summarise(name: str, update: dict) -> str:
         case "generate" | "edit":
             digest = step.get("image" if name == "generate" else "edited_image") or ""
             extra = f", {len(step.get('edits', []))} edit(s)" if name == "edit" else ""
+            extra += " (the person's)" if name == "generate" and step.get("from_image") else ""
             watched = step.get("watch", {}).get("image" if name == "generate" else "edited", {})
             extra += "".join(f", {k} {v['score']:.2f}" for k, v in watched.items() if "score" in v)
             return f"image {digest[:12]}{extra}"
@@ -101,9 +103,11 @@ def execute(
     pause_at: list[str] | None = None,
     answer: dict | None = None,
     ask: Ask | None = None,
+    image: Path | None = None,
 ) -> None:
     """Start (a `prompt`) or resume (a `run_id`) a session and report it. A session that pauses
-    for a person is handed to `ask` at each pause (or left paused when there is none)."""
+    for a person is handed to `ask` at each pause (or left paused when there is none). `image`:
+    the person's image file, the new session's first image (imported into the store)."""
     # deliberately lazy (startup time): the graphs, the models and the diffusion tool
     from artloop.graphs.context import build_context
     from artloop.graphs.human import HumanActionError
@@ -113,6 +117,7 @@ def execute(
     from artloop.store.report import write_report
     from artloop.store.trajectories import new_run_id
     from artloop.tools.diffusion import DiffusionError
+    from artloop.tools.images import ImageStoreError, import_image
 
     try:
         if prompt is None:  # a resumed run keeps the loop rules it started with
@@ -123,6 +128,13 @@ def execute(
         ctx.models()  # resolves both models: an unknown one fails here, before anything is stored
     except (ConfigError, DiffusionError) as e:
         fail(str(e))
+    init_image = None
+    if image is not None:  # at the size the model draws at; a refused file stores nothing
+        size = (ctx.diffusion_config.width, ctx.diffusion_config.height)
+        try:
+            init_image = import_image(ctx.store.images, image, size)
+        except ImageStoreError as e:
+            fail(f"--image {image}: {e}")
     run_id = run_id or new_run_id()
     progress = None if quiet else _progress
     try:
@@ -135,6 +147,7 @@ def execute(
                 on_update=progress,
                 pause_at=pause_at,
                 answer=answer,
+                init_image=init_image,
             )
             while summary.status == "paused" and ask is not None:
                 reply = ask(summary.pause, ctx.store)

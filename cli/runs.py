@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -58,6 +59,14 @@ def run(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    image: Annotated[
+        Path | None,
+        typer.Option(
+            "--image",
+            help="Start from this image (PNG, JPEG, WebP, ...) instead of drawing one: the loop "
+            "edits it towards PROMPT",
+        ),
+    ] = None,
 ) -> None:
     """Refine an image for PROMPT with the agent loop; prints progress, the run id and a report."""
     with failing(ConfigError):
@@ -75,7 +84,7 @@ def run(
         tag=tag,
     )
     cfg = read_config(config, {"home": home, **flags})
-    execute(cfg, prompt=prompt, run_id=None, as_json=as_json, quiet=quiet)
+    execute(cfg, prompt=prompt, run_id=None, as_json=as_json, quiet=quiet, image=image)
 
 
 def resume(
@@ -112,7 +121,8 @@ def show(
             f"score {step.get('score')}  seed {step['params']['seed']}"
         )
         out.print(f"  prompt: {printable(step['prompt'])}")
-        out.print(f"  image {step['image']}  ->  edited {step.get('edited_image')}")
+        given = "  (the person's image)" if step.get("from_image") else ""
+        out.print(f"  image {step['image']}{given}  ->  edited {step.get('edited_image')}")
         for name, answer in step.get("agents", {}).items():
             shown = printable(json.dumps(answer, ensure_ascii=False))
             out.print(f"  {name}: {shown}", soft_wrap=True)

@@ -8,7 +8,9 @@
 Each iteration re-enhances the prompt (with the validator's feedback and the last plan's revised
 prompt), generates with the same seed (or, with `loop.carry_edits`, takes the best image so far
 and edits it further), critiques, edits and validates. The best image so far is
-kept. State holds image hashes, never pixels; each finished iteration is written to the store.
+kept. A session may start from a person's own image instead (`init_image`, a hash in the image
+store): it is the first iteration's image, and every later iteration edits the best so far.
+State holds image hashes, never pixels; each finished iteration is written to the store.
 A session lists its pauses in `pause_at` (graphs/human.py); a pause is LangGraph's `interrupt()`,
 and every node is safe to re-run from its top when a session resumes.
 
@@ -50,7 +52,7 @@ from artloop.runtime.accounting import breakdown, ledger, session_totals
 from artloop.store.trajectories import check_run_id, new_run_id
 from artloop.tools.diffusion import GenParams, on_step
 from artloop.tools.image_facts import measure
-from artloop.tools.images import adjust_tone
+from artloop.tools.images import ImageStoreError, adjust_tone
 from langgraph.config import get_config
 from langgraph.errors import GraphInterrupt
 from langgraph.graph import END, START, StateGraph
@@ -63,6 +65,7 @@ from PIL import Image
 class RefineState(TypedDict, total=False):
     run_id: str
     prompt: str  # the user's prompt, never changed
+    init_image: str | None  # a session from a person's image: its hash, iteration 0's image
     iteration: int  # 0-based
     current_prompt: str | None  # the last plan's revised prompt, for the next enhance
     current_negative_prompt: str | None  # the last plan's negative prompt, for compose
@@ -76,6 +79,7 @@ class RefineState(TypedDict, total=False):
     status: str | None  # None while revising; then accepted | max_iters | plateau | budget
     pause_at: list[str]  # where a person reviews: prompt, plan, verdict, or all
     settings: dict[str, Any]  # a server's session: its clients' context (RunSettings), merged
+    regions: list[dict]  # edit_modes regional: the regions so far (the edit node's, see there)
 
 
 # --- nodes ------------------------------------------------------------------------------------
@@ -157,15 +161,34 @@ def _agent(step: dict, name: str, result: Structured, parts: dict | None = None)
     }
 
 
-INPUTS = ("prompt", "pause_at", "run_id")  # what starts a session
+INPUTS = ("prompt", "pause_at", "run_id", "init_image")  # what starts a session
+
+
+def check_init_image(ctx: RefineContext, digest: Any) -> str | None:
+    """A session's starting image, if it has one: a stored image's hash, in a loop that edits
+    (edits are all a session from an image does to it). ConfigError naming what is wrong."""
+    if digest is None:
+        return None
+    if not ctx.loop.edit_modes:
+        raise ConfigError("init_image: a session from an image edits it; loop.edit_modes is []")
+    try:
+        if isinstance(digest, str) and digest in ctx.store.images:
+            return digest
+    except ImageStoreError:  # not a hash
+        pass
+    raise ConfigError(
+        f"init_image: no image {str(digest)[:80]!r} in the image store (import it first: "
+        "tools/images.import_image)"
+    )
 
 
 @node
 def begin(state: RefineState, ctx: RefineContext) -> dict:
     """Complete a bare input ({"prompt": ...}, as `langgraph dev` clients send) with the
     configured defaults, and register the run in the store (a no-op when the runner did).
-    The input is checked first: a refused one leaves nothing in the store. A new input on a
-    server thread whose session has begun starts another session (another run id)."""
+    The input is checked first (a starting image too): a refused one leaves nothing in the
+    store. A new input on a server thread whose session has begun starts another session
+    (another run id)."""
     fresh = "iteration" not in state  # the runner's input, or the thread's first one
     if fresh and (extra := sorted(set(state) - set(INPUTS))):
         raise ConfigError(
@@ -174,10 +197,13 @@ def begin(state: RefineState, ctx: RefineContext) -> dict:
         )
     prompt = validate_prompt(state.get("prompt", ""))
     pause_at = human.check_pause_at(state.get("pause_at") or [], plans=ctx.loop.plans)
+    init_image = check_init_image(ctx, state.get("init_image"))
     run_id = check_run_id(state["run_id"]) if fresh and state.get("run_id") else new_run_id()
     config: dict[str, Any] = {"loop": ctx.loop.model_dump()}
     if (thread := (get_config().get("configurable") or {}).get("thread_id")) != run_id:
         config["thread_id"] = thread  # a server's thread: how to find the session there
+    if init_image:
+        config["init_image"] = init_image
     ctx.store.create_run(run_id, prompt, config, ctx.models(), PROMPTS_VERSION)
     d = ctx.diffusion_config
     params = GenParams(
@@ -200,7 +226,8 @@ def begin(state: RefineState, ctx: RefineContext) -> dict:
         "best_score": None,
         "status": None,
     }
-    return {**state, **defaults, "run_id": run_id, "prompt": prompt, "pause_at": pause_at}
+    started = {"run_id": run_id, "prompt": prompt, "pause_at": pause_at, "init_image": init_image}
+    return {**state, **defaults, **started}
 
 
 @node
@@ -285,9 +312,14 @@ def draw_seeds(loop: LoopConfig, seed: int, iteration: int) -> list[int]:
 @node
 def generate(state: RefineState, ctx: RefineContext) -> dict:
     """Text-to-image with the step's prompts; with `loop.best_of` > 1, every candidate (the
-    pick node keeps one)."""
+    pick node keeps one). A session from an image starts from it, and carries its edits over
+    whatever `loop.carry_edits` says: a new draw would throw the person's image away."""
     step, i = state["step"], state.get("iteration", 0)
-    if ctx.loop.carry_edits and i > 0 and state.get("best_image"):
+    if i == 0 and state.get("init_image"):  # measured as a drawn image is, marked as given
+        given = {**step, "from_image": True, "params": state["params"]}
+        return {"step": measured(ctx, state, given, state["init_image"])}
+    carries = ctx.loop.carry_edits or state.get("init_image")
+    if carries and i > 0 and state.get("best_image"):
         # The edits so far, kept: this iteration edits them further.
         carried = {**step, "carried": True, "params": state["params"]}
         return {"step": measured(ctx, state, carried, state["best_image"])}
@@ -432,20 +464,75 @@ def enough_steps(params: GenParams, strength: float) -> GenParams:
     )
 
 
+def standing_regions(state: RefineState) -> list[dict]:
+    """The earlier iterations' regions still standing (edit_modes regional): those of an
+    iteration whose edit was not rejected, less those an accepted later region replaced."""
+    if not state.get("iteration"):
+        return []  # the session's first edit (also: a new session on a server's thread)
+    undone = {a["iteration"] for a in state.get("attempts", []) if a["verdict"] == "reject"}
+    return [
+        {**r, "replaced_in": None}
+        for r in state.get("regions", [])
+        if r["iteration"] not in undone and r["replaced_in"] in undone | {None}
+    ]
+
+
+def iou(a: list[int], b: list[int]) -> float:
+    """Two boxes' intersection over union."""
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union else 0.0
+
+
+def merge_regions(standing: list[dict], plan: Plan, iteration: int) -> list[dict]:
+    """The standing regions and the plan's: a new region replaces an earlier one its box
+    overlaps by more than 0.5 IoU (kept, marked `replaced_in`, should this edit be rejected)."""
+    merged = [dict(r) for r in standing]
+    for new in plan.regional_edits:
+        box = list(new.box)
+        for old in merged:
+            earlier = old["replaced_in"] is None and old["iteration"] < iteration
+            if earlier and iou(old["box"], box) > 0.5:
+                old["replaced_in"] = iteration
+        merged.append(
+            {
+                "box": box,
+                "prompt": new.prompt,
+                "strength": new.strength,
+                "iteration": iteration,
+                "replaced_in": None,
+            }
+        )
+    return merged
+
+
 @node
 def edit(state: RefineState, ctx: RefineContext) -> dict:
     """Apply the plan, as far as `loop.edit_modes` allows: a global img2img pass (when asked
-    for, or when there is nothing regional), one inpainting pass per regional box edit, then
-    the global tone factors."""
+    for, or when there is nothing regional), then the box edits, then the global tone factors.
+    The box edits: inpaint, one inpainting pass per box; regional, ONE regional-prompting pass
+    (tools/regional.py) from the current image, at the regions' largest strength, the plan's
+    revised prompt everywhere and each local prompt in its box. Regional regions accumulate:
+    state `regions` keeps each iteration's, and an edit applies the earlier ones still
+    standing (not undone by a rejected verdict) with the plan's, a new region replacing an
+    earlier one that its box overlaps by more than 0.5 IoU."""
     step, modes = state["step"], ctx.loop.edit_modes
     plan = Plan.model_validate(step["plan"])
     params = GenParams(**step["params"])  # the image's own (best-of: the seed picked)
-    if ctx.loop.carry_edits:  # a new draw for an edit of what may be the same image again
+    if ctx.loop.carry_edits or state.get("init_image"):  # a new draw for an edit of what may
+        # be the same image again (a session from an image carries its edits, see generate)
         params = replace(params, seed=params.seed + step["iteration"])
     regions = plan.regional_edits if "inpaint" in modes else []
+    merged = (
+        merge_regions(standing_regions(state), plan, step["iteration"])
+        if "regional" in modes
+        else []
+    )
+    applied = [r for r in merged if r["replaced_in"] is None]
     strength = plan.params.strength
     if strength is None:
-        strength = 0.0 if regions else ctx.diffusion_config.edit_strength
+        strength = 0.0 if regions or applied else ctx.diffusion_config.edit_strength
     if "img2img" not in modes:
         strength = 0.0
     image, ops = step["image"], []
@@ -456,6 +543,24 @@ def edit(state: RefineState, ctx: RefineContext) -> dict:
         )
         ops.append(
             {"op": "img2img", "strength": strength, "steps": p.num_inference_steps, "image": image}
+        )
+    if applied:
+        top = max(r["strength"] for r in applied)
+        # Enough steps that the weakest region is redrawn at least one step.
+        p = enough_steps(params, min(r["strength"] for r in applied))
+        boxes = [(r["box"], r["prompt"], r["strength"]) for r in applied]
+        image = ctx.diffusion.regional(
+            image, plan.revised_prompt, plan.negative_prompt, boxes, p, top
+        )
+        shown = [{k: r[k] for k in ("box", "prompt", "strength", "iteration")} for r in applied]
+        ops.append(
+            {
+                "op": "regional",
+                "regions": shown,
+                "strength": top,
+                "steps": p.num_inference_steps,
+                "image": image,
+            }
         )
     for region in regions:
         p = enough_steps(params, region.strength)
@@ -481,7 +586,9 @@ def edit(state: RefineState, ctx: RefineContext) -> dict:
     step["stats"] = {**step["stats"], "edited": measure(picture)}
     if ctx.loop.watch_scorers:
         step["watch"] = {**step.get("watch", {}), "edited": watched(ctx, picture, state["prompt"])}
-    return {"step": step}
+    if "regional" not in modes:
+        return {"step": step}
+    return {"step": step, "regions": merged}
 
 
 @node

@@ -18,7 +18,7 @@ from typing import Any
 from artloop.config import LoopConfig
 from artloop.graphs.context import RefineContext
 from artloop.graphs.human import check_action, check_pause_at
-from artloop.graphs.refine import build_graph, shape
+from artloop.graphs.refine import build_graph, check_init_image, shape
 from artloop.graphs.tracking import track_session
 from artloop.prompts import PROMPTS_VERSION
 from artloop.store.leases import RunBusyError, hold_run
@@ -186,8 +186,12 @@ def run_session(
     interrupt_before: list[str] | None = None,
     pause_at: list[str] | None = None,
     answer: dict | None = None,
+    init_image: str | None = None,
+    on_event: Callable[[dict], None] | None = None,
 ) -> RunSummary:
     """Start a run (`prompt` given; `run_id` optional) or resume one (`run_id` alone).
+    A run may start from a person's image, `init_image` (a hash in the image store:
+    tools/images.import_image puts it there), recorded in its config; its state keeps it.
 
     The graph is built for `ctx.loop`'s variant, and the run's stored config records that loop
     (under "loop", over any the caller's `config` gives): a resumed run must be given the loop
@@ -195,7 +199,8 @@ def run_session(
 
     `pause_at` lists where a new session waits for a person; a paused session resumes with
     their `answer` (a HumanAction's fields; None lets the agent decide), checked before anything
-    changes.
+    changes. `on_update(node, update)` hears each node's state update; `on_event(event)` its
+    progress events as they happen (graphs/refine.py: node_started, diffusion_step, ...).
 
     A failing node (a dead server, invalid output after every retry) marks the run `failed`
     with the error and re-raises; resuming it later continues from the last checkpoint.
@@ -209,12 +214,17 @@ def run_session(
     run_id = check_run_id(run_id) if run_id else new_run_id()
     if not resume:
         check_pause_at(pause_at or [], plans=ctx.loop.plans)
+        check_init_image(ctx, init_image)  # ConfigError: nothing is stored
+    elif init_image is not None:
+        raise ValueError(f"init_image starts a session: run {run_id} resumes with its own")
     start = time.perf_counter()
     thread = {"configurable": {"thread_id": run_id}}
     with ExitStack() as held:
         saver = held.enter_context(open_checkpointer(ctx.store))  # failing: nothing is stored
         if not resume:
             recorded = {**(config or {}), "loop": ctx.loop.model_dump()}  # what ran
+            if init_image:  # what the UI and `session show` tell a session from an image by
+                recorded["init_image"] = init_image
             ctx.store.create_run(run_id, prompt, recorded, ctx.models(), PROMPTS_VERSION)
         elif shape(stored_loop(ctx.store.get_run(run_id))) != shape(ctx.loop):  # or StoreError
             raise ValueError(
@@ -225,9 +235,8 @@ def run_session(
         lease = held.enter_context(hold_run(ctx.store, run_id))
         graph = compiled(saver, ctx.loop, tuple(interrupt_before or ()))
         # The `begin` node completes a new run's state from the context's settings.
-        inputs: Any = (
-            None if resume else {"run_id": run_id, "prompt": prompt, "pause_at": pause_at or []}
-        )
+        started = {"run_id": run_id, "prompt": prompt, "pause_at": pause_at or []}
+        inputs: Any = None if resume else {**started, "init_image": init_image}
         if resume:
             snapshot = graph.get_state(thread)
             # `tasks`, not `next`: a node whose writes were saved before its process died is
@@ -244,8 +253,14 @@ def run_session(
             raise ValueError(f"run {run_id} has begun: resume it instead of starting it again")
         try:
             ctx.store.finish_run(run_id, "running")
-            for chunk in graph.stream(inputs, thread, context=ctx, stream_mode="updates"):
+            # "custom": the nodes' progress events (node_started, diffusion_step, ...).
+            modes = ["updates", "custom"] if on_event is not None else ["updates"]
+            for mode, chunk in graph.stream(inputs, thread, context=ctx, stream_mode=modes):
                 lease.check()  # taken over while this one stalled: the run is the other's now
+                if mode == "custom":
+                    if on_event is not None:
+                        on_event(chunk)
+                    continue
                 for name, update in chunk.items():
                     if on_update is not None and isinstance(update, dict):
                         on_update(name, update)

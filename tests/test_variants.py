@@ -52,7 +52,8 @@ def nodes(**loop) -> list[str]:
         ({"critics": ["thesis_cot", "thesis_cot"]}, "loop.critics: 'thesis_cot' is listed twice"),
         ({"critics": ["concept_cot"], "edit_modes": []}, "concept_cot without thesis_cot"),
         ({"critics": []}, "loop: edit_modes img2img, inpaint, tone apply a plan"),
-        ({"edit_modes": ["regional"]}, "loop.edit_modes: 'regional' is not an edit mode"),
+        ({"edit_modes": ["warp"]}, "loop.edit_modes: 'warp' is not an edit mode"),
+        ({"edit_modes": ["regional", "inpaint"]}, "inpaint and regional both apply"),
         ({"edit_modes": [], "carry_edits": True}, "loop: carry_edits: with edit_modes = []"),
         ({"enhancer": False, "memory": "history"}, "loop: memory = history is what the enhancer"),
         ({"memory": "everything"}, "loop.memory: Input should be 'last' or 'history'"),
@@ -320,3 +321,16 @@ def test_the_cli_resumes_a_variant_with_its_stored_loop(tmp_path):
         assert set(step["parse_failures"]) == {"enhance", "critic", "validate"}
         assert len(step["candidates"]) == 2 and "pick" in step["timings"]
     assert run["config"]["loop"]["critics"] == "merged"
+
+
+def test_the_planner_is_told_what_regional_applies():
+    """regional applies the plan's box edits (in one pass) as inpaint does: the planner is not
+    told they are dropped."""
+    from artloop.agents.thesis_cot import unapplied
+
+    assert unapplied(["img2img", "regional", "tone"]) == []
+    assert unapplied(["regional"]) == [
+        "a global img2img strength",
+        "the tone factors (exposure, contrast, saturation)",
+    ]
+    assert "regional edits" in unapplied(["img2img", "tone"])

@@ -1,6 +1,7 @@
-"""The diffusion tool: text-to-image, image-to-image and box inpainting with diffusers.
+"""The diffusion tool: text-to-image, image-to-image, box inpainting and regional prompting
+(tools/regional.py) with diffusers.
 
-Images go in and come out as hashes of the ImageStore. One set of weights serves all three
+Images go in and come out as hashes of the ImageStore. One set of weights serves all the
 tasks (`from_pipe` shares the components). Loading is lazy (smolagents-style `setup()`), so
 building the tool is free and the graph can be assembled without touching torch.
 """
@@ -25,6 +26,7 @@ from artloop.runtime.accounting import charge, timed
 from artloop.runtime.batching import Batcher
 from artloop.tools.images import ImageStore, ImageStoreError
 from artloop.tools.lora import LoraError, fuse_lora, lora_path, sha256
+from artloop.tools.regional import Job, Region, generate
 from PIL import Image, ImageDraw, ImageFilter
 
 FAMILIES = ("sd", "sdxl", "flux")
@@ -90,6 +92,32 @@ def box_mask(box: tuple[int, int, int, int], width: int, height: int) -> Image.I
     right, bottom = max(right, left + 1), max(bottom, top + 1)
     ImageDraw.Draw(mask).rectangle((left, top, right - 1, bottom - 1), fill=255)
     return mask
+
+
+MAX_REGIONS = 16  # each one is a denoiser row per step: a bound on a call's cost
+
+
+def check_regions(regions: Any) -> tuple[Region, ...]:
+    """Regions as Region, {"box", "prompt", "strength"} dicts or (box, prompt, strength)
+    tuples, checked: a box (check_box), a non-empty prompt, a strength in (0, 1]."""
+    if not isinstance(regions, list | tuple) or len(regions) > MAX_REGIONS:
+        raise DiffusionError(f"regions: a list of at most {MAX_REGIONS} regions, got {regions!r}")
+    checked = []
+    for region in regions:
+        if isinstance(region, Region):
+            box, prompt, strength = region.box, region.prompt, region.strength
+        elif isinstance(region, dict) and {"box", "prompt"} <= set(region):
+            box, prompt, strength = region["box"], region["prompt"], region.get("strength", 1.0)
+        elif isinstance(region, list | tuple) and len(region) == 3:
+            box, prompt, strength = region
+        else:
+            raise DiffusionError(f"a region is (box, prompt, strength), got {region!r}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DiffusionError(f"region {list(box)}: the local prompt is empty")
+        if not isinstance(strength, int | float) or not 0.0 < strength <= 1.0:
+            raise DiffusionError(f"region {list(box)}: strength {strength!r} is outside (0, 1]")
+        checked.append(Region(tuple(check_box(box)), prompt, float(strength)))  # type: ignore[arg-type]
+    return tuple(checked)
 
 
 def _one_line(e: BaseException) -> str:
@@ -372,6 +400,7 @@ class DiffusionTool:
     ) -> Image.Image:
         """One image; with batching on, it shares a pipeline call with concurrent requests that
         agree on everything but prompts, seeds and input images (same seeds: same images)."""
+        self.setup()  # first: loading settles max_sequence_length (a tiny model's own)
         sample = self._Sample(
             prompt,
             negative_prompt or None,
@@ -404,6 +433,8 @@ class DiffusionTool:
         """One pipeline call for `samples` (per-image generators): an (H, W, 3) array each."""
         import torch
 
+        if task == "regional":  # the text-to-image pipeline's modules, our own loop
+            return self._run_regional(common, samples)
         pipe = self._pipeline(task)
         negatives = [s.negative_prompt for s in samples]
         kwargs: dict[str, Any] = {
@@ -427,14 +458,40 @@ class DiffusionTool:
         # pass what this pipeline names; unset options keep the pipeline's defaults.
         accepted = inspect.signature(pipe.__call__).parameters
         kwargs = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+        return self._locked(task, len(samples), lambda: list(pipe(**kwargs).images))
+
+    def _run_regional(self, common: dict[str, Any], samples: list[_Sample]) -> list:
+        """One regional call for `samples` (they have as many regions each: the batch key)."""
+        pipe = self._pipeline("t2i")
+        jobs = [
+            Job(s.prompt, s.negative_prompt, s.seed, **{"init": None, **dict(s.inputs)})
+            for s in samples
+        ]
+        hooks = [s.on_step for s in samples if s.on_step is not None]
+
+        def step(i: int, n: int) -> None:
+            for hook in hooks:
+                hook(i, n)
+
+        options = {k: v for k, v in common.items() if k != "regions"}
+        return self._locked(
+            "regional",
+            len(samples),
+            lambda: generate(pipe, self.family, jobs, on_step=step if hooks else None, **options),
+        )
+
+    def _locked(self, task: str, images: int, call: Callable[[], list]) -> list:
+        """`call` under the tool's lock (its wait charged), errors as one-line DiffusionErrors."""
+        import torch
+
         waited = time.perf_counter()
         with self._lock:
             charge("diffusion_wait", time.perf_counter() - waited)
             try:
-                return list(pipe(**kwargs).images)
+                return call()
             except (torch.OutOfMemoryError, MemoryError) as e:
                 raise DiffusionError(
-                    f"{task} with {self.model!r} ran out of memory on {len(samples)} image(s) "
+                    f"{task} with {self.model!r} ran out of memory on {images} image(s) "
                     f"({_one_line(e)}): lower the size or diffusion.max_batch"
                 ) from e
             except Exception as e:
@@ -503,7 +560,46 @@ class DiffusionTool:
             width=width,
             height=height,
         )
-        # The VAE round trip alters every pixel a little (and all of them with a non-inpainting
-        # UNet): paste back the original outside the box, with a soft edge against seams.
-        feather = mask.filter(ImageFilter.GaussianBlur(radius=max(1, min(width, height) // 128)))
-        return self.store.put(Image.composite(result, init, feather))
+        return self.store.put(_keep_outside(result, init, mask))
+
+    def regional(
+        self,
+        image: str | None,
+        prompt: str,
+        negative_prompt: str,
+        regions: Any,
+        params: GenParams,
+        strength: float = 1.0,
+    ) -> str:
+        """Draw `prompt` everywhere and each region's local prompt in its box (0-1000), all in
+        one denoiser pass per step (tools/regional.py). `regions`: (box, prompt, strength)
+        tuples, dicts or Regions; a region's strength is its local prompt's weight in the box.
+        From text (image None; `strength` unused), or from a stored image: its boxes redrawn
+        from `strength`'s noise level (each at most its own strength), the rest kept. Returns
+        the stored image's hash."""
+        checked = check_regions(regions)
+        if image is not None and not checked:
+            raise DiffusionError("a regional edit of an image needs at least one region")
+        self._check_params(params, None if image is None else strength)
+        width, height = self._size(params)
+        init = None if image is None else self._image(image, (width, height))
+        # What the images of one batched call share: a region count too (one layout).
+        shared = {"width": width, "height": height, "regions": len(checked)}
+        shared["strength"] = None if image is None else strength
+        inputs = {"init": init, "regions": checked}
+        result = self._run("regional", prompt, negative_prompt, params, inputs, **shared)
+        if init is None:
+            return self.store.put(result)
+        mask = Image.new("L", (width, height), 0)
+        for region in checked:
+            mask.paste(255, mask=box_mask(region.box, width, height))
+        return self.store.put(_keep_outside(result, init, mask))
+
+
+def _keep_outside(result: Image.Image, init: Image.Image, mask: Image.Image) -> Image.Image:
+    """`result` inside the mask, `init` outside it. The VAE round trip alters every pixel a
+    little (and all of them with a non-inpainting UNet): the original is pasted back outside
+    the boxes, with a soft edge against seams."""
+    width, height = init.size
+    feather = mask.filter(ImageFilter.GaussianBlur(radius=max(1, min(width, height) // 128)))
+    return Image.composite(result, init, feather)

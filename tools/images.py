@@ -1,6 +1,8 @@
 """Content-addressed image store: PNG files named by the sha256 of their bytes.
 
 Graph state and trajectories hold these hashes, never pixels (docs/architecture.md, section 2).
+Images from outside pass a pixel limit read from the header; `import_image` brings in a
+person's own image (a session's start) within byte and pixel limits, at the generation size.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 
 # The one pixel limit for images from outside (the store, the UI's uploads): checked per call,
 # from the header, before a pixel is decoded. PIL's global MAX_IMAGE_PIXELS is left alone (its
 # own check only raises past twice its limit).
 MAX_SIDE = 4096
 MAX_PIXELS = MAX_SIDE * MAX_SIDE
+# A person's own image file (`import_image`: `artloop run --image`, the UI's upload), read
+# before anything is decoded: a 4096 x 4096 photo as PNG fits (uncompressed RGB is 48 MiB).
+MAX_IMAGE_BYTES = 64 * 2**20
+# The formats a person's image may come in: PIL's EPS plugin, say, would run Ghostscript on it.
+IMPORT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class ImageStoreError(ValueError):
@@ -38,12 +45,15 @@ def _limit(max_pixels: int) -> str:
 
 
 @contextmanager
-def _opened(source: str | Path | IO[bytes], max_pixels: int) -> Iterator[Image.Image]:
-    """The image opened lazily (its header read, nothing decoded), refused when too large."""
+def _opened(
+    source: str | Path | IO[bytes], max_pixels: int, formats: tuple[str, ...] | None = None
+) -> Iterator[Image.Image]:
+    """The image opened lazily (its header read, nothing decoded), refused when too large
+    (`formats`: the ones accepted; None: any PIL reads)."""
     try:
         with warnings.catch_warnings():  # PIL warns past its own limit; ours is the one that counts
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as im:
+            with Image.open(source, formats=formats) as im:
                 if (pixels := im.width * im.height) > max_pixels:
                     raise ImageTooLarge(
                         f"image too large: {im.width}x{im.height} = {pixels} "
@@ -57,6 +67,9 @@ def _opened(source: str | Path | IO[bytes], max_pixels: int) -> Iterator[Image.I
         ) from None
     except ImageStoreError:
         raise
+    except Image.UnidentifiedImageError:  # its message names the buffer object, not the cause
+        kinds = ", ".join(formats or ("PNG", "JPEG", "WEBP", "..."))
+        raise ImageStoreError(f"not a readable image: not in a known format ({kinds})") from None
     except Exception as e:  # PIL raises many types for bad bytes
         raise ImageStoreError(f"not a readable image: {e}") from e
 
@@ -73,6 +86,26 @@ def open_image(source: str | Path | IO[bytes], max_pixels: int = MAX_PIXELS) -> 
     with _opened(source, max_pixels) as im:
         im.load()
         return im.convert("RGB")
+
+
+def _read_bounded(source: str | Path | bytes, max_bytes: int) -> bytes:
+    """A file's bytes (or the bytes given), refused past `max_bytes`: a file is never read
+    further than that."""
+    if isinstance(source, bytes | bytearray):
+        data = bytes(source)
+        size = len(data)
+    else:
+        try:
+            with open(source, "rb") as f:
+                size = os.fstat(f.fileno()).st_size  # 0 for a pipe: then what is read tells
+                data = b"" if size > max_bytes else f.read(max_bytes + 1)
+        except OSError as e:
+            raise ImageStoreError(f"cannot read {source}: {e.strerror or e}") from None
+    if size > max_bytes or len(data) > max_bytes:
+        said = f"{size} bytes" if size > max_bytes else f"over {max_bytes} bytes"
+        limit = f"{max_bytes // 2**20} MiB" if max_bytes % 2**20 == 0 else f"{max_bytes} bytes"
+        raise ImageTooLarge(f"image file too large: {said}; the limit is {limit}")
+    return data
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -138,6 +171,35 @@ class ImageStore:
 
     def __contains__(self, digest: str) -> bool:
         return self.path(digest).exists()
+
+
+def import_image(
+    images: ImageStore,
+    source: str | Path | bytes,
+    size: tuple[int, int],
+    *,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_PIXELS,
+) -> str:
+    """A person's own image (a file's path, or its bytes) stored as a session's first image at
+    `size`, the (width, height) the model generates at; its hash. Refused, the limit named,
+    when it is not an image (in IMPORT_FORMATS), has more than `max_bytes` or more than
+    `max_pixels` (read from the header: a decompression bomb is never decoded); a refused
+    image stores nothing."""
+    data = _read_bounded(source, max_bytes)
+    with _opened(io.BytesIO(data), max_pixels, IMPORT_FORMATS) as im:
+        im.load()
+        picture = ImageOps.exif_transpose(im)  # a phone's photo the way up it was taken
+        if picture.has_transparency_data:  # what shows through is white, not the hidden colours
+            white = Image.new("RGBA", picture.size, "white")
+            picture = Image.alpha_composite(white, picture.convert("RGBA"))
+        picture = picture.convert("RGB")
+    if picture.size != size:
+        # Scaled to cover the size, then centre-cropped: the picture keeps its proportions
+        # (squashed, its subject would look malformed to the critics, which would spend the
+        # loop on it) and loses only its margins; padding instead would add bars they judge.
+        picture = ImageOps.fit(picture, size, Image.Resampling.LANCZOS)
+    return images.put(picture)
 
 
 def adjust_tone(
