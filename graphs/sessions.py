@@ -51,13 +51,14 @@ def _thread(run_id: str, checkpoint_id: str | None = None) -> dict:
     return {"configurable": configurable}
 
 
-def live_agents(store: TrajectoryStore, run_id: str) -> dict:
-    """The agents' outputs of the step under way, from its checkpoint (at a pause: the facts,
-    critique and plan so far, which the store gets only when the iteration ends)."""
+def live_step(store: TrajectoryStore, run_id: str) -> dict:
+    """The record of the step under way, from its checkpoint (at a pause: its prompt and the
+    agents' facts, critique and plan so far, which the store gets only when the iteration
+    ends)."""
     run = store.get_run(run_id)
     with open_checkpointer(store) as saver:
         values = _graph(saver, run).get_state(_thread(run_id)).values or {}
-    return (values.get("step") or {}).get("agents") or {}
+    return values.get("step") or {}
 
 
 def view(store: TrajectoryStore, run_id: str) -> SessionView:
@@ -130,6 +131,16 @@ def fork(store: TrajectoryStore, run_id: str, checkpoint_id: str) -> str:
         graph.update_state(_thread(new_id), {**snapshot.values, "run_id": new_id}, as_node=as_node)
     store.finish_run(new_id, "interrupted")
     return new_id
+
+
+def fork_iteration(store: TrajectoryStore, run_id: str, iteration: int) -> str:
+    """`fork` from the start of `iteration` (0-based): the iterations before it kept, it and
+    the rest to run again (the web UI's "fork from here"). Returns the new run id."""
+    first = nodes_for(stored_loop(store.get_run(run_id)))[1].__name__
+    for checkpoint in history(store, run_id):
+        if checkpoint["iteration"] == iteration and checkpoint["next"] == [first]:
+            return fork(store, run_id, checkpoint["checkpoint_id"])
+    raise StoreError(f"run {run_id} has no start of iteration {iteration + 1} to fork from")
 
 
 def delete(store: TrajectoryStore, run_id: str) -> None:

@@ -131,6 +131,23 @@ def test_fork_from_an_earlier_checkpoint(store, sd_tool):
         sessions.fork(store, parent.run_id, points[-1]["checkpoint_id"])  # the finished state
 
 
+def test_fork_from_the_start_of_an_iteration(store, sd_tool):
+    """The web UI's "fork from here": the iterations before it kept, it drawn again."""
+    chat = ScriptedChat(scripts={"Verdict": [verdict("revise", 4.0), verdict("revise", 5.0)]})
+    ctx = make_ctx(store, sd_tool, chat, max_iters=2, plateau_patience=5)
+    parent = run_session(ctx, prompt="a red fox")
+    before = store.get_run(parent.run_id)
+    child_id = sessions.fork_iteration(store, parent.run_id, 1)
+    assert store.get_run(child_id)["steps"] == before["steps"][:1]
+    assert sessions.view(store, child_id).next == ["enhance"]  # the iteration's first node
+    chat.scripts["Verdict"] = [verdict("accept", 9.5)]
+    assert run_session(ctx, run_id=child_id).scores == [4.0, 9.5]
+    first = sessions.fork_iteration(store, parent.run_id, 0)  # nothing kept
+    assert store.get_run(first)["steps"] == [] and sessions.view(store, first).iteration == 0
+    with pytest.raises(StoreError, match="no start of iteration 3"):
+        sessions.fork_iteration(store, parent.run_id, 2)
+
+
 def test_delete_removes_the_session_and_its_checkpoints(store, sd_tool):
     ctx = make_ctx(store, sd_tool, ScriptedChat())
     s = run_session(ctx, prompt="a red fox", pause_at=["prompt"])

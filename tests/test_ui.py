@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from artloop.serve.guard import LoginLimiter
-from artloop.serve.ui import UIError, box_from_clicks, serve
+from artloop.serve.ui import UIError, serve
 from artloop.store.trajectories import TrajectoryStore
 from conftest import free_port, require
 from test_limits import blank_png
@@ -84,95 +84,177 @@ def page():
         browser.close()
 
 
+def drag(page, canvas, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """A mouse drag over the canvas's image, from and to fractions of its size."""
+    area = canvas.bounding_box()
+    page.mouse.move(area["x"] + area["width"] * start[0], area["y"] + area["height"] * start[1])
+    page.mouse.down()
+    for f in (0.5, 1.0):  # through a middle point, as a hand does
+        x = start[0] + (end[0] - start[0]) * f
+        y = start[1] + (end[1] - start[1]) * f
+        page.mouse.move(area["x"] + area["width"] * x, area["y"] + area["height"] * y, steps=4)
+    page.mouse.up()
+
+
 @pytest.mark.browser
-def test_a_person_draws_a_box_and_accepts(page, ui):  # no server started without a browser
+def test_a_person_refines_an_image_with_the_agents(page, ui):  # no server without a browser
     from playwright.sync_api import expect
 
     url, store, _ = ui
     expect.set_options(timeout=30_000)  # each UI round trip, even on a busy 2-core machine
     page.goto(url)
-    page.locator("#prompt textarea").fill("a red fox in the snow")
+    page.locator("#start").click()  # no prompt: said beside the field, nothing else changes
+    expect(page.locator("#start-error")).to_contain_text("prompt")
+    expect(page.locator("#status")).to_have_text("No session yet.")
+    page.locator("#prompt textarea").fill("a red circle to the left of a blue square")
     page.locator("#start").click()  # pauses at plan and verdict by default
-    status = page.locator("#status")
+    status, progress = page.locator("#status"), page.locator("#progress")
+    # Progress streams while it runs: the node, iteration i of n, the diffusion steps.
+    expect(progress).to_contain_text(re.compile(r"iteration 1 of 2 · .* s in all"), timeout=120_000)
+    expect(progress.locator("progress")).to_be_attached(timeout=120_000)
+    expect(progress).to_contain_text(re.compile(r"diffusion step \d+ of 20"))
     expect(status).to_contain_text("paused at plan", timeout=180_000)
-    canvas = page.locator("#canvas img")
-    expect(canvas).to_be_visible()
-    page.screenshot(path=SHOTS / "1-paused-at-plan.png", full_page=True)
+    expect(page.locator("#start-error")).to_have_text("")
     run_id = re.search(r"([0-9a-f]{16})", status.inner_text()).group(1)
+    canvas = page.locator("#canvas .al-canvas img")
+    expect(canvas).to_be_visible()
+
+    # The findings as cards; hovering one lights its box on the image.
     findings = page.locator("#findings")
     expect(findings).to_contain_text("Waiting for you: plan")  # the plan as a card
-    expect(findings).to_contain_text("revised prompt")
-    expect(page.locator("#edit-prompt")).to_be_visible()  # the plan's revised prompt is edited
+    expect(findings).to_contain_text("Iteration 1 so far")  # its facts and critique
     expect(page.locator("#edit-prompt")).to_contain_text("Revised prompt")
     expect(page.locator("#accept")).to_be_hidden()  # only at the verdict
+    found = findings.locator("[data-box-key^='i0-objects-']").first
+    key = found.get_attribute("data-box-key")
+    box_of_it = page.locator(f"#canvas .bx[data-key='{key}']")
+    expect(box_of_it).to_be_visible()
+    found.hover()
+    expect(box_of_it).to_have_css("box-shadow", re.compile("37, 99, 235"))
+    page.screenshot(path=SHOTS / "1-paused-at-plan.png", full_page=True)
 
-    # Draw a box: two clicks at opposite corners of the image.
-    area = canvas.bounding_box()
-    canvas.click(position={"x": area["width"] * 0.2, "y": area["height"] * 0.3})
-    canvas.click(position={"x": area["width"] * 0.7, "y": area["height"] * 0.8})
+    # The plan's box edits are the person's: drag a new one, name it, move it, delete the plan's.
+    planned = page.locator("#canvas .bx-yours").count()
+    drag(page, canvas, (0.1, 0.6), (0.4, 0.9))
     box_input = page.locator("#box input, #box textarea").first
     expect(box_input).to_have_value(re.compile(r"^\d+,\d+,\d+,\d+$"))
-    box = [int(v) for v in box_input.input_value().split(",")]
-    assert box == pytest.approx([200, 300, 700, 800], abs=15)
+    assert [int(v) for v in box_input.input_value().split(",")] == pytest.approx(
+        [100, 600, 400, 900], abs=15
+    )
+    expect(page.locator("#canvas .bx-pending")).to_be_visible()
+    page.locator("#add-box").click()  # no local prompt yet: said beside it, nothing else changes
+    expect(page.locator("#box-error")).to_contain_text("a local prompt")
+    expect(status).to_contain_text("paused at plan")
     page.locator("#local-prompt textarea, #local-prompt input").first.fill("a red woollen hat")
     page.locator("#add-box").click()
     expect(page.locator("#regions")).to_contain_text("a red woollen hat")
+    mine = page.locator(f"#canvas .bx-yours[data-index='{planned}']")
+    expect(mine).to_be_visible()
+    drag(page, canvas, (0.25, 0.75), (0.35, 0.65))  # grab its middle: moved by (+100, -100)
+    expect(page.locator("#regions")).to_contain_text("500")
+    for _ in range(planned):  # the plan's own box edits, deleted on the image
+        page.locator("#canvas .bx-yours[data-index='0'] .del").click()
+    expect(page.locator("#canvas .bx-yours")).to_have_count(1)
+    rows = page.locator("#regions").inner_text()
+    box = [
+        int(v) for v in re.search(r"(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+a red woollen", rows).groups()
+    ]
+    assert box == pytest.approx([200, 500, 500, 800], abs=15)
     page.screenshot(path=SHOTS / "2-box-drawn.png", full_page=True)
 
     page.locator("#apply").click()
     expect(status).to_contain_text("paused at verdict", timeout=180_000)
-    expect(page.locator("#gallery")).to_contain_text("1: edited")
-    page.screenshot(path=SHOTS / "3-paused-at-verdict.png", full_page=True)
     # The verdict is accepted or rejected: no prompt fields, no edit to apply.
     expect(findings).to_contain_text("Waiting for you: verdict")
     for hidden in ("#edit-prompt", "#edit-negative", "#apply"):
         expect(page.locator(hidden)).to_be_hidden()
+    expect(page.locator("#compare")).to_be_visible()  # the edit, before and after
+    expect(page.locator("#compare img")).to_have_count(2)
+    page.screenshot(path=SHOTS / "3-paused-at-verdict.png", full_page=True)
     page.locator("#accept").click()
     expect(status).to_contain_text("accepted", timeout=180_000)
-    # The finished iteration's findings as cards, one per agent, the raw JSON one click away.
     for title in ("Data-CoT: facts", "Concept-CoT: critique", "Thesis-CoT: plan", "Verdict"):
         expect(findings).to_contain_text(title)
     expect(findings.locator("details.raw").first).to_be_attached()
-    page.screenshot(path=SHOTS / "4-accepted.png", full_page=True)
 
-    # The agents' boxes are drawn on the image, each layer toggled on its own.
+    # The agents' boxes, each layer toggled on its own.
     layers = page.locator("#box-layers")
-    expect(layers).to_be_visible()
     expect(page.locator("#box-legend")).to_contain_text("Data-CoT's objects")
-    expect(canvas).to_have_attribute("src", re.compile(r"boxes-[0-9a-f]+\.png"))
-    drawn = canvas.get_attribute("src")
-    for name in ("objects", "artifacts", "edits"):
-        expect(layers.get_by_label(name)).to_be_checked()  # all on by default
+    objects = page.locator("#canvas .bx-objects")
+    expect(objects.first).to_be_visible()
     layers.get_by_label("objects").uncheck()
-    expect(canvas).not_to_have_attribute("src", drawn)  # redrawn without Data-CoT's objects
-    expect(canvas).to_have_attribute("src", re.compile(r"boxes-[0-9a-f]+\.png"))
+    expect(objects).to_have_count(0)
     page.screenshot(path=SHOTS / "5-objects-off.png", full_page=True)
     layers.get_by_label("objects").check()
-    expect(canvas).to_have_attribute("src", drawn)  # the same drawing again
+    expect(objects.first).to_be_visible()
 
     run = store.get_run(run_id)
     assert run["status"] == "accepted" and len(run["steps"]) == 1
     step = run["steps"][0]
     assert step["decided_by"] == {"prompt": "agent", "plan": "human", "verdict": "human"}
-    assert step["human"]["plan"]["regions"][0]["box"] == box
-    assert step["human"]["plan"]["regions"][0]["prompt"] == "a red woollen hat"
+    assert [(r["box"], r["prompt"]) for r in step["human"]["plan"]["regions"]] == [
+        (box, "a red woollen hat")
+    ]
     expect(findings.locator(".card-thesis")).to_contain_text("a red woollen hat")  # your edit
-    objects = step["agents"]["data_cot"]["objects"]
-    card = findings.locator(".card-data")
-    for o in objects:  # each object's label and box, as the Data-CoT agent found them
-        expect(card).to_contain_text(f"{o['label']} [{', '.join(map(str, o['box']))}]")
     inpaint = [op for op in step["edits"] if op["op"] == "inpaint"]
     assert [(op["box"], op["prompt"]) for op in inpaint] == [(box, "a red woollen hat")]
 
+    # The timeline: choose the iteration, fork a new session from it, run the fork.
+    tile = page.locator("#timeline .tile")
+    expect(tile).to_have_count(1)
+    expect(tile).to_contain_text("accept (human)")
+    tile.click()
+    page.screenshot(path=SHOTS / "4-accepted.png", full_page=True)
+    page.locator("#fork").click()
+    expect(status).to_contain_text("ready to go on from iteration 1")
+    forked = re.search(r"([0-9a-f]{16})", status.inner_text()).group(1)
+    assert forked != run_id
+    assert store.get_run(forked)["config"]["forked_from"]["run_id"] == run_id
+    page.locator("#resume").click()
+    expect(status).to_contain_text(f"{forked}: paused at plan", timeout=180_000)
+
     # Past sessions: the finished one is listed and exports.
     page.locator("#refresh").click()
+    page.locator("#sessions input").click()
+    page.locator("#sessions input").fill(run_id)
+    page.get_by_role("option", name=re.compile(run_id)).click()
+    page.locator("#open").click()
+    expect(status).to_contain_text(f"{run_id}: accepted")
     page.locator("#export").click()
     expect(page.locator("#export-file")).to_contain_text(f"export-{run_id}", timeout=60_000)
     assert (store.home / "ui" / f"export-{run_id}.zip").stat().st_size > 1000
 
 
-def test_box_from_clicks_normalises_and_orders():
-    assert box_from_clicks((96, 16), (32, 48), (128, 64)) == [250, 250, 750, 750]
+@pytest.mark.browser
+def test_a_session_from_your_own_image(page, ui, tmp_path):
+    """Upload an image: the loop starts from it (its first image is the upload, fitted to the
+    model's size), edits it, finishes and exports."""
+    from PIL import Image, ImageDraw
+    from playwright.sync_api import expect
+
+    url, store, _ = ui
+    expect.set_options(timeout=30_000)
+    mine = Image.new("RGB", (128, 96), "white")
+    ImageDraw.Draw(mine).ellipse((10, 20, 60, 70), fill=(220, 20, 20))
+    mine.save(tmp_path / "mine.png")
+    page.goto(url)
+    page.locator("#prompt textarea").fill("a red circle to the left of a blue square")
+    page.locator("#upload input[type=file]").set_input_files(str(tmp_path / "mine.png"))
+    page.locator("#pause-at").get_by_label("plan").uncheck()
+    page.locator("#pause-at").get_by_label("verdict").uncheck()
+    expect(page.locator("#upload img")).to_be_visible()
+    page.locator("#start").click()
+    status = page.locator("#status")
+    expect(status).to_contain_text(re.compile("accepted|max_iters|plateau"), timeout=240_000)
+    run_id = re.search(r"([0-9a-f]{16})", status.inner_text()).group(1)
+    run = store.get_run(run_id)
+    first = Image.open(store.images.path(run["steps"][0]["image"]))
+    assert first.size == (64, 64)  # fitted to what the model draws
+    assert first.getpixel((16, 32))[0] > 180 and first.getpixel((60, 60)) == (255, 255, 255)
+    assert run["config"]["init_image"] == run["steps"][0]["image"]
+    expect(page.locator("#timeline .tile").first).to_be_visible()
+    page.locator("#export").click()
+    expect(page.locator("#export-file")).to_contain_text(f"export-{run_id}", timeout=60_000)
 
 
 def test_a_public_address_needs_a_token(store):

@@ -1,13 +1,20 @@
-"""The agents' boxes on the image (serve/boxes.py), without a browser: each layer in its own
-colour inside its scaled box and nowhere else, a layer toggled off not drawn, small images
-upscaled, whole-image artifacts skipped."""
+"""The agents' boxes on the image (serve/boxes.py), without a browser: every layer's box placed
+where its 0-1000 box says, a layer toggled off not drawn, the person's boxes always there and
+editable, keys that match the cards, and the box operations the page sends applied to the
+table (tests/test_ui.py drags them in a real browser)."""
 
 from __future__ import annotations
 
-import numpy as np
-from artloop.serve.boxes import LAYERS, agent_boxes, draw_boxes, iteration_agents, render
-from artloop.serve.ui import box_from_clicks
-from PIL import Image
+import re
+
+import pytest
+from artloop.serve.boxes import (
+    agent_boxes,
+    apply_op,
+    canvas_html,
+    iteration_agents,
+    region_boxes,
+)
 from test_ui_cards import AGENTS, session, step
 
 BOXES = {
@@ -19,88 +26,86 @@ BOXES = {
 
 def agents() -> dict:
     return {
-        "data_cot": {"objects": [{"label": "red circle", "box": BOXES["objects"]}]},
+        "data_cot": {"objects": [{"label": "red <b>circle</b>", "box": BOXES["objects"]}]},
         "concept_cot": {
             "artifacts": [
-                {"kind": "omission", "box": BOXES["artifacts"], "severity": 2},
                 {"kind": "blur", "box": None, "severity": 1},  # the whole image: not drawn
+                {"kind": "omission", "box": BOXES["artifacts"], "severity": 2},
             ]
         },
         "thesis_cot": {"regional_edits": [{"box": BOXES["edits"], "prompt": "a blue square"}]},
     }
 
 
-def mask(image: Image.Image, layer: str) -> np.ndarray:
-    return (np.asarray(image) == np.array(LAYERS[layer][0], dtype=np.uint8)).all(axis=-1)
-
-
-def inside(shape: tuple[int, int], box: list[int]) -> np.ndarray:
-    h, w = shape
-    x1, y1, x2, y2 = box
-    m = np.zeros(shape, dtype=bool)
-    m[round(y1 * h / 1000) : round(y2 * h / 1000), round(x1 * w / 1000) : round(x2 * w / 1000)] = (
-        True
+def placed(html: str) -> dict[str, list[float]]:
+    """Each drawn box's key and its (left, top, width, height) in per cent."""
+    found = re.findall(
+        r'data-key="([^"]+)"[^>]*style="left:calc\(([\d.]+)% \+ \d+px\);top:calc\(([\d.]+)% '
+        r"\+ \d+px\);width:calc\(([\d.]+)% - \d+px\);height:calc\(([\d.]+)%",
+        html,
     )
-    return m
+    return {key: [float(v) for v in rest] for key, *rest in found}
 
 
-def test_agent_boxes_reads_every_layer_and_skips_whole_image_ones():
-    found = agent_boxes(agents())
-    assert [(b["layer"], b["label"]) for b in found] == [
-        ("objects", "red circle"),
-        ("artifacts", "omission"),
-        ("edits", "a blue square"),
+def test_agent_boxes_reads_every_layer_with_keys_the_cards_share():
+    found = agent_boxes(agents(), iteration=2)
+    assert [(b["layer"], b["label"], b["key"]) for b in found] == [
+        ("objects", "red <b>circle</b>", "i2-objects-0"),
+        ("artifacts", "omission", "i2-artifacts-1"),  # its index in the agent's own list
+        ("edits", "a blue square", "i2-edits-0"),
     ]
     assert agent_boxes({}) == [] and len(agent_boxes(AGENTS)) == 3  # the cards' fixture
 
 
-def test_each_layer_in_its_colour_inside_its_box_only():
-    white = Image.new("RGB", (64, 48), (255, 255, 255))  # the shapes world is this small
-    out = render(white, agent_boxes(agents()))
-    assert out.size == (384, 288)  # upscaled by a whole factor, nearest neighbour
-    for layer, box in BOXES.items():
-        m = mask(out, layer)
-        assert m.sum() > 200, layer  # the outline and its label
-        assert not (m & ~inside(m.shape, box)).any(), layer  # nothing outside its box
-        # the outline runs along the box's edges
-        h, w = m.shape
-        top, middle = round(box[1] * h / 1000), (box[0] + box[2]) * w // 2000
-        assert m[top : top + 8, middle].any(), layer  # nested a line inward per layer
-    # the labels are drawn (white text on the layer's colour), not just outlines
-    bare = render(white, [{"layer": "objects", "box": BOXES["objects"], "label": ""}])
-    assert mask(out, "objects").sum() > mask(bare, "objects").sum() + 200
+def test_each_box_is_placed_where_its_box_says_and_labels_are_escaped():
+    html = canvas_html("gradio_api/file=/x.png", agent_boxes(agents()))
+    assert placed(html) == {
+        "i0-objects-0": [10.0, 10.0, 40.0, 30.0],
+        "i0-artifacts-1": [55.0, 5.0, 40.0, 40.0],
+        "i0-edits-0": [20.0, 55.0, 60.0, 40.0],
+    }
+    assert 'src="gradio_api/file=/x.png"' in html
+    assert "red &lt;b&gt;circle" in html and "<b>circle" not in html
+    assert "No image yet" in canvas_html(None, agent_boxes(agents()))
 
 
-def test_a_layer_toggled_off_is_not_drawn(tmp_path):
-    white = Image.new("RGB", (64, 64), (255, 255, 255))
-    out = render(white, agent_boxes(agents()), layers=["objects", "edits"])
-    assert mask(out, "objects").any() and mask(out, "edits").any()
-    assert not mask(out, "artifacts").any()
-    assert not any(mask(render(white, agent_boxes(agents()), layers=[]), k).any() for k in BOXES)
-    # on disk: one file per choice of layers, the stored image untouched
-    path = tmp_path / "a.png"
-    white.save(path)
-    all_on = draw_boxes(str(path), agent_boxes(agents()), tmp_path)
-    some = draw_boxes(str(path), agent_boxes(agents()), tmp_path, ["objects"])
-    assert all_on != some and Image.open(path).size == (64, 64)
-    assert mask(Image.open(some), "objects").any() and not mask(Image.open(some), "edits").any()
+def test_a_layer_toggled_off_is_not_drawn_and_yours_always_is():
+    rows = [[10, 20, 300, 400, "a hat", 0.6], ["", "", "", "", "typing", ""]]
+    boxes = agent_boxes(agents()) + region_boxes(rows)
+    some = placed(canvas_html("a.png", boxes, ["objects", "edits"]))
+    assert set(some) == {"i0-objects-0", "i0-edits-0", "yours-0"}
+    assert set(placed(canvas_html("a.png", boxes, []))) == {"yours-0"}
+    html = canvas_html("a.png", boxes, [])
+    assert 'data-index="0"' in html and 'class="del"' in html and 'class="grip"' in html
+    # a box being named is drawn dashed, clipped to the image
+    pending = canvas_html("a.png", [], [], pending=[-50, 100, 300, 1200])
+    assert "bx-pending" in pending and "left:calc(0.00% + 0px)" in pending
 
 
-def test_large_images_are_not_upscaled_and_clicks_map_back():
-    out = render(Image.new("RGB", (1024, 512), (255, 255, 255)), [])
-    assert out.size == (1024, 512)
-    # a click on the shown (upscaled) image is normalised by the shown size
-    assert box_from_clicks((96, 48), (288, 240), (384, 288)) == [250, 167, 750, 833]
+def test_box_operations_from_the_page():
+    rows = [[10, 20, 300, 400, "a hat", 0.6], [500, 500, 900, 900, "a scarf", 0.5]]
+    assert apply_op(rows, {"op": "add", "box": [300, 100, 50, 500]}) == (rows, [50, 100, 300, 500])
+    moved, _ = apply_op(rows, {"op": "move", "index": 1, "box": [400, 400, 800, 800.4]})
+    assert moved[1] == [400, 400, 800, 800, "a scarf", 0.5] and rows[1][0] == 500  # a copy
+    assert apply_op(rows, {"op": "delete", "index": 0}) == ([rows[1]], None)
+    for op, message in (
+        ({"op": "delete", "index": 5}, "no box edit 5 to delete"),
+        ({"op": "move", "index": None, "box": [1, 2, 3, 4]}, "no box edit None"),
+        ({"op": "add", "box": [1, 2, 3]}, "four numbers"),
+        ({"op": "add", "box": "a"}, "four numbers"),
+        ({"op": "add", "box": [100, 100, 105, 400]}, "too small"),
+        ({"op": "zoom"}, "unknown box operation 'zoom'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            apply_op(rows, op)
 
 
 def test_the_iteration_of_the_shown_image():
     done = step(0) | {"image": "aa", "edited_image": "bb"}
     v = session([done])
-    assert iteration_agents(v, "bb") is done["agents"] and iteration_agents(v, "zz") == {}
+    assert iteration_agents(v, "bb") == (0, done["agents"]) and iteration_agents(v, "zz") == (0, {})
     plan = {"regional_edits": [{"box": [1, 2, 300, 400], "prompt": "p"}]}
-    paused = session([done], pause={"pause": "plan", "proposal": plan, "image": "cc"})
-    live = {"data_cot": AGENTS["data_cot"]}
-    assert iteration_agents(paused, "cc", live) == {
-        "data_cot": AGENTS["data_cot"],
-        "thesis_cot": plan,
-    }
+    paused = session([done], pause={"pause": "plan", "proposal": plan, "image": "cc"}, iteration=1)
+    live = {"data_cot": AGENTS["data_cot"], "thesis_cot": plan}
+    # the plan's box edits are the person's table at a plan pause: not drawn twice
+    assert iteration_agents(paused, "cc", live) == (1, {"data_cot": AGENTS["data_cot"]})

@@ -7,7 +7,7 @@ import copy
 import re
 from types import SimpleNamespace
 
-from artloop.serve.cards import bar, findings_html, prompt_diff
+from artloop.serve.cards import bar, findings_html, prompt_diff, timeline_html
 
 AGENTS = {
     "enhance": {"prompt": "a red circle left of a blue square", "negative_prompt": "blur"},
@@ -65,8 +65,8 @@ def step(i: int = 0, prompt: str = "a red circle left of a blue square", **over)
     return base | over
 
 
-def session(steps: list[dict], pause: dict | None = None) -> SimpleNamespace:
-    return SimpleNamespace(steps=steps, pause=pause)
+def session(steps: list[dict], pause: dict | None = None, iteration: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(steps=steps, pause=pause, iteration=iteration)
 
 
 def test_each_agent_has_a_card_with_its_values_in_loop_order():
@@ -166,3 +166,42 @@ def test_the_pause_shows_what_waits_for_the_person():
 def test_bar_is_clamped_and_tolerates_non_numbers():
     assert "width:100%" in bar(12) and "width:0%" in bar(-1)
     assert bar("n/a") == "n/a" and bar(None) == "None"
+
+
+def test_findings_with_a_box_light_it_on_the_image():
+    """Each object, artifact and box edit with a box carries its box's key (serve/boxes.py)."""
+    html = findings_html(session([step(0), step(1)]))
+    keys = re.findall(r'data-box-key="([^"]+)"', html)
+    # newest first; the whole-image artifact (index 1) has no box to light
+    assert keys == [f"i{i}-{k}" for i in (1, 0) for k in ("objects-0", "artifacts-0", "edits-0")]
+
+
+def test_a_pause_shows_the_iteration_so_far():
+    """At the plan pause: the plan (its box edits are the person's "yours" boxes), then the
+    iteration's prompt, facts and critique from its checkpoint, then the finished iterations."""
+    done = ("data_cot", "concept_cot", "thesis_cot")  # what has run by the plan pause
+    live = {"prompt": "a red circle", "agents": {k: AGENTS[k] for k in done}}
+    pause = {"pause": "plan", "proposal": AGENTS["thesis_cot"]}
+    html = findings_html(session([step(0)], pause, iteration=1), live)
+    order = [html.index(t) for t in ("Waiting for you: plan", "Iteration 2 so far", "Iteration 1")]
+    assert order == sorted(order)
+    now = html[html.index("Iteration 2 so far") : html.index("<h4>Iteration 1</h4>")]
+    assert "Data-CoT: facts" in now and "Concept-CoT: critique" in now
+    assert "Thesis-CoT" not in now and "Verdict" not in now  # the plan is the pause's card
+    assert 'data-box-key="yours-0"' in html and 'data-box-key="i1-objects-0"' in html
+    # nothing under way yet (the prompt pause): no such block
+    prompt = {"pause": "prompt", "proposal": {"prompt": "a fox"}}
+    assert "so far" not in findings_html(session([], prompt), {"agents": {}})
+
+
+def test_the_timeline_shows_each_iteration_with_its_score():
+    steps = [
+        step(0, image="a1", edited_image="b1", score=4.0),
+        step(1, image="a2", score=7.5, verdict="accept"),  # no edit: its image is shown
+    ]
+    html = timeline_html(session(steps), lambda d: f"file={d}", selected=1)
+    assert re.findall(r'data-iteration="(\d)"', html) == ["0", "1"]
+    assert re.findall(r'src="file=(\w+)"', html) == ["b1", "a2"]
+    assert "width:40%" in html and "width:75%" in html  # the scores as bars
+    assert html.count("#2563eb") == 1 and "accept (agent)" in html
+    assert "No finished iteration" in timeline_html(session([]), str)
