@@ -12,7 +12,7 @@ from artloop.cli import app
 from artloop.models.tiny import resolve_model
 from artloop.models.tiny.fit import FIT_CONFIG
 from artloop.rewards import REWARDS, get_reward, reward
-from artloop.trainers.common import TrainerConfigError
+from artloop.trainers.common import TrainerConfigError, load_base
 from artloop.trainers.ddpo import DDPOConfig, ddim_step_with_logprob, ppo_loss, train_ddpo
 from diffusers import DDIMScheduler
 from PIL import Image
@@ -242,3 +242,117 @@ def test_the_vlm_reward_with_its_canaries_off(tmp_path, monkeypatch):
         "error: invalid config: scorers.canaries: 'sometimes' is not once, agreement, off or a "
         "number of calls N >= 1"
     ], bad.output
+
+
+# --- the loop (issue 22, item 5): per-prompt advantages, micro-batches, timestep fraction -------
+def test_per_prompt_stats_normalise_per_prompt():
+    from artloop.trainers.ddpo import PerPromptStatTracker, batch_advantages
+
+    prompts, rewards = ["a", "a", "b", "b"], np.array([1.0, 3.0, 10.0, 30.0])
+    tracker = PerPromptStatTracker(buffer_size=3, min_count=2)
+    # Each prompt against its own rewards: both prompts' better image is +1, the worse -1 ...
+    assert tracker.update(prompts, rewards) == pytest.approx([-1, 1, -1, 1], abs=1e-5)
+    # ... where the batch's statistics rank both of "a"'s images below every one of "b"'s.
+    assert (batch_advantages(rewards)[:2] < batch_advantages(rewards)[2:].min()).all()
+    # The buffer keeps a prompt's last 3 rewards: "a" now has 1, 3 and 5 (mean 3).
+    (adv,) = tracker.update(["a"], np.array([5.0]))
+    assert adv == pytest.approx(2 / np.std([1.0, 3.0, 5.0]), rel=1e-5)
+    assert list(tracker.stats["a"]) == [1.0, 3.0, 5.0]
+    tracker.update(["a"], np.array([7.0]))
+    assert list(tracker.stats["a"]) == [3.0, 5.0, 7.0]  # the oldest dropped
+    # Until a prompt has min_count rewards, the batch's statistics stand in.
+    young = PerPromptStatTracker(buffer_size=16, min_count=3)
+    assert young.update(prompts, rewards) == pytest.approx(batch_advantages(rewards))
+
+
+def ddpo_config(tmp_path, **kw) -> DDPOConfig:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na lighthouse\na city street\n")
+    return DDPOConfig(
+        **{
+            "data": str(prompts),
+            "output_dir": str(tmp_path / "lora"),
+            "train_steps": 1,
+            "inner_epochs": 1,
+            "sample_steps": 2,
+            "batch_size": 1,
+            **kw,
+        }
+    )
+
+
+def record_predictions(monkeypatch) -> list[tuple[bool, torch.Tensor, torch.Tensor]]:
+    """Every denoiser prediction DDPO makes: (with gradients?, its latents, its timesteps)."""
+    import artloop.trainers.ddpo as ddpo
+
+    calls, predict = [], ddpo.guided_prediction
+
+    def recorded(family, denoiser, latents, t, *args):
+        calls.append((torch.is_grad_enabled(), latents.detach().clone(), t.detach().clone()))
+        return predict(family, denoiser, latents, t, *args)
+
+    monkeypatch.setattr(ddpo, "guided_prediction", recorded)
+    return calls
+
+
+def test_micro_batches_under_accumulation_train_on_their_own_samples(tmp_path, monkeypatch):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    calls = record_predictions(monkeypatch)
+    steps: list[int] = []
+    handle = register_optimizer_step_pre_hook(lambda *a: steps.append(1))
+    try:
+        train_ddpo(ddpo_config(tmp_path, gradient_accumulation_steps=2), progress=False)
+    finally:
+        handle.remove()
+    sampling = [x for grad, x, _ in calls if not grad]
+    training = [x for grad, x, _ in calls if grad]
+    assert len(sampling) == 4 and len(training) == 4  # 2 micro-batches x 2 chain steps each
+    first, second = sampling[:2], sampling[2:]
+    assert not torch.allclose(first[0], second[0])  # each micro-batch sampled its own
+    for trained, own, other in ((training[:2], first, second), (training[2:], second, first)):
+        for x in trained:  # scored at its own micro-batch's states, not the other's
+            assert any(torch.equal(x, s) for s in own) and not any(torch.equal(x, s) for s in other)
+    assert len(steps) == 1  # 4 backward passes accumulated into one optimizer step
+
+
+def test_only_a_timestep_fraction_of_the_chain_gets_gradients(tmp_path, monkeypatch):
+    from artloop.trainers.ddpo import Chain
+
+    calls = record_predictions(monkeypatch)
+    cfg = ddpo_config(
+        tmp_path, sample_steps=4, timestep_fraction=0.5, batch_size=2, inner_epochs=2, train_steps=2
+    )
+    summary = train_ddpo(cfg, progress=False)
+    sampled = [t for grad, _, t in calls if not grad]
+    trained = [t for grad, _, t in calls if grad]
+    assert len(sampled) == 4 and len(trained) == 2 * 2  # 2 of 4 steps, in each inner epoch
+    chain = set(Chain(load_base(cfg), 4, cfg.eta).timesteps.tolist())
+    per_epoch = [torch.stack(trained[:2]), torch.stack(trained[2:])]  # (K, B) each
+    for epoch in per_epoch:
+        for image in epoch.T.tolist():  # an image's K steps: distinct steps of its chain
+            assert len(set(image)) == 2 and set(image) <= chain
+    # chosen per image and per epoch, not one set for all
+    assert len({tuple(sorted(image)) for e in per_epoch for image in e.T.tolist()}) > 1
+    # ddpo-pytorch's diagnostics: at the sampling policy the ratio is 1 (no KL, nothing
+    # clipped); after an update the policy has moved.
+    assert summary["approx_kl"][0] < 1e-10 and summary["clipfrac"][0] == 0
+    assert summary["approx_kl"][1] > summary["approx_kl"][0]
+
+
+def test_a_resume_inside_a_round_matches_an_unbroken_run(tmp_path):
+    """Stopped after step 3 of 4, between a round's two inner epochs: the resumed run trains
+    its last step on the round's saved samples, as the unbroken run did."""
+    import shutil
+
+    run = {"train_steps": 4, "inner_epochs": 2, "checkpoint_every": 1, "batch_size": 2}
+    straight = train_ddpo(ddpo_config(tmp_path / "a", **run), progress=False)
+    broken = tmp_path / "b" / "lora"
+    shutil.copytree(tmp_path / "a" / "lora" / "checkpoint-3", broken / "checkpoint-3")
+    resumed = train_ddpo(ddpo_config(tmp_path / "b", **run), progress=False)
+    assert resumed["trained_steps"] == 1 and resumed["mean_rewards"] == []  # nothing resampled
+    assert resumed["losses"] == pytest.approx(straight["losses"][3:], abs=1e-7)
+    a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(broken / "pytorch_lora_weights.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

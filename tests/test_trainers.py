@@ -181,6 +181,141 @@ def test_cli(sft_data, tmp_path):
     assert bad.exit_code == 2 and "SFTConfig.batch_size: invalid value 0" in bad.stderr
 
 
+# --- the shared loop: LR schedule, clipping, checkpoints (issue 22, item 4) -----------------------
+def record_optimizer_steps(what):
+    """`what(optimizer)` at each real optimizer step (not accelerate's skipped ones), in a list;
+    a context manager (the hook is global to torch.optim)."""
+    import contextlib
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    @contextlib.contextmanager
+    def recording():
+        seen: list = []
+        handle = register_optimizer_step_pre_hook(lambda opt, args, kw: seen.append(what(opt)))
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
+    return recording()
+
+
+def test_warmup_rises_linearly_then_follows_the_schedule(sft_data, tmp_path):
+    lr, run = 1e-3, {"train_steps": 6, "learning_rate": 1e-3}
+    with record_optimizer_steps(lambda opt: opt.param_groups[0]["lr"]) as used:
+        summary = train_sft(
+            config(
+                sft_data,
+                tmp_path / "w",
+                lr_scheduler="constant_with_warmup",
+                lr_warmup_steps=4,
+                gradient_accumulation_steps=2,  # the schedule steps with the optimizer
+                **run,
+            ),
+            progress=False,
+        )
+    want = [0.0, lr / 4, lr / 2, 3 * lr / 4, lr, lr]  # diffusers' warm-up starts at 0
+    assert summary["lrs"] == pytest.approx(want) and used == pytest.approx(want)
+    linear = train_sft(
+        config(sft_data, tmp_path / "l", lr_scheduler="linear", lr_warmup_steps=2, **run),
+        progress=False,
+    )  # up over 2 steps, then down to 0 at step 6
+    assert linear["lrs"] == pytest.approx([0.0, lr / 2, lr, 3 * lr / 4, lr / 2, lr / 4])
+    with pytest.raises(TrainerConfigError, match="SFTConfig.lr_scheduler: invalid value 'cosin'"):
+        SFTConfig(data="x", lr_scheduler="cosin")
+
+
+def test_clipping_bounds_the_gradient_norm(sft_data, tmp_path):
+    def grad_norm(opt) -> float:
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+    bound = 1e-4
+    norms = {}
+    for clip in (bound, 0.0):
+        with record_optimizer_steps(grad_norm) as seen:
+            train_sft(
+                config(sft_data, tmp_path / f"c{clip}", train_steps=3, max_grad_norm=clip),
+                progress=False,
+            )
+        norms[clip] = seen
+    # Unclipped the LoRA's gradients are ~1e-2 (measured); clipped, AdamW sees at most the bound.
+    assert len(norms[bound]) == 3 and all(n <= bound * (1 + 1e-4) for n in norms[bound])
+    assert all(n > 10 * bound for n in norms[0.0]), norms
+
+
+def test_checkpoints_total_limit_keeps_the_newest(sft_data, tmp_path):
+    out = tmp_path / "lora"
+    train_sft(
+        config(sft_data, out, train_steps=5, checkpoint_every=1, checkpoints_total_limit=2),
+        progress=False,
+    )
+    assert sorted(p.name for p in out.glob("checkpoint*")) == ["checkpoint-4", "checkpoint-5"]
+    state = json.loads((out / "checkpoint-5" / "state.json").read_text())
+    assert state["step"] == 5 and state["lr_scheduler"]["last_epoch"] == 5
+    files = {p.name for p in (out / "checkpoint-5").iterdir()}
+    assert files == {"lora.safetensors", "optimizer.safetensors", "state.json"}  # no pickle
+
+
+def test_resume_restores_the_schedule_exactly(sft_data, tmp_path):
+    """A run stopped at step 3 of 6 under a warm-up + cosine schedule (its checkpoint-3 alone),
+    resumed by "latest" and by naming the checkpoint, matches the unbroken run: its remaining
+    learning rates and its LoRA."""
+    import shutil
+
+    run = {"train_steps": 6, "checkpoint_every": 3, "lr_scheduler": "cosine", "lr_warmup_steps": 2}
+    straight = train_sft(config(sft_data, tmp_path / "straight", **run), progress=False)
+    shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "broken" / "checkpoint-3")
+    resumed = train_sft(config(sft_data, tmp_path / "broken", **run), progress=False)
+    named = train_sft(
+        config(
+            sft_data,
+            tmp_path / "named",
+            resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-3"),
+            **run,
+        ),
+        progress=False,
+    )
+    a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    for summary, out in ((resumed, "broken"), (named, "named")):
+        assert summary["trained_steps"] == 3 and summary["lrs"] == straight["lrs"][3:]
+        b = load_file(tmp_path / out / "pytorch_lora_weights.safetensors")
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    fresh = train_sft(
+        config(sft_data, tmp_path / "broken", resume_from_checkpoint="none", **run), progress=False
+    )
+    assert fresh["trained_steps"] == 6
+
+
+def test_a_missing_checkpoint_to_resume_is_one_line(sft_data, tmp_path):
+    nowhere = tmp_path / "checkpoint-7"
+    with pytest.raises(
+        TrainerConfigError,
+        match=r"^SFTConfig.resume_from_checkpoint: no checkpoint at .*checkpoint-7 \(",
+    ):
+        config(sft_data, tmp_path / "o", resume_from_checkpoint=str(nowhere))
+    args = ["train", "sft", "--data", str(sft_data), "--output-dir", str(tmp_path / "o")]
+    bad = CliRunner().invoke(app, [*args, "--resume-from-checkpoint", str(nowhere)])
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert bad.exit_code == 2 and len(lines) == 1, bad.output
+    assert lines[0].startswith("error: SFTConfig.resume_from_checkpoint: no checkpoint at")
+
+
+def test_cli_help_shows_the_loop_options():
+    shown = CliRunner().invoke(app, ["train", "sft", "--help"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0
+    for option in (
+        "--lr-scheduler",
+        "--lr-warmup-steps",
+        "--max-grad-norm",
+        "--checkpoint-every",
+        "--checkpoints-total-limit",
+        "--resume-from-checkpoint",
+    ):
+        assert option in shown.stdout, option
+
+
 # --- Diffusion-DPO ------------------------------------------------------------------------------
 def test_dpo_pairs_follow_the_labels(dpo_data):
     pairs = load_pairs(str(dpo_data))

@@ -1,5 +1,19 @@
 """What the LoRA trainers share: config files and the CLI generated from a config dataclass,
-the base pipeline, the LoRA adapter, and checkpoints (safetensors + JSON: no pickles)."""
+the base pipeline, the LoRA adapter, and the training run itself at the standard of diffusers'
+training examples (train_text_to_image_lora.py): AdamW with an LR schedule and warm-up
+(`diffusers.optimization.get_scheduler`, prepared by accelerate), gradient clipping, gradient
+accumulation, mixed precision, trackers, validation images, and `checkpoint-{step}` directories
+under the output dir with a total limit and `resume_from_checkpoint` ("latest" or a path).
+
+Checkpoints are safetensors + JSON, never a pickle: `accelerator.save_state` writes the
+optimizer, the LR schedule and the RNG states with torch.save, and `load_state` reads them back
+with torch.load (unpickling, even if restricted by weights_only), so the run does not use them.
+Ours write the LoRA and AdamW's moments as safetensors and the step, AdamW's param groups and the
+schedule's state (plain numbers) as JSON; randomness needs no saved state, since every generator
+is seeded from (seed, step, micro-batch, process).
+
+The shared run (`run_training`) takes a trainer's `train_step(run)`: one optimizer step's work.
+`train_lora` builds it from a per-batch `loss_at` (sft, dpo); DDPO has its own (trainers/ddpo.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +41,15 @@ if TYPE_CHECKING:  # torch is imported where it runs: the CLI starts without it
 C = TypeVar("C")
 T = TypeVar("T")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# diffusers.optimization's schedules that need nothing beyond warm-up and length
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
 
 
 class TrainerConfigError(ValueError):
@@ -156,9 +179,31 @@ class LoRATrainConfig:
     train_steps: int = help_field(200, help="Optimizer steps")
     batch_size: int = help_field(4, help="Examples per step (per device)")
     gradient_accumulation_steps: int = help_field(1, help="Micro-batches per optimizer step")
+    lr_scheduler: str = help_field(
+        "constant",
+        help="Learning-rate schedule (diffusers' get_scheduler; constant is diffusers' default): "
+        + " | ".join(LR_SCHEDULERS),
+    )
+    lr_warmup_steps: int = help_field(
+        0, help="Optimizer steps of linear warm-up from 0 (not with constant)"
+    )
+    max_grad_norm: float = help_field(
+        1.0, help="Clip the gradients' total norm to this before each step (0: no clipping)"
+    )
     seed: int = help_field(0, help="Seed for the LoRA's init, batches, noise and timesteps")
-    checkpoint_every: int = help_field(100, help="Save a resumable checkpoint every N steps")
-    resume: bool = help_field(True, help="Continue from output_dir/checkpoint when it exists")
+    checkpoint_every: int = help_field(
+        100,
+        help="Save a resumable checkpoint, output_dir/checkpoint-STEP, every N steps and at the "
+        "end (diffusers' --checkpointing_steps)",
+    )
+    checkpoints_total_limit: int = help_field(
+        0, help="Keep only the N newest checkpoint-STEP directories (0: keep all)"
+    )
+    resume_from_checkpoint: str = help_field(
+        "latest",
+        help="latest: continue from output_dir's newest checkpoint-STEP when there is one; a "
+        "checkpoint directory (a path, or a name under output_dir); none: start afresh",
+    )
     preset_lora: str | None = help_field(
         None,
         help="ArtAug differential mode: a LoRA (its "
@@ -201,6 +246,10 @@ class LoRATrainConfig:
             "train_steps": self.train_steps >= 1,
             "batch_size": self.batch_size >= 1,
             "checkpoint_every": self.checkpoint_every >= 1,
+            "checkpoints_total_limit": self.checkpoints_total_limit >= 0,
+            "lr_scheduler": self.lr_scheduler in LR_SCHEDULERS,
+            "lr_warmup_steps": self.lr_warmup_steps >= 0,
+            "max_grad_norm": self.max_grad_norm >= 0,
             "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
             "mixed_precision": self.mixed_precision in ("no", "fp16", "bf16"),
             "validation_every": self.validation_every >= 0,
@@ -216,6 +265,8 @@ class LoRATrainConfig:
             raise TrainerConfigError(f"{name}.report_to: {e}") from None
         if self.preset_lora:
             check_lora(self.preset_lora, f"{name}.preset_lora")
+        if self.resume_from_checkpoint not in ("latest", "none", ""):
+            resume_path(self)  # a named checkpoint must be there
 
 
 @dataclasses.dataclass
@@ -357,6 +408,61 @@ def load_base(cfg: LoRATrainConfig) -> Family:
     return FAMILIES[family](pipe, tool.max_sequence_length)
 
 
+@dataclasses.dataclass
+class Run:
+    """A training run's moving parts, prepared by accelerate: what a trainer's `train_step`
+    works with. `step` counts the optimizer steps done."""
+
+    cfg: LoRATrainConfig
+    accelerator: Any
+    family: Family
+    unet: Any  # the denoiser with its LoRA, as accelerate wrapped it
+    params: list  # the LoRA's parameters (what AdamW trains and the clipping bounds)
+    optimizer: Any
+    lr_scheduler: Any
+    step: int
+    grad_norm: float | None = None  # the last optimizer step's norm before clipping
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next optimizer step uses (the schedule's)."""
+        return float(self.lr_scheduler.get_last_lr()[0])
+
+    def generator(self, step: int, micro: int) -> torch.Generator:
+        """The generator of (seed, step, micro-batch, process): every draw a step makes comes
+        from one, so a resumed run matches an unbroken one. Each process draws its own batches
+        (data parallel); one process matches the runs before data parallelism."""
+        import torch
+
+        index = self.accelerator.process_index
+        return torch.Generator().manual_seed(
+            self.cfg.seed * 1_000_003 + step * 101 + micro + index * 7_919
+        )
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Inside `accelerator.accumulate(run.unet)`: the loss's gradients, and, where accumulate
+        syncs them (the last micro-batch of an optimizer step), clipped to max_grad_norm, then
+        the optimizer and the LR schedule step. Between syncs accelerate makes both a no-op."""
+        accelerator = self.accelerator
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and self.cfg.max_grad_norm > 0:
+            norm = accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.grad_norm = float(norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad()
+
+
+@dataclasses.dataclass
+class CheckpointedState:
+    """A trainer's own state that a resumed run needs (DDPO's sampled batch, its reward
+    statistics): `save()` gives (JSON-able dict, tensors) for a checkpoint; `load(meta, tensors)`
+    restores them."""
+
+    save: Callable[[], tuple[dict, dict[str, Any]]]
+    load: Callable[[dict, dict[str, Any]], None]
+
+
 def train_lora(
     cfg: LoRATrainConfig,
     family: Family,
@@ -369,17 +475,58 @@ def train_lora(
     prompts: Sequence[str] = (),
     metrics: Callable[[], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """The loop every trainer shares: a LoRA on the denoiser (UNet or transformer), AdamW,
-    accelerate, checkpoints, tracking.
+    """The shared run (`run_training`) on a per-batch loss: `loss_at(denoiser, idx, g, step)` is
+    the trainer's loss on the examples `idx`; `g` supplies all its randomness. Each optimizer
+    step takes gradient_accumulation_steps micro-batches of batch_size examples, drawn with
+    replacement. `metrics()` after the step: what else the tracker gets (rewards, accuracies)."""
 
-    `loss_at(denoiser, idx, g, step)` is the trainer's loss on the examples `idx`; `g` supplies all
-    its randomness. Batches and generators come from (seed, step, micro-batch), so a run resumed
-    from a checkpoint matches an unbroken one exactly.
+    def train_step(run: Run) -> dict[str, float]:
+        import torch
 
-    With `cfg.report_to` a tracker gets each step's loss and learning rate, and whatever
-    `metrics()` returns after the step (the trainer's rewards, accuracies), and validation images
-    (`cfg.validation_prompts`, else the first of the data's `prompts`) at the end and every
-    `cfg.validation_every` steps.
+        for micro in range(cfg.gradient_accumulation_steps):
+            g = run.generator(run.step, micro)
+            idx = torch.randint(0, examples, (cfg.batch_size,), generator=g)
+            with run.accelerator.accumulate(run.unet):
+                loss = loss_at(run.unet, idx, g, run.step)
+                run.backward(loss)
+        return {"loss": loss.item(), **(metrics() if metrics else {})}
+
+    return run_training(
+        cfg,
+        family,
+        name,
+        train_step,
+        progress=progress,
+        extra={"examples": examples, **(extra or {})},
+        prompts=prompts,
+    )
+
+
+def run_training(
+    cfg: LoRATrainConfig,
+    family: Family,
+    name: str,
+    train_step: Callable[[Run], dict[str, float]],
+    *,
+    progress: bool = True,
+    extra: dict | Callable[[], dict] | None = None,
+    prompts: Sequence[str] = (),
+    accumulation_steps: int | None = None,
+    state: CheckpointedState | None = None,
+) -> dict[str, Any]:
+    """The run every trainer shares: a LoRA on the denoiser (UNet or transformer), AdamW with
+    the LR schedule, accelerate, checkpoints, tracking; `train_step(run)` does one optimizer
+    step's work (its micro-batches under `accelerator.accumulate`, each ending in
+    `run.backward(loss)`) and returns its numbers, "loss" among them.
+
+    `accumulation_steps`: accelerate's backward passes per optimizer step, when it is not
+    cfg.gradient_accumulation_steps (DDPO: one per micro-batch and trained timestep). `state`:
+    the trainer's own state, saved in each checkpoint and restored on resume. `extra` (or what
+    it returns, at the end) joins the summary.
+
+    With `cfg.report_to` a tracker gets each step's numbers, the learning rate the step used
+    and the gradient norm before clipping, and validation images (`cfg.validation_prompts`,
+    else the first of `prompts`) at the end and every `cfg.validation_every` steps.
     """
     import torch
     from accelerate import Accelerator
@@ -388,7 +535,7 @@ def train_lora(
     # cpu=True where there is no GPU: only then does accelerate read torchrun's environment as
     # several CPU processes (gloo) instead of one.
     accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation_steps or cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         cpu=not torch.cuda.is_available(),
         **(tracking.accelerator_kwargs() if tracking else {}),
@@ -397,99 +544,118 @@ def train_lora(
         tracking.start(accelerator, cfg)
     shown = list(cfg.validation_prompts or prompts[:1]) if tracking else []
     try:
-        return _loop(
-            accelerator, cfg, family, examples, loss_at, name, progress, extra, shown, metrics
-        )
+        run = _prepare(accelerator, cfg, family, state)
+        return _loop(run, train_step, name, progress, extra, shown, state)
     finally:
         accelerator.end_training()  # ends the trackers' runs (without trackers: nothing)
 
 
+def _prepare(
+    accelerator: Any, cfg: LoRATrainConfig, family: Family, state: CheckpointedState | None
+) -> Run:
+    """The LoRA, AdamW and its schedule, restored from the checkpoint to resume from, prepared."""
+    import torch
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    family.pipe.to(accelerator.device)
+    unet = family.denoiser
+    torch.manual_seed(cfg.seed)  # the LoRA's initial weights
+    params = add_lora(unet, cfg.rank, cfg.lora_alpha)
+    # diffusers' examples cast the frozen base to fp16/bf16 under mixed precision and the LoRA
+    # back to fp32, which AdamW and fp16's gradient scaler need. Our base loads in fp32
+    # (load_base), so its LoRA is fp32 already; this keeps it so for a base in half precision.
+    cast_training_params(unet, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    # A prepared schedule steps once per process at each optimizer step (accelerate, unless
+    # split_batches): diffusers' examples scale its lengths by the process count, as here.
+    processes = accelerator.num_processes
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps * processes,
+        num_training_steps=cfg.train_steps * processes,
+    )
+    step = 0
+    if (ckpt := resume_path(cfg)) is not None:
+        meta, tensors = load_checkpoint(ckpt, unet, optimizer, lr_scheduler)
+        step = meta["step"]
+        if state:
+            state.load(meta.get("extra", {}), tensors)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet.train()
+    return Run(cfg, accelerator, family, unet, params, optimizer, lr_scheduler, step)
+
+
 def _loop(
-    accelerator: Any,
-    cfg: LoRATrainConfig,
-    family: Family,
-    examples: int,
-    loss_at: Callable[[Any, torch.Tensor, torch.Generator, int], torch.Tensor],
+    run: Run,
+    train_step: Callable[[Run], dict[str, float]],
     name: str,
     progress: bool,
-    extra: dict | None,
+    extra: dict | Callable[[], dict] | None,
     prompts: list[str],
-    metrics: Callable[[], dict[str, float]] | None,
+    state: CheckpointedState | None,
 ) -> dict[str, Any]:
-    """train_lora's loop on its accelerator; validation images of `prompts` (none without a
-    tracker) go to the trackers."""
+    """run_training's loop; validation images of `prompts` (none without a tracker) go to the
+    trackers."""
     import math
     import time
 
     import torch
     from tqdm.auto import tqdm
 
+    accelerator, cfg, family = run.accelerator, run.cfg, run.family
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    family.pipe.to(accelerator.device)
-    unet = family.denoiser
-    torch.manual_seed(cfg.seed)  # the LoRA's initial weights
-    optimizer = torch.optim.AdamW(add_lora(unet, cfg.rank, cfg.lora_alpha), lr=cfg.learning_rate)
-    ckpt, step = out / "checkpoint", 0
-    if cfg.resume and (ckpt / "state.json").exists():
-        step = load_checkpoint(ckpt, unet, optimizer)["step"]
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    unet.train()
-
-    first_step, losses = step, []
+    first_step, losses, lrs = run.step, [], []
     main = accelerator.is_main_process  # with `accelerate launch`, only it writes files
-    bar = tqdm(total=cfg.train_steps, initial=step, desc=name, disable=not (progress and main))
+    bar = tqdm(total=cfg.train_steps, initial=run.step, desc=name, disable=not (progress and main))
     started = time.perf_counter()
-    while step < cfg.train_steps:
-        for micro in range(cfg.gradient_accumulation_steps):
-            # Each process draws its own batch (data parallel); one process matches earlier runs.
-            g = torch.Generator().manual_seed(
-                cfg.seed * 1_000_003 + step * 101 + micro + accelerator.process_index * 7_919
-            )
-            idx = torch.randint(0, examples, (cfg.batch_size,), generator=g)  # with replacement
-            with accelerator.accumulate(unet):
-                loss = loss_at(unet, idx, g, step)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-        step += 1
-        losses.append(loss.item())
+    while run.step < cfg.train_steps:
+        lrs.append(run.lr)  # the rate this step's update uses
+        run.grad_norm = None
+        logs = train_step(run)
+        run.step += 1
+        step = run.step
+        losses.append(logs["loss"])
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if accelerator.trackers:  # report_to: this step's numbers to the tracker
-            lr = optimizer.param_groups[0]["lr"]
-            accelerator.log({"loss": losses[-1], "lr": lr, **(metrics() if metrics else {})}, step)
+            norm = {} if run.grad_norm is None else {"grad_norm": run.grad_norm}
+            accelerator.log({"loss": losses[-1], "lr": lrs[-1], **logs, **norm}, step)
         if (step % cfg.checkpoint_every == 0 or step == cfg.train_steps) and main:
-            save_checkpoint(ckpt, step, accelerator.unwrap_model(unet), optimizer)
+            meta, tensors = state.save() if state else ({}, {})
+            unet = accelerator.unwrap_model(run.unet)
+            ckpt = out / f"{CHECKPOINT}{step}"
+            save_checkpoint(ckpt, step, unet, run.optimizer, run.lr_scheduler, meta, tensors)
+            prune_checkpoints(out, cfg.checkpoints_total_limit)
         every = cfg.validation_every
         if prompts and main and (step == cfg.train_steps or (every and step % every == 0)):
             log_images(accelerator, validation_images(family, cfg, prompts), prompts, step)
     bar.close()
     loop_s = time.perf_counter() - started
     # Each process's LoRA norm, gathered: equal in all processes iff gradients were synced.
-    lora_norm = torch.stack(
-        [p.detach().float().norm() for p in unet.parameters() if p.requires_grad]
-    )
+    lora_norm = torch.stack([p.detach().float().norm() for p in run.params])
     norms = accelerator.gather(lora_norm.norm()[None].to(accelerator.device)).tolist()
     accelerator.wait_for_everyone()
     lora = out / LORA_FILE
     if main:
-        family.save_lora(accelerator.unwrap_model(unet), out)
+        family.save_lora(accelerator.unwrap_model(run.unet), out)
     summary = {
-        "steps": step,
-        "trained_steps": step - first_step,
-        "examples": examples,
+        "steps": run.step,
+        "trained_steps": run.step - first_step,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "losses": losses,
+        "lrs": lrs,
         "loop_s": loop_s,
-        "steps_per_s": (step - first_step) / loop_s if loop_s > 0 else math.nan,
+        "steps_per_s": (run.step - first_step) / loop_s if loop_s > 0 else math.nan,
         "lora": str(lora),
         "family": family.name,
         "lora_norm_per_process": norms,
         "processes": accelerator.num_processes,
         "main_process": main,
-        **(extra or {}),
+        **((extra() if callable(extra) else extra) or {}),
         "config": dataclasses.asdict(cfg),
     }
     if main:
@@ -498,40 +664,106 @@ def _loop(
 
 
 # --- checkpoints (safetensors + JSON) -------------------------------------------------------------
+# Not accelerate's save_state / load_state: those write the optimizer, the schedule and the RNG
+# states with torch.save and read them back with torch.load, i.e. unpickle them (weights_only
+# narrows what unpickling may build, it is still a pickle). Nothing here loads a pickle.
+CHECKPOINT = "checkpoint-"  # checkpoint-{step}, as diffusers' examples name them
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoint-{step} directories under `out`, oldest first (a save cut short
+    is a checkpoint-{step}.tmp directory, never one of these)."""
+    found = []
+    for path in out.glob(f"{CHECKPOINT}*"):
+        step = path.name.removeprefix(CHECKPOINT)
+        if step.isdigit() and (path / "state.json").is_file():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def prune_checkpoints(out: Path, limit: int) -> None:
+    """Remove the oldest checkpoints beyond the `limit` newest (0: keep all)."""
+    import shutil
+
+    if limit:
+        for old in checkpoints(out)[:-limit]:
+            shutil.rmtree(old)
+
+
+def resume_path(cfg: LoRATrainConfig) -> Path | None:
+    """The checkpoint a run continues from (`cfg.resume_from_checkpoint`): the newest under the
+    output dir for "latest" (None if there is none yet), None for "none", else the directory it
+    names (a path, or a name under the output dir); one that is not there is a
+    TrainerConfigError."""
+    value = cfg.resume_from_checkpoint
+    if value in ("none", ""):
+        return None
+    if value == "latest":
+        found = checkpoints(Path(cfg.output_dir))
+        return found[-1] if found else None
+    for path in (Path(value), Path(cfg.output_dir) / value):
+        if (path / "state.json").is_file():
+            return path
+    raise TrainerConfigError(
+        f"{type(cfg).__name__}.resume_from_checkpoint: no checkpoint at {value} (a "
+        f"{CHECKPOINT}STEP directory this trainer saved, 'latest' or 'none')"
+    )
+
+
 def save_checkpoint(
     ckpt: Path,
     step: int,
     unet: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any = None,
     extra: dict | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """LoRA weights, optimizer state and the step, written atomically (a dir renamed in place)."""
+    """LoRA weights and AdamW's moments (safetensors), the step, AdamW's param groups, the LR
+    schedule's state and the trainer's `extra` (JSON), the trainer's `tensors` (safetensors):
+    written whole to a .tmp directory, then renamed in place."""
+    import shutil
+
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     tmp = ckpt.with_name(ckpt.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():  # what a save cut short left
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     save_file(
         {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()},
         tmp / "lora.safetensors",
     )
     state = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "optimizer.safetensors")
-    meta = {"step": step, "param_groups": state["param_groups"], **(extra or {})}
+    moments = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
+    save_file({k: v.contiguous() for k, v in moments.items()}, tmp / "optimizer.safetensors")
+    if tensors:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / EXTRA)
+    meta = {
+        "step": step,
+        "param_groups": state["param_groups"],
+        # a LambdaLR's state: its step count, base and last rates (its lambdas are code)
+        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        "extra": extra or {},
+    }
     (tmp / "state.json").write_text(json.dumps(meta))
     old = ckpt.with_name(ckpt.name + ".old")
     if ckpt.exists():
         ckpt.rename(old)
     tmp.rename(ckpt)
     if old.exists():
-        import shutil
-
         shutil.rmtree(old)
 
 
-def load_checkpoint(ckpt: Path, unet: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore what save_checkpoint wrote; returns its JSON (with "step")."""
+EXTRA = "extra.safetensors"
+
+
+def load_checkpoint(
+    ckpt: Path, unet: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore what save_checkpoint wrote; returns its JSON (with "step" and the trainer's
+    "extra") and the trainer's tensors."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -542,4 +774,7 @@ def load_checkpoint(ckpt: Path, unet: torch.nn.Module, optimizer: torch.optim.Op
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta
+    if lr_scheduler is not None and meta.get("lr_scheduler"):
+        lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    tensors = load_file(ckpt / EXTRA) if (ckpt / EXTRA).is_file() else {}
+    return meta, tensors
