@@ -162,8 +162,19 @@ def test_a_person_refines_an_image_with_the_agents(page, ui):  # no server witho
     assert box == pytest.approx([200, 500, 500, 800], abs=15)
     page.screenshot(path=SHOTS / "2-box-drawn.png", full_page=True)
 
+    # A refused answer (no revised prompt) is one line beside the buttons; nothing else changes.
+    revised = page.locator("#edit-prompt textarea")
+    kept = revised.input_value()
+    revised.fill("")
+    page.locator("#apply").click()
+    expect(page.locator("#answer-error")).to_contain_text("prompt: String should have at least")
+    expect(status).to_contain_text("paused at plan")
+    expect(page.locator("#regions")).to_contain_text("a red woollen hat")  # the table kept
+    expect(page.get_by_text("Error", exact=True)).to_have_count(0)  # no pane turned red
+    revised.fill(kept)
     page.locator("#apply").click()
     expect(status).to_contain_text("paused at verdict", timeout=180_000)
+    expect(page.locator("#answer-error")).to_have_text("")
     # The verdict is accepted or rejected: no prompt fields, no edit to apply.
     expect(findings).to_contain_text("Waiting for you: verdict")
     for hidden in ("#edit-prompt", "#edit-negative", "#apply"):
