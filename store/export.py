@@ -1,8 +1,11 @@
 """Export finished trajectories as training datasets in the layouts outside tools read.
 
-- `sft`: (original prompt, best image) pairs, as a Hugging Face parquet dataset and as an
-  imagefolder (diffusers' `train_text_to_image_lora.py` reads either).
-- `dpo`: preference pairs in the Pick-a-Pic schema (diffusers' `diffusion_dpo` reads it).
+- `sft`: (original prompt, best image, original image) triples, as a Hugging Face parquet
+  dataset and as an imagefolder (diffusers' `train_text_to_image_lora.py` reads either; the
+  original image is what ArtAug's differential training, `artloop train sft --differential`,
+  learns first).
+- `dpo`: preference pairs in the Pick-a-Pic schema (diffusers' `diffusion_dpo` reads it with
+  `--dataset_split_name train`, which the card states).
 - `prompts`: the prompts alone (DDPO).
 - `raw`: every step record with the images it references.
 
@@ -250,16 +253,27 @@ def _write_sft(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
     from datasets import Features, Image, Value
 
     folder = out / "imagefolder" / "train"
-    folder.mkdir(parents=True)
-    kept = [r for r in runs if r.get("final_image")]
+    (folder / ORIGINALS).mkdir(parents=True)
+    kept = [r for r in runs if r.get("final_image") and original_image(r)]
     for run in kept:
         (folder / f"{run['run_id']}.png").write_bytes(_png(store, run["final_image"]))
-    metadata = ({"file_name": f"{r['run_id']}.png", "text": r["prompt"]} for r in kept)
+        original = _png(store, original_image(run))  # type: ignore[arg-type]  # kept: it has one
+        (folder / ORIGINALS / f"{run['run_id']}.png").write_bytes(original)
+    metadata = (
+        {
+            "file_name": f"{r['run_id']}.png",
+            "text": r["prompt"],
+            # datasets' imagefolder reads a `<column>_file_name` key as another image column
+            "original_file_name": f"{ORIGINALS}/{r['run_id']}.png",
+        }
+        for r in kept
+    )
     _write_jsonl(folder / "metadata.jsonl", metadata)
     features = Features(
         {
             "image": Image(),
             "text": Value("string"),
+            "original": Image(),
             "run_id": Value("string"),
             "score": Value("float64"),
             "gain": Value("float64"),
@@ -271,12 +285,24 @@ def _write_sft(store: TrajectoryStore, runs: list[dict], out: Path) -> int:
         return {
             "image": {"bytes": (folder / name).read_bytes(), "path": name},
             "text": run["prompt"],
+            "original": {"bytes": (folder / ORIGINALS / name).read_bytes(), "path": name},
             "run_id": run["run_id"],
             "score": run["best_score"],
             "gain": run["gain"],
         }
 
     return _write_parquet(out / PARQUET, features, map(row, kept))
+
+
+ORIGINALS = "original"  # imagefolder/train/original/<run_id>.png: each row's `original`
+
+
+def original_image(run: dict[str, Any]) -> str | None:
+    """The run's original image: its first iteration's image before any edit (what the base
+    model drew for the prompt, the picked one of a best-of draw, or the person's image of a
+    session started from one). ArtAug's differential training learns it first (LoRA1), so that
+    the LoRA trained on the best images on top of it (LoRA2) learns only the enhancement."""
+    return run["steps"][0].get("image") if run["steps"] else None
 
 
 def edit_preferred(step: dict[str, Any]) -> bool | None:
@@ -403,12 +429,21 @@ def _public(value: Any) -> Any:
     return mask_secrets(value)
 
 
+# What diffusers' Diffusion-DPO examples need to read a dpo export: they call
+# load_dataset(--dataset_name, split=--dataset_split_name), whose default is "validation".
+DPO_FLAGS = "--dataset_name <this dir> --dataset_split_name train"
+
 ABOUT = {
-    "sft": "One row per run: the user's original prompt (`text`) and the run's best image "
-    "(`image`), with `run_id`, `score` and `gain`. Also as an imagefolder under "
-    "`imagefolder/train/` (`metadata.jsonl` with `file_name` and `text`). For diffusers' "
+    "sft": "One row per run: the user's original prompt (`text`), the run's best image "
+    "(`image`) and its original image (`original`: the first iteration's image before any "
+    "edit, what the base model drew for the prompt, or the person's image of a session "
+    "started from one), with `run_id`, `score` and `gain`. Also as an imagefolder under "
+    "`imagefolder/train/` (`metadata.jsonl` with `file_name`, `text` and "
+    "`original_file_name`, the originals under `original/`). For diffusers' "
     "`train_text_to_image_lora.py`: `--dataset_name <this dir>` or "
-    "`--train_data_dir <this dir>/imagefolder`.",
+    "`--train_data_dir <this dir>/imagefolder` (it reads `image` and `text`). "
+    "`artloop train sft --differential` is ArtAug's differential training on the triples: "
+    "a LoRA on `original`, fused into the base, then the LoRA that learns `image` on top.",
     "dpo": "Preference pairs in the Pick-a-Pic schema: `caption`, `jpg_0`/`jpg_1` (JPEG bytes), "
     "`label_0` (1.0 when `jpg_0` is preferred), `label_1`, `run_id`, `source` (`edit`: a step's "
     "image before vs after its edit, labelled by the judge's `better_than_before` or a person's "
@@ -416,7 +451,11 @@ ABOUT = {
     "`best_worst`: a run's best vs worst step result; `best_worst_score`, with `--pairs "
     "best-worst`: the best vs the worst of N candidates for the run's prompt by the score the "
     "card's `pairs` names, whose model is under `scorers`). For "
-    "diffusers' `diffusion_dpo` scripts: `--dataset_name <this dir>`.",
+    "diffusers' `diffusion_dpo` scripts (`train_diffusion_dpo.py`, `train_diffusion_dpo_sdxl.py`): "
+    f"`{DPO_FLAGS}`. The split flag is needed: the scripts default to "
+    "`--dataset_split_name validation` (Pick-a-Pic's small split), and this export has one "
+    "split, `train`; a `validation` split holding the same rows would pass them off as held-out "
+    "data, so there is none.",
     "prompts": "The runs' original prompts: `prompts.jsonl` (`prompt`, `run_id`) and "
     "`prompts.txt` (one per line, deduplicated).",
     "raw": "`steps.jsonl`: one line per step, the run's fields plus the whole step record "
@@ -491,7 +530,8 @@ def provenance(out: Path) -> dict[str, Any] | None:
 # Every path an export writes (any format), relative to OUT.
 _EXPORT_FILES = re.compile(
     r"README\.md|steps\.jsonl|prompts\.(jsonl|txt)|data(/train-\d{5}-of-\d{5}\.parquet)?"
-    r"|images(/[0-9a-f]{64}\.png)?|imagefolder(/train(/([0-9a-f]{16}\.png|metadata\.jsonl))?)?"
+    r"|images(/[0-9a-f]{64}\.png)?"
+    r"|imagefolder(/train(/([0-9a-f]{16}\.png|metadata\.jsonl|original(/[0-9a-f]{16}\.png)?))?)?"
 )
 
 

@@ -110,20 +110,35 @@ def test_sft_parquet_and_imagefolder(runs, tmp_path):
         split="train",
         cache_dir=str(tmp_path / "cache"),
     )
-    assert ds.column_names == ["image", "text", "run_id", "score", "gain"]
+    assert ds.column_names == ["image", "text", "original", "run_id", "score", "gain"]
     assert ds["run_id"] == [ids[k] for k in FINISHED] and ds["gain"] == [6.0, 1.0, 0.0]
     for row in ds:
         run = store.get_run(row["run_id"])
         assert isinstance(row["image"], Image.Image) and row["text"] == run["prompt"]
         assert np.array_equal(pixels(row["image"]), pixels(store.images.get(run["final_image"])))
         assert row["score"] == run["best_score"]
+        # `original`: the first iteration's drawn image, before any edit (ArtAug's LoRA1 data)
+        first = run["steps"][0]
+        assert np.array_equal(pixels(row["original"]), pixels(store.images.get(first["image"])))
+    accepted = ds[0]  # its best image is the second iteration's edit: not the original
+    assert not np.array_equal(pixels(accepted["original"]), pixels(accepted["image"]))
     # The imagefolder layout diffusers' train_text_to_image_lora.py reads, loaded offline.
     folder = load_dataset(
         "imagefolder", data_dir=str(out / "imagefolder"), cache_dir=str(tmp_path / "cache")
     )["train"]
     assert sorted(folder["text"]) == sorted(ds["text"]) and len(folder) == 3
+    assert set(folder.column_names) == {"image", "text", "original"}
+    # The originals are a second image column, not extra rows: each row's is its run's.
+    by_image = {pixels(r["image"]).tobytes(): r for r in ds}
+    for row in folder:
+        twin = by_image[pixels(row["image"]).tobytes()]
+        assert np.array_equal(pixels(row["original"]), pixels(twin["original"]))
     meta = [json.loads(line) for line in (out / "imagefolder/train/metadata.jsonl").open()]
-    assert meta[0] == {"file_name": f"{ids['accepted']}.png", "text": "a red fox"}
+    assert meta[0] == {
+        "file_name": f"{ids['accepted']}.png",
+        "text": "a red fox",
+        "original_file_name": f"original/{ids['accepted']}.png",
+    }
     # The card's configs make the directory itself a loadable dataset.
     card = (out / "README.md").read_text()
     assert (
@@ -131,6 +146,8 @@ def test_sft_parquet_and_imagefolder(runs, tmp_path):
     )
     whole = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "cache"))
     assert whole["run_id"] == ds["run_id"]
+    # --overwrite knows every file it wrote, the originals under imagefolder/train/original too
+    assert export_dataset(store, out, "sft", overwrite=True).rows == 3
 
 
 def test_dpo_pairs_follow_the_verdicts(runs, tmp_path):
@@ -170,6 +187,50 @@ def test_dpo_pairs_follow_the_verdicts(runs, tmp_path):
             image = Image.open(io.BytesIO(data))
             assert image.format == "JPEG"  # lossy, but nearer its own image than the other
             assert np.abs(pixels(image) - mine).mean() < np.abs(pixels(image) - other).mean() / 2
+
+
+def test_dpo_export_reads_as_diffusers_dpo_example_reads_it(runs, tmp_path):
+    """diffusers' examples/research_projects/diffusion_dpo/train_diffusion_dpo.py (not in the
+    diffusers wheel or sdist, so re-enacted here): load_dataset(--dataset_name, split=
+    --dataset_split_name), then per row each of jpg_0, jpg_1 decoded from its bytes with PIL as
+    RGB, the pair swapped where label_0 == 0 (chosen first), the caption tokenized."""
+    store, ids = runs
+    out = tmp_path / "dpo"
+    export_dataset(store, out, "dpo")
+    card = (out / "README.md").read_text()
+    flags = "--dataset_name <this dir> --dataset_split_name train"
+    assert flags in card and flags == export_mod.DPO_FLAGS
+    cache = str(tmp_path / "cache")
+    # The script's default split, `validation`, is not there: the card's flag is needed.
+    with pytest.raises(ValueError, match="validation"):
+        load_dataset(str(out), cache_dir=cache, split="validation")
+    ds = load_dataset(str(out), cache_dir=cache, split="train")
+    assert {"caption", "jpg_0", "jpg_1", "label_0"} <= set(ds.column_names)
+
+    def preprocess(examples: dict) -> dict:  # the script's preprocess_train, minus tensors
+        decoded = [
+            [Image.open(io.BytesIO(b)).convert("RGB") for b in examples[col]]
+            for col in ("jpg_0", "jpg_1")
+        ]
+        chosen_first = []
+        for pair, label_0 in zip(zip(*decoded, strict=True), examples["label_0"], strict=True):
+            chosen_first.append(pair[::-1] if label_0 == 0 else pair)
+        return {"pairs": chosen_first, "caption": examples["caption"]}
+
+    batch = preprocess(ds.with_format(None)[:])
+    assert len(batch["pairs"]) == len(ds) == 7  # the three runs' pairs, as above
+    run = store.get_run(ids["accepted"])
+    reject, accept = run["steps"]
+    # Per the judge: the rejected edit's image before it, the accepted edit's image after it,
+    # the best step's result over the worst's; each chosen image nearer its own PNG.
+    chosen = [reject["image"], accept["edited_image"], accept["result_image"]]
+    rows = [i for i, r in enumerate(ds) if r["run_id"] == ids["accepted"]]
+    for i, digest in zip(rows, chosen, strict=True):
+        first, second = batch["pairs"][i]
+        mine = pixels(store.images.get(digest))
+        assert first.mode == "RGB" and first.size == second.size
+        assert np.abs(pixels(first) - mine).mean() < np.abs(pixels(second) - mine).mean()
+        assert batch["caption"][i] == "a red fox"
 
 
 @pytest.mark.parametrize(
