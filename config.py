@@ -13,16 +13,21 @@ import tempfile
 from collections.abc import Iterable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from jinja2 import Environment, TemplateSyntaxError
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    RootModel,
     SecretStr,
+    Tag,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
@@ -244,6 +249,74 @@ class DiffusionLora(_Section):
         return value.expanduser()
 
 
+class DiffusionLoras(RootModel[list[DiffusionLora]]):
+    """Two or more LoRAs on the diffusion model, fused into its weights in this order (one LoRA
+    is a DiffusionLora). `path` and `scale` are the lists of each, in order, as DiffusionTool
+    takes them (`lora=`, `lora_scale=`)."""
+
+    root: list[DiffusionLora] = Field(min_length=2, max_length=16)
+
+    def __iter__(self):  # type: ignore[override]  # the LoRAs, not the model's fields
+        return iter(self.root)
+
+    def __len__(self) -> int:
+        return len(self.root)
+
+    @property
+    def path(self) -> list[Path]:
+        return [lora.path for lora in self.root]
+
+    @property
+    def scale(self) -> list[float]:
+        return [lora.scale for lora in self.root]
+
+
+def lora_entries(lora: DiffusionLora | DiffusionLoras | None) -> list[DiffusionLora]:
+    """diffusion.lora as a list of LoRAs, in the order they are applied (none: empty)."""
+    if lora is None:
+        return []
+    return list(lora) if isinstance(lora, DiffusionLoras) else [lora]
+
+
+def _lora_forms(value: Any) -> Any:
+    """A path alone is a LoRA at its trained strength; a list of one is that LoRA."""
+    if isinstance(value, str | Path):
+        return {"path": value}
+    if isinstance(value, list | tuple):
+        value = [{"path": v} if isinstance(v, str | Path) else v for v in value]
+        return value[0] if len(value) == 1 else value
+    return value
+
+
+def _lora_kind(value: Any) -> str:
+    return "many" if isinstance(value, list | tuple | DiffusionLoras) else "one"
+
+
+def _untagged(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Errors located as the file writes the field (diffusion.lora.scale, diffusion.lora.1.path),
+    without the union's tag. An empty list is no LoRA."""
+    if isinstance(value, list | tuple) and not value:
+        return None
+    try:
+        return handler(_lora_forms(value))
+    except ValidationError as e:
+        errors = []
+        for err in e.errors():  # loc[0] is the tag
+            line = {"type": err["type"], "loc": err["loc"][1:], "input": err["input"]}
+            if "ctx" in err:
+                line["ctx"] = err["ctx"]
+            errors.append(line)
+        raise ValidationError.from_exception_data(e.title, errors) from None  # type: ignore[arg-type]
+
+
+# diffusion.lora: one LoRA ("dir", {path, scale}) or several in order ([{path, scale}, ...]).
+LoraSetting = Annotated[
+    Annotated[DiffusionLora, Tag("one")] | Annotated[DiffusionLoras, Tag("many")],
+    Discriminator(_lora_kind),
+    WrapValidator(_untagged),
+]
+
+
 # A tiny model trained at one size draws at it, with its own steps, unless the config says
 # otherwise (the published pipelines' sizes are the user's to set).
 NATIVE_IMAGE_SETTINGS = {"tiny-shapes-sd": {"width": 64, "height": 64, "steps": 20}}
@@ -263,12 +336,13 @@ class DiffusionConfig(_Section):
         description="tiny-shapes-sd (trained on the shapes world: 64 px, 20 steps unless set), "
         "tiny-sd, tiny-flux, a hub id or a local path",
     )
-    lora: DiffusionLora | None = Field(
+    lora: LoraSetting | None = Field(
         None,
         description='A LoRA on the model, e.g. {path = "loras/sft", scale = 1.0} or just the '
-        "path: what `artloop train` made, drawn in the loop (text-to-image and the pipelines "
-        "derived from it; a separate inpaint_model does not get it). Its sha256 is in the "
-        "model identity stored with each run",
+        'path, or several fused in order: [{path = "r1", scale = 1.0}, {path = "r2", scale = '
+        "0.8}]: what `artloop train` made, drawn in the loop (text-to-image and the pipelines "
+        "derived from it; a separate inpaint_model does not get them). Each one's sha256 and "
+        "scale are in the model identity stored with each run",
     )
     family: Literal["auto", "sd", "sdxl", "flux"] = "auto"
     inpaint_model: str | None = Field(
@@ -308,12 +382,6 @@ class DiffusionConfig(_Section):
             return data
         model = data.get("model", cls.model_fields["model"].default)
         return {**NATIVE_IMAGE_SETTINGS.get(model, {}), **data}
-
-    @field_validator("lora", mode="before")
-    @classmethod
-    def _lora_path(cls, value: Any) -> Any:
-        """A path alone is a LoRA at its trained strength."""
-        return {"path": value} if isinstance(value, str | Path) else value
 
 
 # The loop's parts a variant switches (docs/architecture.md, "Variants"): the critics in the order

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -70,6 +71,36 @@ OutOpt = Annotated[
     Path | None,
     typer.Option("--out", help="The experiment's directory (default HOME/experiments/NAME)"),
 ]
+
+
+def column_progress(quiet: bool) -> tuple[Progress, Callable, Callable[[str], None]]:
+    """A bar per column (its sessions done of all, skipped and failed: `show(column, r)`), and
+    `log(line)` printing above the bars (a stage's news); nothing shown with `quiet`."""
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def show(column: str, r) -> None:
+        if column not in tasks:
+            tasks[column] = bar.add_task(column, total=r.total, stats="")
+        bar.update(
+            tasks[column],
+            completed=r.done + r.skipped + r.failed + r.interrupted,
+            stats=f"skipped {r.skipped} failed {r.failed}",
+        )
+
+    def log(line: str) -> None:
+        if not quiet:
+            bar.console.print(escape(line), soft_wrap=True)
+
+    return bar, show, log
 
 
 def _counts(summary: dict) -> dict:
@@ -147,29 +178,7 @@ def run(
         ctxs = contexts(exp.configs)
         prepare(exp)
     stop = threading.Event()
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TimeRemainingColumn(),
-        console=err,
-        disable=quiet,
-    )
-    tasks: dict[str, TaskID] = {}
-
-    def show(column: str, r) -> None:
-        if column not in tasks:
-            tasks[column] = bar.add_task(column, total=r.total, stats="")
-        bar.update(
-            tasks[column],
-            completed=r.done + r.skipped + r.failed + r.interrupted,
-            stats=f"skipped {r.skipped} failed {r.failed}",
-        )
-
-    def log(line: str) -> None:
-        if not quiet:
-            bar.console.print(escape(line), soft_wrap=True)
+    bar, show, log = column_progress(quiet)
 
     async def stages_then_columns():
         # [train] first (collect, export, train): its LoRA columns draw with what it trained

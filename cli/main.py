@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import typer
-from artloop.cli import batch, doctor, experiment, export, models, runs, serve, session, train
+from artloop.cli import (
+    batch,
+    doctor,
+    experiment,
+    export,
+    models,
+    rounds,
+    runs,
+    serve,
+    session,
+    train,
+)
 from artloop.cli.common import Commands, DebugOpt
 
 app = typer.Typer(
@@ -28,6 +39,11 @@ app.command("show")(runs.show)
 app.command("export")(export.export)
 app.command("list")(runs.list_runs)
 app.command("doctor")(doctor.doctor)
+app.command(
+    "rounds",
+    help=rounds.HELP,
+    short_help="ArtAug's rounds: collect, train a LoRA, evaluate; the next round draws with it",
+)(rounds.rounds)
 app.add_typer(models.app, name="models")
 app.add_typer(serve.app, name="serve")
 app.add_typer(train.app, name="train")

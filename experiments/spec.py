@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from artloop.config import ArtloopConfig, ConfigError
+from artloop.config import ArtloopConfig, ConfigError, lora_entries
 from artloop.experiments.prompt_sets import PromptItem, PromptSetError, load_prompts
 from artloop.experiments.schema import BASELINE, ExperimentError, ExperimentFile, Prompts, Train
 from artloop.graphs.batch import BatchItem, item_run_id
@@ -110,6 +110,11 @@ class TrainPlan:
     loras: dict[str, tuple[str, int]]
     trials: dict[str, tuple[str, float]]
     trial_configs: dict[str, ArtloopConfig]
+    # What the LoRAs are trained on: the base model (None), or a model directory standing for
+    # it (ArtAug's rounds: the base with the earlier rounds' LoRAs fused in, experiments/rounds.py).
+    base_model: str | None = None
+    # Export filters beyond accepted_only (store/export.ExportFilters' fields: min_gain, ...).
+    filters: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def collect_from(self) -> str:
@@ -171,8 +176,11 @@ def comparable(cfg: ArtloopConfig) -> dict[str, Any]:
     diffusion = data.get("diffusion", {})
     if diffusion.get("lora", 0) is None:
         diffusion.pop("lora")
-    elif cfg.diffusion.lora is not None and cfg.diffusion.lora.path.is_relative_to(cfg.home):
-        diffusion["lora"]["path"] = cfg.diffusion.lora.path.relative_to(cfg.home).as_posix()
+    elif cfg.diffusion.lora is not None:  # one LoRA ({path, scale}) or several (a list)
+        dumped = diffusion["lora"] if isinstance(diffusion["lora"], list) else [diffusion["lora"]]
+        for entry, lora in zip(dumped, lora_entries(cfg.diffusion.lora), strict=True):
+            if lora.path.is_relative_to(cfg.home):
+                entry["path"] = lora.path.relative_to(cfg.home).as_posix()
     return data
 
 
@@ -193,16 +201,19 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ExperimentError(f"{what} {path}: {e}") from None
 
 
-def parse_file(path: Path) -> ExperimentFile:
-    data = read_toml(path, "experiment file")
+def parse_file(path: Path, schema: type[Any] = ExperimentFile, what: str = "experiment") -> Any:
+    """The file at `path` as `schema` (a pydantic model; rounds.py's too): a mistake is one
+    line naming the key."""
+    data = read_toml(path, f"{what} file")
     try:
-        return ExperimentFile.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(map(str, err["loc"])) or "(top)"
-        msg = "not an experiment field" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = f"not {'an' if what[0] in 'aeiou' else 'a'} {what} field"
+        msg = msg if err["type"] == "extra_forbidden" else err["msg"]
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise ExperimentError(f"experiment file {path}: {key}: {msg}{more}") from None
+        raise ExperimentError(f"{what} file {path}: {key}: {msg}{more}") from None
 
 
 def experiment_dir(name: str, home: Path, out: Path | None = None) -> Path:
@@ -215,7 +226,14 @@ def load_experiment(path: str | Path, home: Path, out: Path | None = None) -> Ex
     its judges known), the scorers known and none a variant's judge unless allowed. Its
     directory (`experiment_dir`) is the runs' home; nothing is created here."""
     path = Path(path).expanduser()
-    spec = parse_file(path)
+    return resolve_experiment(parse_file(path), path, home, out)
+
+
+def resolve_experiment(
+    spec: ExperimentFile, path: Path, home: Path, out: Path | None = None
+) -> Experiment:
+    """`load_experiment` of a parsed file (`path`: where it is; its relative paths are from
+    its folder): what experiments/rounds.py builds for each round."""
     here = path.parent
     home = experiment_dir(spec.name, home, out)
     prompts = _prompts(spec.prompts, here, "prompts")
@@ -292,11 +310,14 @@ def _prompts(given: Prompts, here: Path, where: str) -> list[PromptItem]:
 
 
 def _lora_config(base: dict, home: Path, lora: Path, train: Train, who: str) -> ArtloopConfig:
-    """A column of the base model with `lora` and no loop (the baseline's settings)."""
-    overlay = {
-        "loop": BASELINE_LOOP,
-        "diffusion": {"lora": {"path": str(lora), "scale": train.scale}},
-    }
+    """A column of the base model with `lora` and no loop (the baseline's settings). Where the
+    base draws with LoRAs already (an ArtAug round's earlier rounds), `lora` is fused after them."""
+    new = {"path": str(lora), "scale": train.scale}
+    given = base.get("diffusion", {}).get("lora")
+    if given:  # the same forms the config takes: a path, {path, scale}, or a list of them
+        earlier = given if isinstance(given, list) else [given]
+        new = [*({"path": e} if isinstance(e, str | Path) else e for e in earlier), new]
+    overlay = {"loop": BASELINE_LOOP, "diffusion": {"lora": new}}
     return _config(_deep_merge(base, overlay), home, f"train column '{who}'")
 
 

@@ -88,7 +88,9 @@ def _export(exp: Experiment, store: TrajectoryStore, fmt: str, run_ids: list[str
     plan = exp.train
     assert plan is not None
     target = plan.directory / "data" / fmt
-    filters = ExportFilters(accepted_only=plan.spec.accepted_only, run_ids=tuple(run_ids))
+    filters = ExportFilters(
+        accepted_only=plan.spec.accepted_only, run_ids=tuple(run_ids), **plan.filters
+    )
     scratch = Path(tempfile.mkdtemp(prefix=f".{exp.directory.name}.", dir=exp.directory.parent))
     try:
         export_dataset(store, scratch / fmt, fmt, filters)  # type: ignore[arg-type]
@@ -112,7 +114,7 @@ def _train(exp: Experiment, trainer: str, out: Path, rate: float, seed: int, log
         cfg = TRAINER_CONFIGS[trainer](
             data=str(plan.directory / "data" / trainer),
             output_dir=str(out),
-            model=exp.configs[BASELINE].diffusion.model,
+            model=plan.base_model or exp.configs[BASELINE].diffusion.model,
             learning_rate=rate,
             seed=seed,
             **plan.options[trainer],

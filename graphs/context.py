@@ -20,6 +20,7 @@ from artloop.config import (
     LoopConfig,
     TrackingConfig,
     load_config,
+    lora_entries,
 )
 from artloop.models.chat import chat_identity, shared_chat_model
 from artloop.models.families import chat_family
@@ -147,8 +148,8 @@ def build_context(config: ArtloopConfig) -> RefineContext:
         batch_window_ms=d.batch_window_ms,
         max_batch=d.max_batch,
         inpaint_model=d.inpaint_model,
-        lora=d.lora.path if d.lora else None,
-        lora_scale=d.lora.scale if d.lora else 1.0,
+        lora=[lora.path for lora in lora_entries(d.lora)],  # fused in order
+        lora_scale=[lora.scale for lora in lora_entries(d.lora)],
     )
     return RefineContext(
         chat=shared_chat_model(config.chat),  # the scorers' (vqa, vlm) too, loaded once

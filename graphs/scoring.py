@@ -152,24 +152,27 @@ def diffusion_tools(store: TrajectoryStore, device: str = "cpu") -> ToolFor:
         d = run["models"].get("diffusion") or {}
         if not d.get("model"):
             raise ExportError(f"run {run['run_id']} records no diffusion model to regenerate with")
-        lora = d.get("lora") or {}  # drawn with a LoRA (diffusion.lora): regenerated with it
+        # Drawn with LoRAs (diffusion.lora: one {path, sha256, scale}, or a list of them in
+        # order): regenerated with them.
+        loras = d.get("lora") or []
+        loras = [loras] if isinstance(loras, dict) else loras
         key = (
             d["model"],
             d.get("family") or "auto",
             d.get("dtype") or "float32",
-            lora.get("path"),
-            lora.get("scale", 1.0),
+            tuple(lora["path"] for lora in loras),
+            tuple(lora.get("scale", 1.0) for lora in loras),
         )
         if key not in tools:
-            model, family, dtype, path, scale = key
+            model, family, dtype, paths, scales = key
             tools[key] = DiffusionTool(
                 model=model,
                 store=store.images,
                 family=family,
                 device=device,
                 dtype=dtype,
-                lora=path,
-                lora_scale=scale,
+                lora=list(paths),
+                lora_scale=list(scales),
             )
         return tools[key]
 

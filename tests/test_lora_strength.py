@@ -200,3 +200,106 @@ def summary_image(out, summary: dict, variant: str):
     from artloop.tools.images import ImageStore
 
     return ImageStore(out / "images").get(summary["results"][variant]["images"][0])
+
+
+def test_the_loop_draws_with_several_loras_fused_in_order(loras, sft_data, tmp_path):
+    """`diffusion.lora = [{path, scale}, ...]`: every LoRA fused at its scale, in order: the
+    image differs from each LoRA's alone and equals peft's weighted adapters (the same sum);
+    the model identity lists each LoRA's path, sha256 and scale in order, as the loop's tool
+    (graphs/context.py) records it; a missing LoRA or one of another family is one line
+    naming which."""
+    import hashlib
+
+    from artloop.config import ArtloopConfig, DiffusionLoras, load_config
+    from artloop.graphs.context import build_context
+    from artloop.tools.diffusion import DiffusionError, DiffusionTool, GenParams
+    from artloop.tools.images import ImageStore
+
+    second = tmp_path / "second"  # another seed and rate: another direction
+    train_sft(
+        SFTConfig(
+            data=str(sft_data),
+            output_dir=str(second),
+            resolution=64,
+            rank=RANK,
+            train_steps=3,
+            learning_rate=3e-2,
+            seed=1,
+        ),
+        progress=False,
+    )
+    first = loras["new"]
+    store = ImageStore(tmp_path / "images")
+    params = GenParams(width=64, height=64, num_inference_steps=2, guidance_scale=5.0, seed=0)
+
+    def draw(lora=None, scale=1.0) -> np.ndarray:
+        tool = DiffusionTool("tiny-sd", store=store, lora=lora, lora_scale=scale)
+        return np.asarray(store.get(tool.text_to_image("a red fox", "", params)), dtype=float)
+
+    base, one, two = draw(), draw(first), draw(second, 0.8)
+    both = draw([first, second], [1.0, 0.8])
+    for alone in (base, one, two):
+        assert np.abs(both - alone).max() > 8
+    assert np.array_equal(draw([first, second], [0.0, 0.0]), base)
+    assert np.array_equal(draw([first], [1.0]), one)  # a list of one is that LoRA
+
+    # peft's adapters switched on together at the same weights draw the same image
+    from artloop.trainers.common import load_lora
+
+    pipe = DiffusionTool("tiny-sd", store=store).pipeline
+    weights = [load_lora(pipe, lora, f"a{i}", "test") for i, lora in enumerate((first, second))]
+    pipe.set_adapters(["a0", "a1"], adapter_weights=[weights[0] * 1.0, weights[1] * 0.8])
+    g = torch.Generator().manual_seed(0)
+    adapters = pipe(
+        "a red fox", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
+        generator=g, output_type="np",
+    ).images[0]  # fmt: skip
+    assert np.abs(both - adapters * 255).max() <= 2
+
+    # From a TOML file, as the loop builds its tool
+    (tmp_path / "c.toml").write_text(
+        f'home = "{tmp_path / "home"}"\n[chat]\nbackend = "scripted"\n[diffusion]\n'
+        f'model = "tiny-sd"\nlora = [{{path = "{first}", scale = 1.0}}, '
+        f'{{path = "{second}", scale = 0.8}}]\n'
+    )
+    cfg = load_config(tmp_path / "c.toml")
+    assert isinstance(cfg.diffusion.lora, DiffusionLoras)
+    assert cfg.public_dict()["diffusion"]["lora"] == [
+        {"path": str(first), "scale": 1.0},
+        {"path": str(second), "scale": 0.8},
+    ]
+    ctx = build_context(cfg)
+    digest = [hashlib.sha256((d / LORA_FILE).read_bytes()).hexdigest() for d in (first, second)]
+    assert ctx.diffusion.identity["lora"] == [
+        {"path": str(first / LORA_FILE), "sha256": digest[0], "scale": 1.0},
+        {"path": str(second / LORA_FILE), "sha256": digest[1], "scale": 0.8},
+    ]
+    ctx.diffusion.store = store
+    assert np.array_equal(
+        np.asarray(store.get(ctx.diffusion.text_to_image("a red fox", "", params)), float), both
+    )
+    single = ArtloopConfig(home=tmp_path / "home", diffusion={"lora": [str(first)]})
+    assert single.public_dict()["diffusion"]["lora"] == {"path": str(first), "scale": 1.0}
+
+    with pytest.raises(DiffusionError, match=r"^diffusion.lora\[1\]: no LoRA at .*nothing$"):
+        DiffusionTool("tiny-sd", store=store, lora=[first, tmp_path / "nothing"]).setup()
+    with pytest.raises(DiffusionError) as e:  # tiny-sd's LoRAs on tiny-sdxl
+        DiffusionTool("tiny-sdxl", store=store, lora=[first, second]).setup()
+    assert str(e.value).startswith("diffusion.lora[0]: ") and "\n" not in str(e.value)
+    assert "does not fit" in str(e.value) or "holds no weights" in str(e.value), str(e.value)
+
+
+def test_a_run_drawn_with_several_loras_is_regenerated_with_them(store):
+    """Exports that draw again (best-worst pairs) rebuild a run's tool from its stored identity:
+    one LoRA ({path, sha256, scale}) or a list of them, in order."""
+    from artloop.graphs.scoring import diffusion_tools
+
+    tool_for = diffusion_tools(store)
+    two = [{"path": "r1", "sha256": "a", "scale": 1.0}, {"path": "r2", "sha256": "b", "scale": 0.5}]
+    tool = tool_for({"run_id": "x", "models": {"diffusion": {"model": "tiny-sd", "lora": two}}})
+    assert (tool.lora, tool.lora_scale) == (["r1", "r2"], [1.0, 0.5])
+    one = {"path": "r1", "sha256": "a", "scale": 0.7}
+    tool = tool_for({"run_id": "y", "models": {"diffusion": {"model": "tiny-sd", "lora": one}}})
+    assert (tool.lora, tool.lora_scale) == (["r1"], [0.7])
+    plain = tool_for({"run_id": "z", "models": {"diffusion": {"model": "tiny-sd"}}})
+    assert plain.lora == [] and plain is not tool

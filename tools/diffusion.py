@@ -14,7 +14,7 @@ import inspect
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +120,20 @@ def check_regions(regions: Any) -> tuple[Region, ...]:
     return tuple(checked)
 
 
+def _lora_list(
+    lora: str | Path | Sequence[str | Path] | None, scale: float | Sequence[float]
+) -> list[tuple[str | Path, float]]:
+    """(LoRA, scale) pairs in the order they are fused: one LoRA and its scale, or a list of
+    LoRAs with a list of scales (or one scale for all)."""
+    if lora is None:
+        return []
+    loras = [lora] if isinstance(lora, str | Path) else list(lora)
+    scales = [scale] * len(loras) if isinstance(scale, int | float) else list(scale)
+    if len(scales) != len(loras):
+        raise DiffusionError(f"diffusion.lora: {len(loras)} LoRAs but {len(scales)} scales")
+    return [(path, float(s)) for path, s in zip(loras, scales, strict=True)]
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())[:500]
 
@@ -152,8 +166,8 @@ class DiffusionTool:
         batch_window_ms: float = 0.0,
         max_batch: int = 16,
         inpaint_model: str | None = None,
-        lora: str | Path | None = None,
-        lora_scale: float = 1.0,
+        lora: str | Path | Sequence[str | Path] | None = None,
+        lora_scale: float | Sequence[float] = 1.0,
     ) -> None:
         if store is None:
             raise TypeError("DiffusionTool needs an ImageStore (store=...)")
@@ -166,9 +180,11 @@ class DiffusionTool:
         # configured, or the model's own companion (tiny-shapes-sd's, looked up on first use:
         # the tiny registry imports torch); else one derived from the text-to-image modules.
         self._inpaint_model = inpaint_model
-        # A LoRA fused into the text-to-image model on load (diffusion.lora), and its sha256.
+        # LoRAs fused into the text-to-image model on load, in order (diffusion.lora: one path,
+        # or a list with a scale each), and their files' sha256.
         self.lora, self.lora_scale = lora, lora_scale
-        self._lora_file: tuple[Path, str] | None = None
+        self._loras = _lora_list(lora, lora_scale)
+        self._lora_files: list[tuple[Path, str]] | None = None
         self.store = store
         self.device = device
         self.dtype = dtype
@@ -256,20 +272,32 @@ class DiffusionTool:
         }
         if self.inpaint_model:
             identity["inpaint_model"] = self.inpaint_model
-        if self.lora is not None:
-            path, digest = self._lora()
-            identity["lora"] = {"path": str(path), "sha256": digest, "scale": self.lora_scale}
+        if self._loras:  # one LoRA: {path, sha256, scale}; several: a list of them, in order
+            loras = [
+                {"path": str(path), "sha256": digest, "scale": scale}
+                for (path, digest), (_, scale) in zip(
+                    self._lora_file_list(), self._loras, strict=True
+                )
+            ]
+            identity["lora"] = loras[0] if len(loras) == 1 else loras
         return identity
 
-    def _lora(self) -> tuple[Path, str]:
-        """The LoRA's file and its sha256 (read once)."""
-        if self._lora_file is None:
-            try:
-                path = lora_path(self.lora)  # type: ignore[arg-type]  # set: the caller checked
-            except LoraError as e:
-                raise DiffusionError(f"diffusion.lora: {e}") from None
-            self._lora_file = (path, sha256(path))
-        return self._lora_file
+    def _lora_name(self, i: int) -> str:
+        """How an error names the i-th LoRA: as the config writes it."""
+        return "diffusion.lora" if len(self._loras) == 1 else f"diffusion.lora[{i}]"
+
+    def _lora_file_list(self) -> list[tuple[Path, str]]:
+        """Each LoRA's file and its sha256 (read once)."""
+        if self._lora_files is None:
+            files = []
+            for i, (lora, _) in enumerate(self._loras):
+                try:
+                    path = lora_path(lora)
+                except LoraError as e:
+                    raise DiffusionError(f"{self._lora_name(i)}: {e}") from None
+                files.append((path, sha256(path)))
+            self._lora_files = files
+        return self._lora_files
 
     def _default_max_sequence_length(self) -> int | None:
         # Tiny models record their build config beside the weights (artloop.models.tiny).
@@ -293,6 +321,7 @@ class DiffusionTool:
             from diffusers import AutoPipelineForText2Image
 
             resolved, family = self._resolve(), self.family
+            loras = self._lora_file_list()  # a missing or pickled LoRA fails before any weights
             if self.max_sequence_length is None:
                 self.max_sequence_length = self._default_max_sequence_length()
             try:
@@ -306,11 +335,13 @@ class DiffusionTool:
                 where = f"{self.model!r} ({family}, {resolved})"
                 raise DiffusionError(f"cannot load diffusion model {where}: {_one_line(e)}") from e
             pipe.set_progress_bar_config(disable=True)
-            if self.lora is not None:
+            # Fused one after another: the weights become base + each LoRA's delta at its scale
+            # (what peft's weighted adapters sum to), and every derived pipeline draws with them.
+            for i, ((path, _), (_, scale)) in enumerate(zip(loras, self._loras, strict=True)):
                 try:
-                    fuse_lora(pipe, self._lora()[0], self.lora_scale)
+                    fuse_lora(pipe, path, scale)
                 except LoraError as e:
-                    raise DiffusionError(f"diffusion.lora: {e}") from None
+                    raise DiffusionError(f"{self._lora_name(i)}: {e}") from None
             self._pipe = pipe
             self._pipes = {"t2i": pipe}
 

@@ -1,9 +1,13 @@
-"""A trained LoRA on the diffusion tool's model (`diffusion.lora`): found (its safetensors file),
-identified (sha256) and fused into the pipeline's weights at its strength.
+"""Trained LoRAs on the diffusion tool's model (`diffusion.lora`): each found (its safetensors
+file), identified (sha256) and fused into the pipeline's weights at its strength.
 
 The trainers (trainers/common.py) load LoRAs as switchable adapters, to compare several on one
-pipeline; the loop draws with one, fused, so that every pipeline derived from the text-to-image
-one (img2img, the derived inpainting) draws with it at the base model's speed.
+pipeline; the loop draws with one or more, fused one after another (base + each LoRA's delta at
+its scale: the same weights peft's `set_adapters` with those weights computes on every call),
+so that every pipeline derived from the text-to-image one (img2img, the derived inpainting)
+draws with them at the base model's speed, with no adapter layers left; and a LoRA trained on a
+base with earlier LoRAs fused in (ArtAug's rounds, differential training) is drawn on the same
+weights it was trained on.
 """
 
 from __future__ import annotations
