@@ -26,7 +26,7 @@ from artloop.runtime.accounting import charge, timed
 from artloop.runtime.batching import Batcher
 from artloop.tools.images import ImageStore, ImageStoreError
 from artloop.tools.lora import LoraError, fuse_lora, lora_path, sha256
-from artloop.tools.regional import Job, Region, generate
+from artloop.tools.regional import TECHNIQUES, Job, Region, generate
 from PIL import Image, ImageDraw, ImageFilter
 
 FAMILIES = ("sd", "sdxl", "flux")
@@ -601,22 +601,27 @@ class DiffusionTool:
         regions: Any,
         params: GenParams,
         strength: float = 1.0,
+        technique: str | None = None,
     ) -> str:
         """Draw `prompt` everywhere and each region's local prompt in its box (0-1000), all in
         one denoiser pass per step (tools/regional.py). `regions`: (box, prompt, strength)
         tuples, dicts or Regions; a region's strength is its local prompt's weight in the box.
         From text (image None; `strength` unused), or from a stored image: its boxes redrawn
-        from `strength`'s noise level (each at most its own strength), the rest kept. Returns
-        the stored image's hash."""
+        from `strength`'s noise level (each at most its own strength), the rest kept.
+        `technique`: "attention" or "blend" (None: the family's default, regional.TECHNIQUE).
+        Returns the stored image's hash."""
         checked = check_regions(regions)
         if image is not None and not checked:
             raise DiffusionError("a regional edit of an image needs at least one region")
+        if technique is not None and technique not in TECHNIQUES:
+            raise DiffusionError(f"regional technique {technique!r} is not one of {TECHNIQUES}")
         self._check_params(params, None if image is None else strength)
         width, height = self._size(params)
         init = None if image is None else self._image(image, (width, height))
         # What the images of one batched call share: a region count too (one layout).
         shared = {"width": width, "height": height, "regions": len(checked)}
         shared["strength"] = None if image is None else strength
+        shared["technique"] = technique
         inputs = {"init": init, "regions": checked}
         result = self._run("regional", prompt, negative_prompt, params, inputs, **shared)
         if init is None:
