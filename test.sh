@@ -29,4 +29,10 @@ excludes postgres || [ -n "${ARTLOOP_PG_BIN:-}" ] || packages+=(postgresql)
 ARTLOOP_CHROMIUM="${ARTLOOP_CHROMIUM:-$(command -v chromium || true)}"
 ARTLOOP_PG_BIN="${ARTLOOP_PG_BIN:-$( (ls -d /usr/lib/postgresql/*/bin 2>/dev/null || true) | sort -V | tail -n 1)}"
 export ARTLOOP_CHROMIUM ARTLOOP_PG_BIN
-exec .venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist), a test file each at a time: half the suite waits on servers,
+# browsers and subprocesses, and the other worker uses the core it leaves idle. A module's
+# fixtures (a vLLM server, a browser) stay on one worker. ARTLOOP_TEST_WORKERS=0: one process.
+workers="${ARTLOOP_TEST_WORKERS:-2}"
+parallel=()
+[ "$workers" = 0 ] || parallel=(-n "$workers" --dist loadfile)
+exec .venv/bin/python -m pytest "${parallel[@]}" "$@"
