@@ -183,3 +183,23 @@ def test_every_field_scorer_from_the_cli(tmp_path, monkeypatch):
     assert set(on_disk["scorers"][composite]["model"]["parts"]) == {"clip", "aesthetic"}
     head = (tmp_path / "e" / "results.md").read_text().splitlines()[0]
     assert head == "| model | " + " | ".join([*names, composite]) + " |"
+
+
+def test_the_base_can_carry_earlier_loras(lora, tmp_path):
+    """--base-lora fuses LoRAs into the base first (an ArtAug round's earlier ones): the base row
+    is drawn as the loop draws with diffusion.lora = that list, and the LoRA row on top of it."""
+    from artloop.tools.diffusion import DiffusionTool, GenParams
+    from artloop.tools.images import ImageStore
+
+    trained = str(lora / "lora")
+    plain = evaluate(config(lora, tmp_path / "plain"))
+    carried = evaluate(config(lora, tmp_path / "carried", base_lora=[trained]))
+    assert carried["model"]["lora"]["path"].startswith(trained) and "lora" not in plain["model"]
+    base_plain, base_carried = plain["results"]["base"], carried["results"]["base"]
+    assert base_carried["images"] != base_plain["images"]  # the LoRA is in the base now
+    loop = DiffusionTool(model="tiny-sd", store=ImageStore(tmp_path / "loop"), lora=[trained])
+    cell = carried["cells"][0]
+    drawn = loop.text_to_image(
+        cell["prompt"], "", GenParams(width=64, height=64, num_inference_steps=2, seed=cell["seed"])
+    )
+    assert drawn == base_carried["images"][0]  # the same pixels the loop draws with that LoRA

@@ -36,6 +36,14 @@ class EvalConfig:
     )
     output_dir: str = help_field("artloop-eval", help="Where results.json/.md and grid.png go")
     model: str = help_field("tiny-sd", help="Base model")
+    base_lora: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "A LoRA fused into the base first, at its trained strength (repeat: fused "
+            "in order), e.g. an ArtAug round's earlier LoRAs: 'base' is then the model before "
+            "the round and each --lora is drawn on top of it"
+        },
+    )
     seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2],
         metadata={"help": "Seeds (repeat), the same for every model"},
@@ -63,6 +71,8 @@ class EvalConfig:
                 raise TrainerConfigError(f"EvalConfig.scorers: {e.args[0]}") from None
         for lora in self.lora:
             check_lora(lora, "EvalConfig.lora")
+        for lora in self.base_lora:
+            check_lora(lora, "EvalConfig.base_lora")
         if not self.seeds:
             raise TrainerConfigError("EvalConfig.seeds: at least one seed")
 
@@ -71,7 +81,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Generate every (model, prompt, seed), score, and write the table and the grid."""
     out = Path(cfg.output_dir)
     prompts = load_prompts(cfg.prompts, "EvalConfig.prompts")
-    tool = DiffusionTool(model=cfg.model, store=ImageStore(out / "images"))
+    # The base LoRAs are fused into the weights as the loop fuses diffusion.lora's list;
+    # the compared LoRAs are adapters on top, switched off for the base row.
+    tool = DiffusionTool(model=cfg.model, store=ImageStore(out / "images"), lora=cfg.base_lora)
     pipe = tool.pipeline
     variants = ["base", *cfg.lora]
     weights = [
@@ -112,6 +124,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         results[variant] = {"scores": scores, "images": hashes}
     summary = {
         "config": asdict(cfg),
+        "model": tool.identity,  # the base: its LoRAs' sha256 and scales, fused in order
         # what each score means and which weights gave it (Reward.identity())
         "scorers": {name: reward_entry(name).identity() for name in cfg.scorers},
         "cells": [{"prompt": p, "seed": s} for p, s in cells],
