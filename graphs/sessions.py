@@ -6,7 +6,7 @@ None of these load a model: they read the store and the SQLite checkpointer only
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from artloop.config import LoopConfig
@@ -37,6 +37,9 @@ class SessionView:
     steps: list[dict]
     best_image: str | None
     best_score: float | None
+    # The record of the step under way, from its checkpoint (at a pause: its prompt and the
+    # agents' facts, critique and plan so far, which the store gets when the iteration ends).
+    step: dict = field(default_factory=dict)
 
 
 def _graph(saver: Any, run: dict) -> Any:
@@ -49,16 +52,6 @@ def _thread(run_id: str, checkpoint_id: str | None = None) -> dict:
     if checkpoint_id is not None:
         configurable["checkpoint_id"] = checkpoint_id
     return {"configurable": configurable}
-
-
-def live_step(store: TrajectoryStore, run_id: str) -> dict:
-    """The record of the step under way, from its checkpoint (at a pause: its prompt and the
-    agents' facts, critique and plan so far, which the store gets only when the iteration
-    ends)."""
-    run = store.get_run(run_id)
-    with open_checkpointer(store) as saver:
-        values = _graph(saver, run).get_state(_thread(run_id)).values or {}
-    return values.get("step") or {}
 
 
 def view(store: TrajectoryStore, run_id: str) -> SessionView:
@@ -81,6 +74,7 @@ def view(store: TrajectoryStore, run_id: str) -> SessionView:
         steps=run["steps"],
         best_image=values.get("best_image", run["final_image"]),
         best_score=values.get("best_score", run["best_score"]),
+        step=values.get("step") or {},
     )
 
 

@@ -35,7 +35,7 @@ from artloop.config import ConfigError, validate_prompt
 from artloop.graphs.context import RefineContext
 from artloop.graphs.human import HumanActionError, check_action
 from artloop.graphs.runner import CheckpointerError, open_checkpointer, run_session
-from artloop.graphs.sessions import fork_iteration, live_step, view
+from artloop.graphs.sessions import fork_iteration, view
 from artloop.serve.boxes import (
     AGENT_LAYERS,
     CANVAS_CSS,
@@ -108,7 +108,7 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
         prompt = proposal.get("prompt") or proposal.get("revised_prompt") or ""
         params = proposal.get("params", {}) if point == "prompt" else {}
         editable = point in ("prompt", "plan")  # the verdict is accepted or rejected, not edited
-        live = live_step(store, run_id) if paused else None
+        live = v.step if paused else None
         focus = focus_digest(v)  # kept server-side (`shown`): boxes are drawn on it
         iteration, agents = iteration_agents(v, focus, (live or {}).get("agents"))
         overlay = agent_boxes(agents, iteration)
@@ -294,7 +294,7 @@ def build_app(ctx: RefineContext) -> gr.Blocks:
             v = view(store, run_id)
             iteration = selected if selected is not None else len(v.steps) - 1
             new_id = fork_iteration(store, run_id, iteration)
-        except (StoreError, TypeError) as e:
+        except StoreError as e:
             return {answer_error: f"**cannot fork: {e}**"}
         said = f"forked {run_id} at iteration {iteration + 1} as {new_id}: press Resume to run it\n"
         return screen(new_id, log + said, layers) | {past: sessions_list(new_id)}
